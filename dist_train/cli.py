@@ -1,0 +1,90 @@
+"""Command line: argv -> config -> preflight -> run; exit codes of the contract.
+
+    python -m dist_train [--config FILE] [--print-config] [key=value ...]
+
+Exit 0 on success, 2 on bad usage or bad config (one paragraph naming the key, no traceback,
+printed once: by rank 0 only), any other non-zero for a failed run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import List, Optional
+
+from dist_train.config import ConfigError, describe_fields, load_config, to_yaml
+from dist_train.env.cluster import detect
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _help_text() -> str:
+    lines = [
+        "usage: python -m dist_train [--config FILE] [--print-config] [key=value ...]",
+        "       torchrun --nproc_per_node=N -m dist_train [--config FILE] [key=value ...]",
+        "",
+        "Train with the built-in defaults, a YAML preset (--config) and key=value overrides",
+        "(merged in that order). Exit codes: 0 success, 2 bad usage or config, other: failed run.",
+        "",
+        "options:",
+        "  --config FILE     YAML preset merged over the defaults",
+        "  --print-config    print the resolved config and exit",
+        "  --check           validate config and environment (exit 0 or 2), train nothing",
+        "  -h, --help        this text",
+        "",
+        "config keys (default: meaning):",
+    ]
+    for key, default, help_ in describe_fields():
+        lines.append(f"  {key} = {default!r}")
+        lines.append(textwrap.indent(textwrap.fill(help_, 90), "      "))
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist_train", add_help=False)
+    p.add_argument("--config", default=None)
+    p.add_argument("--print-config", action="store_true")
+    p.add_argument("--check", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    return p
+
+
+def _usage_error(message: str, is_rank0: bool) -> int:
+    if is_rank0:
+        print(f"dist_train: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cluster = detect()
+    args, unknown = _parser().parse_known_args(argv)
+    if args.help:
+        if cluster.is_rank0:
+            sys.stdout.write(_help_text())
+        return EXIT_OK
+    if unknown:
+        return _usage_error(f"unknown option(s) {' '.join(unknown)}; see --help", cluster.is_rank0)
+    try:
+        job = load_config(args.config, args.overrides)
+        if args.print_config:
+            if cluster.is_rank0:
+                sys.stdout.write(to_yaml(job))
+            return EXIT_OK
+        from dist_train.preflight import preflight
+
+        preflight(job, cluster)
+        if args.check:
+            if cluster.is_rank0:
+                print(f"dist_train: config OK (run dir {job.run.dir})")
+            return EXIT_OK
+    except ConfigError as exc:
+        return _usage_error(
+            f"bad config: {exc.key}: {exc.reason}. Fix it in the YAML preset or override it "
+            f"with {exc.key.split(' ')[0]}=VALUE; `python -m dist_train --help` lists every key.",
+            cluster.is_rank0,
+        )
+    from dist_train.train.job import run_job
+
+    return run_job(job, cluster)

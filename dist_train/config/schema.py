@@ -1,0 +1,217 @@
+"""The typed configuration of a dist_train job.
+
+Every field carries a one-line doc (``metadata["help"]``) that ``--help`` prints. The built-in
+defaults are a complete, runnable job. Checks that concern a single section live in that section's
+``__post_init__``; checks across sections live in :func:`validate` (see ``load.py``), so both run
+before any process group starts. This module imports nothing from the rest of the package.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+STRATEGIES = ("auto", "single", "ddp", "fsdp", "deepspeed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant", "linear")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``key`` names the offending dotted key."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def doc(default: Any = None, help: str = "", factory: Any = None) -> Any:
+    """A dataclass field with a one-line help text."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _require(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise ConfigError(key, reason)
+
+
+def _one_of(value: str, choices: tuple, key: str) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("default", "run name; the run directory defaults to runs/<name>")
+    dir: str = doc("", "run directory (config.yaml, metrics.jsonl, summary.json, checkpoints/); '' = runs/<run.name>")
+    seed: int = doc(0, "global seed for weights, data order and every RNG")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
+        _require(self.seed >= 0, "run.seed", f"must be >= 0; got {self.seed}")
+
+
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = doc(True, "free gathered parameters after forward (ZeRO-3 style); false keeps them until backward")
+    cpu_offload: bool = doc(False, "keep sharded parameters and optimizer state on the CPU")
+    activation_checkpointing: bool = doc(False, "recompute each block's activations in backward to save memory")
+    reduce_dtype: str = doc("fp32", "dtype of gradient reduction under bf16/fp16 precision: fp32 or the compute dtype")
+    meta_init: bool = doc(True, "build the model on the meta device and materialise only the local shards")
+
+    def __post_init__(self) -> None:
+        _one_of(self.reduce_dtype, ("fp32", "bf16", "fp16"), "strategy.fsdp.reduce_dtype")
+
+
+@dataclass
+class DeepSpeedConfig:
+    offload_optimizer: bool = doc(False, "ZeRO: keep optimizer state on the CPU (stage 1, 2 or 3)")
+    offload_param: bool = doc(False, "ZeRO-3: keep parameters on the CPU")
+    config: Dict[str, Any] = doc(None, "extra DeepSpeed config entries merged over the generated one", factory=dict)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = doc("auto", "auto (ddp when world size > 1, else single), single, ddp, fsdp, deepspeed")
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage: 1, 2 or 3")
+    find_unused_parameters: bool = doc(False, "DDP: tolerate parameters that get no gradient")
+    bucket_cap_mb: int = doc(25, "DDP: gradient all-reduce bucket size in MiB")
+    fsdp: FSDPConfig = doc(help="FSDP2 options", factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = doc(help="DeepSpeed options", factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, STRATEGIES, "strategy.name")
+        _require(self.zero_stage in (1, 2, 3), "strategy.zero_stage", f"must be 1, 2 or 3; got {self.zero_stage}")
+        _require(self.bucket_cap_mb > 0, "strategy.bucket_cap_mb", "must be > 0")
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = doc(4, "transformer blocks")
+    n_head: int = doc(4, "attention heads per block")
+    n_embd: int = doc(128, "embedding width (divisible by n_head)")
+    tie_embeddings: bool = doc(True, "share the token embedding with the output head")
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd"):
+            _require(getattr(self, key) >= 1, f"model.gpt.{key}", "must be >= 1")
+        _require(self.n_embd % self.n_head == 0, "model.gpt.n_head",
+                 f"must divide model.gpt.n_embd={self.n_embd}; got {self.n_head}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("cnn", "registered model: cnn, mlp, resnet18, gpt")
+    dropout: float = doc(0.0, "dropout probability; 0 means no dropout layers act")
+    hidden: int = doc(128, "hidden width of cnn and mlp")
+    gpt: GPTConfig = doc(help="gpt size", factory=GPTConfig)
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+        _require(self.hidden >= 1, "model.hidden", f"must be >= 1; got {self.hidden}")
+
+
+@dataclass
+class DataConfig:
+    name: str = doc("fashion_mnist", "registered dataset: fashion_mnist, digits, synthetic_images, shakespeare")
+    root: str = doc("", "dataset folder; '' = the dataset's default location")
+    batch_size: int = doc(64, "micro-batch size per rank")
+    eval_batch_size: int = doc(256, "evaluation batch size per rank")
+    num_workers: int = doc(1, "DataLoader worker processes per rank (0: load in the training process)")
+    prefetch_factor: int = doc(2, "batches each worker loads ahead")
+    seq_len: int = doc(128, "tokens per sample for language datasets")
+    synthetic_samples: int = doc(8192, "train samples of synthetic datasets")
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "eval_batch_size", "prefetch_factor", "seq_len", "synthetic_samples"):
+            value = getattr(self, key)
+            _require(value >= 1, f"data.{key}", f"must be >= 1; got {value}")
+        _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0; got {self.num_workers}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = doc(1000, "optimizer steps to run in total (a resumed run counts the steps already done)")
+    grad_accum_steps: int = doc(1, "micro-batches per optimizer step")
+    precision: str = doc("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; needs a GPU)")
+    optimizer: str = doc("adamw", "adamw or sgd")
+    lr: float = doc(1e-3, "peak learning rate")
+    weight_decay: float = doc(0.01, "decoupled weight decay (adamw) or L2 (sgd)")
+    betas: List[float] = doc(None, "adamw betas", factory=lambda: [0.9, 0.999])
+    momentum: float = doc(0.9, "sgd momentum")
+    schedule: str = doc("cosine", "learning-rate schedule after warmup: cosine, linear or constant")
+    warmup_steps: int = doc(50, "linear warmup steps from 0 to train.lr")
+    min_lr_ratio: float = doc(0.1, "final learning rate as a fraction of train.lr (cosine, linear)")
+    grad_clip: float = doc(1.0, "clip the global gradient norm to this (0: no clipping)")
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", f"must be >= 1; got {self.max_steps}")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1; got {self.grad_accum_steps}")
+        _one_of(self.precision, PRECISIONS, "train.precision")
+        _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
+        _one_of(self.schedule, SCHEDULES, "train.schedule")
+        _require(self.lr > 0, "train.lr", f"must be > 0; got {self.lr}")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+                 f"must be two numbers in [0, 1); got {list(self.betas)}")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = doc(0, "evaluation cadence in optimizer steps (0: only at the end)")
+    max_batches: int = doc(0, "evaluate on at most this many batches per rank (0: the whole held-out split)")
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
+        _require(self.max_batches >= 0, "eval.max_batches", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = doc(0, "save cadence in optimizer steps (0: only at the end)")
+    resume: str = doc("auto", "auto (newest verified checkpoint of the run dir), never, or a checkpoint path")
+    keep_last: int = doc(3, "keep this many newest checkpoints (0: keep all)")
+    async_save: bool = doc(False, "write checkpoints in the background (also accepted as checkpoint.async)")
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        _require(bool(self.resume), "checkpoint.resume", "must be auto, never or a path")
+
+
+@dataclass
+class MLflowConfig:
+    enabled: bool = doc(True, "log the run to MLflow (rank 0 only)")
+    tracking_uri: str = doc("", "MLflow tracking URI; '' = sqlite:///<run.dir>/mlflow.db")
+    experiment: str = doc("dist_train", "MLflow experiment name")
+    log_model: bool = doc(False, "log the exported final weights as an artifact")
+    flush_timeout_s: float = doc(30.0, "at exit, wait at most this long for queued metrics")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = doc(10, "how often rank 0 logs metrics (metrics.jsonl, MLflow, console)")
+    progress_bar: str = doc("auto", "auto (a bar on a terminal, log lines otherwise), on or off")
+    level: str = doc("INFO", "console log level")
+    mlflow: MLflowConfig = doc(help="MLflow tracking", factory=MLflowConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, "logging.every_steps", f"must be >= 1; got {self.every_steps}")
+        _one_of(self.progress_bar, ("auto", "on", "off"), "logging.progress_bar")
+        _one_of(self.level, ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level")
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = doc(help="run identity", factory=RunConfig)
+    strategy: StrategyConfig = doc(help="parallelism", factory=StrategyConfig)
+    model: ModelConfig = doc(help="model", factory=ModelConfig)
+    data: DataConfig = doc(help="data", factory=DataConfig)
+    train: TrainConfig = doc(help="optimisation", factory=TrainConfig)
+    eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
+    checkpoint: CheckpointConfig = doc(help="checkpointing", factory=CheckpointConfig)
+    logging: LoggingConfig = doc(help="logging", factory=LoggingConfig)

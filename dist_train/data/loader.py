@@ -1,0 +1,85 @@
+"""DataLoaders over the sharded batch sampler, for training and evaluation."""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dist_train.data.registry import as_batch
+from dist_train.data.sampler import ShardedBatchSampler
+
+
+def _derived_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed + rank would collide: (1, 0) vs (0, 1))."""
+    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)
+    return int(state[0]) >> 1
+
+
+def seed_worker(seed: int, rank: int, worker_id: int) -> None:
+    """worker_init_fn: seed torch, numpy and random in a worker from (seed, rank, worker id).
+
+    Our datasets draw no random numbers, but a dataset that does (augmentation) then gets the same
+    streams in every run, and different streams in every worker of every rank.
+    """
+    s = _derived_seed(seed, rank, worker_id)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def _make_loader(
+    dataset: Dataset, sampler: ShardedBatchSampler, cfg: Any, seed: int, rank: int, device: torch.device
+) -> DataLoader:
+    workers = int(cfg.num_workers)
+    if workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {workers}")
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        # Persistent workers keep their forked copy of the dataset between epochs; that is safe
+        # because the batch sampler (epoch, position) lives in the main process.
+        extra = {"persistent_workers": True, "prefetch_factor": int(cfg.prefetch_factor)}
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=as_batch,  # the dataset's __getitems__ already returns a collated batch
+        num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda",  # pinned memory helps only host-to-GPU copies
+        worker_init_fn=functools.partial(seed_worker, seed, rank),
+        # The loader's generator only draws the per-iteration worker base seed; seeding it makes
+        # that deterministic too.
+        generator=torch.Generator().manual_seed(_derived_seed(seed, rank)),
+        **extra,
+    )
+
+
+def build_train_loader(
+    dataset: Dataset, cfg: Any, *, rank: int, world_size: int, seed: int, device: torch.device
+) -> tuple[DataLoader, ShardedBatchSampler]:
+    """A training DataLoader with micro-batches of `cfg.batch_size` and its sampler.
+
+    Shuffled by (seed, epoch), incomplete last global batch dropped. Call `sampler.set_epoch` /
+    `sampler.set_position` before `iter(loader)` to choose the epoch and the resume point.
+    """
+    sampler = ShardedBatchSampler(
+        len(dataset), int(cfg.batch_size), rank, world_size, seed, shuffle=True, drop_last=True
+    )
+    return _make_loader(dataset, sampler, cfg, seed, rank, device), sampler
+
+
+def build_eval_loader(
+    dataset: Dataset, cfg: Any, *, rank: int, world_size: int, device: torch.device
+) -> DataLoader:
+    """An evaluation DataLoader with micro-batches of `cfg.eval_batch_size`, in dataset order.
+
+    The ranks together see every sample exactly once. Every rank yields the same number of
+    batches; the last ones may be short or empty (size 0), so sum losses and counts, then reduce.
+    """
+    sampler = ShardedBatchSampler(
+        len(dataset), int(cfg.eval_batch_size), rank, world_size, seed=0, shuffle=False, drop_last=False
+    )
+    return _make_loader(dataset, sampler, cfg, 0, rank, device)

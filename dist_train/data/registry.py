@@ -1,0 +1,129 @@
+"""Dataset registry, the dataset description (`DataInfo`) and the in-memory dataset type.
+
+A dataset is registered by name with a builder `fn(cfg) -> (train_ds, eval_ds, DataInfo)`, where
+`cfg` is the `data` config section (duck-typed: only attribute access is used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+TASKS = ("classification", "language_model")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model and the loss need to know about a dataset.
+
+    task: "classification" or "language_model".
+    input_shape: shape of one sample's input, e.g. (1, 28, 28), or (seq_len,) for a language model.
+    num_classes: number of classes; the vocabulary size for a language model.
+    seq_len: tokens per sample for a language model, else None.
+    """
+
+    task: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"DataInfo.task must be one of {TASKS}, got {self.task!r}")
+
+
+class InMemoryDataset(Dataset):
+    """A dataset held as two tensors, `x` and `y`, with the same first dimension.
+
+    `__getitem__(i)` returns `(x[i], y[i], i)`. `__getitems__(indices)` returns an already collated
+    batch `(x[idx], y[idx], idx)` with `idx` the int64 tensor of global dataset indices: the
+    DataLoader fetcher calls it when present, so a batch costs one tensor index instead of
+    `batch_size` Python calls plus a stack. Use it with `collate_fn=as_batch`.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, name: str = "") -> None:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{name}: x has {x.shape[0]} samples but y has {y.shape[0]}")
+        self.x = x
+        self.y = y
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.x[i], self.y[i], int(i)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return self.x[idx], self.y[idx], idx
+
+    def __repr__(self) -> str:
+        shapes = f"x={tuple(self.x.shape)}, y={tuple(self.y.shape)}"
+        return f"InMemoryDataset({self.name!r}, n={len(self)}, {shapes})"
+
+
+def as_batch(batch: Any) -> Any:
+    """The DataLoader collate function for `InMemoryDataset`: the batch is already collated.
+
+    A module-level function (not a lambda) so that worker processes can pickle it.
+    """
+    return batch
+
+
+Builder = Callable[[Any], tuple[Dataset, Dataset, DataInfo]]
+_BUILDERS: dict[str, Builder] = {}
+_TASKS: dict[str, str] = {}
+
+
+def register_dataset(name: str, task: str = "classification") -> Callable[[Builder], Builder]:
+    """Decorator: register `fn(cfg) -> (train_ds, eval_ds, DataInfo)` under `name`.
+
+    `task` is declared up front so config validation can match models to datasets without
+    reading any data.
+    """
+    if task not in TASKS:
+        raise ValueError(f"dataset {name!r}: task must be one of {TASKS}, got {task!r}")
+
+    def decorator(fn: Builder) -> Builder:
+        if name in _BUILDERS and _BUILDERS[name] is not fn:
+            raise ValueError(f"dataset {name!r} is already registered")
+        _BUILDERS[name] = fn
+        _TASKS[name] = task
+        return fn
+
+    return decorator
+
+
+def dataset_names() -> list[str]:
+    """The registered dataset names, sorted."""
+    return sorted(_BUILDERS)
+
+
+def dataset_task(name: str) -> str:
+    """The task ("classification" or "language_model") a registered dataset declares."""
+    if name not in _TASKS:
+        raise ValueError(f"data.name={name!r} is not a registered dataset; choose one of: {', '.join(dataset_names())}")
+    return _TASKS[name]
+
+
+def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, DataInfo]:
+    """Build `(train_ds, eval_ds, info)` for the dataset named by `cfg.name` (the `data` section).
+
+    Raises ValueError for an unknown name and FileNotFoundError when the data files are missing.
+    """
+    name = cfg.name
+    if name not in _BUILDERS:
+        raise ValueError(
+            f"data.name={name!r} is not a registered dataset; choose one of: {', '.join(dataset_names())}"
+        )
+    train_ds, eval_ds, info = _BUILDERS[name](cfg)
+    if not isinstance(info, DataInfo):
+        raise TypeError(f"dataset builder {name!r} must return a DataInfo, got {type(info).__name__}")
+    if info.task != _TASKS[name]:
+        raise TypeError(f"dataset {name!r} was registered as {_TASKS[name]!r} but built a {info.task!r} dataset")
+    return train_ds, eval_ds, info

@@ -1,0 +1,144 @@
+"""The sharded batch sampler: one global sample order, cut into global batches, sliced per rank.
+
+The global order depends only on (seed, epoch), never on the world size:
+
+    order = randperm(num_samples, seed + epoch)          (arange without shuffle)
+    global micro-batch k = order[k*W*B : (k+1)*W*B]      (W ranks, B micro-batch per rank)
+    rank r's micro-batch k = global micro-batch k [r*B : (r+1)*B]
+
+So W ranks with micro-batch B together see exactly what one process sees with micro-batch W*B,
+consecutive micro-batches compose exactly under gradient accumulation, and a run can resume
+mid-epoch from a global sample position on a different number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Yields this rank's micro-batches (lists of dataset indices) of the global sample order.
+
+    Train: `shuffle=True, drop_last=True` (the incomplete last global batch is dropped).
+    Eval: `shuffle=False, drop_last=False`: the ranks together cover every sample exactly once;
+    the last micro-batch may be short, or empty on some ranks. Empty batches are yielded rather
+    than skipped so that every rank runs the same number of forward passes, which collective
+    forwards (FSDP, DeepSpeed ZeRO-3) need to not hang; no sample is ever duplicated as padding.
+
+    The order of a pass is fixed when the pass starts (at `iter()`), so `set_epoch` and
+    `set_position` take effect at the next `iter(loader)`, also with persistent workers, since
+    the batch sampler runs in the main process.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        if num_samples < 0 or micro_batch_size < 1 or world_size < 1:
+            raise ValueError(
+                f"need num_samples >= 0, micro_batch_size >= 1 and world_size >= 1; got "
+                f"num_samples={num_samples}, micro_batch_size={micro_batch_size}, world_size={world_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        self.num_samples = int(num_samples)
+        self.micro_batch_size = int(micro_batch_size)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self.position = 0  # global samples of the epoch consumed before the next pass starts
+        self._pass_start = 0  # position at which the pass in progress started
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples in one global micro-batch: all ranks together (world_size * micro_batch_size)."""
+        return self.world_size * self.micro_batch_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches per rank in a full epoch (every rank gets the same count)."""
+        if self.drop_last:
+            return self.num_samples // self.global_batch_size
+        return math.ceil(self.num_samples / self.global_batch_size)
+
+    def __len__(self) -> int:
+        """Micro-batches this rank yields in the next (possibly resumed) pass."""
+        return self.batches_per_epoch - self.position // self.global_batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next pass follows. The position is left unchanged."""
+        self.epoch = int(epoch)
+
+    def set_position(self, global_sample_position: int) -> None:
+        """Start the next pass after `global_sample_position` samples of the epoch (all ranks).
+
+        It must be a multiple of the global batch size (world_size * micro_batch_size), which is
+        what any resume at a micro-batch boundary gives.
+        """
+        pos, gbs = int(global_sample_position), self.global_batch_size
+        end = self.batches_per_epoch * gbs
+        if pos % gbs != 0:
+            raise ValueError(
+                f"sample position {pos} is not a multiple of the global batch size {gbs} "
+                f"(world_size {self.world_size} x micro_batch_size {self.micro_batch_size}); "
+                f"the nearest valid positions are {pos // gbs * gbs} and {(pos // gbs + 1) * gbs}"
+            )
+        if not 0 <= pos <= end:
+            raise ValueError(f"sample position {pos} is outside the epoch's [0, {end}] samples")
+        self.position = pos
+
+    def global_order(self) -> torch.Tensor:
+        """The epoch's global sample order (int64), identical on every rank and world size."""
+        if not self.shuffle:
+            return torch.arange(self.num_samples, dtype=torch.int64)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # Everything is decided here, eagerly, not lazily inside a generator: the DataLoader may
+        # create the iterator well before it pulls the first batch.
+        gbs, b, r = self.global_batch_size, self.micro_batch_size, self.rank
+        start_batch = self.position // gbs
+        order = self.global_order()[: self.batches_per_epoch * gbs].tolist()
+        batches = [
+            order[k * gbs + r * b : k * gbs + (r + 1) * b] for k in range(start_batch, self.batches_per_epoch)
+        ]
+        self._pass_start = self.position
+        return self._run(batches)
+
+    def _run(self, batches: list[list[int]]) -> Iterator[list[int]]:
+        yield from batches
+        # A full pass ends the epoch's resume point: the next pass starts from the beginning.
+        self.position = 0
+
+    def position_after(self, micro_batches_done: int) -> int:
+        """The global sample position after this rank consumed `micro_batches_done` micro-batches
+        of the pass in progress: what a checkpoint should record. (The sampler cannot count this
+        itself: the DataLoader prefetches, so the sampler runs ahead of the training loop.)"""
+        return self._pass_start + int(micro_batches_done) * self.global_batch_size
+
+    def state_dict(self, micro_batches_done: int | None = None) -> dict[str, int]:
+        """`{"epoch", "position"}`. Pass `micro_batches_done` (micro-batches of the current pass
+        the loop has consumed) to record a mid-epoch position; without it, the position where the
+        next pass starts."""
+        pos = self.position if micro_batches_done is None else self.position_after(micro_batches_done)
+        return {"epoch": self.epoch, "position": pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore epoch and position (validated against this sampler's global batch size)."""
+        self.set_epoch(state["epoch"])
+        self.set_position(state["position"])

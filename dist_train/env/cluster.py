@@ -1,0 +1,134 @@
+"""Who am I: rank, local rank, world size and node, from torchrun, SLURM, or nothing.
+
+Detection reads only environment variables (passed in, so tests need no real cluster):
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under ``srun`` SLURM sets
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_NODEID and the node list, from which we derive the
+rendezvous address (first host) and a port from the job id, so every task agrees without talking.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import List, Mapping, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class ClusterEnv:
+    """The process's place in the job. ``source`` is torchrun, slurm or single."""
+
+    source: str
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    job_id: Optional[str] = None
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> int:
+    value = env.get(key)
+    if value is None or value == "":
+        if default is None:
+            raise RuntimeError(f"environment variable {key} is required but not set")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def expand_nodelist(nodelist: str) -> List[str]:
+    """Expand a SLURM node list such as ``n[1-3,5],gpu-a[01-02],login`` into host names."""
+    hosts: List[str] = []
+    # Split on commas that are not inside brackets.
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            if "-" in item:
+                lo, hi = item.split("-", 1)
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{item}{suffix}")
+    return hosts
+
+
+def slurm_port(job_id: Optional[str]) -> int:
+    """A rendezvous port every task of a job derives alike: 15000 + the job id's last 4 digits."""
+    digits = re.sub(r"\D", "", job_id or "")
+    return 15000 + (int(digits[-4:]) if digits else 0)
+
+
+def detect(env: Optional[Mapping[str, str]] = None) -> ClusterEnv:
+    """torchrun variables first, then SLURM (only inside an ``srun`` step), else a single process."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE")
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
+        rank = _int(env, "RANK")
+        return ClusterEnv(
+            source="torchrun",
+            rank=rank,
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            world_size=world,
+            local_world_size=local_world,
+            node_rank=_int(env, "GROUP_RANK", rank // max(local_world, 1)),
+            num_nodes=max(world // max(local_world, 1), 1),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", 29500),
+            job_id=env.get("TORCHELASTIC_RUN_ID"),
+        )
+    # SLURM_PROCID exists in the batch script too, where it is not one of the job's ranks;
+    # SLURM_STEP_ID marks a task started by srun.
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        world = _int(env, "SLURM_NTASKS")
+        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1")
+        num_nodes = _int(env, "SLURM_NNODES", len(nodes))
+        job_id = env.get("SLURM_JOB_ID")
+        return ClusterEnv(
+            source="slurm",
+            rank=_int(env, "SLURM_PROCID"),
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            world_size=world,
+            local_world_size=max(world // max(num_nodes, 1), 1),
+            node_rank=_int(env, "SLURM_NODEID", 0),
+            num_nodes=num_nodes,
+            master_addr=env.get("MASTER_ADDR") or nodes[0],
+            master_port=_int(env, "MASTER_PORT", slurm_port(job_id)),
+            job_id=job_id,
+        )
+    return ClusterEnv(source="single")
+
+
+def device_for(cluster: ClusterEnv) -> torch.device:
+    """The local GPU when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", cluster.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def hostname() -> str:
+    return socket.gethostname()

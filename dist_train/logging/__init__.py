@@ -1,0 +1,1 @@
+"""Rank-aware console logging, metric sinks, progress."""

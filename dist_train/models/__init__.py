@@ -1,0 +1,26 @@
+"""Models: a registry of builders (``cnn``, ``mlp``, ``resnet18``, ``gpt``) and ``build_model``.
+
+Importing this package registers every built-in model. See ``registry`` for the contract every
+model follows (``forward``, ``block_classes``, ``init_weights``).
+"""
+
+from dist_train.models.registry import (
+    build_model,
+    check_model_compatible,
+    count_parameters,
+    model_names,
+    model_tasks,
+    register_model,
+)
+
+# Imported for their @register_model side effect (order = registration order only).
+from dist_train.models import cnn, gpt, mlp, resnet  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "build_model",
+    "check_model_compatible",
+    "count_parameters",
+    "model_names",
+    "model_tasks",
+    "register_model",
+]

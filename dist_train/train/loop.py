@@ -1,0 +1,116 @@
+"""The training loop: readable in one sitting. Components own their cadence.
+
+    while step < max_steps:
+        loss, result = train_step(...)          # micro-steps, accumulation, clipping, optimizer step
+        log / evaluate / checkpoint when due    # each component decides for itself
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from dist_train.env.process_group import all_reduce_sum
+from dist_train.train.evaluate import evaluate
+from dist_train.train.state import TrainState
+from dist_train.train.step import train_step
+
+WARMUP_STEPS = 5  # steps of each process left out of samples_per_s
+
+
+def micro_batches(loader, sampler, state: TrainState) -> Iterator[tuple]:
+    """Endless micro-batches starting at ``state``'s epoch and global sample position.
+
+    The position advances as a batch is handed out (not when the loader prefetches it), so at
+    every optimizer-step boundary ``state.position`` is exactly the data consumed.
+    """
+    while True:
+        sampler.set_epoch(state.epoch)
+        sampler.set_position(state.position)
+        for batch in loader:
+            state.position += sampler.global_batch_size
+            state.samples_seen += sampler.global_batch_size
+            yield batch
+        state.epoch += 1
+        state.position = 0
+
+
+class Throughput:
+    """Steady-state samples/s of all ranks together, leaving out the first steps as warm-up."""
+
+    def __init__(self, warmup: int = WARMUP_STEPS):
+        self.warmup, self.steps = warmup, 0
+        self.t_start: Optional[float] = None
+        self.samples = 0
+        self.window_t, self.window_samples = time.perf_counter(), 0
+
+    def tick(self, samples: int) -> None:
+        self.steps += 1
+        now = time.perf_counter()
+        if self.steps == self.warmup:
+            self.t_start = now
+        elif self.steps > self.warmup:
+            self.samples += samples
+        self.window_samples += samples
+
+    def window_rate(self) -> float:
+        """samples/s since the previous call (for periodic logs)."""
+        now = time.perf_counter()
+        rate = self.window_samples / max(now - self.window_t, 1e-9)
+        self.window_t, self.window_samples = now, 0
+        return rate
+
+    def steady_rate(self) -> Optional[float]:
+        if self.t_start is None or self.samples == 0:
+            return None
+        return self.samples / max(time.perf_counter() - self.t_start, 1e-9)
+
+
+@dataclass
+class Hooks:
+    """What runs after each optimizer step; every hook runs on every rank (collectives inside)."""
+
+    after_step: List[Callable[[TrainState], None]] = field(default_factory=list)
+
+
+def train(strategy, data: Iterator[tuple], eval_loader, state: TrainState, *, train_cfg, eval_cfg,
+          log_every: int, task: str, metrics, progress, hooks: Hooks, global_batch: int) -> Dict[str, Any]:
+    """Run optimizer steps until ``train_cfg.max_steps``; return the final metrics."""
+    throughput = Throughput()
+    last: Dict[str, Any] = {}
+    last_eval: Dict[str, Any] = {}
+    eval_step = -1
+    while state.step < train_cfg.max_steps:
+        t0 = time.perf_counter()
+        loss, result = train_step(strategy, data, train_cfg)
+        state.step += 1
+        throughput.tick(global_batch)
+        if state.step % log_every == 0 or state.step == train_cfg.max_steps:
+            # Mean over ranks of this step's loss; every rank joins the all-reduce.
+            mean_loss = float(all_reduce_sum(loss.detach().double().clone()).item()) / strategy.cluster.world_size
+            last = {
+                "loss": mean_loss,
+                "lr": strategy.scheduler.get_last_lr()[0],
+                "grad_norm": result.grad_norm,
+                "samples_per_s": throughput.window_rate(),
+                "step_time_s": time.perf_counter() - t0,
+                "epoch": state.epoch,
+                "samples_seen": state.samples_seen,
+            }
+            if result.loss_scale is not None:
+                last["loss_scale"] = result.loss_scale
+            metrics.log(state.step, last)
+        progress.update(state.step, last)
+        if eval_cfg.every_steps and state.step % eval_cfg.every_steps == 0:
+            last_eval, eval_step = evaluate(strategy, eval_loader, task, eval_cfg.max_batches), state.step
+            metrics.log(state.step, last_eval)
+            progress.message(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        for hook in hooks.after_step:
+            hook(state)
+    if eval_step != state.step:
+        last_eval = evaluate(strategy, eval_loader, task, eval_cfg.max_batches)
+        metrics.log(state.step, last_eval)
+        progress.message(f"final eval at step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+    return {"train_loss": last.get("loss"), "samples_per_s": throughput.steady_rate(), **last_eval}

@@ -1,0 +1,91 @@
+"""Shared test helpers: run the real CLI (python -m / torchrun) and spawn real gloo groups."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import pytest
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The test process's environment without any launcher variables (we may run under SLURM)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PET_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args: Sequence[str], nproc: int = 0, timeout: float = 600, env: Optional[Dict[str, str]] = None,
+            cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """``python -m dist_train ARGS`` (nproc=0) or ``torchrun --nproc_per_node=N -m dist_train ARGS``."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_train", *args]
+    else:
+        cmd = [sys.executable, "-m", "dist_train", *args]
+    return subprocess.run(cmd, cwd=cwd or REPO, env=clean_env(env), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def read_metrics(run_dir: Path) -> List[dict]:
+    with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(run_dir: Path) -> Dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def read_summary(run_dir: Path) -> dict:
+    with open(Path(run_dir) / "summary.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _spawn_entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int = 2, *args) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a gloo group.
+
+    ``fn`` must be a module-level function (it is pickled). A failure on any rank fails the test.
+    """
+    mp.start_processes(_spawn_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                       join=True, start_method="spawn")
+
+
+@pytest.fixture
+def ok():
+    """Assert a CompletedProcess succeeded, showing its output otherwise."""
+
+    def check(proc: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:
+        assert proc.returncode == code, f"exit {proc.returncode} (wanted {code})\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}"
+        return proc
+
+    return check
