@@ -121,5 +121,33 @@ class Strategy(ABC):
         """The user's module without wrappers (for evaluation helpers and export)."""
         return self.model
 
+    # --- checkpoint hooks, called on every rank by dist_train.checkpoint ---------------------
+
+    #: True when an engine writes its own checkpoint files (DeepSpeed): then the checkpoint
+    #: manager calls save_native/load_native instead of saving state_dict() with DCP.
+    native_checkpoint: bool = False
+
+    def state_dict(self) -> dict:
+        """Model and optimizer state in the form torch.distributed.checkpoint saves.
+
+        ``get_state_dict`` strips wrapper prefixes (DDP's ``module.``) and keeps FSDP's sharded
+        DTensors, so one checkpoint loads under single, DDP and FSDP at any world size.
+        """
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def save_native(self, path: str) -> None:
+        raise NotImplementedError(f"strategy {self.name} has no native checkpoint format")
+
+    def load_native(self, path: str) -> None:
+        raise NotImplementedError(f"strategy {self.name} has no native checkpoint format")
+
     def teardown(self) -> None:
         """Release strategy resources; called on every rank before the process group ends."""
