@@ -62,7 +62,7 @@ def check_model_compatible(name: str, task: str) -> None:
     if task not in tasks:
         raise ValueError(
             f"model.name={name!r} cannot train on a {task!r} dataset; it supports "
-            f"{', '.join(repr(t) for t in tasks)}. Pick another model.name or data.name."
+            f"{', '.join(repr(t) for t in tasks)}; pick another model.name or data.name"
         )
 
 

@@ -1,0 +1,64 @@
+"""End-to-end: the commands a user types, as real subprocesses."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from conftest import read_metrics, read_summary, run_cli
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+QUICK = ["checkpoint.resume=never", "logging.mlflow.enabled=false"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_ddp_learns_digits(tmp_path, ok):
+    run = tmp_path / "ddp"
+    proc = ok(run_cli(["data.name=digits", "data.batch_size=32", "train.max_steps=120", "train.lr=0.003",
+                       "eval.every_steps=60", "logging.every_steps=20", f"run.dir={run}", *QUICK], nproc=2))
+    s = read_summary(run)
+    assert s["status"] == "completed" and s["world_size"] == 2 and s["strategy"] == "ddp"
+    assert s["steps"] == 120 and s["samples_seen"] == 120 * 2 * 32
+    assert s["eval_accuracy"] > 0.8, s           # chance is 0.1
+    assert s["samples_per_s"] > 0 and s["wall_s"] > 0 and s["resumed_from_step"] is None
+    for key in ("precision", "train_loss", "eval_loss", "mlflow_run_id"):
+        assert key in s
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["train"]["max_steps"] == 120 and cfg["data"]["name"] == "digits"
+    records = read_metrics(run)
+    assert [r["step"] for r in records if "loss" in r] == list(range(20, 121, 20))
+    assert all({"loss", "lr", "grad_norm", "samples_per_s"} <= set(r) for r in records if "loss" in r)
+    assert [r["step"] for r in records if "eval_loss" in r] == [60, 120]
+    # Progress lines on rank 0 only (not a terminal here), errors none.
+    assert "step 120/120" in proc.stderr and "[rank1] INFO" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_single_process_debug_preset(tmp_path, ok):
+    run = tmp_path / "dbg"
+    ok(run_cli(["--config", "configs/debug.yaml", f"run.dir={run}", *QUICK]))
+    s = read_summary(run)
+    assert s["status"] == "completed" and s["strategy"] == "single" and s["world_size"] == 1
+    assert s["eval_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Debian dataset-fashion-mnist not installed (make setup installs it)")
+def test_default_job_on_fashion_mnist_short(tmp_path, ok):
+    """The default config, shortened: 2 ranks on the real Fashion-MNIST learn quickly."""
+    run = tmp_path / "fm"
+    ok(run_cli(["train.max_steps=150", "train.warmup_steps=10", f"run.dir={run}", *QUICK], nproc=2))
+    s = read_summary(run)
+    assert s["dataset"] == "fashion_mnist" and s["model"] == "cnn"
+    assert s["eval_accuracy"] > 0.7, s
+
+
+def test_failure_writes_summary_and_names_the_rank(tmp_path):
+    """A missing dataset folder: the run fails (exit 1, not 2), summary says failed and why."""
+    run = tmp_path / "bad"
+    proc = run_cli([f"data.root={tmp_path / 'nowhere'}", f"run.dir={run}", *QUICK], timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    s = read_summary(run)
+    assert s["status"] == "failed" and "rank 0" in s["error"] and "nowhere" in s["error"]
+    assert "[rank0] ERROR" in proc.stderr
