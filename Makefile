@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.dist_train-installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 # One rank per GPU; on a CPU-only machine two gloo ranks share the cores.
 NPROC   ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
-CONFIG  ?=
+CONFIG  ?= configs/default.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
 

@@ -132,7 +132,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = doc(1000, "optimizer steps to run in total (a resumed run counts the steps already done)")
+    max_steps: int = doc(1500, "optimizer steps to run in total (a resumed run counts the steps already done)")
     grad_accum_steps: int = doc(1, "micro-batches per optimizer step")
     precision: str = doc("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; needs a GPU)")
     optimizer: str = doc("adamw", "adamw or sgd")
@@ -201,6 +201,8 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, "logging.every_steps", f"must be >= 1; got {self.every_steps}")
+        # YAML reads a bare on/off as a boolean; take it as the word the user wrote.
+        self.progress_bar = {"True": "on", "False": "off"}.get(str(self.progress_bar), self.progress_bar)
         _one_of(self.progress_bar, ("auto", "on", "off"), "logging.progress_bar")
         _one_of(self.level, ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level")
 

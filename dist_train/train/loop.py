@@ -38,34 +38,33 @@ def micro_batches(loader, sampler, state: TrainState) -> Iterator[tuple]:
 
 
 class Throughput:
-    """Steady-state samples/s of all ranks together, leaving out the first steps as warm-up."""
+    """Steady-state samples/s of all ranks together.
+
+    Counts only the time spent in optimizer steps (data wait included; evaluation and
+    checkpoint time left out) and leaves out each process's first ``warmup`` steps.
+    """
 
     def __init__(self, warmup: int = WARMUP_STEPS):
         self.warmup, self.steps = warmup, 0
-        self.t_start: Optional[float] = None
-        self.samples = 0
-        self.window_t, self.window_samples = time.perf_counter(), 0
+        self.busy_s, self.samples = 0.0, 0
+        self.window_s, self.window_samples = 0.0, 0
 
-    def tick(self, samples: int) -> None:
+    def tick(self, samples: int, seconds: float) -> None:
         self.steps += 1
-        now = time.perf_counter()
-        if self.steps == self.warmup:
-            self.t_start = now
-        elif self.steps > self.warmup:
+        if self.steps > self.warmup:
+            self.busy_s += seconds
             self.samples += samples
+        self.window_s += seconds
         self.window_samples += samples
 
     def window_rate(self) -> float:
-        """samples/s since the previous call (for periodic logs)."""
-        now = time.perf_counter()
-        rate = self.window_samples / max(now - self.window_t, 1e-9)
-        self.window_t, self.window_samples = now, 0
+        """samples/s over the steps since the previous call (for periodic logs)."""
+        rate = self.window_samples / max(self.window_s, 1e-9)
+        self.window_s, self.window_samples = 0.0, 0
         return rate
 
     def steady_rate(self) -> Optional[float]:
-        if self.t_start is None or self.samples == 0:
-            return None
-        return self.samples / max(time.perf_counter() - self.t_start, 1e-9)
+        return self.samples / self.busy_s if self.samples else None
 
 
 @dataclass
@@ -86,7 +85,8 @@ def train(strategy, data: Iterator[tuple], eval_loader, state: TrainState, *, tr
         t0 = time.perf_counter()
         loss, result = train_step(strategy, data, train_cfg)
         state.step += 1
-        throughput.tick(global_batch)
+        step_s = time.perf_counter() - t0
+        throughput.tick(global_batch, step_s)
         if state.step % log_every == 0 or state.step == train_cfg.max_steps:
             # Mean over ranks of this step's loss; every rank joins the all-reduce.
             mean_loss = float(all_reduce_sum(loss.detach().double().clone()).item()) / strategy.cluster.world_size
@@ -95,7 +95,7 @@ def train(strategy, data: Iterator[tuple], eval_loader, state: TrainState, *, tr
                 "lr": strategy.scheduler.get_last_lr()[0],
                 "grad_norm": result.grad_norm,
                 "samples_per_s": throughput.window_rate(),
-                "step_time_s": time.perf_counter() - t0,
+                "step_time_s": step_s,
                 "epoch": state.epoch,
                 "samples_seen": state.samples_seen,
             }
