@@ -172,10 +172,12 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = doc(0, "save cadence in optimizer steps (0: only at the end)")
-    resume: str = doc("auto", "auto (newest verified checkpoint of the run dir), never, or a checkpoint path")
-    keep_last: int = doc(3, "keep this many newest checkpoints (0: keep all)")
-    async_save: bool = doc(False, "write checkpoints in the background (also accepted as checkpoint.async)")
+    every_steps: int = doc(0, "save cadence in optimizer steps (0: only at the end; a run always saves when it ends or is preempted)")
+    resume: str = doc("auto", "auto (newest verified checkpoint of the run dir), never, or a checkpoint path (must verify)")
+    keep_last: int = doc(3, "keep this many newest checkpoints (0: keep all); the newest is never deleted")
+    async_save: bool = doc(False, "write checkpoints in the background while training goes on (also accepted as checkpoint.async)")
+    load_optimizer: bool = doc(True, "restore the optimizer state on resume; false restores weights, step, data position, "
+                                     "LR schedule and RNG with a fresh optimizer (needed between deepspeed and the other strategies)")
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
@@ -186,10 +188,21 @@ class CheckpointConfig:
 @dataclass
 class MLflowConfig:
     enabled: bool = doc(True, "log the run to MLflow (rank 0 only)")
-    tracking_uri: str = doc("", "MLflow tracking URI; '' = sqlite:///<run.dir>/mlflow.db")
+    tracking_uri: str = doc("", "MLflow tracking URI (http://host:5000, sqlite:///file.db, ...); '' = "
+                            "sqlite:///<run.dir>/mlflow.db. Credentials: MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN")
     experiment: str = doc("dist_train", "MLflow experiment name")
-    log_model: bool = doc(False, "log the exported final weights as an artifact")
-    flush_timeout_s: float = doc(30.0, "at exit, wait at most this long for queued metrics")
+    log_model: bool = doc(False, "log the final checkpoint's weights as model/model.safetensors (a completed run)")
+    flush_timeout_s: float = doc(30.0, "wait at most this long for MLflow: for the run to open at start, "
+                                 "for queued metrics and artifacts at exit")
+
+    def __post_init__(self) -> None:
+        # config.yaml and the params are logged to MLflow: a password in the URI would be too.
+        netloc = self.tracking_uri.split("://", 1)[1].split("/", 1)[0] if "://" in self.tracking_uri else ""
+        _require("@" not in netloc, "logging.mlflow.tracking_uri",
+                 "must not hold credentials (they would be logged with the config); set "
+                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+        _require(bool(self.experiment.strip()), "logging.mlflow.experiment", "must be a non-empty name")
+        _require(self.flush_timeout_s > 0, "logging.mlflow.flush_timeout_s", f"must be > 0; got {self.flush_timeout_s}")
 
 
 @dataclass

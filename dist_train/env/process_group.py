@@ -20,8 +20,10 @@ INIT_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @contextlib.contextmanager
-def process_group(cluster: ClusterEnv) -> Iterator[torch.device]:
-    """Initialise the default process group (when world size > 1) and yield this rank's device.
+def process_group(cluster: ClusterEnv, always: bool = False) -> Iterator[torch.device]:
+    """Initialise the default process group (when world size > 1, or ``always``) and yield this
+    rank's device. ``always`` gives a one-process job a 1-rank group, which FSDP, DeepSpeed and DDP
+    need; it rendezvouses through an in-process store, so it takes no port.
 
     On exit (normal, exception or SystemExit) the group is destroyed. After an exception no
     barrier is attempted: the other ranks may be gone, and a barrier would hang until timeout.
@@ -29,15 +31,17 @@ def process_group(cluster: ClusterEnv) -> Iterator[torch.device]:
     device = device_for(cluster)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not cluster.is_distributed:
+    if not cluster.is_distributed and not always:
         yield device
         return
     os.environ.setdefault("MASTER_ADDR", cluster.master_addr)
     os.environ.setdefault("MASTER_PORT", str(cluster.master_port))
     backend = backend_for(device)
+    one_rank = cluster.world_size == 1
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{cluster.master_addr}:{cluster.master_port}",
+        init_method=None if one_rank else f"tcp://{cluster.master_addr}:{cluster.master_port}",
+        store=dist.HashStore() if one_rank else None,
         rank=cluster.rank,
         world_size=cluster.world_size,
         timeout=INIT_TIMEOUT,

@@ -1,8 +1,9 @@
 """Metric logging: rank 0 writes metrics.jsonl and fans out to sinks; other ranks get a no-op.
 
-A sink is any object with ``log(step, metrics)`` and ``close(status)``; MLflow is one of them.
-``metrics.jsonl`` is written first and flushed per line, so it holds every metric even when a
-remote sink is slow or down.
+A sink is any object with ``log(step, metrics)`` and ``close(status)``, and optionally
+``start(params, tags, resume_run_id)``, ``add_artifact(path, artifact_path)`` and ``run_id``;
+MLflow is one of them. ``metrics.jsonl`` is written first and flushed per line, so it holds every
+metric even when a remote sink is slow or down; sinks only enqueue, so ``log`` takes microseconds.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from typing import Any, Dict, List, Optional
 log = logging.getLogger(__name__)
 
 
-def _clean(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
+def _scalar(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else str(value)
     return value
@@ -33,47 +36,84 @@ class MetricLogger:
         self._file = open(path, "a", encoding="utf-8")
         self.sinks: List[Any] = list(sinks or [])
 
+    @property
+    def run_id(self) -> Optional[str]:
+        """The MLflow run id (None when MLflow is disabled or has not answered yet)."""
+        for sink in self.sinks:
+            if getattr(sink, "run_id", None):
+                return sink.run_id
+        return None
+
     def add_sink(self, sink: Any) -> None:
         self.sinks.append(sink)
 
+    def start(self, params: Dict[str, Any], tags: Dict[str, Any], resume_run_id: Optional[str] = None) -> None:
+        """Open the tracking run (after the checkpoint is restored, so a resumed job continues its run)."""
+        self._each("start", params, tags, resume_run_id)
+
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
-        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        values = {k: _scalar(v) for k, v in metrics.items()}
+        record = {"step": step, **{k: _json_safe(v) for k, v in values.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for sink in self.sinks:
-            try:
-                sink.log(step, record)
-            except Exception as exc:  # a sink must never stop training
-                log.warning("metric sink %s failed: %s", type(sink).__name__, exc)
+        self._each("log", step, values)
+
+    def add_artifact(self, path: str, artifact_path: str = "") -> None:
+        """Attach a file to the run; sinks upload it at close."""
+        self._each("add_artifact", path, artifact_path)
 
     def close(self, status: str = "completed") -> None:
-        for sink in self.sinks:
-            try:
-                sink.close(status)
-            except Exception as exc:
-                log.warning("closing metric sink %s failed: %s", type(sink).__name__, exc)
-        self.sinks = []
+        """``status``: completed, failed or preempted. Write summary.json before: it is logged too."""
+        if self._file.closed:
+            return
+        self._each("close", status)
         if not self._file.closed:
             self._file.close()
+
+    def _each(self, method: str, *args: Any) -> None:
+        for sink in self.sinks:
+            fn = getattr(sink, method, None)
+            if fn is None:
+                continue
+            try:
+                fn(*args)
+            except Exception as exc:  # a sink must never stop training
+                log.warning("metric sink %s: %s failed: %s", type(sink).__name__, method, exc)
 
 
 class NullMetricLogger:
     """What every rank but 0 holds: accepts everything, does nothing."""
 
     active = False
+    run_id: Optional[str] = None
     sinks: List[Any] = []
 
     def add_sink(self, sink: Any) -> None:
         pass
 
+    def start(self, params: Dict[str, Any], tags: Dict[str, Any], resume_run_id: Optional[str] = None) -> None:
+        pass
+
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        pass
+
+    def add_artifact(self, path: str, artifact_path: str = "") -> None:
         pass
 
     def close(self, status: str = "completed") -> None:
         pass
 
 
-def build_metric_logger(run_dir: str, is_rank0: bool):
+def build_metric_logger(run_dir: str, is_rank0: bool, mlflow_cfg=None):
+    """Rank 0: metrics.jsonl, plus MLflow when ``mlflow_cfg.enabled``; other ranks: a no-op."""
     if not is_rank0:
         return NullMetricLogger()
-    return MetricLogger(os.path.join(run_dir, "metrics.jsonl"))
+    logger = MetricLogger(os.path.join(run_dir, "metrics.jsonl"))
+    if mlflow_cfg is not None and mlflow_cfg.enabled:
+        try:
+            from dist_train.logging.mlflow import MLflowSink
+
+            logger.add_sink(MLflowSink(mlflow_cfg, run_dir))
+        except Exception as exc:
+            log.warning("MLflow logging is off for this run: %s", exc)
+    return logger

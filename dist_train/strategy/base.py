@@ -30,6 +30,15 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """The shape of one optimizer step, for engines that must know it up front (DeepSpeed)."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    grad_clip: float
+
+
 @dataclass
 class StepResult:
     """What one optimizer step reports: the pre-clip global gradient norm, and whether the
@@ -78,14 +87,21 @@ class Strategy(ABC):
 
     name: str = "base"
 
-    def __init__(self, cfg, cluster: ClusterEnv, device: torch.device, precision: str):
+    def __init__(self, cfg, cluster: ClusterEnv, device: torch.device, precision: str,
+                 plan: Optional[StepPlan] = None):
         self.cfg = cfg
         self.cluster = cluster
         self.device = device
         self.precision = Precision(precision, device)
+        self.plan = plan
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
         self.scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def init_context(self) -> ContextManager:
+        """Context the model is built in. FSDP with ``strategy.fsdp.meta_init`` builds on the meta
+        device and materialises only the local shards in ``setup``; the others build normally."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory) -> None:

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -35,6 +37,17 @@ def micro_batches(loader, sampler, state: TrainState) -> Iterator[tuple]:
             yield batch
         state.epoch += 1
         state.position = 0
+
+
+def record_sample_ids(batches: Iterator[tuple], state: TrainState, path: str) -> Iterator[tuple]:
+    """Pass micro-batches through, appending each one's dataset indices (``batch[2]``) to ``path``
+    as ``{"step": the optimizer step it feeds, "ids": [...]}``. Opt-in, for tests that prove a
+    resume neither replays nor skips a sample (``DIST_TRAIN_RECORD_SAMPLE_IDS=1``)."""
+    with open(path, "a", encoding="utf-8") as f:
+        for batch in batches:
+            f.write(json.dumps({"step": state.step + 1, "ids": batch[2].tolist()}) + "\n")
+            f.flush()
+            yield batch
 
 
 class Throughput:
@@ -67,21 +80,40 @@ class Throughput:
         return self.samples / self.busy_s if self.samples else None
 
 
+def memory_mib(device: torch.device) -> Dict[str, float]:
+    """Peak memory allocated by tensors on the GPU, or this process's resident set on the CPU."""
+    if device.type == "cuda":
+        return {"memory_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:  # Linux; elsewhere no memory metric
+            return {"memory_rss_mib": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
 @dataclass
 class Hooks:
-    """What runs after each optimizer step; every hook runs on every rank (collectives inside)."""
+    """What runs after each optimizer step; every hook runs on every rank (collectives inside).
+
+    ``stop_requested`` is asked after the hooks; it must give the same answer on every rank (the
+    checkpoint manager's preemption flag is agreed by an all-reduce). A stopped run skips the
+    final evaluation: it is being preempted and its time is short.
+    """
 
     after_step: List[Callable[[TrainState], None]] = field(default_factory=list)
+    stop_requested: Callable[[], bool] = lambda: False
 
 
 def train(strategy, data: Iterator[tuple], eval_loader, state: TrainState, *, train_cfg, eval_cfg,
-          log_every: int, task: str, metrics, progress, hooks: Hooks, global_batch: int) -> Dict[str, Any]:
+          log_every: int, task: str, metrics, progress, hooks: Hooks, global_batch: int,
+          tokens_per_sample: int = 0) -> Dict[str, Any]:
     """Run optimizer steps until ``train_cfg.max_steps``; return the final metrics."""
     throughput = Throughput()
     last: Dict[str, Any] = {}
     last_eval: Dict[str, Any] = {}
     eval_step = -1
-    while state.step < train_cfg.max_steps:
+    stopped = False
+    while state.step < train_cfg.max_steps and not stopped:
         t0 = time.perf_counter()
         loss, result = train_step(strategy, data, train_cfg)
         state.step += 1
@@ -101,6 +133,9 @@ def train(strategy, data: Iterator[tuple], eval_loader, state: TrainState, *, tr
             }
             if result.loss_scale is not None:
                 last["loss_scale"] = result.loss_scale
+            if tokens_per_sample:  # language models: samples/s x sequence length
+                last["tokens_per_s"] = last["samples_per_s"] * tokens_per_sample
+            last.update(memory_mib(strategy.device))
             metrics.log(state.step, last)
         progress.update(state.step, last)
         if eval_cfg.every_steps and state.step % eval_cfg.every_steps == 0:
@@ -109,7 +144,8 @@ def train(strategy, data: Iterator[tuple], eval_loader, state: TrainState, *, tr
             progress.message(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         for hook in hooks.after_step:
             hook(state)
-    if eval_step != state.step:
+        stopped = hooks.stop_requested()
+    if eval_step != state.step and not stopped:
         last_eval = evaluate(strategy, eval_loader, task, eval_cfg.max_batches)
         metrics.log(state.step, last_eval)
         progress.message(f"final eval at step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))

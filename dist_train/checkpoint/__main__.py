@@ -1,0 +1,137 @@
+"""Checkpoint tools, offline (no process group, any machine):
+
+    python -m dist_train.checkpoint inspect PATH [--json]
+        PATH: a checkpoint dir, or a run dir / checkpoints dir (then every checkpoint in it).
+        Prints step, data position, strategy, world size, files and the verification result.
+        Exit 0 when every checkpoint shown verifies, 1 otherwise.
+
+    python -m dist_train.checkpoint export PATH OUT.safetensors
+        Writes the consolidated model weights (whatever strategy and world size wrote them) as one
+        safetensors file that plain PyTorch loads: ``model.load_state_dict(safetensors.torch.load_file(OUT))``.
+        PATH must verify. Exit 0 on success, 1 if it does not verify, 2 on bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from dist_train.checkpoint import layout, storage
+
+
+def _checkpoints(path: str) -> List[str]:
+    if os.path.isfile(os.path.join(path, layout.MANIFEST)) or layout.parse_step(path) is not None:
+        return [path]
+    for base in (os.path.join(path, layout.CHECKPOINTS), path):
+        found = layout.committed(base)
+        if found:
+            return [p for _s, p in sorted(found)]
+    return []
+
+
+def describe(path: str) -> dict:
+    """Everything ``inspect`` shows about one checkpoint, as a dict."""
+    errors = layout.verify(path)
+    info = {"path": path, "verified": not errors, "errors": errors}
+    try:
+        with open(os.path.join(path, layout.META), encoding="utf-8") as f:
+            meta = json.load(f)
+        ts = meta.get("train_state", {})
+        info.update(step=meta.get("step"), epoch=ts.get("epoch"), position=ts.get("position"),
+                    samples_seen=ts.get("samples_seen"), kind=meta.get("kind"), strategy=meta.get("strategy"),
+                    world_size=meta.get("world_size"), mlflow_run_id=meta.get("mlflow_run_id"),
+                    model=meta.get("config", {}).get("model", {}).get("name"),
+                    dataset=meta.get("config", {}).get("data", {}).get("name"), torch_version=meta.get("torch_version"))
+    except (OSError, ValueError) as exc:
+        info["meta_error"] = str(exc)
+    try:
+        info["files"] = {rel: e["size"] for rel, e in layout.read_manifest(path)["files"].items()}
+    except ValueError:
+        info["files"] = {rel: os.path.getsize(os.path.join(path, rel)) for rel in layout.list_files(path)}
+    try:
+        shapes = storage.tensor_shapes(os.path.join(path, layout.DCP_DIR))
+        info["parameters"] = sum(_numel(s) for s, _d in shapes.values())
+        info["tensors"] = {k: list(s) for k, (s, _d) in shapes.items()}
+    except Exception as exc:  # noqa: BLE001  (inspect shows whatever it can)
+        info["dcp_error"] = str(exc)
+    return info
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _print(info: dict) -> None:
+    print(f"{info['path']}")
+    for key in ("step", "epoch", "position", "samples_seen", "kind", "strategy", "world_size", "model", "dataset",
+                "parameters", "mlflow_run_id", "torch_version"):
+        if key in info:
+            print(f"  {key:14s} {info[key]}")
+    print(f"  files ({len(info['files'])}, {sum(info['files'].values()) / 2**20:.2f} MiB):")
+    for rel, size in sorted(info["files"].items()):
+        print(f"    {rel:40s} {size:>12d}")
+    if info["verified"]:
+        print("  verification   OK (every file's size and SHA-256 match manifest.json)")
+    else:
+        print("  verification   FAILED")
+        for err in info["errors"]:
+            print(f"    {err}")
+
+
+def export(path: str, out: str) -> int:
+    """Write the consolidated model weights of ``path`` to ``out`` (safetensors)."""
+    from safetensors.torch import save_file
+
+    errors = layout.verify(path)
+    if errors:
+        print(f"{path} does not verify, refusing to export it: " + "; ".join(errors[:5]), file=sys.stderr)
+        return 1
+    weights = storage.load_full_model(os.path.join(path, layout.DCP_DIR))
+    with open(os.path.join(path, layout.META), encoding="utf-8") as f:
+        meta = json.load(f)
+    # safetensors refuses shared storage (tied weights): every tensor gets its own copy.
+    tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(tensors, out, metadata={"step": str(meta["step"]), "model": json.dumps(meta["config"]["model"]),
+                                      "dataset": str(meta["config"]["data"]["name"]), "source": os.path.abspath(path)})
+    print(f"wrote {len(tensors)} tensors ({sum(t.numel() for t in tensors.values())} parameters) of step "
+          f"{meta['step']} to {out}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dist_train.checkpoint", description="inspect or export checkpoints")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pi = sub.add_parser("inspect", help="step, strategy, world size, files and verification of checkpoints")
+    pi.add_argument("path")
+    pi.add_argument("--json", action="store_true", help="machine-readable output")
+    pe = sub.add_parser("export", help="consolidated model weights as one safetensors file")
+    pe.add_argument("path")
+    pe.add_argument("out")
+    args = p.parse_args(argv)
+    found = _checkpoints(args.path)
+    if not found:
+        print(f"no checkpoint at {args.path}", file=sys.stderr)
+        return 2
+    if args.cmd == "export":
+        if len(found) != 1 and layout.parse_step(args.path) is None:
+            base = os.path.dirname(found[-1])
+            latest = layout.read_latest(base)
+            found = [os.path.join(base, latest)] if latest else found[-1:]
+        return export(found[-1], args.out)
+    infos = [describe(path) for path in found]
+    if args.json:
+        print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
+    else:
+        for info in infos:
+            _print(info)
+    return 0 if all(i["verified"] for i in infos) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Resume: choose a checkpoint all ranks agree on, check it fits this run, and load it.
+
+Choice (``checkpoint.resume``): ``auto`` takes the newest ``step_XXXXXXXX`` of the run dir whose
+manifest verifies (every file's size and SHA-256; the ranks hash a share each), reporting each
+corrupt or partial one by name and falling back to the previous; ``never`` starts fresh; a path
+(a checkpoint dir, or a run/checkpoints dir meaning its newest) must verify, else the run stops
+with a clear error. Rank 0 reads the directory and the manifest and broadcasts, so all ranks
+decide alike.
+
+Loading is refused, with the mismatch named, when the checkpoint belongs to another model or
+dataset, when its data position does not fit this run's global batch, or when it would be a
+partial load the user did not ask for (an engine's optimizer state into another strategy).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from dist_train.checkpoint import layout, portable, storage
+from dist_train.env.seed import seed_everything, set_rng_state
+
+log = logging.getLogger("dist_train.checkpoint")
+
+# Config entries that define the model's function and shapes, or the data it was trained on.
+# (model.dropout may change on resume; train.* may change too, e.g. a longer schedule.)
+IDENTITY_SKIP = {"model.dropout"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read: the run fails (exit 1)."""
+
+
+class CheckpointRefused(CheckpointError):
+    """The requested checkpoint does not fit this run: a usage error (exit 2), no traceback."""
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def identity(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The entries of a resolved config that a checkpoint must match."""
+    flat = _flatten({"model": config.get("model", {}), "data": {"name": config.get("data", {}).get("name")}})
+    return {k: v for k, v in flat.items() if k not in IDENTITY_SKIP}
+
+
+def resolve_path(path: str) -> str:
+    """A checkpoint dir as given, or the newest checkpoint of a checkpoints dir or run dir."""
+    if os.path.isfile(os.path.join(path, layout.MANIFEST)) or layout.parse_step(path) is not None:
+        return path
+    for base in (os.path.join(path, layout.CHECKPOINTS), path):
+        found = layout.committed(base)
+        if found:
+            latest = layout.read_latest(base)
+            return os.path.join(base, latest) if latest and os.path.isdir(os.path.join(base, latest)) else found[0][1]
+    raise CheckpointRefused(f"checkpoint.resume={path}: not a checkpoint (no manifest.json) and no "
+                            f"step_XXXXXXXX checkpoint under it")
+
+
+class Restorer:
+    """The resume half of the CheckpointManager (it shares the manager's group and strategy)."""
+
+    def __init__(self, manager, seed: int):
+        self.m = manager
+        self.seed = seed
+        self.unusable: Dict[str, List[str]] = {}
+
+    # --- choosing ----------------------------------------------------------------------------
+
+    def verify(self, path: str) -> List[str]:
+        """Collective: every problem of checkpoint ``path`` ([] = verified), the same on all ranks."""
+        g = self.m.group
+        head = None
+        if g.rank == 0:
+            try:
+                files = layout.read_manifest(path)["files"]
+                head = (files, layout.check_sizes(path, files))
+            except ValueError as exc:
+                head = (None, [str(exc)])
+        files, errors = g.broadcast(head)
+        if errors:
+            return errors
+        names = sorted(files)
+        try:
+            mine = layout.check_hashes(path, files, names[g.rank::g.world])
+        except OSError as exc:
+            mine = [f"unreadable: {exc}"]
+        return [e for errs in g.all_gather(mine) for e in errs]
+
+    def choose(self) -> Optional[str]:
+        mode, g = self.m.cfg.resume, self.m.group
+        if mode == "never":
+            return None
+        if mode != "auto":
+            resolved: Any = None
+            if g.rank == 0:
+                try:
+                    resolved = ("ok", resolve_path(mode))
+                except CheckpointRefused as exc:
+                    resolved = ("error", str(exc))
+            status, value = g.broadcast(resolved)
+            if status != "ok":
+                raise CheckpointRefused(value)
+            errors = self.verify(value)
+            if errors:
+                raise CheckpointRefused(f"checkpoint.resume={mode}: {value} does not verify: " + "; ".join(errors[:5]))
+            return value
+        candidates = g.broadcast([p for _s, p in layout.committed(self.m.dir)] if g.rank == 0 else None)
+        for path in candidates:
+            errors = self.verify(path)
+            if not errors:
+                return path
+            self.unusable[path] = errors
+            if g.rank == 0:
+                log.warning("checkpoint %s is corrupt or incomplete, skipping it for an older one: %s",
+                            os.path.basename(path), "; ".join(errors[:5]))
+        if candidates and g.rank == 0:
+            log.warning("no checkpoint under %s verifies: starting from scratch", self.m.dir)
+        return None
+
+    def tidy(self, chosen: Optional[str], step: int) -> None:
+        """Rank 0: remove staging leftovers; move checkpoints newer than the resumed step (corrupt
+        ones, or an abandoned timeline's) out of the way so this run never mixes timelines."""
+        for name in layout.remove_stale(self.m.dir):
+            log.warning("removed %s, left by a run that stopped before committing it", name)
+        for s, path in layout.committed(self.m.dir):
+            if s > step and (chosen is None or os.path.abspath(path) != os.path.abspath(chosen)):
+                new = layout.set_aside(path, "corrupt" if path in self.unusable else "superseded")
+                log.warning("moved %s aside to %s: it is newer than the step this run resumes from (%d)",
+                            os.path.basename(path), new, step)
+        if chosen and os.path.dirname(os.path.abspath(chosen)) == os.path.abspath(self.m.dir):
+            layout.set_latest(self.m.dir, os.path.basename(chosen))
+        elif os.path.exists(os.path.join(self.m.dir, layout.LATEST)) and not layout.committed(self.m.dir):
+            os.remove(os.path.join(self.m.dir, layout.LATEST))
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def resume(self, state) -> Optional[str]:
+        chosen = self.choose()
+        meta = None
+        if chosen:
+            with open(os.path.join(chosen, layout.META), encoding="utf-8") as f:
+                meta = json.load(f)
+            self.check_fits(chosen, meta)
+        if self.m.rank0:
+            self.tidy(chosen, meta["step"] if meta else 0)
+        if chosen:
+            self.load(chosen, meta, state)
+            self.m.resumed_run_id = meta.get("mlflow_run_id")
+            if self.m.rank0:
+                log.info("resumed from %s: step %d, epoch %d, sample position %d (%s, world size %d -> %s, %d)",
+                         chosen, state.step, state.epoch, state.position, meta["strategy"], meta["world_size"],
+                         self.m.strategy.name, self.m.world)
+        return chosen
+
+    def check_fits(self, path: str, meta: Dict[str, Any]) -> None:
+        """Refuse (same verdict on every rank) a checkpoint of another model, dataset or batch."""
+        name = os.path.basename(os.path.normpath(path))
+        stored, current = identity(meta.get("config", {})), identity(self.m.config)
+        for key in sorted(set(stored) | set(current)):
+            if stored.get(key) != current.get(key):
+                raise CheckpointRefused(
+                    f"checkpoint {name} was written for {key}={stored.get(key)!r} but this run has {key}="
+                    f"{current.get(key)!r}; resume it with the same model and dataset, or start fresh "
+                    f"(checkpoint.resume=never or another run.dir)")
+        shapes = storage.tensor_shapes(os.path.join(path, layout.DCP_DIR))
+        problem = storage.param_shape_mismatches(shapes, portable.model_shapes(self.m.strategy))
+        if problem:
+            raise CheckpointRefused(f"checkpoint {name} does not fit this model: {problem}")
+        position, gbs = meta["train_state"]["position"], self.m.micro_global_batch
+        if position % gbs:
+            raise CheckpointRefused(
+                f"checkpoint {name} stopped at sample {position} of its epoch, which this run's global micro-batch "
+                f"of {gbs} samples (world size x data.batch_size) does not divide; resume with world size x "
+                f"data.batch_size = {meta['micro_global_batch']} (e.g. 2 ranks x {meta['micro_global_batch'] // 2} "
+                f"or 1 x {meta['micro_global_batch']})")
+        if gbs * self.m.grad_accum_steps != meta["micro_global_batch"] * meta["grad_accum_steps"] and self.m.rank0:
+            log.warning("checkpoint %s was trained with %d samples per optimizer step, this run uses %d",
+                        name, meta["micro_global_batch"] * meta["grad_accum_steps"], gbs * self.m.grad_accum_steps)
+        cross = (meta["kind"] == "native") != self.m.native or (self.m.native and meta["strategy"] != self.m.strategy.name)
+        if cross and self.m.cfg.load_optimizer:
+            raise CheckpointRefused(
+                f"checkpoint {name} was written by {meta['strategy']} ({meta['kind']} format) and this run uses "
+                f"{self.m.strategy.name}: model weights, step, data position, LR schedule and RNG carry over, "
+                f"but the optimizer state does not (DeepSpeed keeps it in its own partitioned format). Resume "
+                f"with strategy.name={meta['strategy']}, or set checkpoint.load_optimizer=false to continue "
+                f"with a fresh optimizer state")
+
+    def load(self, path: str, meta: Dict[str, Any], state) -> None:
+        strategy, g = self.m.strategy, self.m.group
+        dcp_dir = os.path.join(path, layout.DCP_DIR)
+        full = self.m.cfg.load_optimizer
+        if full and self.m.native:
+            with portable.safe_engine_loads(strategy):  # also restores the engine's LR scheduler
+                strategy.load_native(os.path.join(path, layout.NATIVE_DIR))
+        elif full:
+            sd = strategy.state_dict()
+            storage.load(sd, dcp_dir, g.pg)
+            strategy.load_state_dict(sd)
+        elif self.m.native:
+            portable.set_engine_weights(strategy, storage.load_full_model(dcp_dir))
+        else:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+            sd = {"model": get_model_state_dict(strategy.model)}
+            storage.load(sd, dcp_dir, g.pg)
+            set_model_state_dict(strategy.model, sd["model"])
+        if not (full and self.m.native):
+            strategy.scheduler.load_state_dict(meta["scheduler"])
+        if not full:  # a fresh optimizer: give it the schedule's current learning rate
+            for group, lr in zip(strategy.optimizer.param_groups, strategy.scheduler.get_last_lr()):
+                group["lr"] = lr
+        scaler = strategy.precision.scaler
+        if scaler is not None and meta.get("scaler") and not self.m.native:
+            scaler.load_state_dict(meta["scaler"])
+        state.load_state_dict(meta["train_state"])
+        state.resumed_from_step = meta["step"]
+        self.restore_rng(path, meta)
+
+    def restore_rng(self, path: str, meta: Dict[str, Any]) -> None:
+        """Each rank gets back its own RNG streams; at another world size they cannot correspond,
+        so each rank is re-seeded from (seed, step, rank) instead."""
+        if meta["world_size"] == self.m.world:
+            set_rng_state(torch.load(os.path.join(path, layout.rng_file(self.m.rank)), weights_only=True))
+            return
+        seed_everything((self.seed * 1_000_003 + meta["step"] * 1009 + self.m.rank) % 2**63)
+        if self.m.rank0:
+            log.info("world size changed (%d -> %d): RNG streams re-seeded from (seed, step, rank)",
+                     meta["world_size"], self.m.world)

@@ -1,0 +1,428 @@
+"""The MLflow writer: a helper process that owns rank 0's MLflow client.
+
+    python -m dist_train.logging.mlflow_writer '<json options>'   (started by logging/mlflow.py)
+
+Rank 0 sends JSON lines on stdin ({"t": "start"|"m"|"close", ...}); this process answers on
+stdout ({"t": "run", "run_id"} once the run exists, {"t": "closed", ...} at the end). It runs in
+its own process so that MLflow's blocking HTTP retries and timeouts (read from environment
+variables) can be set tight here without touching the training process's environment, and so
+that nothing MLflow does (SQLAlchemy, protobuf, HTTP, matplotlib) competes for the trainer's GIL.
+
+Metrics wait in a bounded buffer and go out in batches of up to 1000 at most once a second. When
+the server cannot be reached they stay buffered and are retried with backoff; one warning says so.
+At close the buffer is flushed until ``flush_timeout_s``, then the artifacts are logged and the
+run gets its final status. If rank 0 dies without closing, its pipe closes and the run is
+marked FAILED the same way. This module imports neither torch nor the rest of dist_train.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+log = logging.getLogger("dist_train.mlflow")
+
+MAX_BUFFERED = 200_000   # metric values held while the server is unreachable (~100 bytes each)
+MAX_BATCH = 1000         # MLflow's limit of entities per log_batch call
+MAX_PARAMS_TAGS = 100    # MLflow's limit of params (and of tags) per log_batch call
+SEND_INTERVAL_S = 1.0    # steady state: at most one batch call a second
+HTTP_TIMEOUT_S = 10      # per HTTP request (MLflow's default is 120 s, with 7 retries)
+RETRY_MAX_S = 10.0       # backoff cap between attempts while the server is unreachable
+STATUS = {"completed": "FINISHED", "failed": "FAILED", "preempted": "KILLED"}
+ATTEMPTS_TAG = "dist_train.attempts"
+
+
+class Permanent(Exception):
+    """An error retrying will not fix (bad credentials, deleted experiment)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def sanitize_name(name: str) -> str:
+    """A metric/param/tag key MLflow accepts on every platform: ``[/\\w.\\- ]``, a normalized
+    relative path, at most 250 characters."""
+    name = re.sub(r"[^/\w.\- ]", "_", str(name))
+    parts = [p for p in name.split("/") if p not in ("", ".", "..")]
+    return ("/".join(parts) or "_")[:250]
+
+
+def metric_value(raw: Any) -> Optional[float]:
+    """A float for MLflow, or None for what is not a number (NaN and inf are numbers)."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return None
+    return float(raw)
+
+
+def _limit(name: str, default: int) -> int:
+    try:
+        from mlflow.utils import validation
+
+        return int(getattr(validation, name))
+    except Exception:
+        return default
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """A 4xx answer from the server (but not 408/429) or one of our own Permanent errors."""
+    if isinstance(exc, Permanent):
+        return True
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        code = exc.get_http_status_code()
+        return 400 <= code < 500 and code not in (408, 429)
+    return False
+
+
+class MetricBuffer:
+    """Metric values waiting to be sent: ``(key, value, timestamp_ms, step)``.
+
+    Bounded: once ``capacity`` values wait, new ones are dropped (and counted) until the buffer
+    drains. Dropping the newest keeps peek/pop race-free against the single sending thread.
+    """
+
+    def __init__(self, capacity: int = MAX_BUFFERED):
+        self.capacity = capacity
+        self.dropped = 0
+        self._items: deque = deque()
+        self._lock = threading.Lock()
+
+    def add(self, step: int, timestamp_ms: int, values: Dict[str, Any]) -> None:
+        rows = [(sanitize_name(k), v, timestamp_ms, step) for k, v in
+                ((k, metric_value(raw)) for k, raw in values.items()) if v is not None]
+        with self._lock:
+            room = self.capacity - len(self._items)
+            if room < len(rows):
+                self.dropped += len(rows) - max(room, 0)
+                rows = rows[:max(room, 0)]
+            self._items.extend(rows)
+
+    def peek(self, n: int) -> List[Tuple[str, float, int, int]]:
+        with self._lock:
+            return list(itertools.islice(self._items, n))
+
+    def pop(self, n: int) -> None:
+        with self._lock:
+            for _ in range(min(n, len(self._items))):
+                self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Writer:
+    """Owns the MLflow client; ``run()`` is the whole life of the process."""
+
+    def __init__(self, opts: Dict[str, Any], emit: Callable[[dict], None]):
+        self.uri = opts["tracking_uri"]
+        self.experiment = opts["experiment"]
+        self.artifact_location = opts.get("artifact_location")
+        self.flush_timeout = float(opts["flush_timeout_s"])
+        self.metrics_path = opts.get("metrics_path")
+        self.artifacts: List[List[str]] = list(opts.get("artifacts", []))
+        self.parent_pid = int(opts.get("parent_pid", os.getppid()))
+        self.emit = emit
+        self.buffer = MetricBuffer(int(opts.get("max_buffered", MAX_BUFFERED)))
+        self.inbox: "queue.Queue[dict]" = queue.Queue()
+        self.client = None
+        self.experiment_id: Optional[str] = None
+        self.start: Optional[dict] = None
+        self.run_id: Optional[str] = None
+        self.run_ready = False
+        self.entities: List[Any] = []          # params and tags still to send, before any metric
+        self.close: Optional[dict] = None
+        self.deadline = math.inf
+        self.gave_up: Optional[str] = None
+        self.reported: Any = ()                 # the run id last told to rank 0 (() = nothing yet)
+        self.failing = self.warned = False
+        self.next_try, self.backoff = 0.0, 1.0
+        self.rejected = 0
+
+    # --- input ----------------------------------------------------------------------------
+
+    def read(self, stream) -> None:
+        """Reader thread: metrics straight into the buffer, everything else to the inbox."""
+        for line in stream:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("t") == "m":
+                self.buffer.add(int(msg["step"]), int(msg["ts"]), msg["v"])
+            else:
+                if msg.get("t") == "close":
+                    self.deadline = time.monotonic() + self.flush_timeout
+                self.inbox.put(msg)
+        self.inbox.put({"t": "eof"})
+
+    def _handle(self, msg: dict) -> None:
+        kind = msg.get("t")
+        if kind == "start" and self.start is None:
+            self.start = msg
+            if self.gave_up:
+                self._report_run(error=self.gave_up)
+        elif kind == "close" and self.close is None:
+            self.close = msg
+        elif kind == "eof" and self.close is None:
+            # Rank 0 went away without closing: it crashed or was killed.
+            log.warning("the training process exited without closing the MLflow run; marking it FAILED")
+            self.close = {"status": "failed", "artifacts": []}
+            self.deadline = time.monotonic() + self.flush_timeout
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._attempt(self._connect, warn=False)  # warm up (creates the SQLite store) while rank 0 loads data
+        last_send = 0.0
+        while True:
+            try:
+                self._handle(self.inbox.get(timeout=0.25))
+            except queue.Empty:
+                pass
+            if self.close is None and os.getppid() != self.parent_pid:
+                self._handle({"t": "eof"})
+            now = time.monotonic()
+            if self.close is not None and (self.start is None or self.gave_up or now >= self._flush_end()):
+                break
+            if self.start is None or self.gave_up or now < self.next_try:
+                continue
+            if self.close is None and self.run_ready and now - last_send < SEND_INTERVAL_S:
+                continue
+            last_send = now
+            if self._attempt(self._sync) and self.close is not None and not len(self.buffer):
+                break
+        self._finish()
+
+    def _flush_end(self) -> float:
+        """Metrics may be sent until here; the rest of the deadline is for artifacts and status."""
+        return self.deadline - min(5.0, 0.25 * self.flush_timeout)
+
+    def _attempt(self, fn: Callable[[], None], warn: bool = True) -> bool:
+        """Run ``fn``; on a transient error keep everything and retry later with backoff."""
+        self._set_http_timeout()
+        waiting = len(self.buffer)
+        try:
+            fn()
+        except Exception as exc:
+            if is_permanent(exc):  # only from opening the run: _batch drops refused batches itself
+                self.gave_up = str(exc).splitlines()[0][:500]
+                log.error("MLflow logging stops for this run: %s (metrics.jsonl has every metric)", self.gave_up)
+                self._report_run(error=self.gave_up)
+                return False
+            if warn and not self.warned:
+                self.warned = True
+                log.warning("MLflow at %s is unreachable (%s). Training continues; metrics are kept (up to %d "
+                            "values) and retried; metrics.jsonl has every metric.", self.uri,
+                            str(exc).splitlines()[0][:300], self.buffer.capacity)
+            elif warn and not self.failing:
+                log.info("MLflow at %s is unreachable again; retrying", self.uri)
+            self.failing = warn or self.failing
+            # Closing: retry often, the deadline bounds it anyway.
+            self.next_try = time.monotonic() + (min(self.backoff, 1.0) if self.close else self.backoff)
+            self.backoff = min(self.backoff * 2, RETRY_MAX_S)
+            if warn:
+                self._report_run(error=str(exc).splitlines()[0][:300])
+            return False
+        if self.failing:
+            log.info("MLflow at %s is reachable again; sent the %d metric values buffered meanwhile", self.uri, waiting)
+        self.failing, self.backoff = False, 1.0
+        return True
+
+    def _set_http_timeout(self) -> None:
+        """Read by MLflow on every request. At most half the flush timeout, so that a request
+        already waiting when rank 0 closes ends in time; near the deadline, within it."""
+        left = self.deadline - time.monotonic()
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, min(HTTP_TIMEOUT_S, self.flush_timeout / 2, left))))
+
+    def _report_run(self, error: Optional[str] = None) -> None:
+        """Tell rank 0 the run id on the first attempt and whenever it changes."""
+        if self.start is None:
+            return
+        # Until the server answers, a resumed run keeps its id, so checkpoints carry it forward.
+        run_id = self.run_id or (None if self.gave_up else self.start.get("resume_run_id"))
+        if run_id != self.reported:
+            self.reported = run_id
+            self.emit({"t": "run", "run_id": run_id, "error": error})
+
+    # --- MLflow calls -----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        if self.client is None:
+            self.client = MlflowClient(self.uri)  # a SQLite store is created and migrated here
+        if self.experiment_id is not None:
+            return
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+                return
+            except MlflowException as exc:  # another job created it meanwhile
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp = self.client.get_experiment_by_name(self.experiment)
+        if exp.lifecycle_stage == "deleted":
+            raise Permanent(f"experiment {self.experiment!r} is deleted in {self.uri}; restore it "
+                            "or set logging.mlflow.experiment")
+        self.experiment_id = exp.experiment_id
+
+    def _open_run(self) -> None:
+        from mlflow.entities import Param, RunTag
+        from mlflow.exceptions import MlflowException
+
+        self._connect()
+        start = self.start
+        params = {sanitize_name(k): str(v)[:_limit("MAX_PARAM_VAL_LENGTH", 6000)] for k, v in start["params"].items()}
+        tags = {sanitize_name(k): str(v)[:_limit("MAX_TAG_VAL_LENGTH", 8000)] for k, v in start["tags"].items()}
+        run_name = tags.pop("mlflow.runName", None)
+        run, resume = None, start.get("resume_run_id")
+        if resume:
+            try:
+                run = self.client.get_run(resume)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+            if run is None or run.info.lifecycle_stage == "deleted":
+                log.warning("MLflow run %s (from the checkpoint) is not in %s; starting a new run", resume, self.uri)
+                run = None
+        if run is not None:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            old = run.data.params
+            changed = sorted(k for k in params if k in old and old[k] != params[k])
+            if changed:  # MLflow params are immutable: record the change as a tag
+                note = "; ".join(f"{k}: {old[k]} -> {params[k]}" for k in changed)
+                log.info("config changed on resume (%s); recorded in tag dist_train.changed_params", note)
+                tags["dist_train.changed_params"] = note[:_limit("MAX_TAG_VAL_LENGTH", 8000)]
+            params = {k: v for k, v in params.items() if k not in old}
+            try:
+                attempts = int(run.data.tags.get(ATTEMPTS_TAG, "1")) + 1
+            except ValueError:
+                attempts = 2
+            log.info("continuing MLflow run %s (attempt %d)", run.info.run_id, attempts)
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=run_name)
+            attempts = 1
+            log.info("MLflow run %s in experiment %r at %s", run.info.run_id, self.experiment, self.uri)
+        tags[ATTEMPTS_TAG] = str(attempts)
+        self.run_id, self.run_ready = run.info.run_id, True
+        self.entities = [Param(k, v) for k, v in params.items()] + [RunTag(k, v) for k, v in tags.items()]
+        self._report_run()
+
+    def _sync(self) -> None:
+        """Open the run if needed, then send params/tags and every buffered metric."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        if not self.run_ready:
+            self._open_run()
+        while self.entities:
+            chunk = self.entities[:MAX_PARAMS_TAGS]
+            self._batch(params=[e for e in chunk if isinstance(e, Param)], tags=[e for e in chunk if isinstance(e, RunTag)])
+            del self.entities[:len(chunk)]
+        while len(self.buffer):
+            if self.close is not None and time.monotonic() >= self._flush_end():
+                return
+            rows = self.buffer.peek(MAX_BATCH)
+            self._batch(metrics=[Metric(k, v, ts, step) for k, v, ts, step in rows])
+            self.buffer.pop(len(rows))
+
+    def _batch(self, metrics=(), params=(), tags=()) -> None:
+        self._set_http_timeout()
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags)
+        except Exception as exc:
+            if not is_permanent(exc):
+                raise
+            # The server refuses this batch and always will: drop it, keep going.
+            self.rejected += len(metrics) + len(params) + len(tags)
+            if self.rejected == len(metrics) + len(params) + len(tags):
+                log.error("MLflow rejected a batch (%s); dropped", str(exc).splitlines()[0][:300])
+
+    def _finish(self) -> None:
+        """Artifacts, final status, and the report rank 0 prints in its last warning."""
+        status = STATUS.get((self.close or {}).get("status", "failed"), "FAILED")
+        terminated, artifacts_failed = False, 0
+        if self.run_ready and not self.gave_up:
+            files = [list(a) for a in self.artifacts] + [list(a) for a in (self.close or {}).get("artifacts", [])]
+            try:
+                from dist_train.logging.plots import loss_curves
+
+                if self.metrics_path:
+                    plot = loss_curves(self.metrics_path, os.path.join(os.path.dirname(self.metrics_path), "loss.png"))
+                    if plot:
+                        files.insert(0, [plot, "plots"])
+            except Exception as exc:
+                log.warning("could not draw the loss plot: %s", exc)
+            for path, artifact_path in files:
+                if not os.path.exists(path) or time.monotonic() >= self.deadline:
+                    continue
+                self._set_http_timeout()
+                try:
+                    self.client.log_artifact(self.run_id, path, artifact_path or None)
+                except Exception as exc:
+                    artifacts_failed += 1
+                    log.warning("MLflow: could not log artifact %s: %s", path, str(exc).splitlines()[0][:300])
+            self._set_http_timeout()
+            try:
+                self.client.set_terminated(self.run_id, status)
+                terminated = True
+            except Exception as exc:
+                log.warning("MLflow: could not set run %s to %s: %s", self.run_id, status, str(exc).splitlines()[0][:300])
+        self.emit({"t": "closed", "run_id": self.run_id, "unsent": len(self.buffer), "dropped": self.buffer.dropped,
+                   "rejected": self.rejected, "terminated": terminated, "artifacts_failed": artifacts_failed,
+                   "gave_up": self.gave_up, "status": status})
+
+
+def _protocol_stream():
+    """Keep the real stdout for our answers; anything a library prints goes to stderr instead."""
+    out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    lock = threading.Lock()
+
+    def emit(msg: dict) -> None:
+        with lock:
+            out.write(json.dumps(msg) + "\n")
+            out.flush()
+
+    return emit
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = json.loads(argv[0])
+    emit = _protocol_stream()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank0] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    # Ctrl-C and SLURM's SIGTERM are for the trainer; it closes us (or its pipe closes when it dies).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # This process's own environment: no retries inside MLflow (we retry, with the buffer), and a
+    # per-request timeout that _set_http_timeout keeps inside the flush deadline.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(HTTP_TIMEOUT_S)
+    writer = Writer(opts, emit)
+    threading.Thread(target=writer.read, args=(sys.stdin,), daemon=True).start()
+    import mlflow  # noqa: F401  (after the reader is up: importing takes seconds)
+
+    for name in ("mlflow", "alembic", "urllib3", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    writer.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and optimizer state
+sharded across ranks.
+
+Each of the model's ``block_classes`` becomes one FSDP unit (its parameters are all-gathered just
+for its forward and backward), then the root takes what is left (embeddings, head). Parameters
+are DTensors sharded on dim 0; the optimizer is built over them, so its state is sharded too.
+
+Mixed precision is FSDP's own: under bf16/fp16 the gathered parameters are cast to the compute
+dtype and gradients are reduced in ``strategy.fsdp.reduce_dtype``; the sharded fp32 parameters
+are what the optimizer updates. No autocast on top (as in torchtitan).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.overrides import TorchFunctionMode
+
+from dist_train.strategy.base import DTYPES, OptimizerFactory, SchedulerFactory, Strategy
+
+# In-place random fills (what torch.nn.init and reset_parameters() use). Their values depend on
+# the element's position in the FULL tensor, so a shard cannot draw its own part: see _FullInit.
+_RANDOM_FILLS = {
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_, torch.Tensor.exponential_,
+    torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.random_,
+}
+
+
+def _is_fill(func) -> bool:
+    # torch.nn.init functions (kaiming_uniform_, trunc_normal_, ...) reach a mode as themselves,
+    # before the Tensor methods they call; none of them reads the tensor's old values.
+    return func in _RANDOM_FILLS or getattr(func, "__module__", None) == "torch.nn.init"
+
+
+class _FullInit(TorchFunctionMode):
+    """Makes ``init_weights()`` on sharded (or device) parameters give exactly the values it gives
+    on a whole model on the CPU.
+
+    Each fill of a DTensor (a random Tensor method or a ``torch.nn.init`` function) is done on a
+    full-size CPU tensor, drawing from torch's default CPU generator exactly what a
+    single-process build draws, in the same order; then this rank's shard of it is copied in.
+    Only one full parameter exists at a time. Other in-place ops (zero_, fill_, mul_ ...) run on
+    the shards directly: elementwise, they need nothing else.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        # torch.nn.init functions hand their tensor over as the keyword `tensor`.
+        target = args[0] if args else kwargs.get("tensor")
+        if _is_fill(func) and isinstance(target, torch.Tensor) and (
+                isinstance(target, DTensor) or target.device.type != "cpu"):
+            full = torch.empty(target.shape, dtype=target.dtype, device="cpu")
+            if args:
+                args = (full, *args[1:])
+            else:
+                kwargs["tensor"] = full
+            func(*args, **kwargs)  # the mode is off inside its own handler: plain CPU draws
+            with torch.no_grad():
+                if isinstance(target, DTensor):
+                    # src_data_rank=None: every rank drew the same full tensor, so no communication.
+                    local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+                    target.to_local().copy_(local.to_local())
+                else:
+                    target.copy_(full)
+            return target
+        return func(*args, **kwargs)
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_rng: Optional[torch.Tensor] = None
+        if self.precision.scaler is not None:
+            # Each rank sees only its gradient shards: the inf/nan check must be all-reduced,
+            # or ranks would disagree on skipping a step (fp16 is GPU-only).
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.precision.scaler = ShardedGradScaler(self.device.type)
+
+    def init_context(self) -> ContextManager:
+        return self._on_meta() if self.cfg.fsdp.meta_init else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _on_meta(self) -> Iterator[None]:
+        # The generator state a plain build would start from: _materialise replays it.
+        self._init_rng = torch.get_rng_state()
+        with torch.device("meta"):
+            yield
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory) -> None:
+        fcfg = self.cfg.fsdp
+        mesh = init_device_mesh(self.device.type, (self.cluster.world_size,))
+        mp = MixedPrecisionPolicy()
+        if self.precision.precision != "fp32":
+            mp = MixedPrecisionPolicy(param_dtype=self.precision.dtype, reduce_dtype=DTYPES[fcfg.reduce_dtype])
+        offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if fcfg.cpu_offload else OffloadPolicy()
+        shard = dict(mesh=mesh, reshard_after_forward=fcfg.reshard_after_forward, mp_policy=mp, offload_policy=offload)
+        blocks = [m for m in model.modules() if isinstance(m, tuple(getattr(model, "block_classes", ())))]
+        for block in blocks:
+            if fcfg.activation_checkpointing:
+                # The composable form adds hooks in place: parameter names (and so checkpoints)
+                # stay the same as without it.
+                from torch.distributed._composable import checkpoint
+
+                checkpoint(block)
+            fully_shard(block, **shard)
+        fully_shard(model, **shard)
+        if any(p.is_meta for p in model.parameters()):
+            self._materialise(model)
+        self.model = model
+        self.optimizer = make_optimizer(model.parameters())
+        self.scheduler = make_scheduler(self.optimizer)
+
+    def _materialise(self, model: nn.Module) -> None:
+        """Allocate only this rank's shards, then fill them with the values a plain build draws."""
+        if self._init_rng is None:
+            raise RuntimeError("fsdp: a model on the meta device must be built inside strategy.init_context()")
+        model.to_empty(device="cpu" if self.cfg.fsdp.cpu_offload else self.device)
+        # Afterwards the generator is where a plain build leaves it, so dropout draws match too.
+        torch.set_rng_state(self._init_rng)
+        with _FullInit():
+            model.init_weights()
+
+    def autocast(self) -> ContextManager:
+        return contextlib.nullcontext()  # MixedPrecisionPolicy casts parameters and inputs
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        # Off: backward keeps unsharded gradients locally, no reduce-scatter; the final
+        # micro-step reduces the accumulated sum once.
+        self.model.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Norm over every rank's shards (as torchtitan does): the DTensor norm is made whole
+        with ``full_tensor()`` before the coefficient is computed, so every rank scales by the
+        same global factor."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm

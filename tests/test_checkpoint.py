@@ -1,0 +1,191 @@
+"""Checkpoint building blocks: manifest verification, retention, log trimming, safe loading, RNG
+capture, and the all-ranks-agree commit on a real 2-rank gloo group."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import spawn
+from dist_train.checkpoint import layout, storage
+
+
+def _tree(root, files):
+    for rel, data in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def _committed_checkpoint(tmp_path, step=5):
+    staging = tmp_path / "checkpoints" / layout.staging_name(step)
+    _tree(staging, {"meta.json": b"{}", "dcp/__0_0.distcp": os.urandom(4096), "rng/rank_00000.pt": b"x" * 100})
+    files = layout.describe_files(str(staging), layout.list_files(str(staging)))
+    layout.write_manifest(str(staging), step, files)
+    final = tmp_path / "checkpoints" / layout.step_name(step)
+    layout.commit(str(staging), str(final))
+    return final
+
+
+def test_manifest_verifies_and_names_each_kind_of_damage(tmp_path):
+    ckpt = _committed_checkpoint(tmp_path)
+    assert layout.verify(str(ckpt)) == []
+    assert layout.read_latest(str(tmp_path / "checkpoints")) == "step_00000005"
+    assert not (tmp_path / "checkpoints" / ".staging_step_00000005").exists()
+
+    shard = ckpt / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0x01  # one flipped bit: same size, different hash
+    shard.write_bytes(bytes(data))
+    errors = layout.verify(str(ckpt))
+    assert len(errors) == 1 and "dcp/__0_0.distcp" in errors[0] and "sha256" in errors[0]
+
+    shard.write_bytes(bytes(data[:1000]))  # truncated
+    errors = layout.verify(str(ckpt))
+    assert len(errors) == 1 and "dcp/__0_0.distcp" in errors[0] and "size 1000" in errors[0]
+
+    (ckpt / "rng" / "rank_00000.pt").unlink()
+    assert any("rng/rank_00000.pt: missing" in e for e in layout.verify(str(ckpt)))
+
+    (ckpt / "manifest.json").unlink()
+    assert layout.verify(str(ckpt)) == ["no manifest.json (an incomplete or foreign directory)"]
+
+
+def test_retention_keeps_the_newest_and_never_the_one_just_saved(tmp_path):
+    assert layout.to_prune([10, 20, 30, 40], keep_last=2, keep=40) == [10, 20]
+    assert layout.to_prune([10, 20, 30, 40], keep_last=1, keep=40) == [10, 20, 30]
+    assert layout.to_prune([10, 20, 30, 40], keep_last=0, keep=40) == []
+    # A newer directory of another timeline never pushes out the checkpoint just committed.
+    assert 20 not in layout.to_prune([10, 20, 90], keep_last=1, keep=20)
+    for step in (1, 2, 3):
+        _committed_checkpoint(tmp_path, step)
+    assert layout.prune(str(tmp_path / "checkpoints"), keep_last=2, keep=3) == ["step_00000001"]
+    assert [s for s, _ in layout.committed(str(tmp_path / "checkpoints"))] == [3, 2]
+
+
+def test_commit_replaces_a_directory_of_an_abandoned_timeline(tmp_path):
+    old = _committed_checkpoint(tmp_path, 7)
+    (old / "stale").write_text("old timeline")
+    new = _committed_checkpoint(tmp_path, 7)
+    assert new == old and not (new / "stale").exists() and layout.verify(str(new)) == []
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_00000007"]
+
+
+def test_trim_jsonl_drops_records_past_the_resumed_step_and_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "loss": s / 10} for s in range(1, 8)] + [{"step": 7, "eval_loss": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 8, "lo')
+    assert layout.trim_jsonl(str(path), 5) == 4
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    with open(path, "a") as f:  # a writer appending afterwards continues cleanly
+        f.write(json.dumps({"step": 6}) + "\n")
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert layout.trim_jsonl(str(tmp_path / "absent.jsonl"), 3) == 0
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_dcp_loading_never_unpickles_arbitrary_objects(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(tmp_path / "dcp")
+    storage.save({"model": {"w": torch.arange(6.0).reshape(2, 3)}, "extra": {"lr": 0.5, "betas": (0.9, 0.99)}}, ckpt)
+    target = {"model": {"w": torch.zeros(2, 3)}, "extra": {"lr": 0.0, "betas": (0.0, 0.0)}}
+    storage.load(target, ckpt)
+    assert torch.equal(target["model"]["w"], torch.arange(6.0).reshape(2, 3)) and target["extra"]["lr"] == 0.5
+    assert storage.tensor_shapes(ckpt) == {"w": ((2, 3), torch.float32)}
+
+    # A non-tensor leaf holding an object: DCP's default planner would unpickle (and run) it.
+    bad = str(tmp_path / "bad_leaf")
+    storage.save({"model": {"w": torch.ones(2)}, "extra": {"obj": _Payload()}}, bad)
+    with pytest.raises(storage.DCPError, match="UnpicklingError.*posix.system"):
+        storage.load({"model": {"w": torch.zeros(2)}, "extra": {"obj": None}}, bad)
+    # A crafted .metadata index.
+    with open(os.path.join(bad, ".metadata"), "wb") as f:
+        pickle.dump(_Payload(), f)
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        storage.read_metadata(bad)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    from dist_train.env.seed import rng_state, seed_everything, set_rng_state
+
+    seed_everything(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    seed_everything(4)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_identity_names_model_and_dataset_entries():
+    from dist_train.checkpoint.restore import identity
+
+    cfg = {"model": {"name": "mlp", "hidden": 128, "dropout": 0.1, "gpt": {"n_layer": 4}}, "data": {"name": "digits", "batch_size": 8}}
+    assert identity(cfg) == {"model.name": "mlp", "model.hidden": 128, "model.gpt.n_layer": 4, "data.name": "digits"}
+    msg = storage.param_shape_mismatches({"a": ((2, 3), None), "b": ((4,), None)}, {"a": (2, 4), "c": (1,)})
+    assert "c" in msg and "b" in msg and "a [2, 3] in the checkpoint vs [2, 4] here" in msg
+
+
+# --- the commit on a real 2-rank group ----------------------------------------------------------
+
+def _failed_rank_aborts_commit(rank: int, world: int, run_dir: str) -> None:
+    from dist_train.checkpoint import manager as manager_mod
+    from dist_train.checkpoint.manager import CheckpointError, CheckpointManager
+    from dist_train.config import load_config, to_dict
+    from dist_train.env.cluster import detect
+    from dist_train.models import build_model
+    from dist_train.strategy import build_strategy
+    from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+    from dist_train.train.state import TrainState
+    from dist_train.data.registry import DataInfo
+
+    job = load_config(None, ["strategy.name=ddp", "model.name=mlp", "data.name=digits", "checkpoint.keep_last=0"])
+    strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32")
+    strategy.setup(build_model(job.model, DataInfo("classification", (1, 8, 8), 10)),
+                   make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+    m = CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job), micro_global_batch=2 * 64,
+                          grad_accum_steps=1, seed=0)
+    try:
+        state = TrainState(step=1)
+        m.save(state)
+        ckpts = os.path.join(run_dir, "checkpoints")
+        assert layout.verify(os.path.join(ckpts, "step_00000001")) == []
+        # Rank 1 cannot write its part of step 2: no rank may commit it.
+        if rank == 1:
+            def broken(obj, path):
+                raise OSError("disk full (injected)")
+            manager_mod._torch_save = broken
+        state.step = 2
+        with pytest.raises(CheckpointError, match="aborted"):
+            m.save(state)
+        m.group.barrier()
+        assert sorted(os.listdir(ckpts)) == ["latest", "step_00000001"], os.listdir(ckpts)
+        assert layout.read_latest(ckpts) == "step_00000001"
+        # Both ranks verify alike; damage found by either rank's share is reported to both.
+        path = os.path.join(ckpts, "step_00000001")
+        assert m.restorer.verify(path) == []
+        m.group.barrier()
+        if rank == 0:
+            with open(os.path.join(path, "rng", "rank_00001.pt"), "r+b") as f:
+                f.seek(10)
+                f.write(b"\xff")
+        m.group.barrier()
+        errors = m.restorer.verify(path)
+        assert len(errors) == 1 and "rng/rank_00001.pt" in errors[0] and "sha256" in errors[0], errors
+    finally:
+        m.close()
+
+
+def test_a_rank_that_fails_to_write_aborts_the_commit_on_every_rank(tmp_path):
+    spawn(_failed_rank_aborts_commit, 2, str(tmp_path / "run"))
