@@ -6,6 +6,7 @@ epoch is 44 steps), so every resume crosses an epoch boundary it did not start i
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ import torch
 
 from conftest import REPO, clean_env, free_port, read_summary, run_cli, train_losses
 from dist_train.checkpoint import layout, storage
+
+pytestmark = pytest.mark.slow  # real torchrun jobs
 
 N, STEPS = 30, 60
 COMMON = ["data.name=digits", "model.name=mlp", "data.num_workers=1", "logging.every_steps=1",
@@ -185,6 +188,12 @@ def test_ddp_checkpoint_resumes_under_fsdp_on_two_ranks(reference, killed, tmp_p
     # Its own checkpoint is sharded (DTensor shards per rank); consolidated, it matches the reference.
     ref, got = tensors(reference / "checkpoints/step_00000060", "model."), tensors(run / "checkpoints/step_00000060", "model.")
     assert all(torch.allclose(ref[k], got[k], rtol=1e-4, atol=1e-6) for k in ref)
+    # And the other way: the sharded FSDP checkpoint of step 45 resumes in one plain process.
+    back = tmp_path / "fsdp_to_single"
+    ok(run_cli([*COMMON, "data.batch_size=32", "strategy.name=single", f"run.dir={back}",
+                f"checkpoint.resume={run / 'checkpoints' / 'step_00000045'}"], env=RECORD, timeout=300))
+    assert_close(train_losses(reference), train_losses(back), range(46, STEPS + 1))
+    assert sample_ids(back) == {s: sample_ids(reference)[s] for s in range(46, STEPS + 1)}
 
 
 def test_corrupt_checkpoints_and_a_crash_before_commit_fall_back_to_a_good_one(reference, tmp_path):
@@ -318,3 +327,26 @@ def test_inspect_and_export_give_weights_plain_pytorch_can_use(reference, tmp_pa
         loss = nn.functional.cross_entropy(model(eval_ds.x).double(), eval_ds.y).item()
     # The training run's own final evaluation of its live model, at step 60.
     assert abs(loss - read_summary(reference)["eval_loss"]) < 1e-5, (loss, read_summary(reference)["eval_loss"])
+
+
+@pytest.mark.skipif(not (REPO / "dist_train/strategy/deepspeed.py").exists()
+                    or importlib.util.find_spec("deepspeed") is None, reason="no deepspeed strategy")
+def test_deepspeed_weights_cross_both_ways_and_its_optimizer_state_is_never_loaded_silently(reference, tmp_path, ok):
+    ds = tmp_path / "ds"
+    # torch-native (DDP) -> DeepSpeed: weights, step, data position, schedule; a fresh optimizer.
+    ok(run_cli([*DDP2, "strategy.name=deepspeed", "checkpoint.load_optimizer=false", "checkpoint.every_steps=1",
+                "train.max_steps=32", f"checkpoint.resume={reference / 'checkpoints' / 'step_00000030'}",
+                f"run.dir={ds}"], nproc=2, timeout=300))
+    ds_losses = train_losses(ds)
+    assert sorted(ds_losses) == [31, 32] and read_summary(ds)["resumed_from_step"] == N
+    assert_close(train_losses(reference), ds_losses, [31])  # step 31's forward runs on the loaded weights
+    assert json.loads((ds / "checkpoints/step_00000031/meta.json").read_text())["kind"] == "native"
+
+    # DeepSpeed -> single: refused unless the optimizer state may be left behind ...
+    single = [*COMMON, "data.batch_size=32", "train.max_steps=32",
+              f"checkpoint.resume={ds / 'checkpoints' / 'step_00000031'}"]
+    refused = run_cli([*single, f"run.dir={tmp_path / 'refused'}"], timeout=300)
+    assert refused.returncode == 2 and "checkpoint.load_optimizer=false" in refused.stderr, refused.stderr[-3000:]
+    # ... then the engine's full fp32 weights load: step 32 starts from the same model.
+    ok(run_cli([*single, "checkpoint.load_optimizer=false", f"run.dir={tmp_path / 'single'}"], timeout=300))
+    assert_close(ds_losses, train_losses(tmp_path / "single"), [32])

@@ -208,7 +208,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster1, tmp_path):
     workdir = tmp_path / "submit"
     workdir.mkdir()
     # Slow enough steps that the first checkpoint comes well before the end.
-    args = [*QUICK, "model.hidden=1024", "data.batch_size=256", "train.max_steps=120",
+    args = [*QUICK, "model.hidden=1024", "data.batch_size=256", "train.max_steps=160",
             "checkpoint.every_steps=20", "logging.every_steps=20"]
     running = RunningJob(cluster1, args, tmp_path / "job.out", sbatch_opts=[f"--chdir={workdir}"],
                          script=str(REPO / SBATCH_SCRIPT), timeout=420)
@@ -223,8 +223,8 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster1, tmp_path):
     assert job.rc == 0, job.explain(cluster1)
     run = latest.parents[1]
     s = read_summary(run)
-    assert s["status"] == "completed" and s["steps"] == 120 and s["world_size"] == 2, s
-    assert s["resumed_from_step"] is not None and 0 < s["resumed_from_step"] < 120, s
+    assert s["status"] == "completed" and s["steps"] == 160 and s["world_size"] == 2, s
+    assert s["resumed_from_step"] is not None and 0 < s["resumed_from_step"] < 160, s
     assert "got SIGUSR1" in job.output and "requeueing job" in job.output, job.output
     assert "(restart 1)" in job.output, job.output
     job_id = run.name.split("-", 1)[1]

@@ -80,8 +80,9 @@ class _Pending:
         t0 = time.perf_counter()
         try:
             fn()
-        except BaseException as exc:  # noqa: BLE001  (reported on the main thread by wait())
+        except BaseException as exc:  # noqa: BLE001  (raised on the main thread by wait())
             self.error = exc
+            log.error("background checkpoint of step %d failed: %s", self.step, exc)
         self.seconds = time.perf_counter() - t0
 
 

@@ -20,11 +20,11 @@ import json
 import logging
 import os
 import platform
-import queue
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -35,6 +35,7 @@ from dist_train.env.cluster import ClusterEnv, hostname
 log = logging.getLogger("dist_train.mlflow")
 
 MAX_QUEUED = 100_000   # log() calls waiting for the pipe to the writer; more are dropped and counted
+PUMP_INTERVAL_S = 0.2  # the pipe is fed in batches: the pump thread wakes 5 times a second, not per log()
 CLOSE_GRACE_S = 3.0    # beyond flush_timeout_s, for the writer to set the final status and exit
 
 
@@ -155,7 +156,8 @@ class MLflowSink:
         self.run_id: Optional[str] = None
         self.dropped = 0            # metric values dropped here because the queue was full
         self._lost = 0              # metric values that never reached the writer (it died)
-        self._queue: "queue.SimpleQueue[dict]" = queue.SimpleQueue()
+        self._queue: deque = deque()      # append/popleft are atomic: log() takes no lock, wakes no one
+        self._wake = threading.Event()
         self._answered = threading.Event()
         self._exited = threading.Event()
         self._report: Optional[dict] = None
@@ -185,16 +187,17 @@ class MLflowSink:
             return
         self._started = True
         self.run_id = resume_run_id  # until the writer answers: checkpoints keep carrying it
-        self._queue.put({"t": "start", "params": params, "tags": tags, "resume_run_id": resume_run_id})
+        self._queue.append({"t": "start", "params": params, "tags": tags, "resume_run_id": resume_run_id})
+        self._wake.set()
         if not self._answered.wait(self.cfg.flush_timeout_s):
             log.warning("MLflow at %s did not answer within %.0f s (logging.mlflow.flush_timeout_s); training "
                         "starts and the run is opened in the background", self.uri, self.cfg.flush_timeout_s)
 
     def log(self, step: int, values: Dict[str, Any]) -> None:
-        if self._queue.qsize() >= MAX_QUEUED:
+        if len(self._queue) >= MAX_QUEUED:
             self.dropped += len(values)
             return
-        self._queue.put({"t": "m", "step": step, "ts": int(time.time() * 1000), "v": values})
+        self._queue.append({"t": "m", "step": step, "ts": int(time.time() * 1000), "v": values})
 
     def add_artifact(self, path: str, artifact_path: str = "") -> None:
         """Log ``path`` into the run's ``artifact_path`` folder at close."""
@@ -210,7 +213,8 @@ class MLflowSink:
             path = export_final_weights(self.run_dir)
             if path:
                 self.add_artifact(path, "model")
-        self._queue.put({"t": "close", "status": status, "artifacts": self._artifacts})
+        self._queue.append({"t": "close", "status": status, "artifacts": self._artifacts})
+        self._wake.set()
         limit = self.cfg.flush_timeout_s + CLOSE_GRACE_S
         if not self._exited.wait(limit):
             log.warning("MLflow writer did not finish within %.0f s; stopping it", limit)
@@ -224,20 +228,26 @@ class MLflowSink:
     # --- background ---------------------------------------------------------------------------
 
     def _pump(self) -> None:
+        """Feed the writer's stdin: everything queued, a few times a second, in one write."""
         pipe = self._proc.stdin
         while True:
-            msg = self._queue.get()
+            self._wake.wait(PUMP_INTERVAL_S)
+            self._wake.clear()
+            batch = []
+            while self._queue:
+                batch.append(self._queue.popleft())
+            if not batch:
+                continue
             if self._broken:
-                self._lost += len(msg.get("v", ()))
+                self._lost += sum(len(m.get("v", ())) for m in batch)
             else:
                 try:
-                    pipe.write(json.dumps(msg, default=str) + "\n")
-                    if msg["t"] != "m" or self._queue.empty():
-                        pipe.flush()
+                    pipe.write("".join(json.dumps(m, default=str) + "\n" for m in batch))
+                    pipe.flush()
                 except (OSError, ValueError):  # the writer is gone
                     self._broken = True
-                    self._lost += len(msg.get("v", ()))
-            if msg["t"] == "close":
+                    self._lost += sum(len(m.get("v", ())) for m in batch)
+            if any(m["t"] == "close" for m in batch):
                 with contextlib.suppress(OSError, ValueError):
                     pipe.close()
                 return
@@ -263,6 +273,8 @@ class MLflowSink:
                         "continues", code)
 
     def _final_warning(self) -> None:
+        if not self._started:
+            return  # the job failed before it got to open a run: nothing was tracked
         report = self._report
         if report is None:
             log.warning("MLflow: the writer ended without a report; some metrics may be missing from run %s "

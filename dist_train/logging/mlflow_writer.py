@@ -12,28 +12,25 @@ Metrics wait in a bounded buffer and go out in batches of up to 1000 at most onc
 the server cannot be reached they stay buffered and are retried with backoff; one warning says so.
 At close the buffer is flushed until ``flush_timeout_s``, then the artifacts are logged and the
 run gets its final status. If rank 0 dies without closing, its pipe closes and the run is
-marked FAILED the same way. This module imports neither torch nor the rest of dist_train.
+marked FAILED the same way. No torch here: of dist_train, only mlflow_buffer.py and plots.py.
 """
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import logging
 import math
 import os
 import queue
-import re
 import signal
 import sys
 import threading
 import time
-from collections import deque
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
+
+from dist_train.logging.mlflow_buffer import MAX_BUFFERED, MetricBuffer, sanitize_name
 
 log = logging.getLogger("dist_train.mlflow")
 
-MAX_BUFFERED = 200_000   # metric values held while the server is unreachable (~100 bytes each)
 MAX_BATCH = 1000         # MLflow's limit of entities per log_batch call
 MAX_PARAMS_TAGS = 100    # MLflow's limit of params (and of tags) per log_batch call
 SEND_INTERVAL_S = 1.0    # steady state: at most one batch call a second
@@ -45,22 +42,6 @@ ATTEMPTS_TAG = "dist_train.attempts"
 
 class Permanent(Exception):
     """An error retrying will not fix (bad credentials, deleted experiment)."""
-
-
-@functools.lru_cache(maxsize=4096)
-def sanitize_name(name: str) -> str:
-    """A metric/param/tag key MLflow accepts on every platform: ``[/\\w.\\- ]``, a normalized
-    relative path, at most 250 characters."""
-    name = re.sub(r"[^/\w.\- ]", "_", str(name))
-    parts = [p for p in name.split("/") if p not in ("", ".", "..")]
-    return ("/".join(parts) or "_")[:250]
-
-
-def metric_value(raw: Any) -> Optional[float]:
-    """A float for MLflow, or None for what is not a number (NaN and inf are numbers)."""
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        return None
-    return float(raw)
 
 
 def _limit(name: str, default: int) -> int:
@@ -82,42 +63,6 @@ def is_permanent(exc: BaseException) -> bool:
         code = exc.get_http_status_code()
         return 400 <= code < 500 and code not in (408, 429)
     return False
-
-
-class MetricBuffer:
-    """Metric values waiting to be sent: ``(key, value, timestamp_ms, step)``.
-
-    Bounded: once ``capacity`` values wait, new ones are dropped (and counted) until the buffer
-    drains. Dropping the newest keeps peek/pop race-free against the single sending thread.
-    """
-
-    def __init__(self, capacity: int = MAX_BUFFERED):
-        self.capacity = capacity
-        self.dropped = 0
-        self._items: deque = deque()
-        self._lock = threading.Lock()
-
-    def add(self, step: int, timestamp_ms: int, values: Dict[str, Any]) -> None:
-        rows = [(sanitize_name(k), v, timestamp_ms, step) for k, v in
-                ((k, metric_value(raw)) for k, raw in values.items()) if v is not None]
-        with self._lock:
-            room = self.capacity - len(self._items)
-            if room < len(rows):
-                self.dropped += len(rows) - max(room, 0)
-                rows = rows[:max(room, 0)]
-            self._items.extend(rows)
-
-    def peek(self, n: int) -> List[Tuple[str, float, int, int]]:
-        with self._lock:
-            return list(itertools.islice(self._items, n))
-
-    def pop(self, n: int) -> None:
-        with self._lock:
-            for _ in range(min(n, len(self._items))):
-                self._items.popleft()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class Writer:
@@ -182,7 +127,7 @@ class Writer:
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        self._attempt(self._connect, warn=False)  # warm up (creates the SQLite store) while rank 0 loads data
+        self._attempt(self._connect)  # early (creates a SQLite store), while rank 0 still loads its data
         last_send = 0.0
         while True:
             try:

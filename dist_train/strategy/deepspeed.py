@@ -214,3 +214,11 @@ class DeepSpeedStrategy(Strategy):
         destroy = getattr(getattr(self, "model", None), "destroy", None)
         if callable(destroy):
             destroy()
+        # DeepSpeed caches the process groups it derived from ours; ours is destroyed after the
+        # job, so forget them (what deepspeed.comm.destroy_process_group does), or a second
+        # DeepSpeed job in this process (tests, notebooks) would use dead groups.
+        from deepspeed.utils import groups
+
+        release = getattr(groups, "_release_process_group_references", None)
+        if callable(release):
+            release(None)

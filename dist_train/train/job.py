@@ -124,7 +124,8 @@ def run_job(job, cluster: ClusterEnv) -> int:
             summary.update(results)
             # Preempted: checkpointed at the step it stopped; a distinct exit code tells the
             # scheduler to requeue, and the requeued job resumes from that checkpoint.
-            summary["status"], code = ("preempted", EXIT_PREEMPTED) if manager.preempted else ("completed", 0)
+            preempted = manager.preempted and state.step < job.train.max_steps
+            summary["status"], code = ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)
     except CheckpointRefused as exc:  # the same verdict on every rank: a usage error, no traceback
         code = 2
         if cluster.is_rank0:
