@@ -350,3 +350,17 @@ def test_deepspeed_weights_cross_both_ways_and_its_optimizer_state_is_never_load
     # ... then the engine's full fp32 weights load: step 32 starts from the same model.
     ok(run_cli([*single, "checkpoint.load_optimizer=false", f"run.dir={tmp_path / 'single'}"], timeout=300))
     assert_close(ds_losses, train_losses(tmp_path / "single"), [32])
+
+
+def test_every_ranks_rng_streams_resume_exactly(tmp_path, ok):
+    """With dropout each rank draws from its torch RNG every step: a resume is bitwise exact only
+    if every rank's generator state comes back (the reference run above draws no random numbers)."""
+    args = [*DDP2, "model.dropout=0.3", "train.max_steps=20", "checkpoint.every_steps=10"]
+    ref = tmp_path / "dropout_ref"
+    ok(run_cli([*args, f"run.dir={ref}"], nproc=2, timeout=300))
+    run = tmp_path / "dropout_resumed"
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000020")  # as if killed after the checkpoint at 10
+    ok(run_cli([*args, f"run.dir={run}"], nproc=2, timeout=300))
+    assert read_summary(run)["resumed_from_step"] == 10
+    assert_bitwise(train_losses(ref), train_losses(run), range(1, 21))

@@ -170,6 +170,17 @@ def test_writer_starts_a_new_run_when_the_resumed_one_is_not_in_the_store(tmp_pa
     assert any("is not in" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
+def test_writer_marks_the_run_failed_when_the_trainer_dies_without_closing(tmp_path, caplog):
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    emitted = run_writer(tmp_path, [start(), {"t": "m", "step": 7, "ts": 7, "v": {"loss": 1.5, "bad name!": 2}}],
+                         artifacts=[[str(tmp_path / "config.yaml"), ""]])  # EOF, no close: rank 0 died
+    client, run = only_run(sqlite_uri(tmp_path))
+    assert emitted[-1]["status"] == "FAILED" and run.info.status == "FAILED"
+    assert run.data.metrics == {"loss": 1.5, "bad name_": 2.0}  # sanitized, and still sent
+    assert artifact_paths(client, run.info.run_id) == {"config.yaml"}
+    assert any("without closing" in r.getMessage() for r in caplog.records)
+
+
 # --- the sink and its writer process, with no server ----------------------------------------
 
 

@@ -175,15 +175,18 @@ class CheckpointManager:
         memory here and the files are written and committed by a background thread while training
         goes on (at most one save in flight: a new save first waits for the previous one).
         """
+        self.wait()  # (its time is counted in blocking_s by wait itself)
         t0 = time.perf_counter()
-        self.wait()
         step = state.step
         staging = os.path.join(self.dir, layout.staging_name(step))
-        if self.rank0:
-            layout.remove_stale(self.dir)
-            os.makedirs(os.path.join(staging, layout.RNG_DIR))
-        self.group.barrier()  # nobody writes into the staging dir before it exists, clean
         snapshot, error = None, None
+        if self.rank0:
+            try:
+                layout.remove_stale(self.dir)
+                os.makedirs(os.path.join(staging, layout.RNG_DIR))
+            except OSError as exc:  # the other ranks then fail to write too: all abort below
+                error = exc
+        self.group.barrier()  # nobody writes into the staging dir before it exists, clean
         try:
             _torch_save(rng_state(), os.path.join(staging, layout.rng_file(self.rank)))
             if self.rank0:
@@ -240,7 +243,16 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint of step {step} aborted: a rank failed to write its shards"
                                   + (f" (here: {error})" if error else ""))
         # Every rank hashes its share of the files; rank 0 writes the manifest and commits.
-        files = self.group.broadcast(layout.list_files(staging) if self.rank0 else None)
+        files = None
+        if self.rank0:
+            try:
+                files = layout.list_files(staging)
+            except OSError as exc:
+                log.error("cannot list %s: %s", staging, exc)
+        files = self.group.broadcast(files)
+        if files is None:
+            self._abort(staging)
+            raise CheckpointError(f"checkpoint of step {step} aborted: its staging dir cannot be listed")
         try:
             mine: Optional[Dict[str, dict]] = layout.describe_files(staging, files[self.rank::self.world])
         except OSError as exc:

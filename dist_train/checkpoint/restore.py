@@ -85,7 +85,7 @@ class Restorer:
             try:
                 files = layout.read_manifest(path)["files"]
                 head = (files, layout.check_sizes(path, files))
-            except ValueError as exc:
+            except (ValueError, OSError) as exc:
                 head = (None, [str(exc)])
         files, errors = g.broadcast(head)
         if errors:
@@ -106,7 +106,7 @@ class Restorer:
             if g.rank == 0:
                 try:
                     resolved = ("ok", resolve_path(mode))
-                except CheckpointRefused as exc:
+                except (CheckpointRefused, OSError) as exc:
                     resolved = ("error", str(exc))
             status, value = g.broadcast(resolved)
             if status != "ok":
@@ -115,7 +115,15 @@ class Restorer:
             if errors:
                 raise CheckpointRefused(f"checkpoint.resume={mode}: {value} does not verify: " + "; ".join(errors[:5]))
             return value
-        candidates = g.broadcast([p for _s, p in layout.committed(self.m.dir)] if g.rank == 0 else None)
+        candidates = None
+        if g.rank == 0:
+            try:
+                candidates = [p for _s, p in layout.committed(self.m.dir)]
+            except OSError as exc:
+                candidates = str(exc)
+        candidates = g.broadcast(candidates)
+        if isinstance(candidates, str):
+            raise CheckpointError(f"cannot list checkpoints in {self.m.dir}: {candidates}")
         for path in candidates:
             errors = self.verify(path)
             if not errors:
@@ -153,7 +161,10 @@ class Restorer:
                 meta = json.load(f)
             self.check_fits(chosen, meta)
         if self.m.rank0:
-            self.tidy(chosen, meta["step"] if meta else 0)
+            try:
+                self.tidy(chosen, meta["step"] if meta else 0)
+            except OSError as exc:  # housekeeping only: never leave the other ranks waiting in the load
+                log.warning("could not tidy %s: %s", self.m.dir, exc)
         if chosen:
             self.load(chosen, meta, state)
             self.m.resumed_run_id = meta.get("mlflow_run_id")
@@ -195,6 +206,12 @@ class Restorer:
                 f"but the optimizer state does not (DeepSpeed keeps it in its own partitioned format). Resume "
                 f"with strategy.name={meta['strategy']}, or set checkpoint.load_optimizer=false to continue "
                 f"with a fresh optimizer state")
+        if not cross and self.m.native and self.m.cfg.load_optimizer and meta["world_size"] != self.m.world:
+            raise CheckpointRefused(
+                f"checkpoint {name} holds {meta['strategy']} optimizer partitions for world size {meta['world_size']}, "
+                f"and {meta['strategy']} cannot re-partition them for world size {self.m.world}. Resume at world size "
+                f"{meta['world_size']}, or set checkpoint.load_optimizer=false to continue from its full model "
+                f"weights with a fresh optimizer state")
 
     def load(self, path: str, meta: Dict[str, Any], state) -> None:
         strategy, g = self.m.strategy, self.m.group
