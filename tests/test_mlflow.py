@@ -125,6 +125,20 @@ def test_metric_logger_fans_out_and_jsonl_keeps_nonfinite(tmp_path):
     assert build_metric_logger(str(tmp_path), is_rank0=False).run_id is None
 
 
+@pytest.mark.parametrize("override,key", [
+    ("logging.mlflow.tracking_uri=https://alice:secret@mlflow.example.com", "logging.mlflow.tracking_uri"),
+    ("logging.mlflow.flush_timeout_s=0", "logging.mlflow.flush_timeout_s"),
+    ("logging.mlflow.experiment=' '", "logging.mlflow.experiment"),
+])
+def test_bad_mlflow_config_names_the_key(override, key):
+    from dist_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.key == key
+    assert load_config(None, ["logging.mlflow.tracking_uri=http://mlflow.example.com:5000"])
+
+
 # --- the writer, in process, on a SQLite store ----------------------------------------------
 
 

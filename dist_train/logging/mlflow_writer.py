@@ -16,6 +16,7 @@ marked FAILED the same way. No torch here: of dist_train, only mlflow_buffer.py 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -290,9 +291,9 @@ class Writer:
             if not is_permanent(exc):
                 raise
             # The server refuses this batch and always will: drop it, keep going.
-            self.rejected += len(metrics) + len(params) + len(tags)
-            if self.rejected == len(metrics) + len(params) + len(tags):
+            if not self.rejected:
                 log.error("MLflow rejected a batch (%s); dropped", str(exc).splitlines()[0][:300])
+            self.rejected += len(metrics) + len(params) + len(tags)
 
     def _finish(self) -> None:
         """Artifacts, final status, and the report rank 0 prints in its last warning."""
@@ -310,7 +311,10 @@ class Writer:
             except Exception as exc:
                 log.warning("could not draw the loss plot: %s", exc)
             for path, artifact_path in files:
-                if not os.path.exists(path) or time.monotonic() >= self.deadline:
+                if not os.path.exists(path):
+                    continue
+                if time.monotonic() >= self.deadline:
+                    artifacts_failed += 1
                     continue
                 self._set_http_timeout()
                 try:
@@ -337,7 +341,7 @@ def _protocol_stream():
     lock = threading.Lock()
 
     def emit(msg: dict) -> None:
-        with lock:
+        with lock, contextlib.suppress(OSError, ValueError):  # rank 0 gone: nobody to tell
             out.write(json.dumps(msg) + "\n")
             out.flush()
 

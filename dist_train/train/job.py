@@ -47,11 +47,17 @@ def write_json_atomic(path: str, payload: Dict[str, Any]) -> None:
 
 
 def set_cpu_threads(cluster: ClusterEnv) -> None:
-    """Split this node's cores between its local ranks (torchrun would give each only one)."""
+    """Split this node's cores between its local ranks (torchrun would give each only one).
+
+    When a scheduler has already bound this task to a subset of the cores (SLURM CPU binding),
+    that subset is this rank's alone and is used whole.
+    """
     if torch.cuda.is_available():
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(cluster.local_world_size, 1)))
+    total = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    share = usable if usable < total else usable // max(cluster.local_world_size, 1)
+    torch.set_num_threads(max(1, share))
 
 
 def run_job(job, cluster: ClusterEnv) -> int:
