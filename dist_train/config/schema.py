@@ -55,10 +55,14 @@ class RunConfig:
 @dataclass
 class FSDPConfig:
     reshard_after_forward: bool = doc(True, "free gathered parameters after forward (ZeRO-3 style); false keeps them until backward")
-    cpu_offload: bool = doc(False, "keep sharded parameters and optimizer state on the CPU")
+    cpu_offload: bool = doc(False, "keep sharded parameters, gradients and optimizer state in host memory (GPU only: CPUOffloadPolicy)")
     activation_checkpointing: bool = doc(False, "recompute each block's activations in backward to save memory")
-    reduce_dtype: str = doc("fp32", "dtype of gradient reduction under bf16/fp16 precision: fp32 or the compute dtype")
-    meta_init: bool = doc(True, "build the model on the meta device and materialise only the local shards")
+    reduce_dtype: str = doc("fp32", "dtype of gradient reduction under bf16/fp16 precision: fp32 or the compute dtype "
+                            "(parameters are cast to train.precision for compute; no effect under fp32)")
+    meta_init: bool = doc(True, "build the model on the meta device, shard it, allocate only this rank's shards, then "
+                          "fill them from full-size CPU draws of the seeded RNG in the order a plain build uses, one "
+                          "parameter at a time: the weights equal single/ddp's exactly and the full model never "
+                          "exists on the device; false: build the whole model on the CPU, then shard it")
 
     def __post_init__(self) -> None:
         _one_of(self.reduce_dtype, ("fp32", "bf16", "fp16"), "strategy.fsdp.reduce_dtype")
@@ -66,9 +70,11 @@ class FSDPConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    offload_optimizer: bool = doc(False, "ZeRO: keep optimizer state on the CPU (stage 1, 2 or 3)")
-    offload_param: bool = doc(False, "ZeRO-3: keep parameters on the CPU")
-    config: Dict[str, Any] = doc(None, "extra DeepSpeed config entries merged over the generated one", factory=dict)
+    offload_optimizer: bool = doc(False, "ZeRO: keep optimizer state in host memory (stage 1, 2 or 3; GPU only)")
+    offload_param: bool = doc(False, "ZeRO-3: keep parameters in host memory (stage 3 only; GPU only)")
+    config: Dict[str, Any] = doc(None, "extra DeepSpeed config entries merged over the one generated from our settings; "
+                                 "keys our config owns (batch sizes, accumulation, clipping, precision, zero stage, "
+                                 "optimizer, scheduler) may only repeat our values", factory=dict)
 
 
 @dataclass
@@ -84,6 +90,10 @@ class StrategyConfig:
         _one_of(self.name, STRATEGIES, "strategy.name")
         _require(self.zero_stage in (1, 2, 3), "strategy.zero_stage", f"must be 1, 2 or 3; got {self.zero_stage}")
         _require(self.bucket_cap_mb > 0, "strategy.bucket_cap_mb", "must be > 0")
+        if self.name == "deepspeed":
+            _require(not self.deepspeed.offload_param or self.zero_stage == 3, "strategy.deepspeed.offload_param",
+                     f"parameter offload needs ZeRO stage 3 (only stage 3 partitions parameters); "
+                     f"strategy.zero_stage is {self.zero_stage}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import logging
 import os
+import warnings
 from typing import Any, Dict, Iterator, Optional
 
 import torch
@@ -59,11 +60,11 @@ REFUSED = {
 }
 
 
-def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+def merge_config(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_config(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -96,7 +97,7 @@ def generated_config(cfg, plan: StepPlan, precision: str, world_size: int) -> Di
 
 def deepspeed_config(cfg, plan: StepPlan, precision: str, world_size: int) -> Dict[str, Any]:
     """The generated config with ``strategy.deepspeed.config`` merged over it."""
-    return _merge(generated_config(cfg, plan, precision, world_size), dict(cfg.deepspeed.config or {}))
+    return merge_config(generated_config(cfg, plan, precision, world_size), dict(cfg.deepspeed.config or {}))
 
 
 def check_extra_config(cfg, plan: StepPlan, precision: str, world_size: int) -> Optional[tuple]:
@@ -111,6 +112,9 @@ def check_extra_config(cfg, plan: StepPlan, precision: str, world_size: int) -> 
             return prefix + key, "not a DeepSpeed config key (typo?)"
         if key in REFUSED:
             return prefix + key, f"not settable here: {REFUSED[key]}"
+        if isinstance(ours.get(key), (bool, int, float)) and not isinstance(ours[key], bool) \
+                and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return prefix + key, f"must be a number; got {value!r}"
         if key in OWNED and value != ours[key]:
             return prefix + key, f"{value!r} contradicts {OWNED[key]} (= {ours[key]!r}); set it there instead"
         if key in ("fp16", "bf16", "bfloat16") and isinstance(value, dict) and "enabled" in value:
@@ -135,6 +139,17 @@ def import_deepspeed():
 
     if not logging.getLogger("dist_train").isEnabledFor(logging.DEBUG):
         deepspeed.utils.logger.setLevel(logging.WARNING)
+    # DeepSpeed calls torch collectives by their deprecated names; say so once, not every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger",
+                            message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
+    if not torch.cuda.is_available():
+        # The CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, tens of seconds on
+        # a small machine) used only by DeepSpeed's inference all-reduce; training collectives
+        # run on our gloo group. Mark it unavailable so it is never built.
+        try:
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        except Exception:  # another DeepSpeed version without this table: it just gets built
+            pass
     return deepspeed
 
 
