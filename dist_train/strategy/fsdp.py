@@ -146,7 +146,7 @@ class FSDPStrategy(Strategy):
         with ``full_tensor()`` before the coefficient is computed, so every rank scales by the
         same global factor."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad.to_local() for p in params], norm_type=2.0)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         if max_norm > 0:
