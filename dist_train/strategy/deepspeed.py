@@ -175,6 +175,7 @@ class DeepSpeedStrategy(Strategy):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
         self.model = engine
         self.optimizer = ds_optimizer
+        self.precision.scaler = None  # under fp16 the engine scales the loss (dynamic loss scale)
         # The engine steps this scheduler (our LambdaLR) at each real optimizer step; the loop
         # reads get_last_lr() from it as from any other strategy.
         self.scheduler = ds_scheduler
