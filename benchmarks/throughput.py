@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -67,16 +68,24 @@ def main() -> None:
     p.add_argument("--model", default="cnn")
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
     args = p.parse_args()
     overrides = [f"model.name={args.model}", f"data.name={args.data}", f"data.batch_size={args.batch_size}",
                  "data.num_workers=0", "train.grad_clip=0"]
     job = load_config(None, overrides)
     torch.set_num_threads(os.cpu_count() or 1)
-    plain = plain_loop(job, args.steps)
-    ours = framework_loop(overrides, args.steps)
-    print(f"model={args.model} data={args.data} batch={args.batch_size} steps={args.steps} threads={torch.get_num_threads()}")
-    print(f"plain PyTorch loop : {plain:10.1f} samples/s")
-    print(f"dist_train single  : {ours:10.1f} samples/s")
+    # Alternate the two loops so that load from anything else on the machine hits both alike.
+    plains, ours_all = [], []
+    for _ in range(args.repeats):
+        plains.append(plain_loop(job, args.steps))
+        torch.set_num_threads(os.cpu_count() or 1)
+        ours_all.append(framework_loop(overrides, args.steps))
+        torch.set_num_threads(os.cpu_count() or 1)
+    plain, ours = statistics.median(plains), statistics.median(ours_all)
+    print(f"model={args.model} data={args.data} batch={args.batch_size} steps={args.steps} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats}")
+    print(f"plain PyTorch loop : {plain:10.1f} samples/s  (rounds: {', '.join(f'{v:.0f}' for v in plains)})")
+    print(f"dist_train single  : {ours:10.1f} samples/s  (rounds: {', '.join(f'{v:.0f}' for v in ours_all)})")
     print(f"ratio dist_train/plain: {ours / plain:.3f}")
 
 
