@@ -63,21 +63,18 @@ def rng_file(rank: int) -> str:
 
 # --- durable writes -------------------------------------------------------------------------
 
+def fsync_file(path: str) -> None:
+    """fsync a file (or a directory) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str) -> None:
     """fsync a directory, so the names created, renamed or removed in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
 
 
 def write_atomic(path: str, text: str) -> None:
