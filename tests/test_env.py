@@ -51,3 +51,14 @@ def test_expand_nodelist(nodelist, hosts):
 def test_bad_variable_is_named():
     with pytest.raises(RuntimeError, match="WORLD_SIZE"):
         detect({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+def test_slurm_uneven_tasks_per_node():
+    base = {"SLURM_PROCID": "4", "SLURM_NTASKS": "5", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]",
+            "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "3,2"}
+    assert detect({**base, "SLURM_NODEID": "1", "SLURM_LOCALID": "1"}).local_world_size == 2
+    assert detect({**base, "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_LOCALID": "0"}).local_world_size == 3
+    compressed = {**base, "SLURM_NNODES": "4", "SLURM_NTASKS": "7", "SLURM_TASKS_PER_NODE": "2(x3),1",
+                  "SLURM_JOB_NODELIST": "n[1-4]"}
+    assert detect({**compressed, "SLURM_NODEID": "2"}).local_world_size == 2
+    assert detect({**compressed, "SLURM_NODEID": "3"}).local_world_size == 1

@@ -72,6 +72,17 @@ def expand_nodelist(nodelist: str) -> List[str]:
     return hosts
 
 
+def tasks_on_node(tasks_per_node: str, node_id: int) -> Optional[int]:
+    """This node's task count from SLURM_TASKS_PER_NODE, e.g. ``2(x3),1`` -> [2, 2, 2, 1][node_id]."""
+    counts: List[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            return None
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts[node_id] if 0 <= node_id < len(counts) else None
+
+
 def slurm_port(job_id: Optional[str]) -> int:
     """A rendezvous port every task of a job derives alike: 15000 + the job id's last 4 digits."""
     digits = re.sub(r"\D", "", job_id or "")
@@ -104,13 +115,17 @@ def detect(env: Optional[Mapping[str, str]] = None) -> ClusterEnv:
         nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1")
         num_nodes = _int(env, "SLURM_NNODES", len(nodes))
         job_id = env.get("SLURM_JOB_ID")
+        node_rank = _int(env, "SLURM_NODEID", 0)
+        # Tasks may be spread unevenly over nodes: this node's own count, else the even share.
+        local_world = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "",
+                                    node_rank) or max(world // max(num_nodes, 1), 1)
         return ClusterEnv(
             source="slurm",
             rank=_int(env, "SLURM_PROCID"),
             local_rank=_int(env, "SLURM_LOCALID", 0),
             world_size=world,
-            local_world_size=max(world // max(num_nodes, 1), 1),
-            node_rank=_int(env, "SLURM_NODEID", 0),
+            local_world_size=local_world,
+            node_rank=node_rank,
             num_nodes=num_nodes,
             master_addr=env.get("MASTER_ADDR") or nodes[0],
             master_port=_int(env, "MASTER_PORT", slurm_port(job_id)),
