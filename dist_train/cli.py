@@ -15,7 +15,7 @@ from typing import List, Optional
 from dist_train.config import ConfigError, describe_fields, load_config, to_yaml
 from dist_train.env.cluster import detect
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE = 0, 2
 
 
 def _help_text() -> str:

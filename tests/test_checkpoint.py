@@ -78,15 +78,17 @@ def test_commit_replaces_a_directory_of_an_abandoned_timeline(tmp_path):
 
 
 def test_trim_jsonl_drops_records_past_the_resumed_step_and_a_torn_line(tmp_path):
+    from dist_train.logging.jsonl import trim_jsonl
+
     path = tmp_path / "metrics.jsonl"
     lines = [{"step": s, "loss": s / 10} for s in range(1, 8)] + [{"step": 7, "eval_loss": 1.0}]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 8, "lo')
-    assert layout.trim_jsonl(str(path), 5) == 4
+    assert trim_jsonl(str(path), 5) == 4
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
     with open(path, "a") as f:  # a writer appending afterwards continues cleanly
         f.write(json.dumps({"step": 6}) + "\n")
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
-    assert layout.trim_jsonl(str(tmp_path / "absent.jsonl"), 3) == 0
+    assert trim_jsonl(str(tmp_path / "absent.jsonl"), 3) == 0
 
 
 class _Payload:
@@ -130,10 +132,11 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
 
 def test_identity_names_model_and_dataset_entries():
     from dist_train.checkpoint.restore import identity
+    from dist_train.strategy.dcp_state import shape_mismatches
 
     cfg = {"model": {"name": "mlp", "hidden": 128, "dropout": 0.1, "gpt": {"n_layer": 4}}, "data": {"name": "digits", "batch_size": 8}}
     assert identity(cfg) == {"model.name": "mlp", "model.hidden": 128, "model.gpt.n_layer": 4, "data.name": "digits"}
-    msg = storage.param_shape_mismatches({"a": ((2, 3), None), "b": ((4,), None)}, {"a": (2, 4), "c": (1,)})
+    msg = shape_mismatches({"a": ((2, 3), None), "b": ((4,), None)}, {"a": (2, 4), "c": (1,)})
     assert "c" in msg and "b" in msg and "a [2, 3] in the checkpoint vs [2, 4] here" in msg
 
 
@@ -144,16 +147,12 @@ def _failed_rank_aborts_commit(rank: int, world: int, run_dir: str) -> None:
     from dist_train.checkpoint.manager import CheckpointError, CheckpointManager
     from dist_train.config import load_config, to_dict
     from dist_train.env.cluster import detect
-    from dist_train.models import build_model
-    from dist_train.strategy import build_strategy
-    from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+    from dist_train.train.build import build_training
     from dist_train.train.state import TrainState
     from dist_train.data.registry import DataInfo
 
     job = load_config(None, ["strategy.name=ddp", "model.name=mlp", "data.name=digits", "checkpoint.keep_last=0"])
-    strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32")
-    strategy.setup(build_model(job.model, DataInfo("classification", (1, 8, 8), 10)),
-                   make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+    strategy = build_training(job, detect(), torch.device("cpu"), DataInfo("classification", (1, 8, 8), 10))
     m = CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job), micro_global_batch=2 * 64,
                           grad_accum_steps=1, seed=0)
     try:

@@ -31,14 +31,14 @@ COMMON = ["data.name=digits", "model.name=mlp", "data.num_workers=1", "logging.e
           f"train.max_steps={STEPS}", "checkpoint.every_steps=15", "eval.every_steps=0",
           "logging.mlflow.enabled=false", "logging.progress_bar=off"]
 DDP2 = [*COMMON, "data.batch_size=16"]
-RECORD = {"DIST_TRAIN_RECORD_SAMPLE_IDS": "1"}
-SLOW = {**RECORD, "DIST_TRAIN_FAULT": "step_sleep=0.1"}  # 0.1 s per step: time to act between checkpoints
+RECORD = ["debug.record_sample_ids=true"]
+SLOW = [*RECORD, "debug.faults=step_sleep=0.1"]  # 0.1 s per step: time to act between checkpoints
 
 
-def torchrun(args: List[str], env: Dict[str, str]) -> subprocess.Popen:
+def torchrun(args: List[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "dist_train", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
 
 
@@ -119,7 +119,7 @@ def assert_close(a: Dict[int, float], b: Dict[int, float], steps, rel: float = 1
 def reference(tmp_path_factory, ) -> Path:
     """The uninterrupted run: 60 steps, 2 ranks, checkpoints at 15/30/45/60 (keep_last 3)."""
     run = tmp_path_factory.mktemp("ckpt") / "reference"
-    proc = run_cli([*DDP2, f"run.dir={run}"], nproc=2, env=RECORD, timeout=300)
+    proc = run_cli([*DDP2, *RECORD, f"run.dir={run}"], nproc=2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted(train_losses(run)) == list(range(1, STEPS + 1))
     return run
@@ -131,15 +131,15 @@ def killed(tmp_path_factory):
     step 30 and restarted unchanged. Returns (run dir, a copy of its step-30 checkpoint, facts)."""
     base = tmp_path_factory.mktemp("ckpt")
     run = base / "killed"
-    args = [*DDP2, f"run.dir={run}"]
-    proc = torchrun(args, SLOW)
+    args = [*DDP2, *SLOW, f"run.dir={run}"]
+    proc = torchrun(args)
     wait_until(proc, lambda: latest(run) == layout.step_name(N) and logged_steps(run) >= N + 3,
                f"checkpoint {N} and 3 more steps")
     kill_job(proc)
     facts = {"latest_at_kill": latest(run), "logged_at_kill": logged_steps(run)}
     saved = base / "step_30_copy"
     shutil.copytree(run / "checkpoints" / layout.step_name(N), saved)
-    again = run_cli(args, nproc=2, env=SLOW, timeout=300)
+    again = run_cli(args, nproc=2, timeout=300)
     facts["stderr"] = again.stderr
     assert again.returncode == 0, again.stderr[-4000:]
     return run, saved, facts
@@ -164,8 +164,8 @@ def test_sigkill_then_restart_is_bitwise_identical(reference, killed):
 def test_ddp_checkpoint_resumes_under_single_process_with_no_sample_replayed(reference, killed, tmp_path, ok):
     _, saved, _ = killed
     run = tmp_path / "single"
-    ok(run_cli([*COMMON, "data.batch_size=32", "strategy.name=single", f"checkpoint.resume={saved}",
-                f"run.dir={run}"], env=RECORD, timeout=300))
+    ok(run_cli([*COMMON, *RECORD, "data.batch_size=32", "strategy.name=single", f"checkpoint.resume={saved}",
+                f"run.dir={run}"], timeout=300))
     s = read_summary(run)
     assert s["resumed_from_step"] == N and s["world_size"] == 1 and s["samples_seen"] == STEPS * 32
     assert sorted(train_losses(run)) == list(range(N + 1, STEPS + 1))
@@ -180,8 +180,8 @@ def test_ddp_checkpoint_resumes_under_single_process_with_no_sample_replayed(ref
 def test_ddp_checkpoint_resumes_under_fsdp_on_two_ranks(reference, killed, tmp_path, ok):
     _, saved, _ = killed
     run = tmp_path / "fsdp"
-    ok(run_cli([*DDP2, "strategy.name=fsdp", f"checkpoint.resume={saved}", f"run.dir={run}"],
-               nproc=2, env=RECORD, timeout=300))
+    ok(run_cli([*DDP2, *RECORD, "strategy.name=fsdp", f"checkpoint.resume={saved}", f"run.dir={run}"],
+               nproc=2, timeout=300))
     assert read_summary(run)["resumed_from_step"] == N
     assert_close(train_losses(reference), train_losses(run), range(N + 1, STEPS + 1))
     assert sample_ids(run) == {s: sample_ids(reference)[s] for s in range(N + 1, STEPS + 1)}
@@ -190,8 +190,8 @@ def test_ddp_checkpoint_resumes_under_fsdp_on_two_ranks(reference, killed, tmp_p
     assert all(torch.allclose(ref[k], got[k], rtol=1e-4, atol=1e-6) for k in ref)
     # And the other way: the sharded FSDP checkpoint of step 45 resumes in one plain process.
     back = tmp_path / "fsdp_to_single"
-    ok(run_cli([*COMMON, "data.batch_size=32", "strategy.name=single", f"run.dir={back}",
-                f"checkpoint.resume={run / 'checkpoints' / 'step_00000045'}"], env=RECORD, timeout=300))
+    ok(run_cli([*COMMON, *RECORD, "data.batch_size=32", "strategy.name=single", f"run.dir={back}",
+                f"checkpoint.resume={run / 'checkpoints' / 'step_00000045'}"], timeout=300))
     assert_close(train_losses(reference), train_losses(back), range(46, STEPS + 1))
     assert sample_ids(back) == {s: sample_ids(reference)[s] for s in range(46, STEPS + 1)}
 
@@ -212,7 +212,7 @@ def test_corrupt_checkpoints_and_a_crash_before_commit_fall_back_to_a_good_one(r
     args = [*DDP2, f"run.dir={run}", "checkpoint.keep_last=2"]
 
     # Resumes from 30, then every rank exits between writing the step-45 shards and the commit.
-    crash = run_cli(args, nproc=2, env={"DIST_TRAIN_FAULT": "after_shards@45"}, timeout=300)
+    crash = run_cli([*args, "debug.faults=after_shards@45"], nproc=2, timeout=300)
     assert crash.returncode != 0
     err = crash.stderr
     assert "step_00000060 is corrupt or incomplete" in err and f"{shard60.relative_to(ckpts / 'step_00000060')}: size" in err
@@ -239,8 +239,8 @@ def test_async_save_snapshots_exactly_while_training_continues(reference, tmp_pa
     run = tmp_path / "async"
     # Each write is held back 0.5 s: training must run on meanwhile, and what is written must
     # still be the state of the step the save was taken at.
-    ok(run_cli([*DDP2, f"run.dir={run}", "checkpoint.async=true"], nproc=2,
-               env={"DIST_TRAIN_FAULT": "slow_write=0.5"}, timeout=300))
+    ok(run_cli([*DDP2, f"run.dir={run}", "checkpoint.async=true", "debug.faults=slow_write=0.5"], nproc=2,
+               timeout=300))
     stats = read_summary(run)["checkpoint"]
     assert stats["async"] is True and stats["saves"] == 4 and stats["steps_during_writes"] >= 5, stats
     assert_bitwise(train_losses(reference), train_losses(run), range(1, STEPS + 1))
@@ -255,8 +255,8 @@ def test_async_save_snapshots_exactly_while_training_continues(reference, tmp_pa
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_preempted(reference, tmp_path, ok):
     run = tmp_path / "preempt"
-    args = [*DDP2, f"run.dir={run}"]
-    proc = torchrun(args, SLOW)
+    args = [*DDP2, *SLOW, f"run.dir={run}"]
+    proc = torchrun(args)
     wait_until(proc, lambda: logged_steps(run) >= 20, "step 20")
     proc.send_signal(signal.SIGTERM)  # to torchrun only: it forwards SIGTERM to its workers
     out = proc.communicate(timeout=120)[0]

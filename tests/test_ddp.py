@@ -17,17 +17,14 @@ def _ddp_replicas_identical(rank: int, world: int) -> None:
 
     from dist_train.env.cluster import detect
     from dist_train.models import build_model
-    from dist_train.strategy import build_strategy
-    from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+    from dist_train.train.build import build_training
     from dist_train.train.step import train_step
     from dist_train.config import load_config
 
     job = load_config(None, ["strategy.name=ddp", "model.name=cnn"])
     torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's weights
     info = SimpleNamespace(task="classification", input_shape=(1, 8, 8), num_classes=10, seq_len=None)
-    model = build_model(job.model, info)
-    strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32")
-    strategy.setup(model, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+    strategy = build_training(job, detect(), torch.device("cpu"), info)
     gen = torch.Generator().manual_seed(rank)  # different data per rank
     data = iter([(torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen))
                  for _ in range(6)])

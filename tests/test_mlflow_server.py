@@ -136,12 +136,12 @@ def test_server_outage_neither_stops_training_nor_loses_metrics(server, tmp_path
     args = [*COMMON, f"run.dir={run_dir}", f"train.max_steps={max_steps}", "logging.every_steps=1",
             "eval.every_steps=50", "eval.max_batches=1", "checkpoint.resume=never",
             f"logging.mlflow.tracking_uri={server.uri}", "logging.mlflow.experiment=outage",
-            f"logging.mlflow.flush_timeout_s={flush}"]
+            f"logging.mlflow.flush_timeout_s={flush}", "debug.faults=step_sleep=0.05"]
     err_path = tmp_path / "stderr.txt"
-    # At most 20 steps a second (the checkpoint package's test hook sleeps after each step), so
+    # At most 20 steps a second (debug.faults sleeps after each step), so
     # that no phase below can run out of steps however fast the machine; the job is paused
     # (SIGSTOP) only while the server restarts, which may take a minute on a busy machine.
-    env = clean_env({"DIST_TRAIN_FAULT": "step_sleep=0.05"})
+    env = clean_env()
     with open(err_path, "w") as err:
         job = subprocess.Popen([sys.executable, "-m", "dist_train", *args], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)

@@ -120,7 +120,7 @@ def test_extra_deepspeed_settings_that_agree_are_accepted(capsys):
 
 def test_generated_deepspeed_config_follows_ours():
     from dist_train.strategy.base import StepPlan
-    from dist_train.strategy.deepspeed import deepspeed_config
+    from dist_train.strategy.deepspeed_config import deepspeed_config
 
     job = load_config(None, ["strategy.name=deepspeed", "strategy.zero_stage=3", "train.precision=bf16",
                              "strategy.deepspeed.config.zero_optimization.reduce_bucket_size=1000"])

@@ -60,20 +60,17 @@ def _measure(rank: int, world: int, out: dict) -> None:
     from dist_train.config import load_config
     from dist_train.env.cluster import detect
     from dist_train.models import build_model, count_parameters
-    from dist_train.strategy import StepPlan, build_strategy
-    from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+    from dist_train.train.build import build_training
     from dist_train.train.step import train_step
 
     info = SimpleNamespace(task="language_model", input_shape=(16,), num_classes=256, seq_len=16)
     for name, overrides in CASES.items():
         job = load_config(None, [*overrides, "model.name=gpt", "data.name=shakespeare", "model.gpt.n_layer=2",
-                                 "model.gpt.n_embd=64", "model.gpt.n_head=2"])
+                                 "model.gpt.n_embd=64", "model.gpt.n_head=2", "data.batch_size=4"])
+        with torch.device("meta"):
+            full = count_parameters(build_model(job.model, info)) * 4  # fp32 bytes of the whole model
         torch.manual_seed(0)
-        strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32", StepPlan(4, 1, 1.0))
-        with strategy.init_context():
-            model = build_model(job.model, info)
-        full = count_parameters(model) * 4  # fp32 bytes of the whole model
-        strategy.setup(model, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+        strategy = build_training(job, detect(), torch.device("cpu"), info)
         if name == "fsdp":
             _check_meta_init_is_exact(strategy, job, info)
         gen = torch.Generator().manual_seed(rank)
@@ -157,9 +154,7 @@ def _count_reductions(rank: int, world: int, counts: dict) -> None:
 
     from dist_train.config import load_config
     from dist_train.env.cluster import detect
-    from dist_train.models import build_model
-    from dist_train.strategy import StepPlan, build_strategy
-    from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+    from dist_train.train.build import build_training
     from dist_train.train.step import train_step
 
     calls = {"n": 0}
@@ -180,11 +175,9 @@ def _count_reductions(rank: int, world: int, counts: dict) -> None:
     for name in ("fsdp", "zero1"):
         for accum in (1, 2):
             job = load_config(None, [*CASES[name], "model.name=gpt", "data.name=shakespeare", "model.gpt.n_layer=2",
-                                     "model.gpt.n_embd=32", "model.gpt.n_head=2", f"train.grad_accum_steps={accum}"])
-            strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32", StepPlan(4, accum, 1.0))
-            with strategy.init_context():
-                model = build_model(job.model, info)
-            strategy.setup(model, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+                                     "model.gpt.n_embd=32", "model.gpt.n_head=2", f"train.grad_accum_steps={accum}",
+                                     "data.batch_size=4"])
+            strategy = build_training(job, detect(), torch.device("cpu"), info)
             train_step(strategy, iter(batches), job.train)  # warm-up: lazy init, optimizer state
             before = calls["n"]
             train_step(strategy, iter(batches), job.train)

@@ -250,6 +250,6 @@ def test_two_nodes_one_task_each(cluster2, tmp_path):
 
 def test_sbatch_knows_the_preempted_exit_code():
     """train.sbatch hard-codes the run's "preempted" exit code (importing it would cost a torch import)."""
-    checkpoint = pytest.importorskip("dist_train.checkpoint")
+    checkpoint = pytest.importorskip("dist_train.env.preemption")
     text = (REPO / SBATCH_SCRIPT).read_text()
     assert f"PREEMPTED_EXIT=${{DIST_TRAIN_PREEMPTED_EXIT:-{checkpoint.EXIT_PREEMPTED}}}" in text

@@ -1,10 +1,15 @@
 """Checkpoints: sharded, synchronized across ranks, atomic, verified, portable across strategies
 and world sizes. ``manager.py`` decides when and drives every rank; ``restore.py`` chooses and
-loads; ``layout.py`` is the on-disk format and the atomic commit; ``storage.py`` reads and writes
-torch.distributed.checkpoint files safely. ``python -m dist_train.checkpoint`` inspects and exports.
+loads; ``files.py`` is what a strategy writes into and reads from; ``layout.py`` is the on-disk
+format and the atomic commit; ``storage.py`` reads and writes torch.distributed.checkpoint files
+safely; ``export.py`` writes plain safetensors weights. ``python -m dist_train.checkpoint``
+inspects and exports.
+
+The package never asks which strategy it checkpoints: a strategy saves and loads its own state
+(``Strategy.save_checkpoint`` / ``check_checkpoint`` / ``load_checkpoint``).
 """
+from dist_train.checkpoint.export import export_run, export_weights
 from dist_train.checkpoint.manager import CheckpointManager
-from dist_train.checkpoint.preemption import EXIT_PREEMPTED
 from dist_train.checkpoint.restore import CheckpointError, CheckpointRefused
 
-__all__ = ["CheckpointError", "CheckpointManager", "CheckpointRefused", "EXIT_PREEMPTED"]
+__all__ = ["CheckpointError", "CheckpointManager", "CheckpointRefused", "export_run", "export_weights"]

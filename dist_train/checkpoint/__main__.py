@@ -19,6 +19,8 @@ import sys
 from typing import List, Optional
 
 from dist_train.checkpoint import layout, storage
+from dist_train.checkpoint.export import export_run
+from dist_train.checkpoint.restore import CheckpointError
 
 
 def _checkpoints(path: str) -> List[str]:
@@ -85,22 +87,12 @@ def _print(info: dict) -> None:
 
 def export(path: str, out: str) -> int:
     """Write the consolidated model weights of ``path`` to ``out`` (safetensors)."""
-    from safetensors.torch import save_file
-
-    errors = layout.verify(path)
-    if errors:
-        print(f"{path} does not verify, refusing to export it: " + "; ".join(errors[:5]), file=sys.stderr)
+    try:
+        info = export_run(path, out)
+    except CheckpointError as exc:
+        print(str(exc), file=sys.stderr)
         return 1
-    weights = storage.load_full_model(os.path.join(path, layout.DCP_DIR))
-    with open(os.path.join(path, layout.META), encoding="utf-8") as f:
-        meta = json.load(f)
-    # safetensors refuses shared storage (tied weights): every tensor gets its own copy.
-    tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(tensors, out, metadata={"step": str(meta["step"]), "model": json.dumps(meta["config"]["model"]),
-                                      "dataset": str(meta["config"]["data"]["name"]), "source": os.path.abspath(path)})
-    print(f"wrote {len(tensors)} tensors ({sum(t.numel() for t in tensors.values())} parameters) of step "
-          f"{meta['step']} to {out}")
+    print(f"wrote {info['tensors']} tensors ({info['parameters']} parameters) of step {info['step']} to {out}")
     return 0
 
 
@@ -119,11 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"no checkpoint at {args.path}", file=sys.stderr)
         return 2
     if args.cmd == "export":
-        if len(found) != 1 and layout.parse_step(args.path) is None:
-            base = os.path.dirname(found[-1])
-            latest = layout.read_latest(base)
-            found = [os.path.join(base, latest)] if latest else found[-1:]
-        return export(found[-1], args.out)
+        return export(args.path, args.out)
     infos = [describe(path) for path in found]
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))

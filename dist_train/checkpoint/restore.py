@@ -8,8 +8,9 @@ with a clear error. Rank 0 reads the directory and the manifest and broadcasts, 
 decide alike.
 
 Loading is refused, with the mismatch named, when the checkpoint belongs to another model or
-dataset, when its data position does not fit this run's global batch, or when it would be a
-partial load the user did not ask for (an engine's optimizer state into another strategy).
+dataset, when its data position does not fit this run's global batch, or when the strategy says it
+cannot load it (``Strategy.check_checkpoint``: another model's shapes, another format's optimizer
+state). What to load and how is the strategy's business (``Strategy.load_checkpoint``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from dist_train.checkpoint import layout, portable, storage
+from dist_train.checkpoint import layout
+from dist_train.checkpoint.files import CheckpointFiles
 from dist_train.env.seed import seed_everything, set_rng_state
 
 log = logging.getLogger("dist_train.checkpoint")
@@ -184,10 +186,6 @@ class Restorer:
                     f"checkpoint {name} was written for {key}={stored.get(key)!r} but this run has {key}="
                     f"{current.get(key)!r}; resume it with the same model and dataset, or start fresh "
                     f"(checkpoint.resume=never or another run.dir)")
-        shapes = storage.tensor_shapes(os.path.join(path, layout.DCP_DIR))
-        problem = storage.param_shape_mismatches(shapes, portable.model_shapes(self.m.strategy))
-        if problem:
-            raise CheckpointRefused(f"checkpoint {name} does not fit this model: {problem}")
         position, gbs = meta["train_state"]["position"], self.m.micro_global_batch
         if position % gbs:
             raise CheckpointRefused(
@@ -198,48 +196,13 @@ class Restorer:
         if gbs * self.m.grad_accum_steps != meta["micro_global_batch"] * meta["grad_accum_steps"] and self.m.rank0:
             log.warning("checkpoint %s was trained with %d samples per optimizer step, this run uses %d",
                         name, meta["micro_global_batch"] * meta["grad_accum_steps"], gbs * self.m.grad_accum_steps)
-        cross = (meta["kind"] == "native") != self.m.native or (self.m.native and meta["strategy"] != self.m.strategy.name)
-        if cross and self.m.cfg.load_optimizer:
-            raise CheckpointRefused(
-                f"checkpoint {name} was written by {meta['strategy']} ({meta['kind']} format) and this run uses "
-                f"{self.m.strategy.name}: model weights, step, data position, LR schedule and RNG carry over, "
-                f"but the optimizer state does not (DeepSpeed keeps it in its own partitioned format). Resume "
-                f"with strategy.name={meta['strategy']}, or set checkpoint.load_optimizer=false to continue "
-                f"with a fresh optimizer state")
-        if not cross and self.m.native and self.m.cfg.load_optimizer and meta["world_size"] != self.m.world:
-            raise CheckpointRefused(
-                f"checkpoint {name} holds {meta['strategy']} optimizer partitions for world size {meta['world_size']}, "
-                f"and {meta['strategy']} cannot re-partition them for world size {self.m.world}. Resume at world size "
-                f"{meta['world_size']}, or set checkpoint.load_optimizer=false to continue from its full model "
-                f"weights with a fresh optimizer state")
+        problem = self.m.strategy.check_checkpoint(CheckpointFiles(path), meta, self.m.cfg.load_optimizer)
+        if problem:
+            raise CheckpointRefused(f"checkpoint {name} cannot be loaded: {problem}")
 
     def load(self, path: str, meta: Dict[str, Any], state) -> None:
-        strategy, g = self.m.strategy, self.m.group
-        dcp_dir = os.path.join(path, layout.DCP_DIR)
-        full = self.m.cfg.load_optimizer
-        if full and self.m.native:
-            with portable.safe_engine_loads(strategy):  # also restores the engine's LR scheduler
-                strategy.load_native(os.path.join(path, layout.NATIVE_DIR))
-        elif full:
-            sd = strategy.state_dict()
-            storage.load(sd, dcp_dir, g.pg)
-            strategy.load_state_dict(sd)
-        elif self.m.native:
-            portable.set_engine_weights(strategy, storage.load_full_model(dcp_dir))
-        else:
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-            sd = {"model": get_model_state_dict(strategy.model)}
-            storage.load(sd, dcp_dir, g.pg)
-            set_model_state_dict(strategy.model, sd["model"])
-        if not (full and self.m.native):
-            strategy.scheduler.load_state_dict(meta["scheduler"])
-        if not full:  # a fresh optimizer: give it the schedule's current learning rate
-            for group, lr in zip(strategy.optimizer.param_groups, strategy.scheduler.get_last_lr()):
-                group["lr"] = lr
-        scaler = strategy.precision.scaler
-        if scaler is not None and meta.get("scaler") and not self.m.native:
-            scaler.load_state_dict(meta["scaler"])
+        files = CheckpointFiles(path, self.m.group.pg)
+        self.m.strategy.load_checkpoint(files, meta, self.m.cfg.load_optimizer)
         state.load_state_dict(meta["train_state"])
         state.resumed_from_step = meta["step"]
         self.restore_rng(path, meta)

@@ -2,18 +2,19 @@
 
 Every field carries a one-line doc (``metadata["help"]``) that ``--help`` prints. The built-in
 defaults are a complete, runnable job. Checks that concern a single section live in that section's
-``__post_init__``; checks across sections live in :func:`validate` (see ``load.py``), so both run
-before any process group starts. This module imports nothing from the rest of the package.
+``__post_init__``; checks that need the registries or the machine (a registered strategy, model
+or dataset name; a strategy's own limits) live in ``dist_train/preflight.py``. Both run before any
+process group starts. This module imports nothing from the rest of the package.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
-STRATEGIES = ("auto", "single", "ddp", "fsdp", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "linear")
+FAULTS = ("after_shards", "slow_write", "step_sleep")
 
 
 class ConfigError(ValueError):
@@ -79,7 +80,8 @@ class DeepSpeedConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = doc("auto", "auto (ddp when world size > 1, else single), single, ddp, fsdp, deepspeed")
+    name: str = doc("auto", "auto (ddp when world size > 1, else single), or a registered strategy: single, ddp, "
+                    "fsdp, deepspeed, or one added with dist_train.strategy.register_strategy")
     zero_stage: int = doc(2, "DeepSpeed ZeRO stage: 1, 2 or 3")
     find_unused_parameters: bool = doc(False, "DDP: tolerate parameters that get no gradient")
     bucket_cap_mb: int = doc(25, "DDP: gradient all-reduce bucket size in MiB")
@@ -87,13 +89,9 @@ class StrategyConfig:
     deepspeed: DeepSpeedConfig = doc(help="DeepSpeed options", factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
-        _one_of(self.name, STRATEGIES, "strategy.name")
+        _require(bool(self.name), "strategy.name", "must be auto or a registered strategy name")
         _require(self.zero_stage in (1, 2, 3), "strategy.zero_stage", f"must be 1, 2 or 3; got {self.zero_stage}")
         _require(self.bucket_cap_mb > 0, "strategy.bucket_cap_mb", "must be > 0")
-        if self.name == "deepspeed":
-            _require(not self.deepspeed.offload_param or self.zero_stage == 3, "strategy.deepspeed.offload_param",
-                     f"parameter offload needs ZeRO stage 3 (only stage 3 partitions parameters); "
-                     f"strategy.zero_stage is {self.zero_stage}")
 
 
 @dataclass
@@ -231,6 +229,19 @@ class LoggingConfig:
 
 
 @dataclass
+class DebugConfig:
+    faults: str = doc("", "fault injection for tests of recovery paths, comma-separated: after_shards[@STEP] (exit "
+                      "before a checkpoint commit), slow_write=SECONDS, step_sleep=SECONDS; '' in production")
+    record_sample_ids: bool = doc(False, "each rank appends the dataset indices of every micro-batch to "
+                                  "<run.dir>/sample_ids.rank<r>.jsonl (proves a resume neither replays nor skips)")
+
+    def __post_init__(self) -> None:
+        for item in filter(None, (x.strip() for x in self.faults.split(","))):
+            name = item.partition("=")[0].partition("@")[0]
+            _one_of(name, FAULTS, "debug.faults")
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = doc(help="run identity", factory=RunConfig)
     strategy: StrategyConfig = doc(help="parallelism", factory=StrategyConfig)
@@ -240,3 +251,4 @@ class JobConfig:
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
     checkpoint: CheckpointConfig = doc(help="checkpointing", factory=CheckpointConfig)
     logging: LoggingConfig = doc(help="logging", factory=LoggingConfig)
+    debug: DebugConfig = doc(help="test and debugging aids (off by default)", factory=DebugConfig)

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
+from dist_train.logging.jsonl import trim_jsonl
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,7 @@ class MetricLogger:
 
     def __init__(self, path: str, sinks: Optional[List[Any]] = None):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path = path
         self._file = open(path, "a", encoding="utf-8")
         self.sinks: List[Any] = list(sinks or [])
 
@@ -47,8 +50,17 @@ class MetricLogger:
     def add_sink(self, sink: Any) -> None:
         self.sinks.append(sink)
 
-    def start(self, params: Dict[str, Any], tags: Dict[str, Any], resume_run_id: Optional[str] = None) -> None:
-        """Open the tracking run (after the checkpoint is restored, so a resumed job continues its run)."""
+    def start(self, params: Dict[str, Any], tags: Dict[str, Any], resume_run_id: Optional[str] = None,
+              resume_step: int = 0) -> None:
+        """Open the tracking run (after the checkpoint is restored, so a resumed job continues its run).
+
+        The run dir holds one timeline: records that a killed or abandoned process wrote past the
+        step this run resumes from (0 for a fresh start) are dropped before they are logged anew.
+        """
+        dropped = trim_jsonl(self.path, resume_step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d record(s) past step %d (the resumed timeline logs them anew)",
+                     dropped, resume_step)
         self._each("start", params, tags, resume_run_id)
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
@@ -91,7 +103,8 @@ class NullMetricLogger:
     def add_sink(self, sink: Any) -> None:
         pass
 
-    def start(self, params: Dict[str, Any], tags: Dict[str, Any], resume_run_id: Optional[str] = None) -> None:
+    def start(self, params: Dict[str, Any], tags: Dict[str, Any], resume_run_id: Optional[str] = None,
+              resume_step: int = 0) -> None:
         pass
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from dist_train.config.load import flatten, to_dict
+from dist_train.env import collectives
 from dist_train.env.cluster import ClusterEnv, hostname
 
 log = logging.getLogger("dist_train.mlflow")
@@ -54,13 +55,7 @@ def artifact_location(cfg, run_dir: str) -> Optional[str]:
 
 def gather_hostnames() -> List[str]:
     """Every rank's host name, in rank order. Collective: every rank must call it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        names: List[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(names, hostname())
-        return [str(n) for n in names]
-    return [hostname()]
+    return [str(n) for n in collectives.all_gather_object(hostname())]
 
 
 def _git_commit() -> Optional[str]:
@@ -117,23 +112,6 @@ def describe_run(job, cluster: ClusterEnv, strategy_name: str) -> Tuple[Dict[str
         "slurm_job_id": os.environ.get("SLURM_JOB_ID") or (cluster.job_id if cluster.source == "slurm" else None),
     }
     return params, {k: v for k, v in tags.items() if v is not None}
-
-
-def export_final_weights(run_dir: str) -> Optional[str]:
-    """The newest checkpoint's consolidated weights as ``<run_dir>/model/model.safetensors``,
-    through ``python -m dist_train.checkpoint export`` (any strategy, no collective: it reads the
-    committed checkpoint). Returns the file, or None (with a warning) when there is none."""
-    from dist_train.checkpoint.__main__ import main as checkpoint_tool
-
-    out = os.path.join(os.path.abspath(run_dir), "model", "model.safetensors")
-    try:
-        code = checkpoint_tool(["export", os.path.abspath(run_dir), out])
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    if code != 0:
-        log.warning("logging.mlflow.log_model: could not export the final weights (exit %s); not logged", code)
-        return None
-    return out
 
 
 # --- the sink --------------------------------------------------------------------------------
@@ -204,15 +182,10 @@ class MLflowSink:
         self._artifacts.append([os.path.abspath(path), artifact_path])
 
     def close(self, status: str = "completed") -> None:
-        """Flush (bounded by flush_timeout_s), log the artifacts, set the run's final status.
-        With ``log_model``, a completed run first exports the final checkpoint's weights."""
+        """Flush (bounded by flush_timeout_s), log the artifacts, set the run's final status."""
         if self._closing:
             return
         self._closing = True
-        if self.cfg.log_model and status == "completed" and self._started:
-            path = export_final_weights(self.run_dir)
-            if path:
-                self.add_artifact(path, "model")
         self._queue.append({"t": "close", "status": status, "artifacts": self._artifacts})
         self._wake.set()
         limit = self.cfg.flush_timeout_s + CLOSE_GRACE_S

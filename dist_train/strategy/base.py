@@ -1,23 +1,28 @@
 """The one small interface every parallel strategy implements.
 
-The training loop talks only to this interface, so it never asks which strategy it runs:
+The training loop calls four methods and never asks which strategy it runs:
 
-    strategy.setup(model, make_optimizer, make_scheduler)
-    for each micro-batch:
-        with strategy.accumulate(sync=is_last_micro_step), strategy.autocast():
-            loss = loss_fn(strategy.model(x), y)
-        strategy.backward(loss / accum)      # DeepSpeed's engine owns backward, so it goes through here
-    result = strategy.step(max_norm)         # unscale, clip, optimizer + scheduler step, zero grad
+    with strategy.accumulate(sync=is_last_micro_step), strategy.autocast():
+        loss = task(strategy.model, batch)
+        strategy.backward(loss / accum)       # DeepSpeed's engine owns backward, so it goes through here
+    result = strategy.step(max_norm, apply)   # unscale, clip, optimizer + scheduler step, zero grad
 
-Checkpointing reaches model and optimizer state through ``strategy.model``/``strategy.optimizer``
-(or the strategy's own ``state_dict`` hooks where an engine owns them).
+The checkpoint layer calls three, and never asks either: a strategy owns how its state is saved
+and loaded (``save_checkpoint`` / ``check_checkpoint`` / ``load_checkpoint``). It is handed a
+``files`` object by the checkpoint layer (see ``dist_train.checkpoint.files.CheckpointFiles``):
+``files.write_state(sd)`` / ``files.read_state(sd)`` write and read a torch.distributed.checkpoint
+(DCP) state dict, ``files.read_model()`` gives full model weights, ``files.stored_shapes()`` their
+shapes, ``files.native_dir`` is a folder for an engine's own files and ``files.stage(sd)`` copies a
+state dict to host memory for a background write.
+
+Preflight calls ``check_config`` (a classmethod) before any process group starts.
 """
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,6 +31,7 @@ from dist_train.env.cluster import ClusterEnv
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+Writer = Callable[[], None]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,10 +47,11 @@ class StepPlan:
 
 @dataclass
 class StepResult:
-    """What one optimizer step reports: the pre-clip global gradient norm, and whether the
-    step was skipped (fp16 overflow), with the loss scale in force."""
+    """What one optimizer step reports. ``grad_norm`` (the pre-clip global norm) stays a tensor
+    (reading it would synchronise the host with the device every step): read it at logging steps.
+    ``skipped``: the update was not applied (fp16 overflow, or vetoed by the loop)."""
 
-    grad_norm: float
+    grad_norm: Any
     skipped: bool = False
     loss_scale: Optional[float] = None
 
@@ -70,22 +77,32 @@ class Precision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> StepResult:
-        """Step (or skip on inf/nan under fp16); grad_norm is filled in by the caller."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> Tuple[bool, Optional[float]]:
+        """Step (or skip on inf/nan under fp16); returns (skipped, loss scale)."""
         if self.scaler is None:
             optimizer.step()
-            return StepResult(grad_norm=0.0)
+            return False, None
         scale_before = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return StepResult(grad_norm=0.0, skipped=self.scaler.get_scale() < scale_before,
-                          loss_scale=self.scaler.get_scale())
+        return self.scaler.get_scale() < scale_before, self.scaler.get_scale()
+
+    def state_dict(self) -> Optional[dict]:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
 
 class Strategy(ABC):
-    """Wraps model and optimizer; owns backward, the optimizer step and gradient sync."""
+    """Wraps model and optimizer; owns backward, the optimizer step, gradient sync and its state."""
 
     name: str = "base"
+    #: Runs on a process group even with one process (then a 1-rank group).
+    needs_process_group: bool = True
+    #: Its state can be copied to host memory and written by a background thread.
+    async_checkpoint: bool = True
 
     def __init__(self, cfg, cluster: ClusterEnv, device: torch.device, precision: str,
                  plan: Optional[StepPlan] = None):
@@ -98,6 +115,15 @@ class Strategy(ABC):
         self.optimizer: torch.optim.Optimizer
         self.scheduler: torch.optim.lr_scheduler.LRScheduler
 
+    # --- before anything starts ----------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, cfg, plan: StepPlan, precision: str, world_size: int) -> None:
+        """Raise ``ConfigError(key, reason)`` for settings this strategy cannot run (``cfg`` is the
+        ``strategy`` section). Called by preflight, before any process group starts."""
+
+    # --- building ------------------------------------------------------------------------------
+
     def init_context(self) -> ContextManager:
         """Context the model is built in. FSDP with ``strategy.fsdp.meta_init`` builds on the meta
         device and materialises only the local shards in ``setup``; the others build normally."""
@@ -106,6 +132,8 @@ class Strategy(ABC):
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory) -> None:
         """Move/shard/wrap ``model`` and build optimizer and scheduler over the result."""
+
+    # --- the loop ------------------------------------------------------------------------------
 
     def autocast(self) -> ContextManager:
         return self.precision.autocast()
@@ -117,53 +145,90 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         self.precision.scale(loss).backward()
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+    def step(self, max_norm: float, apply: bool = True) -> StepResult:
+        """Clip to ``max_norm`` (0: only measure), step optimizer and schedule, zero the gradients.
+        ``apply=False`` (a veto the ranks agreed on) drops this step's gradients instead of
+        applying them; the schedule still advances, so the LR stays a function of the step."""
+        self.precision.unscale(self.optimizer)
+        norm = self._clip_grad_norm(max_norm)
+        skipped, scale = (True, None)
+        if apply:
+            skipped, scale = self.precision.optimizer_step(self.optimizer)
+        elif self.precision.scaler is not None:
+            self.precision.scaler.update()  # unscale_ was called: the scaler expects an update
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(grad_norm=norm.detach(), skipped=skipped, loss_scale=scale)
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip to ``max_norm`` (0: only measure) and return the global pre-clip norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         limit = max_norm if max_norm > 0 else float("inf")
         return torch.nn.utils.clip_grad_norm_(params, limit)
 
-    def step(self, max_norm: float) -> StepResult:
-        self.precision.unscale(self.optimizer)
-        norm = self.clip_grad_norm(max_norm)
-        result = self.precision.optimizer_step(self.optimizer)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        result.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        return result
+    @property
+    def lr(self) -> float:
+        """The learning rate in force (of the first parameter group)."""
+        return self.scheduler.get_last_lr()[0]
 
     @property
     def unwrapped_model(self) -> nn.Module:
         """The user's module without wrappers (for evaluation helpers and export)."""
         return self.model
 
-    # --- checkpoint hooks, called on every rank by dist_train.checkpoint ---------------------
+    # --- checkpoints: DCP for the torch-native strategies ----------------------------------------
+    #: Written into meta.json as "kind": checkpoints of the same kind share their optimizer format.
+    checkpoint_kind: str = "dcp"
 
-    #: True when an engine writes its own checkpoint files (DeepSpeed): then the checkpoint
-    #: manager calls save_native/load_native instead of saving state_dict() with DCP.
-    native_checkpoint: bool = False
+    def save_checkpoint(self, files, stage: bool) -> Tuple[Dict[str, Any], Writer]:
+        """Collective. Capture this rank's state now; return (small state for meta.json, a function
+        that writes the rest into ``files``, perhaps later on another thread). ``stage``: copy the
+        tensors to host memory first, so that training may change them during the write."""
+        from dist_train.strategy import dcp_state
 
-    def state_dict(self) -> dict:
-        """Model and optimizer state in the form torch.distributed.checkpoint saves.
+        state = dcp_state.full_state(self.model, self.optimizer)
+        if stage:
+            state = files.stage(state)
+        return self._small_state(), lambda: files.write_state(state)
 
-        ``get_state_dict`` strips wrapper prefixes (DDP's ``module.``) and keeps FSDP's sharded
-        DTensors, so one checkpoint loads under single, DDP and FSDP at any world size.
-        """
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    def check_checkpoint(self, files, meta: Dict[str, Any], load_optimizer: bool) -> Optional[str]:
+        """Why this strategy cannot load the checkpoint described by ``meta`` (None: it can)."""
+        from dist_train.strategy import dcp_state
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        problem = dcp_state.shape_mismatches(files.stored_shapes(), self.model_shapes())
+        if problem:
+            return f"it does not fit this model: {problem}"
+        if meta.get("kind", "dcp") != self.checkpoint_kind and load_optimizer:
+            return dcp_state.foreign_optimizer_reason(meta, self.name)
+        return None
 
-    def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+    def load_checkpoint(self, files, meta: Dict[str, Any], load_optimizer: bool) -> None:
+        """Collective: weights (and, when ``load_optimizer``, the optimizer) from ``files``, and
+        the small state from ``meta``."""
+        from dist_train.strategy import dcp_state
 
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if load_optimizer:
+            dcp_state.load_full_state(files, self.model, self.optimizer)
+        else:
+            dcp_state.load_model_state(files, self.model)
+        self._load_small_state(meta, fresh_optimizer=not load_optimizer)
 
-    def save_native(self, path: str) -> None:
-        raise NotImplementedError(f"strategy {self.name} has no native checkpoint format")
+    def model_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """``{name: global shape}`` of the model's state, as a checkpoint stores it."""
+        from dist_train.strategy import dcp_state
 
-    def load_native(self, path: str) -> None:
-        raise NotImplementedError(f"strategy {self.name} has no native checkpoint format")
+        return dcp_state.model_shapes(self.model)
+
+    def _small_state(self) -> Dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict()}
+
+    def _load_small_state(self, meta: Dict[str, Any], fresh_optimizer: bool) -> None:
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if meta.get("kind", "dcp") == self.checkpoint_kind:
+            self.precision.load_state_dict(meta.get("scaler"))
+        if fresh_optimizer:  # give the new optimizer the schedule's current learning rate
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
 
     def teardown(self) -> None:
         """Release strategy resources; called on every rank before the process group ends."""

@@ -21,7 +21,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
-from dist_train.strategy.base import DTYPES, OptimizerFactory, SchedulerFactory, Strategy
+from dist_train.config.schema import ConfigError
+from dist_train.strategy.base import DTYPES, OptimizerFactory, SchedulerFactory, StepPlan, Strategy
 
 # In-place random fills (what torch.nn.init and reset_parameters() use). Their values depend on
 # the element's position in the FULL tensor, so a shard cannot draw its own part: see _FullInit.
@@ -73,6 +74,17 @@ class _FullInit(TorchFunctionMode):
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+
+    @classmethod
+    def check_config(cls, cfg, plan: StepPlan, precision: str, world_size: int) -> None:
+        fsdp = cfg.fsdp
+        if fsdp.cpu_offload and not torch.cuda.is_available():
+            raise ConfigError("strategy.fsdp.cpu_offload", "CPU offload moves sharded state out of GPU memory, and "
+                              "this machine has no GPU: the parameters already live in host memory; set it to false")
+        allowed = ("fp32",) if precision == "fp32" else ("fp32", precision)
+        if fsdp.reduce_dtype not in allowed:
+            raise ConfigError("strategy.fsdp.reduce_dtype", f"{fsdp.reduce_dtype} under train.precision={precision}: "
+                              f"gradients are reduced in fp32 or in the compute dtype ({' or '.join(allowed)})")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -141,7 +153,7 @@ class FSDPStrategy(Strategy):
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Norm over every rank's shards (as torchtitan does): the DTensor norm is made whole
         with ``full_tensor()`` before the coefficient is computed, so every rank scales by the
         same global factor."""

@@ -6,21 +6,36 @@ would leave the others waiting forever.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
-from dist_train.env.process_group import all_reduce_sum
+from dist_train.env import collectives
 from dist_train.train.tasks import eval_metrics, eval_sums
 
 
-def _max_over_ranks(value: int, device: torch.device) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+class Evaluator:
+    """Owns the evaluation cadence: ``eval.every_steps`` during training, and once at the end."""
+
+    def __init__(self, strategy, loader, task: str, cfg, report):
+        self.strategy, self.loader, self.task, self.cfg = strategy, loader, task, cfg
+        self.report = report  # report(step, results, final)
+        self.last: Dict[str, Any] = {}
+        self.last_step = -1
+
+    def maybe_run(self, step: int) -> None:
+        """After every optimizer step, on every rank."""
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            self._run(step, final=False)
+
+    def final(self, step: int) -> None:
+        """At the end of training (unless this step was just evaluated)."""
+        if self.last_step != step:
+            self._run(step, final=True)
+
+    def _run(self, step: int, final: bool) -> None:
+        self.last, self.last_step = evaluate(self.strategy, self.loader, self.task, self.cfg.max_batches), step
+        self.report(step, self.last, final)
 
 
 @torch.no_grad()
@@ -31,7 +46,7 @@ def evaluate(strategy, loader, task: str, max_batches: int = 0) -> dict:
     model.eval()
     device = strategy.device
     local = len(loader) if max_batches <= 0 else min(len(loader), max_batches)
-    rounds = _max_over_ranks(local, device)
+    rounds = collectives.max_int(local, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     it: Iterator = iter(loader)
     first: Optional[tuple] = None
@@ -49,6 +64,6 @@ def evaluate(strategy, loader, task: str, max_batches: int = 0) -> dict:
             logits = model(x)
         sums += eval_sums(logits, y) * weight
     del it
-    all_reduce_sum(sums)
+    collectives.all_reduce(sums)
     model.train(was_training)
     return eval_metrics(task, sums)

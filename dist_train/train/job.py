@@ -1,12 +1,11 @@
 """One training job from a validated config: the one-way flow
 
-    config -> process group -> strategy -> data -> loop -> checkpoint, logging
+    config -> process group -> parts (strategy, data) -> loop -> checkpoint, logging
 
 and the run directory of the contract (config.yaml, metrics.jsonl, summary.json).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -15,35 +14,26 @@ from typing import Any, Dict
 
 import torch
 
-from dist_train.checkpoint import EXIT_PREEMPTED, CheckpointManager, CheckpointRefused
-from dist_train.checkpoint.preemption import shield_workers
+from dist_train.checkpoint import CheckpointManager, CheckpointRefused, export_run
+from dist_train.checkpoint.layout import write_json_atomic
 from dist_train.config import to_dict, to_yaml
-from dist_train.data import build_datasets
-from dist_train.data.loader import build_eval_loader, build_train_loader
 from dist_train.env.cluster import ClusterEnv
+from dist_train.env.faults import Faults
+from dist_train.env.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from dist_train.env.process_group import process_group
-from dist_train.env.seed import seed_everything
 from dist_train.logging.console import setup_console
 from dist_train.logging.metrics import build_metric_logger
 from dist_train.logging.mlflow import describe_run
 from dist_train.logging.progress import Progress
-from dist_train.models import build_model
-from dist_train.strategy import NEEDS_GROUP, StepPlan, build_strategy, resolve_name
-from dist_train.train.loop import Hooks, micro_batches, record_sample_ids, train
-from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+from dist_train.logging.sample_ids import record_sample_ids
+from dist_train.strategy import resolve_name, strategy_class
+from dist_train.train.build import JobParts, build_parts
+from dist_train.train.evaluate import Evaluator
+from dist_train.train.loop import micro_batches, train
+from dist_train.train.reporting import Reporter
 from dist_train.train.state import TrainState
 
 log = logging.getLogger("dist_train")
-
-
-def write_json_atomic(path: str, payload: Dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def set_cpu_threads(cluster: ClusterEnv) -> None:
@@ -64,73 +54,24 @@ def run_job(job, cluster: ClusterEnv) -> int:
     """Train ``job`` on this process's share of the cluster; return the process exit code."""
     setup_console(cluster, job.logging.level)
     t_start = time.perf_counter()
-    run_dir = job.run.dir
-    strategy_name = resolve_name(job.strategy.name, cluster.world_size)
-    summary: Dict[str, Any] = {
-        "status": "failed", "strategy": strategy_name, "world_size": cluster.world_size,
-        "num_nodes": cluster.num_nodes, "precision": job.train.precision, "model": job.model.name,
-        "dataset": job.data.name, "steps": 0, "samples_seen": 0, "train_loss": None, "eval_loss": None,
-        "eval_accuracy": None, "samples_per_s": None, "wall_s": None, "resumed_from_step": None,
-        "mlflow_run_id": None,
-    }
+    name = resolve_name(job.strategy.name, cluster.world_size)
+    summary = _new_summary(job, cluster, name)
     if cluster.is_rank0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        os.makedirs(job.run.dir, exist_ok=True)
+        with open(os.path.join(job.run.dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(to_yaml(job))
     set_cpu_threads(cluster)
-    metrics = build_metric_logger(run_dir, cluster.is_rank0, job.logging.mlflow)
-    state = TrainState()
-    code = 1
+    metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow)
+    state, code = TrainState(), 1
     try:
-        with process_group(cluster, always=strategy_name in NEEDS_GROUP) as device:
+        with process_group(cluster, always=strategy_class(name).needs_process_group) as device:
             log.info("run %s: %s on %d process(es), device %s, precision %s, run dir %s",
-                     job.run.name, strategy_name, cluster.world_size, device.type, job.train.precision, run_dir)
-            seed_everything(job.run.seed)
-            train_ds, eval_ds, info = build_datasets(job.data)
-            plan = StepPlan(job.data.batch_size, job.train.grad_accum_steps, job.train.grad_clip)
-            strategy = build_strategy(job.strategy, cluster, device, job.train.precision, plan)
-            with strategy.init_context():  # FSDP meta_init: the meta device, shards materialised in setup
-                model = build_model(job.model, info)
-            strategy.setup(model, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
-            loader, sampler = build_train_loader(train_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,
-                                                 seed=job.run.seed, device=device)
-            eval_loader = build_eval_loader(eval_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,
-                                            device=device)
-            shield_workers(loader)  # SIGTERM/SIGUSR1 reach workers too: only the training process acts on them
-            shield_workers(eval_loader)
-            manager = CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job),
-                                        micro_global_batch=sampler.global_batch_size,
-                                        grad_accum_steps=job.train.grad_accum_steps, seed=job.run.seed,
-                                        run_id=lambda: getattr(metrics, "run_id", None))
-            progress = None
+                     job.run.name, name, cluster.world_size, device.type, job.train.precision, job.run.dir)
+            parts = build_parts(job, cluster, device)
             try:
-                # Collective: the newest verified checkpoint (or the one asked for), restored before
-                # anything is logged, so metrics.jsonl and MLflow continue the resumed timeline.
-                manager.resume(state)
-                params, tags = describe_run(job, cluster, strategy_name)  # collective: gathers host names
-                metrics.start(params, tags, resume_run_id=manager.resumed_run_id)
-                progress = Progress(job.train.max_steps, state.step, job.logging.progress_bar,
-                                    job.logging.every_steps, enabled=cluster.is_rank0)
-                global_batch = sampler.global_batch_size * job.train.grad_accum_steps
-                data = micro_batches(loader, sampler, state)
-                if os.environ.get("DIST_TRAIN_RECORD_SAMPLE_IDS"):  # opt-in, for tests: ids each rank trained on
-                    data = record_sample_ids(data, state, os.path.join(run_dir, f"sample_ids.rank{cluster.rank}.jsonl"))
-                hooks = Hooks(after_step=[manager.maybe_save], stop_requested=manager.stop_requested)
-                results = train(strategy, data, eval_loader, state,
-                                train_cfg=job.train, eval_cfg=job.eval, log_every=job.logging.every_steps,
-                                task=info.task, metrics=metrics, progress=progress, hooks=hooks,
-                                global_batch=global_batch, tokens_per_sample=info.seq_len or 0)
-                manager.finalize(state)  # the end-of-run (or preemption) checkpoint; every async save committed
-                summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
+                preempted = _train(job, cluster, parts, state, metrics, summary)
             finally:
-                manager.close()
-                if progress is not None:
-                    progress.close()
-                strategy.teardown()
-            summary.update(results)
-            # Preempted: checkpointed at the step it stopped; a distinct exit code tells the
-            # scheduler to requeue, and the requeued job resumes from that checkpoint.
-            preempted = manager.preempted and state.step < job.train.max_steps
+                parts.close()
             summary["status"], code = ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)
     except CheckpointRefused as exc:  # the same verdict on every rank: a usage error, no traceback
         code = 2
@@ -143,25 +84,81 @@ def run_job(job, cluster: ClusterEnv) -> int:
     finally:
         summary.update(steps=state.step, samples_seen=state.samples_seen, resumed_from_step=state.resumed_from_step,
                        wall_s=round(time.perf_counter() - t_start, 3), mlflow_run_id=metrics.run_id, exit_code=code)
-        if cluster.is_rank0 or code not in (0, EXIT_PREEMPTED):
-            _write_summary(run_dir, summary, cluster)
-        metrics.close(summary["status"])  # after the summary: it is logged to MLflow as an artifact
+        _finish(job, cluster, summary, metrics)
+    return code
+
+
+def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics, summary: Dict[str, Any]) -> bool:
+    """Resume, run the loop, save the final checkpoint; True when the run was preempted."""
+    faults = Faults(job.debug.faults)
+    strategy = parts.strategy
+    manager = CheckpointManager(job.checkpoint, job.run.dir, strategy, config=to_dict(job),
+                                micro_global_batch=parts.sampler.global_batch_size,
+                                grad_accum_steps=job.train.grad_accum_steps, seed=job.run.seed,
+                                run_id=lambda: metrics.run_id, faults=faults)
+    preemption = PreemptionWatcher(strategy.device)
+    progress = None
+    try:
+        # Collective: the newest verified checkpoint (or the one asked for), restored before
+        # anything is logged, so metrics.jsonl and MLflow continue the resumed timeline.
+        manager.resume(state)
+        params, tags = describe_run(job, cluster, strategy.name)  # collective: gathers host names
+        metrics.start(params, tags, resume_run_id=manager.resumed_run_id, resume_step=state.step)
+        progress = Progress(job.train.max_steps, state.step, job.logging.progress_bar, job.logging.every_steps,
+                            enabled=cluster.is_rank0)
+        reporter = Reporter(strategy, metrics, progress, every=job.logging.every_steps, max_steps=job.train.max_steps,
+                            global_batch=parts.global_batch, tokens_per_sample=parts.info.seq_len or 0)
+        evaluator = Evaluator(strategy, parts.eval_loader, parts.info.task, job.eval, reporter.log_eval)
+        data = micro_batches(parts.loader, parts.sampler, state)
+        if job.debug.record_sample_ids:
+            data = record_sample_ids(data, state, os.path.join(job.run.dir, f"sample_ids.rank{cluster.rank}.jsonl"))
+        preempted = train(strategy, data, state, job.train, reporter=reporter, evaluator=evaluator,
+                          checkpointer=manager, preemption=preemption, faults=faults)
+        manager.finalize(state)  # the end-of-run (or preemption) checkpoint; every async save committed
+        summary.update(reporter.summary(), **evaluator.last)
+        summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
+        return preempted and state.step < job.train.max_steps
+    finally:
+        preemption.close()
+        manager.close()
+        if progress is not None:
+            progress.close()
+
+
+def _new_summary(job, cluster: ClusterEnv, strategy_name: str) -> Dict[str, Any]:
+    return {
+        "status": "failed", "strategy": strategy_name, "world_size": cluster.world_size,
+        "num_nodes": cluster.num_nodes, "precision": job.train.precision, "model": job.model.name,
+        "dataset": job.data.name, "steps": 0, "samples_seen": 0, "train_loss": None, "eval_loss": None,
+        "eval_accuracy": None, "samples_per_s": None, "wall_s": None, "resumed_from_step": None,
+        "mlflow_run_id": None,
+    }
+
+
+def _finish(job, cluster: ClusterEnv, summary: Dict[str, Any], metrics) -> None:
+    """summary.json, the exported weights for MLflow, the final log line; then close the logger."""
+    code = summary["exit_code"]
+    if cluster.is_rank0 or code not in (0, EXIT_PREEMPTED):
+        # A failing rank other than 0 writes its own summary next to rank 0's: rank 0 may be
+        # blocked in a collective and never learn why the job died.
+        os.makedirs(job.run.dir, exist_ok=True)
+        name = "summary.json" if cluster.is_rank0 else f"summary.rank{cluster.rank}.json"
+        write_json_atomic(os.path.join(job.run.dir, name), summary)
+    if code == 0 and cluster.is_rank0 and job.logging.mlflow.enabled and job.logging.mlflow.log_model:
+        out = os.path.join(os.path.abspath(job.run.dir), "model", "model.safetensors")
+        try:
+            export_run(job.run.dir, out)
+            metrics.add_artifact(out, "model")
+        except Exception as exc:  # noqa: BLE001  (the run itself succeeded)
+            log.warning("logging.mlflow.log_model: could not export the final weights: %s; not logged", exc)
+    metrics.close(summary["status"])  # after the summary: it is logged to MLflow as an artifact
     if code == 0:
         log.info("done: %d steps, train_loss %s, eval_loss %s, eval_accuracy %s, %.1f samples/s, %.1f s",
-                 state.step, _f(summary["train_loss"]), _f(summary["eval_loss"]), _f(summary["eval_accuracy"]),
+                 summary["steps"], _f(summary["train_loss"]), _f(summary["eval_loss"]), _f(summary["eval_accuracy"]),
                  summary["samples_per_s"] or 0.0, summary["wall_s"])
     elif code == EXIT_PREEMPTED:
-        log.warning("preempted at step %d: checkpoint saved; exit %d (requeue the job to resume)", state.step, code)
-    return code
+        log.warning("preempted at step %d: checkpoint saved; exit %d (requeue the job to resume)", summary["steps"], code)
 
 
 def _f(value) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _write_summary(run_dir: str, summary: Dict[str, Any], cluster: ClusterEnv) -> None:
-    """Rank 0 writes summary.json; a failing rank other than 0 writes its own next to it,
-    because rank 0 may be blocked in a collective and never learn why the job died."""
-    os.makedirs(run_dir, exist_ok=True)
-    name = "summary.json" if cluster.is_rank0 else f"summary.rank{cluster.rank}.json"
-    write_json_atomic(os.path.join(run_dir, name), summary)

@@ -1,20 +1,23 @@
 """One optimizer step: ``grad_accum_steps`` micro-batches, then clip and step."""
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
 from dist_train.strategy.base import StepResult
 from dist_train.train.tasks import loss_fn
 
+Veto = Callable[[torch.Tensor], bool]
 
-def train_step(strategy, data: Iterator[tuple], train_cfg) -> Tuple[torch.Tensor, StepResult]:
+
+def train_step(strategy, data: Iterator[tuple], train_cfg, veto: Optional[Veto] = None) -> Tuple[torch.Tensor, StepResult]:
     """Run the micro-steps of one optimizer step; return this rank's mean loss and the step result.
 
     Gradients are reduced only on the last micro-step (``accumulate(sync=False)`` before it), and
     each micro-loss is divided by the number of micro-steps so the accumulated gradient is the
-    gradient of the mean over the whole global batch.
+    gradient of the mean over the whole global batch. ``veto(mean loss)``, when given, is asked
+    before the update: True drops it (the caller makes every rank answer alike).
     """
     accum = train_cfg.grad_accum_steps
     total = torch.zeros((), dtype=torch.float32, device=strategy.device)
@@ -28,5 +31,6 @@ def train_step(strategy, data: Iterator[tuple], train_cfg) -> Tuple[torch.Tensor
             loss = loss_fn(logits, y)
             strategy.backward(loss / accum)
         total += loss.detach()
-    result = strategy.step(train_cfg.grad_clip)
-    return total / accum, result
+    mean = total / accum
+    apply = veto is None or not veto(mean)
+    return mean, strategy.step(train_cfg.grad_clip, apply)

@@ -15,7 +15,8 @@ import threading
 from typing import Callable, Dict, Optional
 
 import torch
-import torch.distributed as dist
+
+from dist_train.env.collectives import any_true
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,7 @@ class PreemptionWatcher:
 
     def requested(self) -> bool:
         """Collective on the default group: True on every rank if any rank got a signal."""
-        flag = 1.0 if self.signal_name else 0.0
-        if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([flag], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = float(t.item())
-        return flag > 0
+        return any_true(self.signal_name is not None, device=self.device)
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

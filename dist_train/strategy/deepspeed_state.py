@@ -1,11 +1,10 @@
-"""Model weights in a form every strategy can read: the bridge to engine-owned checkpoints.
+"""DeepSpeed's model weights in a form every strategy can read, and safe loading of its files.
 
 Torch-native strategies (single, DDP, FSDP) save model and optimizer through DCP, which any of
-them loads at any world size. An engine with its own checkpoint format (DeepSpeed) writes that
-format *and*, through this module, its full fp32 model weights into the same DCP layout
-(``model.<name>``). So weights cross in both directions; the engine's partitioned optimizer state
-does not (see ``CheckpointManager``: a cross-format resume needs ``checkpoint.load_optimizer=false``
-and says so).
+them loads at any world size. DeepSpeed writes its own format *and*, through this module, its full
+fp32 model weights into the same DCP layout (``model.<name>``). So weights cross in both
+directions; the engine's partitioned optimizer state does not (a cross-format resume needs
+``checkpoint.load_optimizer=false`` and says so: ``DeepSpeedStrategy.check_checkpoint``).
 """
 from __future__ import annotations
 
@@ -16,23 +15,17 @@ from typing import Dict, Iterator, Tuple
 import torch
 
 
-def model_shapes(strategy) -> Dict[str, Tuple[int, ...]]:
-    """``{name: global shape}`` of the model's state, as a checkpoint would store it."""
-    if strategy.native_checkpoint:
-        module = strategy.unwrapped_model
-        return {k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in module.state_dict(keep_vars=True).items()}
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return {k: tuple(v.shape) for k, v in get_model_state_dict(strategy.model).items()}
+def model_shapes(module: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
+    """``{name: global shape}`` of the engine's module (ZeRO-3 keeps the full shape in ``ds_shape``)."""
+    return {k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in module.state_dict(keep_vars=True).items()}
 
 
-def engine_full_weights(strategy) -> Dict[str, torch.Tensor]:
+def full_weights(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """Collective: the full fp32 weights of an engine's model (DeepSpeed ZeRO 1/2/3 keep the fp32
     master copy partitioned in the optimizer; ``safe_get_full_fp32_param`` assembles it), as CPU
     tensors. Buffers and parameters the engine does not manage are copied as they are."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    module = strategy.unwrapped_model
     out: Dict[str, torch.Tensor] = {}
     seen: Dict[int, torch.Tensor] = {}
     for name, value in module.state_dict(keep_vars=True).items():
@@ -46,13 +39,12 @@ def engine_full_weights(strategy) -> Dict[str, torch.Tensor]:
     return out
 
 
-def set_engine_weights(strategy, weights: Dict[str, torch.Tensor]) -> None:
+def set_full_weights(module: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> None:
     """Collective: overwrite an engine's model with full weights, in both its fp32 master copy and
     the module's (possibly partitioned, possibly low-precision) parameters."""
     from deepspeed import zero
     from deepspeed.utils import safe_set_full_fp32_param
 
-    module = strategy.unwrapped_model
     missing = sorted(set(module.state_dict(keep_vars=True)) - set(weights))
     if missing:
         raise KeyError(f"checkpoint lacks model tensors: {', '.join(missing[:5])}")
@@ -84,11 +76,10 @@ _ENGINE_SAFE_GLOBALS = (
 
 
 @contextlib.contextmanager
-def safe_engine_loads(strategy) -> Iterator[None]:
+def safe_engine_loads(engine) -> Iterator[None]:
     """While an engine loads its own checkpoint: its ``torch.load(weights_only=False)`` becomes
     ``weights_only=True`` with only the engine's few plain data classes allowed, so a crafted
     checkpoint cannot run code. (DeepSpeed reads every file through ``engine.checkpoint_engine``.)"""
-    engine = getattr(strategy, "model", None)
     ckpt_engine = getattr(engine, "checkpoint_engine", None)
     if ckpt_engine is None or not hasattr(ckpt_engine, "load"):
         yield

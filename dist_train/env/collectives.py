@@ -1,0 +1,80 @@
+"""Collectives that degrade to the identity without a process group.
+
+Every package that needs "run this collective, or return the value when there is no process
+group" uses these, so a single-process run and a unit test take the same code path as a 64-rank
+job. ``group=None`` is the default group.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    """True inside a process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if initialized() else 0
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if initialized() else 1
+
+
+def barrier(group=None) -> None:
+    if initialized():
+        dist.barrier(group=group)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """Reduce ``tensor`` in place over all ranks (``op``: sum, max, min) and return it."""
+    if initialized():
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                    "min": dist.ReduceOp.MIN}[op], group=group)
+    return tensor
+
+
+def max_int(value: int, device: torch.device, group=None) -> int:
+    """The largest ``value`` of any rank."""
+    return int(all_reduce(torch.tensor([value], device=device), "max", group).item())
+
+
+def all_true(flag: bool, group=None, device: Optional[torch.device] = None) -> bool:
+    """True on every rank when ``flag`` is true on every rank (one failed rank makes it False everywhere)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    return bool(all_reduce(t, "min", group).item())
+
+
+def any_true(flag: bool, group=None, device: Optional[torch.device] = None) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    return bool(all_reduce(t, "max", group).item())
+
+
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable objects)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def all_gather_object(obj: Any, group=None) -> List[Any]:
+    """Every rank's ``obj``, in rank order."""
+    if not initialized():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def new_gloo_group():
+    """A second group on gloo over the same ranks (None without a process group): for host-side
+    collectives that run off the training thread (checkpoint writes) and must never interleave
+    with the training collectives on the default group."""
+    return dist.new_group(backend="gloo") if initialized() else None

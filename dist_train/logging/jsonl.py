@@ -1,0 +1,32 @@
+"""JSON-lines files of the run directory (metrics.jsonl, sample_ids.rank<r>.jsonl)."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def trim_jsonl(path: str, max_step: int) -> int:
+    """Drop the records with ``"step" > max_step`` from a JSON-lines log, in place.
+
+    Logs are appended in step order and every resume trims them, so the records to drop are a
+    suffix: the file is truncated at the first one (one syscall; a writer holding the file open
+    in append mode keeps appending at the new end). Returns the number of lines dropped.
+    """
+    if not os.path.isfile(path):
+        return 0
+    offset, cut, dropped = 0, None, 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                drop = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > max_step
+            except ValueError:
+                drop = True  # a torn last line of a killed process
+            if cut is None and drop:
+                cut = offset
+            if cut is not None:
+                dropped += 1
+            offset += len(line)
+    if cut is not None:
+        os.truncate(path, cut)
+    return dropped

@@ -1,0 +1,114 @@
+"""What the loop reports: training metrics at the logging cadence, evaluation results, throughput.
+
+``Reporter.maybe_log`` is called after every optimizer step and decides for itself whether this
+step is logged (``logging.every_steps``, and the last step); the loss is averaged over ranks
+only then, and the gradient norm (a tensor) is read only then, so a step that is not logged never
+waits for the device.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from dist_train.env import collectives
+
+WARMUP_STEPS = 5  # steps of each process left out of samples_per_s
+
+
+class Throughput:
+    """Steady-state samples/s of all ranks together.
+
+    Counts only the time spent in optimizer steps (data wait included; evaluation and
+    checkpoint time left out) and leaves out each process's first ``warmup`` steps.
+    """
+
+    def __init__(self, warmup: int = WARMUP_STEPS):
+        self.warmup, self.steps = warmup, 0
+        self.busy_s, self.samples = 0.0, 0
+        self.window_s, self.window_samples = 0.0, 0
+
+    def tick(self, samples: int, seconds: float) -> None:
+        self.steps += 1
+        if self.steps > self.warmup:
+            self.busy_s += seconds
+            self.samples += samples
+        self.window_s += seconds
+        self.window_samples += samples
+
+    def window_rate(self) -> float:
+        """samples/s over the steps since the previous call (for periodic logs)."""
+        rate = self.window_samples / max(self.window_s, 1e-9)
+        self.window_s, self.window_samples = 0.0, 0
+        return rate
+
+    def steady_rate(self) -> Optional[float]:
+        return self.samples / self.busy_s if self.samples else None
+
+
+def memory_mib(device: torch.device) -> Dict[str, float]:
+    """Peak memory allocated by tensors on the GPU, or this process's resident set on the CPU."""
+    if device.type == "cuda":
+        return {"memory_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:  # Linux; elsewhere no memory metric
+            return {"memory_rss_mib": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+def _scalar(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        return float(value)
+    return float(value)
+
+
+class Reporter:
+    """Rank 0 logs, every rank takes part in the loss average (a collective at logging steps)."""
+
+    def __init__(self, strategy, metrics, progress, *, every: int, max_steps: int, global_batch: int,
+                 tokens_per_sample: int = 0):
+        self.strategy, self.metrics, self.progress = strategy, metrics, progress
+        self.every, self.max_steps = every, max_steps
+        self.global_batch, self.tokens_per_sample = global_batch, tokens_per_sample
+        self.throughput = Throughput()
+        self.last: Dict[str, Any] = {}
+        self.skipped = 0  # optimizer steps not applied (fp16 overflow, or vetoed) since the start
+
+    def maybe_log(self, state, loss: torch.Tensor, result, step_s: float) -> None:
+        """After every optimizer step, on every rank (``state``: the loop's TrainState)."""
+        self.throughput.tick(self.global_batch, step_s)
+        self.skipped += int(result.skipped)
+        if state.step % self.every == 0 or state.step == self.max_steps:
+            self.last = self._metrics(state, loss, result, step_s)
+            self.metrics.log(state.step, self.last)
+        self.progress.update(state.step, self.last)
+
+    def _metrics(self, state, loss: torch.Tensor, result, step_s: float) -> Dict[str, Any]:
+        total = collectives.all_reduce(loss.detach().double().clone())  # every rank joins
+        out = {
+            "loss": float(total.item()) / collectives.world_size(),
+            "lr": self.strategy.lr,
+            "grad_norm": _scalar(result.grad_norm),
+            "samples_per_s": self.throughput.window_rate(),
+            "step_time_s": step_s,
+            "epoch": state.epoch,
+            "samples_seen": state.samples_seen,
+            "skipped_steps": self.skipped,
+        }
+        if result.loss_scale is not None:
+            out["loss_scale"] = result.loss_scale
+        if self.tokens_per_sample:  # language models: samples/s x sequence length
+            out["tokens_per_s"] = out["samples_per_s"] * self.tokens_per_sample
+        out.update(memory_mib(self.strategy.device))
+        return out
+
+    def log_eval(self, step: int, results: Dict[str, float], final: bool = False) -> None:
+        self.metrics.log(step, results)
+        what = f"final eval at step {step}" if final else f"step {step}"
+        self.progress.message(f"{what}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+
+    def summary(self) -> Dict[str, Any]:
+        return {"train_loss": self.last.get("loss"), "samples_per_s": self.throughput.steady_rate()}
