@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -114,7 +114,3 @@ def describe_fields(cls: type = JobConfig, prefix: str = "") -> List[Tuple[str, 
         else:
             rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
     return rows
-
-
-def section_names() -> Iterable[str]:
-    return [f.name for f in dataclasses.fields(JobConfig)]

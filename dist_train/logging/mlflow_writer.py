@@ -28,7 +28,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from dist_train.logging.mlflow_buffer import MAX_BUFFERED, MetricBuffer, sanitize_name
+from dist_train.logging import mlflow_run
+from dist_train.logging.mlflow_buffer import MAX_BUFFERED, MetricBuffer
+from dist_train.logging.mlflow_run import is_permanent
 
 log = logging.getLogger("dist_train.mlflow")
 
@@ -38,32 +40,6 @@ SEND_INTERVAL_S = 1.0    # steady state: at most one batch call a second
 HTTP_TIMEOUT_S = 10      # per HTTP request (MLflow's default is 120 s, with 7 retries)
 RETRY_MAX_S = 10.0       # backoff cap between attempts while the server is unreachable
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "preempted": "KILLED"}
-ATTEMPTS_TAG = "dist_train.attempts"
-
-
-class Permanent(Exception):
-    """An error retrying will not fix (bad credentials, deleted experiment)."""
-
-
-def _limit(name: str, default: int) -> int:
-    try:
-        from mlflow.utils import validation
-
-        return int(getattr(validation, name))
-    except Exception:
-        return default
-
-
-def is_permanent(exc: BaseException) -> bool:
-    """A 4xx answer from the server (but not 408/429) or one of our own Permanent errors."""
-    if isinstance(exc, Permanent):
-        return True
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        code = exc.get_http_status_code()
-        return 400 <= code < 500 and code not in (408, 429)
-    return False
 
 
 class Writer:
@@ -203,67 +179,17 @@ class Writer:
     # --- MLflow calls -----------------------------------------------------------------------
 
     def _connect(self) -> None:
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
         if self.client is None:
+            from mlflow import MlflowClient
+
             self.client = MlflowClient(self.uri)  # a SQLite store is created and migrated here
-        if self.experiment_id is not None:
-            return
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            try:
-                self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
-                return
-            except MlflowException as exc:  # another job created it meanwhile
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                exp = self.client.get_experiment_by_name(self.experiment)
-        if exp.lifecycle_stage == "deleted":
-            raise Permanent(f"experiment {self.experiment!r} is deleted in {self.uri}; restore it "
-                            "or set logging.mlflow.experiment")
-        self.experiment_id = exp.experiment_id
+        if self.experiment_id is None:
+            self.experiment_id = mlflow_run.experiment_id(self.client, self.experiment, self.artifact_location, self.uri)
 
     def _open_run(self) -> None:
-        from mlflow.entities import Param, RunTag
-        from mlflow.exceptions import MlflowException
-
         self._connect()
-        start = self.start
-        params = {sanitize_name(k): str(v)[:_limit("MAX_PARAM_VAL_LENGTH", 6000)] for k, v in start["params"].items()}
-        tags = {sanitize_name(k): str(v)[:_limit("MAX_TAG_VAL_LENGTH", 8000)] for k, v in start["tags"].items()}
-        run_name = tags.pop("mlflow.runName", None)
-        run, resume = None, start.get("resume_run_id")
-        if resume:
-            try:
-                run = self.client.get_run(resume)
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-            if run is None or run.info.lifecycle_stage == "deleted":
-                log.warning("MLflow run %s (from the checkpoint) is not in %s; starting a new run", resume, self.uri)
-                run = None
-        if run is not None:
-            self.client.update_run(run.info.run_id, status="RUNNING")
-            old = run.data.params
-            changed = sorted(k for k in params if k in old and old[k] != params[k])
-            if changed:  # MLflow params are immutable: record the change as a tag
-                note = "; ".join(f"{k}: {old[k]} -> {params[k]}" for k in changed)
-                log.info("config changed on resume (%s); recorded in tag dist_train.changed_params", note)
-                tags["dist_train.changed_params"] = note[:_limit("MAX_TAG_VAL_LENGTH", 8000)]
-            params = {k: v for k, v in params.items() if k not in old}
-            try:
-                attempts = int(run.data.tags.get(ATTEMPTS_TAG, "1")) + 1
-            except ValueError:
-                attempts = 2
-            log.info("continuing MLflow run %s (attempt %d)", run.info.run_id, attempts)
-        else:
-            run = self.client.create_run(self.experiment_id, run_name=run_name)
-            attempts = 1
-            log.info("MLflow run %s in experiment %r at %s", run.info.run_id, self.experiment, self.uri)
-        tags[ATTEMPTS_TAG] = str(attempts)
-        self.run_id, self.run_ready = run.info.run_id, True
-        self.entities = [Param(k, v) for k, v in params.items()] + [RunTag(k, v) for k, v in tags.items()]
+        self.run_id, self.entities = mlflow_run.open_run(self.client, self.experiment_id, self.start, self.uri)
+        self.run_ready = True
         self._report_run()
 
     def _sync(self) -> None:
