@@ -14,20 +14,30 @@ from dist_train.config.schema import ConfigError
 from dist_train.env.cluster import ClusterEnv
 
 
-def preflight(job, cluster: ClusterEnv) -> None:
+def preflight(job, cluster: ClusterEnv, user=None) -> None:
+    """``user``: fit's objects (train.build.UserObjects); the config names they replace are not checked."""
+    from dist_train import plugins
     from dist_train.data import dataset_names
     from dist_train.data.registry import dataset_task
     from dist_train.models.registry import check_model_compatible, model_names
     from dist_train.strategy import StepPlan, resolve_name, strategy_class, strategy_names
+    from dist_train.train.tasks import task_names
 
-    if job.data.name not in dataset_names():
-        raise ConfigError("data.name", f"unknown dataset {job.data.name!r}; registered: {', '.join(dataset_names())}")
-    if job.model.name not in model_names():
-        raise ConfigError("model.name", f"unknown model {job.model.name!r}; registered: {', '.join(model_names())}")
-    try:
-        check_model_compatible(job.model.name, dataset_task(job.data.name))
-    except ValueError as exc:
-        raise ConfigError("model.name", str(exc)) from None
+    own_data = user is not None and user.train_data is not None
+    own_model = user is not None and user.model is not None
+    if not own_data:
+        plugins.check_name("data.name", job.data.name, dataset_names())
+    if not own_model:
+        plugins.check_name("model.name", job.model.name, model_names())
+    if not (own_data or own_model) and job.model.name in model_names() and job.data.name in dataset_names():
+        try:
+            check_model_compatible(job.model.name, dataset_task(job.data.name))
+        except ValueError as exc:
+            raise ConfigError("model.name", str(exc)) from None
+    if job.task.name and not (user is not None and user.task is not None):
+        plugins.check_name("task.name", job.task.name, task_names())
+    if job.model.init_from and not os.path.exists(job.model.init_from):
+        raise ConfigError("model.init_from", f"no such file or directory: {job.model.init_from}")
 
     name = resolve_name(job.strategy.name, cluster.world_size)
     if name not in strategy_names():

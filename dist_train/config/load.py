@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -55,11 +55,16 @@ def _find_config_error(exc: BaseException) -> Optional[ConfigError]:
     return None
 
 
-def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Defaults <- YAML preset <- dotlist overrides, validated; returns typed dataclasses."""
+def load_config(config_file: Union[str, Mapping, None] = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Defaults <- YAML preset (a file, or a mapping of sections) <- dotlist overrides, validated;
+    returns typed dataclasses."""
     cfg: DictConfig = OmegaConf.structured(JobConfig)
+    if isinstance(overrides, str):
+        raise ConfigError("overrides", "must be a list of key=value strings, not one string")
     try:
-        if config_file:
+        if isinstance(config_file, Mapping):
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(_rename_aliases(dict(config_file))))
+        elif config_file:
             if not os.path.isfile(config_file):
                 raise ConfigError("--config", f"no such file: {config_file}")
             try:

@@ -110,7 +110,14 @@ class GPTConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = doc("cnn", "registered model: cnn, mlp, resnet18, gpt")
+    name: str = doc("cnn", "a built-in model (cnn, mlp, resnet18, gpt), a registered one, torchvision:<name> (the "
+                    "torchvision zoo), or an import path package.module:builder (called as builder(model.args, info))")
+    args: Dict[str, Any] = doc(None, "free-form arguments for an import-path, registered or torchvision model",
+                               factory=dict)
+    init_from: str = doc("", "start from these weights: a torch.save'd state dict (.pt/.pth), a .safetensors file, "
+                         "or a dist_train checkpoint or run dir; mismatched keys (a new head) are reported, not fatal")
+    freeze: List[str] = doc(None, "glob patterns of parameter names to freeze, e.g. ['*'] minus what you keep: "
+                            "[conv*, layer1.*]; the optimizer only sees trainable parameters", factory=list)
     dropout: float = doc(0.0, "dropout probability; 0 means no dropout layers act")
     hidden: int = doc(128, "hidden width of cnn and mlp")
     gpt: GPTConfig = doc(help="gpt size", factory=GPTConfig)
@@ -122,7 +129,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = doc("fashion_mnist", "registered dataset: fashion_mnist, digits, synthetic_images, shakespeare")
+    name: str = doc("fashion_mnist", "a built-in dataset (fashion_mnist, digits, synthetic_images, shakespeare), a "
+                    "registered one, or an import path package.module:builder (returns (train, eval))")
+    args: Dict[str, Any] = doc(None, "free-form arguments for an import-path or registered dataset builder",
+                               factory=dict)
     root: str = doc("", "dataset folder; '' = the dataset's default location")
     batch_size: int = doc(64, "micro-batch size per rank")
     eval_batch_size: int = doc(256, "evaluation batch size per rank")
@@ -218,10 +228,13 @@ class LoggingConfig:
     every_steps: int = doc(10, "how often rank 0 logs metrics (metrics.jsonl, MLflow, console)")
     progress_bar: str = doc("auto", "auto (a bar on a terminal, log lines otherwise), on or off")
     level: str = doc("INFO", "console log level")
+    grad_norms: int = doc(0, "at logging steps, also log the gradient norms of the K modules with the largest ones "
+                          "(grad_norm/<module>; 0: off)")
     mlflow: MLflowConfig = doc(help="MLflow tracking", factory=MLflowConfig)
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, "logging.every_steps", f"must be >= 1; got {self.every_steps}")
+        _require(self.grad_norms >= 0, "logging.grad_norms", f"must be >= 0; got {self.grad_norms}")
         # YAML reads a bare on/off as a boolean; take it as the word the user wrote.
         self.progress_bar = {"True": "on", "False": "off"}.get(str(self.progress_bar), self.progress_bar)
         _one_of(self.progress_bar, ("auto", "on", "off"), "logging.progress_bar")
@@ -242,12 +255,19 @@ class DebugConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = doc("", "classification, language_model, regression, a registered task, or an import path "
+                    "package.module:task (task(model, batch) -> loss or (loss, metrics)); '' = the dataset's own")
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = doc(help="run identity", factory=RunConfig)
     strategy: StrategyConfig = doc(help="parallelism", factory=StrategyConfig)
     model: ModelConfig = doc(help="model", factory=ModelConfig)
     data: DataConfig = doc(help="data", factory=DataConfig)
     train: TrainConfig = doc(help="optimisation", factory=TrainConfig)
+    task: TaskConfig = doc(help="loss and metrics", factory=TaskConfig)
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
     checkpoint: CheckpointConfig = doc(help="checkpointing", factory=CheckpointConfig)
     logging: LoggingConfig = doc(help="logging", factory=LoggingConfig)

@@ -78,3 +78,21 @@ def new_gloo_group():
     collectives that run off the training thread (checkpoint writes) and must never interleave
     with the training collectives on the default group."""
     return dist.new_group(backend="gloo") if initialized() else None
+
+
+def broadcast_module(module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers equal to rank ``src``'s, in place (on a temporary
+    gloo group, so that CPU tensors work whatever the default backend)."""
+    if not initialized() or dist.get_world_size() == 1:
+        return
+    group = new_gloo_group()
+    try:
+        with torch.no_grad():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                data = tensor.data
+                cpu = data if data.device.type == "cpu" else data.cpu()
+                dist.broadcast(cpu, src=src, group=group)
+                if cpu is not data:
+                    data.copy_(cpu)
+    finally:
+        dist.destroy_process_group(group)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from dist_train.env.cluster import ClusterEnv
+from dist_train.env.collectives import all_reduce
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -54,6 +55,7 @@ class StepResult:
     grad_norm: Any
     skipped: bool = False
     loss_scale: Optional[float] = None
+    grad_norms: Optional[Dict[str, float]] = None  # "grad_norm/<module>" of the largest few, when asked
 
 
 class Precision:
@@ -145,11 +147,14 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         self.precision.scale(loss).backward()
 
-    def step(self, max_norm: float, apply: bool = True) -> StepResult:
+    def step(self, max_norm: float, apply: bool = True, grad_norms: int = 0) -> StepResult:
         """Clip to ``max_norm`` (0: only measure), step optimizer and schedule, zero the gradients.
         ``apply=False`` (a veto the ranks agreed on) drops this step's gradients instead of
-        applying them; the schedule still advances, so the LR stays a function of the step."""
+        applying them; the schedule still advances, so the LR stays a function of the step.
+        ``grad_norms=K``: also report the K modules with the largest pre-clip gradient norms
+        (a collective under sharding: every rank must ask alike)."""
         self.precision.unscale(self.optimizer)
+        per_module = self.module_grad_norms(grad_norms) if grad_norms else None
         norm = self._clip_grad_norm(max_norm)
         skipped, scale = (True, None)
         if apply:
@@ -158,7 +163,34 @@ class Strategy(ABC):
             self.precision.scaler.update()  # unscale_ was called: the scaler expects an update
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm=norm.detach(), skipped=skipped, loss_scale=scale)
+        return StepResult(grad_norm=norm.detach(), skipped=skipped, loss_scale=scale, grad_norms=per_module)
+
+    def _named_grads(self) -> Iterable[Tuple[str, torch.Tensor]]:
+        """(parameter name without wrapper prefixes, its gradient) on this rank; a DTensor
+        gradient (FSDP) is this rank's shard of it."""
+        for name, p in self.unwrapped_model.named_parameters():
+            if p.grad is not None:
+                yield name, p.grad
+
+    def module_grad_norms(self, top: int) -> Dict[str, float]:
+        """``{"grad_norm/<module>": norm}`` of the ``top`` modules with the largest gradient norm.
+        Shards (DTensors) are summed over ranks, so every rank gets the same global values."""
+        grads = list(self._named_grads())
+        if not grads:
+            return {}
+        is_shard = [hasattr(g, "to_local") for _, g in grads]
+        squares = torch.stack([(g.to_local() if shard else g).detach().float().pow(2).sum()
+                               for (_, g), shard in zip(grads, is_shard)])
+        if any(is_shard):
+            mask = torch.tensor(is_shard, device=squares.device)
+            sharded = all_reduce(torch.where(mask, squares, torch.zeros_like(squares)))
+            squares = torch.where(mask, sharded, squares)
+        totals: Dict[str, float] = {}
+        for (name, _), sq in zip(grads, squares.tolist()):
+            module = name.rsplit(".", 1)[0] if "." in name else name
+            totals[module] = totals.get(module, 0.0) + sq
+        largest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+        return {f"grad_norm/{m}": v ** 0.5 for m, v in largest}
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip to ``max_norm`` (0: only measure) and return the global pre-clip norm."""

@@ -74,22 +74,34 @@ class DeepSpeedStrategy(Strategy):
         # The loop already divided by train.grad_accum_steps: no second division by the engine.
         self.model.backward(loss, scale_wrt_gas=False)
 
-    def step(self, max_norm: float, apply: bool = True) -> StepResult:
+    def step(self, max_norm: float, apply: bool = True, grad_norms: int = 0) -> StepResult:
         """One engine step: clip to train.grad_clip (the engine's ``gradient_clipping``), optimizer
         step, scheduler step, zero grads. A vetoed step drops the reduced gradients and advances
         only the schedule."""
+        per_module = self.module_grad_norms(grad_norms) if grad_norms else None
         if not apply:
             self.model.zero_grad()
             self.optimizer.zero_grad()
             self.scheduler.step()
-            return StepResult(grad_norm=torch.tensor(float("nan")), skipped=True)
+            return StepResult(grad_norm=torch.tensor(float("nan")), skipped=True, grad_norms=per_module)
         self.model.step()
         norm = self.model.get_global_grad_norm()
         loss_scale = None
         if self.precision.precision == "fp16":
             loss_scale = float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 0.0)))
         return StepResult(grad_norm=norm if norm is not None else torch.tensor(float("nan")),
-                          skipped=not self.model.was_step_applied(), loss_scale=loss_scale)
+                          skipped=not self.model.was_step_applied(), loss_scale=loss_scale, grad_norms=per_module)
+
+    def _named_grads(self):
+        # The engine keeps reduced gradients in its (partitioned) optimizer: assemble each one.
+        # Collective under ZeRO: every rank walks the parameters in the same order.
+        from deepspeed.utils import safe_get_full_grad
+
+        for name, p in self.unwrapped_model.named_parameters():
+            if p.requires_grad:
+                grad = safe_get_full_grad(p)
+                if grad is not None:
+                    yield name, grad
 
     @property
     def unwrapped_model(self) -> nn.Module:

@@ -1,37 +1,55 @@
-"""The job builder: config sections in, the parts of a training job out.
+"""The job builder: config sections (or a user's own objects) in, the parts of a training job out.
 
-    parts = build_parts(job, cluster, device)
+    parts = build_parts(job, cluster, device)              # the CLI: everything from the config
+    parts = build_parts(job, cluster, device, user)        # dist_train.fit(model, data, ...)
     parts.strategy   # model, optimizer and scheduler built, wrapped or sharded
-    parts.loader, parts.sampler, parts.eval_loader, parts.info
+    parts.task, parts.loader, parts.sampler, parts.eval_loader, parts.info
 
-One sequence for every caller (the CLI's job, tests, benchmarks): seed, datasets, strategy, the
-model built inside the strategy's init context, optimizer and scheduler built by the strategy over
-the wrapped parameters, then the sharded loaders.
+One sequence for every caller (the CLI's job, fit, tests, benchmarks): seed, datasets, task,
+strategy, the model (built inside the strategy's init context when dist_train builds it itself;
+else built whole, given ``model.init_from`` weights, and made equal on every rank), frozen
+parameters, optimizer and scheduler built by the strategy over the wrapped parameters, then the
+sharded loaders.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from dist_train.data import build_datasets
 from dist_train.data.loader import build_eval_loader, build_train_loader
 from dist_train.env.cluster import ClusterEnv
+from dist_train.env.collectives import broadcast_module
 from dist_train.env.preemption import shield_workers
 from dist_train.env.seed import seed_everything
-from dist_train.models import build_model
 from dist_train.strategy import StepPlan, Strategy, build_strategy
+from dist_train.train import sources
 from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+from dist_train.train.tasks import Task
+
+log = logging.getLogger("dist_train")
+
+
+@dataclass
+class UserObjects:
+    """What ``dist_train.fit`` hands over: each may be None (then the config decides)."""
+
+    model: Any = None        # an nn.Module, or a zero-argument callable returning one
+    train_data: Any = None   # a map-style Dataset, or a callable returning one
+    eval_data: Any = None
+    task: Any = None         # a task name, or a callable task(model, batch)
 
 
 @dataclass
 class JobParts:
     strategy: Strategy
-    info: Any          # DataInfo: task, input shape, classes, sequence length
+    task: Task
+    info: Any          # the dataset description: task, input shape, classes, sequence length
     loader: Any
     sampler: Any
-    eval_loader: Any
+    eval_loader: Any   # None without held-out data
 
     @property
     def global_batch(self) -> int:
@@ -46,23 +64,38 @@ def step_plan(job) -> StepPlan:
     return StepPlan(job.data.batch_size, job.train.grad_accum_steps, job.train.grad_clip)
 
 
-def build_training(job, cluster: ClusterEnv, device: torch.device, info) -> Strategy:
-    """The strategy with the model, optimizer and scheduler of ``job`` set up on this rank."""
+def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: Any = None) -> Strategy:
+    """The strategy with the model, optimizer and scheduler of ``job`` set up on this rank.
+    ``model``: a user's module or zero-argument builder (default: ``model.name``)."""
     strategy = build_strategy(job.strategy, cluster, device, job.train.precision, step_plan(job))
-    with strategy.init_context():  # FSDP meta_init: the meta device, shards materialised in setup
-        model = build_model(job.model, info)
-    strategy.setup(model, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+    if model is None and sources.is_builtin_model(job.model.name) and not job.model.init_from:
+        with strategy.init_context():  # FSDP meta_init: the meta device, shards materialised in setup
+            module = sources.make_model(job.model, info)
+    else:
+        # A module dist_train did not draw itself (a user's, or pretrained weights): build it
+        # whole, load the weights, and give every rank rank 0's values before any wrapping.
+        module = sources.make_model(job.model, info, model)
+        if job.model.init_from:
+            sources.init_from(module, job.model.init_from, verbose=cluster.is_rank0)
+        broadcast_module(module)
+    sources.freeze(module, list(job.model.freeze), verbose=cluster.is_rank0)
+    strategy.setup(module, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
     return strategy
 
 
-def build_parts(job, cluster: ClusterEnv, device: torch.device) -> JobParts:
+def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[UserObjects] = None) -> JobParts:
     """Every part of the training job ``job`` for this rank (inside its process group)."""
+    user = user or UserObjects()
     seed_everything(job.run.seed)
-    train_ds, eval_ds, info = build_datasets(job.data)
-    strategy = build_training(job, cluster, device, info)
+    train_ds, eval_ds, info = sources.make_datasets(job.data, user.train_data, user.eval_data)
+    task = sources.make_task(job.task.name, user.task, info)
+    strategy = build_training(job, cluster, device, info, user.model)
     loader, sampler = build_train_loader(train_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,
                                          seed=job.run.seed, device=device)
-    eval_loader = build_eval_loader(eval_ds, job.data, rank=cluster.rank, world_size=cluster.world_size, device=device)
+    eval_loader = None  # no held-out data: no evaluation
+    if eval_ds is not None:
+        eval_loader = build_eval_loader(eval_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,
+                                        device=device)
+        shield_workers(eval_loader)
     shield_workers(loader)  # SIGTERM/SIGUSR1 reach workers too: only the training process acts on them
-    shield_workers(eval_loader)
-    return JobParts(strategy, info, loader, sampler, eval_loader)
+    return JobParts(strategy, task, info, loader, sampler, eval_loader)

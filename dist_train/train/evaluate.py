@@ -11,13 +11,13 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 
 from dist_train.env import collectives
-from dist_train.train.tasks import eval_metrics, eval_sums
+from dist_train.train.tasks import Task, batch_size, to_device
 
 
 class Evaluator:
     """Owns the evaluation cadence: ``eval.every_steps`` during training, and once at the end."""
 
-    def __init__(self, strategy, loader, task: str, cfg, report):
+    def __init__(self, strategy, loader, task: Task, cfg, report):
         self.strategy, self.loader, self.task, self.cfg = strategy, loader, task, cfg
         self.report = report  # report(step, results, final)
         self.last: Dict[str, Any] = {}
@@ -34,36 +34,38 @@ class Evaluator:
             self._run(step, final=True)
 
     def _run(self, step: int, final: bool) -> None:
+        if self.loader is None:  # no held-out data
+            return
         self.last, self.last_step = evaluate(self.strategy, self.loader, self.task, self.cfg.max_batches), step
         self.report(step, self.last, final)
 
 
 @torch.no_grad()
-def evaluate(strategy, loader, task: str, max_batches: int = 0) -> dict:
-    """Loss and accuracy (and bits per byte for language models) over the whole split."""
+def evaluate(strategy, loader, task: Task, max_batches: int = 0) -> dict:
+    """The task's evaluation metrics (loss, accuracy, ...) over the whole split."""
     model = strategy.model
     was_training = model.training
     model.eval()
     device = strategy.device
     local = len(loader) if max_batches <= 0 else min(len(loader), max_batches)
     rounds = collectives.max_int(local, device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums: Optional[torch.Tensor] = None
     it: Iterator = iter(loader)
-    first: Optional[tuple] = None
+    first = None
     for i in range(rounds):
         batch = next(it, None) if i < local else None
         weight = 1.0
-        if batch is None or batch[0].shape[0] == 0:
+        if batch is None or batch_size(batch) == 0:
             batch, weight = first, 0.0  # padding round: forward for the collectives, count nothing
         if batch is None:
             raise RuntimeError("evaluation split is empty on this rank; lower data.eval_batch_size")
-        first = first or batch
-        x = batch[0].to(device, non_blocking=True)
-        y = batch[1].to(device, non_blocking=True)
+        first = first if first is not None else batch
         with strategy.autocast():
-            logits = model(x)
-        sums += eval_sums(logits, y) * weight
+            part = task.eval_sums(model, to_device(batch, device)) * weight
+        sums = part if sums is None else sums + part
     del it
-    collectives.all_reduce(sums)
     model.train(was_training)
-    return eval_metrics(task, sums)
+    if sums is None:
+        raise RuntimeError("the evaluation split is empty on every rank")
+    collectives.all_reduce(sums)
+    return task.eval_metrics(sums)

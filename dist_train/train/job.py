@@ -10,13 +10,14 @@ import logging
 import os
 import time
 import traceback
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 import torch
 
 from dist_train.checkpoint import CheckpointManager, CheckpointRefused, export_run
 from dist_train.checkpoint.layout import write_json_atomic
-from dist_train.config import to_dict, to_yaml
+from dist_train.config import ConfigError, to_dict, to_yaml
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.faults import Faults
 from dist_train.env.preemption import EXIT_PREEMPTED, PreemptionWatcher
@@ -27,7 +28,7 @@ from dist_train.logging.mlflow import describe_run
 from dist_train.logging.progress import Progress
 from dist_train.logging.sample_ids import record_sample_ids
 from dist_train.strategy import resolve_name, strategy_class
-from dist_train.train.build import JobParts, build_parts
+from dist_train.train.build import JobParts, UserObjects, build_parts
 from dist_train.train.evaluate import Evaluator
 from dist_train.train.loop import micro_batches, train
 from dist_train.train.reporting import Reporter
@@ -50,8 +51,20 @@ def set_cpu_threads(cluster: ClusterEnv) -> None:
     torch.set_num_threads(max(1, share))
 
 
-def run_job(job, cluster: ClusterEnv) -> int:
+@dataclass
+class Outcome:
+    code: int                          # the process exit code of the contract
+    summary: Dict[str, Any]            # this rank's summary (rank 0's is summary.json)
+    error: Optional[BaseException] = None
+
+
+def run_job(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> int:
     """Train ``job`` on this process's share of the cluster; return the process exit code."""
+    return run(job, cluster, user).code
+
+
+def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome:
+    """Train ``job`` (with fit's ``user`` objects, if any) on this rank."""
     setup_console(cluster, job.logging.level)
     t_start = time.perf_counter()
     name = resolve_name(job.strategy.name, cluster.world_size)
@@ -62,30 +75,30 @@ def run_job(job, cluster: ClusterEnv) -> int:
             f.write(to_yaml(job))
     set_cpu_threads(cluster)
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow)
-    state, code = TrainState(), 1
+    state, code, error = TrainState(), 1, None
     try:
         with process_group(cluster, always=strategy_class(name).needs_process_group) as device:
             log.info("run %s: %s on %d process(es), device %s, precision %s, run dir %s",
                      job.run.name, name, cluster.world_size, device.type, job.train.precision, job.run.dir)
-            parts = build_parts(job, cluster, device)
+            parts = build_parts(job, cluster, device, user)
             try:
                 preempted = _train(job, cluster, parts, state, metrics, summary)
             finally:
                 parts.close()
             summary["status"], code = ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)
-    except CheckpointRefused as exc:  # the same verdict on every rank: a usage error, no traceback
+    except (CheckpointRefused, ConfigError) as exc:  # the same verdict on every rank: a usage error
         code = 2
         if cluster.is_rank0:
-            log.error("bad checkpoint: %s", exc)
-        summary["error"] = f"{type(exc).__name__}: {exc}"
+            log.error("bad checkpoint: %s" if isinstance(exc, CheckpointRefused) else "bad config: %s", exc)
+        summary["error"], error = f"{type(exc).__name__}: {exc}", exc
     except Exception as exc:
         log.error("rank %d failed: %s\n%s", cluster.rank, exc, traceback.format_exc())
-        summary["error"] = f"rank {cluster.rank}: {type(exc).__name__}: {exc}"
+        summary["error"], error = f"rank {cluster.rank}: {type(exc).__name__}: {exc}", exc
     finally:
         summary.update(steps=state.step, samples_seen=state.samples_seen, resumed_from_step=state.resumed_from_step,
                        wall_s=round(time.perf_counter() - t_start, 3), mlflow_run_id=metrics.run_id, exit_code=code)
         _finish(job, cluster, summary, metrics)
-    return code
+    return Outcome(code, summary, error)
 
 
 def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics, summary: Dict[str, Any]) -> bool:
@@ -107,12 +120,13 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         progress = Progress(job.train.max_steps, state.step, job.logging.progress_bar, job.logging.every_steps,
                             enabled=cluster.is_rank0)
         reporter = Reporter(strategy, metrics, progress, every=job.logging.every_steps, max_steps=job.train.max_steps,
-                            global_batch=parts.global_batch, tokens_per_sample=parts.info.seq_len or 0)
-        evaluator = Evaluator(strategy, parts.eval_loader, parts.info.task, job.eval, reporter.log_eval)
+                            global_batch=parts.global_batch, tokens_per_sample=parts.info.seq_len or 0,
+                            grad_norms=job.logging.grad_norms)
+        evaluator = Evaluator(strategy, parts.eval_loader, parts.task, job.eval, reporter.log_eval)
         data = micro_batches(parts.loader, parts.sampler, state)
         if job.debug.record_sample_ids:
             data = record_sample_ids(data, state, os.path.join(job.run.dir, f"sample_ids.rank{cluster.rank}.jsonl"))
-        preempted = train(strategy, data, state, job.train, reporter=reporter, evaluator=evaluator,
+        preempted = train(strategy, data, state, job.train, task=parts.task, reporter=reporter, evaluator=evaluator,
                           checkpointer=manager, preemption=preemption, faults=faults)
         manager.finalize(state)  # the end-of-run (or preemption) checkpoint; every async save committed
         summary.update(reporter.summary(), **evaluator.last)

@@ -1,7 +1,7 @@
 """The training loop: readable in one sitting. Each component owns its cadence.
 
     while step < max_steps and not stopping:
-        loss, result = train_step(...)         # micro-steps, accumulation, clipping, optimizer step
+        output = train_step(...)               # micro-steps, accumulation, clipping, optimizer step
         reporter.maybe_log(...)                # every logging.every_steps
         evaluator.maybe_run(step)              # every eval.every_steps
         checkpointer.maybe_save(state)         # every checkpoint.every_steps
@@ -35,7 +35,7 @@ def micro_batches(loader, sampler, state: TrainState) -> Iterator[tuple]:
         state.position = 0
 
 
-def train(strategy, data: Iterator[tuple], state: TrainState, cfg, *, reporter, evaluator, checkpointer,
+def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, evaluator, checkpointer,
           preemption, faults: Faults = NO_FAULTS, veto=None) -> bool:
     """Run optimizer steps until ``cfg.max_steps`` (the ``train`` section) or a preemption, on every
     rank. Returns True when stopped by preemption. ``veto(loss) -> bool`` may skip an optimizer
@@ -43,9 +43,9 @@ def train(strategy, data: Iterator[tuple], state: TrainState, cfg, *, reporter, 
     stopping = False
     while state.step < cfg.max_steps and not stopping:
         t0 = time.perf_counter()
-        loss, result = train_step(strategy, data, cfg, veto)
+        output = train_step(strategy, data, cfg, task, veto, reporter.grad_norms_wanted(state.step + 1))
         state.step += 1
-        reporter.maybe_log(state, loss, result, time.perf_counter() - t0)
+        reporter.maybe_log(state, output, time.perf_counter() - t0)
         evaluator.maybe_run(state.step)
         checkpointer.maybe_save(state)
         faults.delay("step_sleep")

@@ -69,27 +69,38 @@ class Reporter:
     """Rank 0 logs, every rank takes part in the loss average (a collective at logging steps)."""
 
     def __init__(self, strategy, metrics, progress, *, every: int, max_steps: int, global_batch: int,
-                 tokens_per_sample: int = 0):
+                 tokens_per_sample: int = 0, grad_norms: int = 0):
         self.strategy, self.metrics, self.progress = strategy, metrics, progress
-        self.every, self.max_steps = every, max_steps
+        self.every, self.max_steps, self.grad_norms = every, max_steps, grad_norms
         self.global_batch, self.tokens_per_sample = global_batch, tokens_per_sample
         self.throughput = Throughput()
         self.last: Dict[str, Any] = {}
         self.skipped = 0  # optimizer steps not applied (fp16 overflow, or vetoed) since the start
 
-    def maybe_log(self, state, loss: torch.Tensor, result, step_s: float) -> None:
-        """After every optimizer step, on every rank (``state``: the loop's TrainState)."""
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.max_steps
+
+    def grad_norms_wanted(self, step: int) -> int:
+        """How many per-module gradient norms step ``step`` should report (logging steps only)."""
+        return self.grad_norms if self.grad_norms and self.due(step) else 0
+
+    def maybe_log(self, state, output, step_s: float) -> None:
+        """After every optimizer step, on every rank (``state``: the loop's TrainState; ``output``:
+        the step's StepOutput)."""
         self.throughput.tick(self.global_batch, step_s)
-        self.skipped += int(result.skipped)
-        if state.step % self.every == 0 or state.step == self.max_steps:
-            self.last = self._metrics(state, loss, result, step_s)
+        self.skipped += int(output.result.skipped)
+        if self.due(state.step):
+            self.last = self._metrics(state, output, step_s)
             self.metrics.log(state.step, self.last)
         self.progress.update(state.step, self.last)
 
-    def _metrics(self, state, loss: torch.Tensor, result, step_s: float) -> Dict[str, Any]:
-        total = collectives.all_reduce(loss.detach().double().clone())  # every rank joins
+    def _metrics(self, state, output, step_s: float) -> Dict[str, Any]:
+        result, names = output.result, sorted(output.metrics)
+        # The loss and a task's own metrics, averaged over ranks in one all-reduce (every rank joins).
+        values = torch.stack([output.loss.detach().double()] + [output.metrics[k].detach().double() for k in names])
+        means = (collectives.all_reduce(values) / collectives.world_size()).tolist()
         out = {
-            "loss": float(total.item()) / collectives.world_size(),
+            "loss": means[0],
             "lr": self.strategy.lr,
             "grad_norm": _scalar(result.grad_norm),
             "samples_per_s": self.throughput.window_rate(),
@@ -98,6 +109,8 @@ class Reporter:
             "samples_seen": state.samples_seen,
             "skipped_steps": self.skipped,
         }
+        out.update(zip(names, means[1:]))
+        out.update(result.grad_norms or {})
         if result.loss_scale is not None:
             out["loss_scale"] = result.loss_scale
         if self.tokens_per_sample:  # language models: samples/s x sequence length

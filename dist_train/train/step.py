@@ -1,36 +1,47 @@
 """One optimizer step: ``grad_accum_steps`` micro-batches, then clip and step."""
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
 from dist_train.strategy.base import StepResult
-from dist_train.train.tasks import loss_fn
+from dist_train.train.tasks import Classification, Task, to_device
 
 Veto = Callable[[torch.Tensor], bool]
 
 
-def train_step(strategy, data: Iterator[tuple], train_cfg, veto: Optional[Veto] = None) -> Tuple[torch.Tensor, StepResult]:
-    """Run the micro-steps of one optimizer step; return this rank's mean loss and the step result.
+@dataclass
+class StepOutput:
+    loss: torch.Tensor                     # this rank's mean loss over the micro-batches (a tensor)
+    result: StepResult                     # what the strategy reports (grad norm tensor, skipped, ...)
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # a task's own, averaged like the loss
+
+
+def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
+               veto: Optional[Veto] = None, grad_norms: int = 0) -> StepOutput:
+    """Run the micro-steps of one optimizer step on this rank.
 
     Gradients are reduced only on the last micro-step (``accumulate(sync=False)`` before it), and
     each micro-loss is divided by the number of micro-steps so the accumulated gradient is the
     gradient of the mean over the whole global batch. ``veto(mean loss)``, when given, is asked
-    before the update: True drops it (the caller makes every rank answer alike).
+    before the update: True drops it (the caller makes every rank answer alike). ``grad_norms=K``
+    asks the strategy for the K modules with the largest gradient norms (every rank alike).
     """
+    task = task or Classification()
     accum = train_cfg.grad_accum_steps
     total = torch.zeros((), dtype=torch.float32, device=strategy.device)
+    metrics: Dict[str, torch.Tensor] = {}
     for micro in range(accum):
-        x, y = next(data)[:2]
-        x = x.to(strategy.device, non_blocking=True)
-        y = y.to(strategy.device, non_blocking=True)
+        batch = to_device(next(data), strategy.device)
         with strategy.accumulate(sync=micro == accum - 1):
             with strategy.autocast():
-                logits = strategy.model(x)
-            loss = loss_fn(logits, y)
+                loss, extra = task.loss(strategy.model, batch)
             strategy.backward(loss / accum)
-        total += loss.detach()
+        total += loss.detach().float()
+        for key, value in extra.items():
+            metrics[key] = metrics.get(key, 0) + value.float() / accum
     mean = total / accum
     apply = veto is None or not veto(mean)
-    return mean, strategy.step(train_cfg.grad_clip, apply)
+    return StepOutput(mean, strategy.step(train_cfg.grad_clip, apply, grad_norms), metrics)

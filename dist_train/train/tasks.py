@@ -1,33 +1,235 @@
-"""Loss and metrics per data task, so the loop stays task-agnostic."""
+"""Tasks: what a batch means, the loss, and the evaluation metrics, so the loop stays task-agnostic.
+
+A batch is whatever the DataLoader collated from the dataset's items: ``(input, target, ...)``
+tuples, or dicts with an input and a target key. The input may be a tensor (``model(x)``), a tuple
+(``model(*x)``) or a dict (``model(**x)``); the model may return a tensor, a tuple (its first
+element is the prediction) or a dict (``"logits"``, else ``"output"``, else its first value).
+
+Built in: ``classification`` (cross-entropy; accuracy and top-5 accuracy), ``language_model``
+(next-token cross-entropy; accuracy, perplexity, and bits per byte when a token is a byte) and
+``regression`` (mean squared error; mean absolute error). Anything else is a callable
+``task(model, batch) -> loss`` or ``-> (loss, {name: value})``: its metrics are averaged over
+micro-batches and ranks during training, and over batches and ranks in evaluation.
+"""
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-
-def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; language models' [B, T, V] logits are flattened over tokens."""
-    if logits.dim() == 3:
-        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
-    return F.cross_entropy(logits.float(), target)
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "features")
+TARGET_KEYS = ("target", "targets", "label", "labels", "y")
+BUILTIN = ("classification", "language_model", "regression")
 
 
-def eval_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[sum of loss, correct predictions, count] over every token or sample of the batch."""
-    if logits.dim() == 3:
-        logits, target = logits.flatten(0, 1), target.flatten()
-    loss = F.cross_entropy(logits.float(), target, reduction="sum")
-    correct = (logits.argmax(dim=-1) == target).sum()
-    return torch.stack([loss.double(), correct.double(), torch.tensor(target.numel(), dtype=torch.float64, device=loss.device)])
+def split_batch(batch: Any) -> Tuple[Any, Any]:
+    """``(input, target)`` of a collated batch (a tuple/list, or a dict with known keys)."""
+    if isinstance(batch, dict):
+        target_key = next((k for k in TARGET_KEYS if k in batch), None)
+        input_key = next((k for k in INPUT_KEYS if k in batch), None)
+        if target_key is None:
+            raise KeyError(f"a dict batch needs a target under one of {TARGET_KEYS}; it has {sorted(batch)}")
+        if input_key is not None:
+            return batch[input_key], batch[target_key]
+        return {k: v for k, v in batch.items() if k != target_key}, batch[target_key]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(f"a batch must be (input, target, ...) or a dict with a target key; got {type(batch).__name__}")
 
 
-def eval_metrics(task: str, sums: torch.Tensor) -> dict:
-    loss_sum, correct, count = (float(v) for v in sums)
-    count = max(count, 1.0)
-    out = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
-    if task == "language_model":
-        # One token is one byte, so bits per byte is the per-token loss in bits.
-        out["eval_bpb"] = out["eval_loss"] / math.log(2)
-    return out
+def call_model(model, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def prediction(output: Any) -> torch.Tensor:
+    """The prediction tensor of a model output (a tensor, a tuple or a dict)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        for key in ("logits", "output", "prediction"):
+            if key in output:
+                return output[key]
+        return next(iter(output.values()))
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    raise TypeError(f"cannot find the prediction in a model output of type {type(output).__name__}")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    _, target = split_batch(batch)
+    return int(target.shape[0]) if isinstance(target, torch.Tensor) and target.dim() else 1
+
+
+class Task:
+    """Training loss and evaluation sums of one kind of problem."""
+
+    name = "task"
+
+    def loss(self, model, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The mean loss of ``batch`` (and extra training metrics, usually none)."""
+        inputs, target = split_batch(batch)
+        return self.criterion(prediction(call_model(model, inputs)), target), {}
+
+    def criterion(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_sums(self, model, batch) -> torch.Tensor:
+        """A float64 vector of sums over the batch; summed over batches and ranks, then ``eval_metrics``."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: torch.Tensor) -> Dict[str, float]:
+        raise NotImplementedError
+
+
+class Classification(Task):
+    name = "classification"
+
+    def criterion(self, pred, target):
+        if pred.dim() == 3:  # [B, T, C] token classification
+            pred, target = pred.flatten(0, 1), target.flatten()
+        return F.cross_entropy(pred.float(), target)
+
+    def eval_sums(self, model, batch):
+        inputs, target = split_batch(batch)
+        pred = prediction(call_model(model, inputs)).float()
+        if pred.dim() == 3:
+            pred, target = pred.flatten(0, 1), target.flatten()
+        loss = F.cross_entropy(pred, target, reduction="sum")
+        top = pred.topk(min(5, pred.shape[-1]), dim=-1).indices
+        correct = (top[:, 0] == target).sum()
+        top5 = (top == target.unsqueeze(-1)).any(dim=-1).sum()
+        return torch.stack([loss.double(), correct.double(), top5.double(),
+                            torch.tensor(target.numel(), dtype=torch.float64, device=loss.device)])
+
+    def eval_metrics(self, sums):
+        loss, correct, top5, count = (float(v) for v in sums)
+        count = max(count, 1.0)
+        return {"eval_loss": loss / count, "eval_accuracy": correct / count, "eval_top5_accuracy": top5 / count}
+
+
+class LanguageModel(Classification):
+    """Next-token prediction: ``target`` is the input shifted by one token (the dataset does it)."""
+
+    name = "language_model"
+
+    def __init__(self, bytes_per_token: Optional[float] = None):
+        self.bytes_per_token = bytes_per_token
+
+    def eval_metrics(self, sums):
+        loss, correct, _top5, count = (float(v) for v in sums)
+        count = max(count, 1.0)
+        out = {"eval_loss": loss / count, "eval_accuracy": correct / count,
+               "eval_perplexity": math.exp(min(loss / count, 700.0))}
+        if self.bytes_per_token:
+            out["eval_bpb"] = out["eval_loss"] / math.log(2) / self.bytes_per_token
+        return out
+
+
+class Regression(Task):
+    name = "regression"
+
+    @staticmethod
+    def _align(pred, target):
+        target = target.to(pred.dtype) if target.is_floating_point() else target.float()
+        if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1:
+            pred = pred.squeeze(-1)
+        return pred.float(), target.float()
+
+    def criterion(self, pred, target):
+        pred, target = self._align(pred, target)
+        return F.mse_loss(pred, target)
+
+    def eval_sums(self, model, batch):
+        inputs, target = split_batch(batch)
+        pred, target = self._align(prediction(call_model(model, inputs)), target)
+        diff = (pred - target).double()
+        return torch.stack([diff.square().sum(), diff.abs().sum(),
+                            torch.tensor(float(diff.numel()), dtype=torch.float64, device=diff.device)])
+
+    def eval_metrics(self, sums):
+        sq, ab, count = (float(v) for v in sums)
+        count = max(count, 1.0)
+        return {"eval_loss": sq / count, "eval_mae": ab / count}
+
+
+class CallableTask(Task):
+    """A user's ``fn(model, batch) -> loss | (loss, {name: value})``."""
+
+    def __init__(self, fn: Callable, name: str = ""):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "custom")
+        self.metric_names: Optional[List[str]] = None
+
+    def loss(self, model, batch):
+        out = self.fn(model, batch)
+        loss, metrics = (out if isinstance(out, tuple) else (out, {}))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError(f"task {self.name!r} must return a scalar loss tensor (or (loss, metrics)); "
+                            f"got {type(loss).__name__}")
+        return loss, {k: torch.as_tensor(v, dtype=torch.float32, device=loss.device).detach()
+                      for k, v in dict(metrics).items()}
+
+    def eval_sums(self, model, batch):
+        loss, metrics = self.loss(model, batch)
+        if self.metric_names is None:
+            self.metric_names = sorted(metrics)
+        values = [loss.detach().double()] + [metrics[k].double() for k in self.metric_names]
+        return torch.stack(values + [torch.ones((), dtype=torch.float64, device=loss.device)])
+
+    def eval_metrics(self, sums):
+        count = max(float(sums[-1]), 1.0)
+        out = {"eval_loss": float(sums[0]) / count}
+        for i, key in enumerate(self.metric_names or []):
+            out[f"eval_{key}"] = float(sums[i + 1]) / count
+        return out
+
+
+_TASKS: Dict[str, Callable[..., Task]] = {"classification": Classification, "language_model": LanguageModel,
+                                          "regression": Regression}
+
+
+def register_task(name: str) -> Callable:
+    """Decorator: ``@register_task("contrastive") def task(model, batch): ...`` makes
+    ``task.name=contrastive`` (and ``fit(..., task="contrastive")``) use it."""
+    def decorator(fn: Callable) -> Callable:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        _TASKS[name] = lambda **_: CallableTask(fn, name)
+        return fn
+
+    return decorator
+
+
+def task_names() -> List[str]:
+    return sorted(_TASKS)
+
+
+def make_task(spec: Any, **options: Any) -> Task:
+    """A Task from a Task instance, a registered name, or a callable."""
+    if isinstance(spec, Task):
+        return spec
+    if isinstance(spec, str):
+        if spec not in _TASKS:
+            raise KeyError(f"unknown task {spec!r}; registered: {', '.join(task_names())}")
+        factory = _TASKS[spec]
+        return factory(**options) if spec == "language_model" else factory()
+    if callable(spec):
+        return CallableTask(spec)
+    raise TypeError(f"a task is a name or a callable; got {type(spec).__name__}")

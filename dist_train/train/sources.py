@@ -1,0 +1,192 @@
+"""Where a job's model, data and task come from: the built-ins, a user's registered or imported
+builders (``plugins.py``), or the objects handed to ``dist_train.fit``. Also the two practices that
+act on a built model before it is wrapped: ``model.init_from`` and ``model.freeze``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset, default_collate
+
+from dist_train import plugins
+from dist_train.config.schema import ConfigError
+from dist_train.train import tasks
+
+log = logging.getLogger("dist_train")
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+class MapDataset(Dataset):
+    """A user's map-style dataset, collated batch-wise for our batch sampler: a tuple item's batch
+    gets the dataset indices appended (``(input, target, indices)``), as the built-ins' do."""
+
+    def __init__(self, dataset: Dataset, key: str):
+        if isinstance(dataset, IterableDataset):
+            raise ConfigError(key, "an IterableDataset cannot be used: dist_train shards one global sample order "
+                              "across ranks and resumes mid-epoch from a position in it, and a stream has no such "
+                              "order; wrap it in a map-style Dataset (with __len__ and __getitem__)")
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise ConfigError(key, f"a {type(dataset).__name__} is not a map-style Dataset (it needs __len__ and "
+                              "__getitem__)")
+        if len(dataset) == 0:
+            raise ConfigError(key, "the dataset is empty")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        items = [self.dataset[i] for i in indices]
+        if not items:
+            return items
+        batch = default_collate(items)
+        if isinstance(items[0], tuple):
+            return (*batch, torch.as_tensor(list(indices), dtype=torch.int64))
+        return batch
+
+
+def _dataset(obj: Any, key: str) -> Optional[Dataset]:
+    if obj is None:
+        return None
+    if not isinstance(obj, Dataset) and callable(obj) and not hasattr(obj, "__getitem__"):
+        obj = plugins.call_builder(obj, key)
+    return MapDataset(obj, key)
+
+
+def make_datasets(cfg, train_data: Any = None, eval_data: Any = None) -> Tuple[Dataset, Dataset, Any]:
+    """``(train, eval or None, info)`` from fit's objects, a built-in ``data.name``, or a user builder."""
+    if train_data is not None:
+        return _dataset(train_data, "train_data"), _dataset(eval_data, "eval_data"), plugins.DatasetInfo()
+    from dist_train.data import build_datasets, dataset_names
+
+    if cfg.name in dataset_names():
+        return build_datasets(cfg)
+    builder = plugins.user_callable("data.name", cfg.name)
+    if builder is None:
+        raise ConfigError("data.name", f"unknown dataset {cfg.name!r}")
+    out = plugins.call_builder(builder, "data.name", dict(cfg.args))
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise ConfigError("data.name", f"the builder {cfg.name} must return (train, eval) or (train, eval, info); "
+                          f"got {type(out).__name__}")
+    extra = out[2] if len(out) == 3 else {}
+    if not isinstance(extra, dict):
+        raise ConfigError("data.name", f"the builder's third value must be a dict (task, num_classes, ...); "
+                          f"got {type(extra).__name__}")
+    try:
+        info = plugins.DatasetInfo(**extra)
+    except TypeError as exc:
+        raise ConfigError("data.name", f"the builder's info: {exc}") from None
+    return MapDataset(out[0], "data.name"), (MapDataset(out[1], "data.name") if out[1] is not None else None), info
+
+
+# --- task -----------------------------------------------------------------------------------------
+
+def make_task(name: str, user_task: Any, info) -> tasks.Task:
+    """fit's ``task`` argument, else ``task.name``, else the dataset's own task."""
+    spec = user_task if user_task is not None else (name or info.task)
+    key = "task" if user_task is not None else "task.name"
+    if isinstance(spec, str) and spec not in tasks.task_names():
+        fn = plugins.user_callable("task.name", spec)
+        if fn is None:
+            raise ConfigError(key, f"unknown task {spec!r}; built in: {', '.join(tasks.task_names())}, or an import "
+                              "path package.module:function")
+        spec = fn
+    bytes_per_token = getattr(info, "bytes_per_token", None)
+    if bytes_per_token is None and not isinstance(info, plugins.DatasetInfo) and info.task == "language_model":
+        bytes_per_token = 1  # the built-in text datasets are byte-level
+    try:
+        return tasks.make_task(spec, bytes_per_token=bytes_per_token)
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+def is_builtin_model(name: str) -> bool:
+    from dist_train.models import model_names
+
+    return name in model_names()
+
+
+def make_model(cfg, info, user_model: Any = None) -> nn.Module:
+    """fit's model (a module, or a zero-argument builder), or ``model.name``'s."""
+    if user_model is not None:
+        module = user_model if isinstance(user_model, nn.Module) else plugins.call_builder(user_model, "model")
+        key = "model"
+    elif is_builtin_model(cfg.name):
+        from dist_train.models import build_model
+
+        return build_model(cfg, info)
+    elif cfg.name.startswith("torchvision:"):
+        module, key = plugins.torchvision_model(cfg.name, dict(cfg.args), info), "model.name"
+    else:
+        builder = plugins.user_callable("model.name", cfg.name)
+        if builder is None:
+            raise ConfigError("model.name", f"unknown model {cfg.name!r}")
+        module, key = plugins.call_builder(builder, "model.name", dict(cfg.args), info), "model.name"
+    if not isinstance(module, nn.Module):
+        raise ConfigError(key, f"the model must be a torch.nn.Module; got {type(module).__name__}")
+    return module
+
+
+def init_from(module: nn.Module, path: str, verbose: bool = True) -> Dict[str, List[str]]:
+    """Load ``path``'s tensors into ``module`` by name. Missing keys, unexpected keys and keys whose
+    shapes differ (a replaced head: the normal case of transfer learning) are reported, not fatal;
+    a file that matches nothing is a ConfigError."""
+    from dist_train.checkpoint.weights import load_weights
+
+    try:
+        source = load_weights(path)
+    except ValueError as exc:
+        raise ConfigError("model.init_from", str(exc)) from None
+    own = module.state_dict()
+    mismatched = sorted(k for k in source if k in own and tuple(source[k].shape) != tuple(own[k].shape))
+    usable = {k: v for k, v in source.items() if k in own and k not in mismatched}
+    if not usable:
+        raise ConfigError("model.init_from", f"no tensor of {path} fits this model (its names: "
+                          f"{', '.join(sorted(source)[:5])}; the model's: {', '.join(sorted(own)[:5])})")
+    result = module.load_state_dict(usable, strict=False)
+    report = {"loaded": sorted(usable), "missing": sorted(result.missing_keys),
+              "unexpected": sorted(k for k in source if k not in own), "shape_mismatch": mismatched}
+    if verbose:
+        log.info("model.init_from %s: loaded %d tensors; kept this model's own values for %d (missing in the file: "
+                 "%s; shape differs: %s); ignored %d the model lacks (%s)", path, len(usable),
+                 len(report["missing"]) + len(mismatched), _few(report["missing"]), _few(mismatched),
+                 len(report["unexpected"]), _few(report["unexpected"]))
+    return report
+
+
+def freeze(module: nn.Module, patterns: List[str], verbose: bool = True) -> List[str]:
+    """Set ``requires_grad=False`` on the parameters whose names match a glob of ``patterns``
+    (the optimizer only ever sees trainable parameters). Returns the frozen names."""
+    if not patterns:
+        return []
+    names = [n for n, _ in module.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError("model.freeze", f"{pattern!r} matches no parameter; names look like "
+                              f"{', '.join(names[:4])}, ...")
+    frozen = []
+    for name, p in module.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+            p.requires_grad_(False)
+            frozen.append(name)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ConfigError("model.freeze", "freezes every parameter: nothing is left to train")
+    if verbose:
+        total = sum(p.numel() for p in module.parameters())
+        log.info("model.freeze: %d parameter tensors frozen; %d of %d parameters train", len(frozen), trainable, total)
+    return frozen
+
+
+def _few(names: List[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "") if names else "none"
