@@ -131,7 +131,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         (``set_state_dict`` copies model weights into the parameters, and an optimizer keeps the
         loaded state tensors themselves, as with ``torch.load``). Sharded or device tensors are
         filled in place as usual (returns False)."""
-        dest = self.lookup_tensor(read_item.dest_index)
+        # The state dict's own object, not lookup_tensor's: for a DTensor that is its local shard.
+        dest = self.state_dict.get(read_item.dest_index.fqn)
+        if not isinstance(dest, torch.Tensor):
+            return False
         whole = all(o == 0 for o in read_item.dest_offsets) and tuple(read_item.lengths) == tuple(dest.shape)
         if (type(dest) is not torch.Tensor or dest.device.type != "cpu" or not whole or dest.requires_grad
                 or tensor.shape != dest.shape or tensor.dtype != dest.dtype or tensor.stride() != dest.stride()):
