@@ -1,34 +1,44 @@
-"""Checkpoint save/load time of dist_train against plain torch.save/torch.load of the same state,
-measured in the same run, and the training-thread blocking time of an async save.
+"""Checkpoint save/load speed of dist_train against plain torch.save/torch.load of the same state,
+in the same run, at several state sizes; and the time a save blocks a real training run.
 
-    .venv/bin/python benchmarks/checkpoint_bench.py [--model mlp] [--hidden 2048] [--repeats 5]
+    .venv/bin/python benchmarks/checkpoint_bench.py [--sizes 5,100,1000] [--repeats 3] [--dir PATH]
+    .venv/bin/python benchmarks/checkpoint_bench.py --smoke      # CI: smallest size, one round
 
-One process, one device (the single strategy), AdamW with its state allocated (one step taken).
-Both sides write to the same filesystem and fsync (a checkpoint that is not on disk is not one):
+One process, the single strategy, an ``mlp`` whose width gives about the requested MB of state
+(model + AdamW moments, one optimizer step taken). Both sides write to the same filesystem and
+fsync (a checkpoint that is not on disk is not one). Rounds alternate the two sides; medians.
 
 - plain save: ``torch.save({"model", "optim"})`` to one file, then fsync.
 - dist_train save: everything a real checkpoint does: staging dir, RNG and meta files, DCP shards,
-  SHA-256 of every file, manifest, fsyncs, rename, ``latest``, retention.
+  checksums, manifest, fsyncs, rename, ``latest``, retention.
 - plain load: ``torch.load(weights_only=True)`` + ``load_state_dict`` of model and optimizer.
-- dist_train load: what a resume does: choose the newest checkpoint, verify every hash, DCP load,
-  set model/optimizer/scheduler state, RNG, train state.
+- dist_train load: what a resume does: choose the newest checkpoint, verify every checksum, DCP
+  load, set model/optimizer/scheduler state, RNG, train state.
 - async: the time ``save()`` blocks the training thread (a host-memory copy of the state), and
   the time until the background write is committed.
 
-Prints medians over ``--repeats`` and the ratios dist_train / plain.
+``--train`` (on unless ``--smoke``) also runs ``python -m dist_train`` (``mlp`` hidden 2048, AdamW,
+one process, a save every 5 steps), synchronous and async, and compares ``summary.json``'s
+checkpoint blocking time per save with a plain torch.save + fsync of the same model and
+optimizer timed right after it. Timings on a shared machine are noisy: read the spread.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable, Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
 from dist_train.checkpoint import CheckpointManager  # noqa: E402
 from dist_train.config import load_config, to_dict  # noqa: E402
@@ -38,6 +48,15 @@ from dist_train.models import build_model  # noqa: E402
 from dist_train.strategy import build_strategy  # noqa: E402
 from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory  # noqa: E402
 from dist_train.train.state import TrainState  # noqa: E402
+
+MB = 1e6
+
+
+def hidden_for(megabytes: float) -> int:
+    """The ``mlp`` width on ``digits`` (64 inputs, 10 classes) whose model + AdamW state is about
+    ``megabytes``: 3 fp32 copies (weights, two moments) of H^2 + 76 H + 10 parameters."""
+    params = megabytes * MB / 12
+    return max(8, int((-76 + math.sqrt(76 ** 2 + 4 * params)) / 2))
 
 
 def build(overrides):
@@ -52,70 +71,145 @@ def build(overrides):
     return job, strategy
 
 
+def state_bytes(strategy) -> int:
+    total = sum(t.numel() * t.element_size() for t in strategy.model.state_dict().values())
+    return total + sum(v.numel() * v.element_size() for s in strategy.optimizer.state.values()
+                       for v in s.values() if torch.is_tensor(v))
+
+
 def manager(job, strategy, run_dir):
-    return CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job), micro_global_batch=job.data.batch_size,
-                             grad_accum_steps=1, seed=0)
+    return CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job),
+                             micro_global_batch=job.data.batch_size, grad_accum_steps=1, seed=0)
 
 
-def timed(fn) -> float:
+def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="mlp")
-    p.add_argument("--data", default="digits")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dir", default=None, help="where to write (default: a temporary dir)")
-    args = p.parse_args()
-    overrides = [f"model.name={args.model}", f"data.name={args.data}", f"model.hidden={args.hidden}",
-                 "strategy.name=single", "checkpoint.keep_last=2", "logging.mlflow.enabled=false"]
+def plain_save(strategy, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save({"model": strategy.model.state_dict(), "optim": strategy.optimizer.state_dict()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def plain_load(strategy, path: str) -> None:
+    sd = torch.load(path, weights_only=True)
+    strategy.model.load_state_dict(sd["model"])
+    strategy.optimizer.load_state_dict(sd["optim"])
+
+
+def bench_size(megabytes: float, repeats: int, where: str) -> Dict[str, float]:
+    hidden = hidden_for(megabytes)
+    overrides = ["model.name=mlp", "data.name=digits", f"model.hidden={hidden}", "strategy.name=single",
+                 "checkpoint.keep_last=2", "logging.mlflow.enabled=false"]
     job, strategy = build(overrides)
-    state_bytes = sum(t.numel() * t.element_size() for t in strategy.model.state_dict().values())
-    state_bytes += sum(v.numel() * v.element_size() for s in strategy.optimizer.state.values()
-                       for v in s.values() if torch.is_tensor(v))
-    res = {k: [] for k in ("plain_save", "dt_save", "plain_load", "dt_load", "async_block", "async_total")}
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    res: Dict[str, List[float]] = {k: [] for k in ("plain_save", "dt_save", "plain_load", "dt_load",
+                                                   "async_block", "async_total")}
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
         plain = os.path.join(tmp, "plain.pt")
-
-        def plain_save():
-            with open(plain, "wb") as f:
-                torch.save({"model": strategy.model.state_dict(), "optim": strategy.optimizer.state_dict()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-
-        def plain_load():
-            sd = torch.load(plain, weights_only=True)
-            strategy.model.load_state_dict(sd["model"])
-            strategy.optimizer.load_state_dict(sd["optim"])
-
         sync = manager(job, strategy, os.path.join(tmp, "sync"))
-        job_async = load_config(None, [*overrides, "checkpoint.async_save=true"])
-        asyn = manager(job_async, strategy, os.path.join(tmp, "async"))
-        for i in range(1, args.repeats + 1):
-            res["plain_save"].append(timed(plain_save))
-            res["dt_save"].append(timed(lambda: sync.save(TrainState(step=i))))
-            res["plain_load"].append(timed(plain_load))
-            res["dt_load"].append(timed(lambda: sync.resume(TrainState())))
-            t0 = time.perf_counter()
-            asyn.save(TrainState(step=i))
-            res["async_block"].append(time.perf_counter() - t0)
-            asyn.wait()
-            res["async_total"].append(time.perf_counter() - t0)
-        sync.close()
-        asyn.close()
+        asyn = manager(load_config(None, [*overrides, "checkpoint.async_save=true"]), strategy, os.path.join(tmp, "async"))
+        try:
+            for i in range(1, repeats + 1):
+                res["plain_save"].append(timed(lambda: plain_save(strategy, plain)))
+                res["dt_save"].append(timed(lambda: sync.save(TrainState(step=i))))
+                res["plain_load"].append(timed(lambda: plain_load(strategy, plain)))
+                res["dt_load"].append(timed(lambda: sync.resume(TrainState())))
+                t0 = time.perf_counter()
+                asyn.save(TrainState(step=i))
+                res["async_block"].append(time.perf_counter() - t0)
+                asyn.wait()
+                res["async_total"].append(time.perf_counter() - t0)
+        finally:
+            sync.close()
+            asyn.close()
     med = {k: statistics.median(v) for k, v in res.items()}
-    print(f"state: {state_bytes / 2**20:.1f} MiB (model {args.model}, hidden {args.hidden}, AdamW), "
-          f"median of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"  save  plain torch.save+fsync {med['plain_save'] * 1e3:8.1f} ms | dist_train {med['dt_save'] * 1e3:8.1f} ms "
-          f"| ratio {med['dt_save'] / med['plain_save']:.2f}x")
-    print(f"  load  plain torch.load       {med['plain_load'] * 1e3:8.1f} ms | dist_train {med['dt_load'] * 1e3:8.1f} ms "
-          f"| ratio {med['dt_load'] / med['plain_load']:.2f}x  (dist_train verifies every SHA-256 first)")
-    print(f"  async save: blocks training {med['async_block'] * 1e3:8.1f} ms, committed after "
-          f"{med['async_total'] * 1e3:8.1f} ms | blocking / plain save {med['async_block'] / med['plain_save']:.2f}x")
+    med["bytes"] = state_bytes(strategy)
+    med["hidden"] = hidden
+    med["spread"] = {k: (min(v), max(v)) for k, v in res.items()}
+    return med
+
+
+def print_size(m: Dict[str, float], repeats: int) -> None:
+    size = m["bytes"] / MB
+    rate = lambda s: f"{size / s:7.0f} MB/s"  # noqa: E731
+    print(f"state {size:8.1f} MB (mlp hidden {m['hidden']}, AdamW), median of {repeats}")
+    print(f"  save   plain torch.save+fsync {m['plain_save'] * 1e3:9.1f} ms {rate(m['plain_save'])} | dist_train "
+          f"{m['dt_save'] * 1e3:9.1f} ms {rate(m['dt_save'])} | ratio {m['dt_save'] / m['plain_save']:.2f}x")
+    print(f"  load   plain torch.load       {m['plain_load'] * 1e3:9.1f} ms {rate(m['plain_load'])} | dist_train "
+          f"{m['dt_load'] * 1e3:9.1f} ms {rate(m['dt_load'])} | ratio {m['dt_load'] / m['plain_load']:.2f}x"
+          "  (dist_train verifies every checksum first)")
+    print(f"  async  blocks training {m['async_block'] * 1e3:9.1f} ms, committed after {m['async_total'] * 1e3:9.1f} ms "
+          f"| blocking / dist_train sync save {m['async_block'] / m['dt_save']:.2f}x, "
+          f"/ plain save {m['async_block'] / m['plain_save']:.2f}x")
+    lo_hi = ", ".join(f"{k} {lo * 1e3:.0f}-{hi * 1e3:.0f}" for k, (lo, hi) in m["spread"].items())
+    print(f"  spread (ms): {lo_hi}")
+
+
+def train_blocking(where: str, hidden: int, steps: int, every: int, async_save: bool) -> Dict[str, float]:
+    """One real training run (one process): summary.json's checkpoint blocking per save."""
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        run_dir = os.path.join(tmp, "run")
+        cmd = [sys.executable, "-m", "dist_train", "model.name=mlp", "data.name=digits", f"model.hidden={hidden}",
+               "strategy.name=single", f"train.max_steps={steps}",
+               f"checkpoint.every_steps={every}", f"checkpoint.async_save={str(async_save).lower()}",
+               "eval.every_steps=0", "logging.mlflow.enabled=false", f"run.dir={run_dir}"]
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            raise RuntimeError(f"training run failed ({out.returncode}): {out.stderr[-2000:]}")
+        with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+            ckpt = json.load(f)["checkpoint"]
+        return {"saves": ckpt["saves"], "blocking_per_save": ckpt["blocking_s"] / max(ckpt["saves"], 1)}
+
+
+def bench_training(where: str, hidden: int, repeats: int) -> None:
+    job, strategy = build(["model.name=mlp", "data.name=digits", f"model.hidden={hidden}", "strategy.name=single",
+                           "logging.mlflow.enabled=false"])
+    rows = []
+    for _ in range(repeats):
+        sync = train_blocking(where, hidden, 20, 5, False)
+        asyn = train_blocking(where, hidden, 20, 5, True)
+        with tempfile.TemporaryDirectory(dir=where) as tmp:
+            plain = statistics.median(timed(lambda: plain_save(strategy, os.path.join(tmp, "p.pt"))) for _ in range(3))
+        rows.append((sync["blocking_per_save"], asyn["blocking_per_save"], plain))
+    print(f"training run (mlp hidden {hidden}, AdamW, one process, 20 steps, save every 5; "
+          f"{state_bytes(strategy) / MB:.1f} MB of state), {repeats} round(s):")
+    for s, a, p in rows:
+        print(f"  blocking per save: sync {s * 1e3:7.1f} ms ({s / p:.2f}x plain torch.save+fsync {p * 1e3:.1f} ms), "
+              f"async {a * 1e3:7.1f} ms ({a / s:.2f}x the sync save)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="5,100,1000", help="state sizes in MB, comma-separated")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", default=None, help="where to write (default: a temporary dir)")
+    p.add_argument("--smoke", action="store_true", help="smallest size, one round, no training run (CI)")
+    p.add_argument("--train", dest="train", action="store_true", default=None,
+                   help="also measure the blocking time in a real training run (default unless --smoke)")
+    p.add_argument("--no-train", dest="train", action="store_false")
+    p.add_argument("--train-hidden", type=int, default=2048)
+    args = p.parse_args()
+    try:
+        sizes = sorted(float(s) for s in args.sizes.split(",") if s.strip())
+    except ValueError:
+        p.error(f"--sizes must be numbers of MB separated by commas; got {args.sizes!r}")
+    if not sizes or min(sizes) <= 0:
+        p.error("--sizes needs at least one size > 0")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.smoke:
+        sizes, args.repeats = sizes[:1], 1
+    train = (not args.smoke) if args.train is None else args.train
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    for megabytes in sizes:
+        print_size(bench_size(megabytes, args.repeats, args.dir), args.repeats)
+    if train:
+        bench_training(args.dir, args.train_hidden, args.repeats)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     <run.dir>/checkpoints/
         step_00000120/              one complete checkpoint (complete = manifest.json exists)
-            manifest.json           every other file: relative path -> {"size", "sha256"}
+            manifest.json           every other file: relative path -> {"size", "xxh3_128"}
             meta.json               step, data position, strategy, world size, config, ... (rank 0)
             dcp/                    model (+ optimizer) as torch.distributed.checkpoint shards
             native/                 an engine's own files (DeepSpeed), when it has them
@@ -10,23 +10,30 @@
         latest                      text: the name of the newest complete checkpoint
         .staging_step_00000150/     being written; never loaded; removed at the next start
 
-A commit is: fsync every file and directory of the staging dir, write manifest.json (tmp +
-fsync + rename), fsync, rename the staging dir to ``step_XXXXXXXX``, fsync ``checkpoints/``, then
-replace ``latest`` atomically. A crash before the directory rename leaves only a staging dir (the
+A commit is: fsync every file and directory of the staging dir (files their writer fsynced are
+not fsynced twice), write manifest.json (tmp + fsync + rename + fsync of the staging dir), rename
+the staging dir to ``step_XXXXXXXX``, replace ``latest`` atomically, fsync ``checkpoints/`` (once,
+for both renames). A crash before the directory rename is durable leaves only a staging dir (the
 previous checkpoint is untouched); after it, the new checkpoint is complete even if ``latest`` still
 names the previous one (resume scans the directories and does not trust ``latest`` alone).
+
+Checksums (``checksum.py``) are taken while files are written wherever the writer sees every
+byte (DCP shards, JSON files), so a save reads nothing back; other files are hashed after writing.
 
 Nothing here imports torch.distributed: these are plain, single-process file operations.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 import time
-from typing import Dict, Iterable, List, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
+
+from dist_train.checkpoint import checksum
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -37,10 +44,13 @@ NATIVE_DIR = "native"
 RNG_DIR = "rng"
 STAGING_PREFIX = ".staging_"
 DELETING_PREFIX = ".deleting_"
-FORMAT = "dist_train.checkpoint/1"
+# Format 2: manifest entries hold "xxh3_128" (format 1: "sha256"; still read and verified).
+FORMAT = "dist_train.checkpoint/2"
+READABLE_FORMATS = ("dist_train.checkpoint/1", FORMAT)
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
-_CHUNK = 4 << 20
+_THREADS = 4  # files hashed or fsynced at once
+T = TypeVar("T")
 
 
 def step_name(step: int) -> str:
@@ -78,14 +88,19 @@ def fsync_dir(path: str) -> None:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsynced temporary file and an atomic rename."""
+    """Write ``text`` to ``path`` via a fsynced temporary file and an atomic rename (its digest is
+    recorded, so a manifest does not read it back)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    data = text.encode("utf-8")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+    hasher = checksum.new_hasher()
+    hasher.update(data)
+    checksum.record(path, checksum.make_entry(len(data), hasher), synced=True)
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -105,21 +120,29 @@ def list_files(root: str) -> List[str]:
     return sorted(out)
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-    return h.hexdigest()
+def _parallel(fn: Callable[[str], T], items: Sequence[str]) -> List[T]:
+    """``[fn(x) for x in items]`` on a few threads: file reads and fsyncs release the GIL, so
+    several files are read (or flushed) at once; one item runs inline."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(_THREADS, len(items)), thread_name_prefix="checkpoint-io") as pool:
+        return list(pool.map(fn, items))
 
 
 def describe_files(root: str, rel_paths: Iterable[str]) -> Dict[str, dict]:
-    """``{rel: {"size", "sha256"}}`` for the given files (each rank hashes its share)."""
-    return {rel: {"size": os.path.getsize(os.path.join(root, rel)), "sha256": sha256_file(os.path.join(root, rel))}
-            for rel in rel_paths}
+    """``{rel: {"size", "xxh3_128"}}`` for the given files (each rank describes its share).
+
+    A file this process wrote through a hashing writer (``checksum.record``) is described from the
+    digest taken while its bytes were written; any other file is read back and hashed, several
+    at a time. Entries of files known to be fsynced already carry ``SYNCED`` (``write_manifest``
+    skips their fsync and strips the flag).
+    """
+    rel_paths = list(rel_paths)
+    known = {rel: checksum.recorded(os.path.join(root, rel)) for rel in rel_paths}
+    todo = [rel for rel in rel_paths if known[rel] is None]
+    for rel, entry in zip(todo, _parallel(lambda r: checksum.hash_file(os.path.join(root, r)), todo)):
+        known[rel] = entry
+    return known
 
 
 def read_manifest(ckpt: str) -> dict:
@@ -132,7 +155,8 @@ def read_manifest(ckpt: str) -> dict:
             manifest = json.load(f)
     except (OSError, ValueError) as exc:
         raise ValueError(f"manifest.json is unreadable: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS \
+            or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"manifest.json is not a {FORMAT} manifest")
     return manifest
 
@@ -150,12 +174,11 @@ def check_sizes(ckpt: str, files: Dict[str, dict]) -> List[str]:
 
 
 def check_hashes(ckpt: str, files: Dict[str, dict], rel_paths: Iterable[str]) -> List[str]:
-    errors = []
-    for rel in rel_paths:
-        digest = sha256_file(os.path.join(ckpt, rel))
-        if digest != files[rel]["sha256"]:
-            errors.append(f"{rel}: sha256 {digest[:12]}... != {files[rel]['sha256'][:12]}... in the manifest (corrupt)")
-    return errors
+    """Hash the given files (several at a time), each with the algorithm its manifest entry names
+    (``xxh3_128``, or ``sha256`` in format-1 manifests); one message per mismatch."""
+    rel_paths = list(rel_paths)
+    found = _parallel(lambda rel: checksum.check_file(os.path.join(ckpt, rel), files[rel]), rel_paths)
+    return [f"{rel}: {problem}" for rel, problem in zip(rel_paths, found) if problem]
 
 
 def verify(ckpt: str) -> List[str]:
@@ -168,12 +191,20 @@ def verify(ckpt: str) -> List[str]:
 
 
 def write_manifest(staging: str, step: int, files: Dict[str, dict]) -> None:
-    """fsync every file and directory of ``staging``, then write its manifest durably."""
-    for rel in files:
-        fsync_file(os.path.join(staging, rel))
-    for dirpath, _dirs, _files in os.walk(staging, topdown=False):
-        fsync_dir(dirpath)
-    manifest = {"format": FORMAT, "step": step, "created_unix": time.time(), "files": files}
+    """Make every file and directory of ``staging`` durable, then write its manifest durably.
+
+    Files whose entry says ``SYNCED`` (fsynced by the writer that hashed them) are not fsynced
+    again; the others, and the subdirectories, are fsynced a few at a time (the filesystem's
+    journal takes them in one commit). ``staging`` itself is fsynced once, by the manifest's
+    atomic write, which also makes its other entries durable.
+    """
+    checksum.forget(staging)  # records of this save's files not described (e.g. a rank's retry)
+    entries = {rel: {k: v for k, v in e.items() if k != checksum.SYNCED} for rel, e in files.items()}
+    todo = [os.path.join(staging, rel) for rel, e in sorted(files.items()) if not e.get(checksum.SYNCED)]
+    todo += [dirpath for dirpath, _dirs, _files in os.walk(staging, topdown=False)
+             if os.path.normpath(dirpath) != os.path.normpath(staging)]
+    _parallel(fsync_file, todo)
+    manifest = {"format": FORMAT, "step": step, "created_unix": time.time(), "files": entries}
     write_json_atomic(os.path.join(staging, MANIFEST), manifest)
 
 
@@ -207,7 +238,8 @@ def commit(staging: str, final: str) -> None:
         old = os.path.join(parent, DELETING_PREFIX + os.path.basename(final) + f".{os.getpid()}")
         os.rename(final, old)
     os.rename(staging, final)
-    fsync_dir(parent)
+    # set_latest fsyncs ``parent`` after its own rename: that one fsync makes both renames durable.
+    # (Should only the ``latest`` rename survive a crash, resume finds the newest directory itself.)
     set_latest(parent, os.path.basename(final))
     if old:
         shutil.rmtree(old, ignore_errors=True)
@@ -228,32 +260,61 @@ def to_prune(steps: List[int], keep_last: int, keep: int) -> List[int]:
 
 
 def prune(ckpt_dir: str, keep_last: int, keep: int) -> List[str]:
-    """Delete old checkpoints (rename to a hidden name first, so a crash mid-delete never leaves
-    a half-deleted directory that looks like a checkpoint). Returns the deleted names."""
+    """Delete old checkpoints: each is renamed to a hidden name here (so a crash mid-delete never
+    leaves a half-deleted directory that looks like a checkpoint) and its files are removed by a
+    background thread (unlinking gigabytes takes a while). Returns the deleted names.
+
+    The renames are not fsynced: should a crash undo one, a complete older checkpoint reappears,
+    which the next prune removes again.
+    """
     by_step = {s: p for s, p in committed(ckpt_dir)}
-    deleted = []
+    deleted, doomed = [], []
     for step in to_prune(list(by_step), keep_last, keep):
-        doomed = os.path.join(ckpt_dir, DELETING_PREFIX + step_name(step))
-        os.rename(by_step[step], doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        doomed.append(os.path.join(ckpt_dir, DELETING_PREFIX + step_name(step)))
+        os.rename(by_step[step], doomed[-1])
         deleted.append(step_name(step))
-    if deleted:
-        fsync_dir(ckpt_dir)
+    _delete_later(doomed)
     return deleted
+
+
+_deleter: Optional[threading.Thread] = None
+
+
+def _delete_later(paths: List[str]) -> None:
+    """Remove ``paths`` in one background thread at a time. It is not a daemon: the interpreter
+    finishes the deletion before it exits; a killed process leaves ``.deleting_*`` dirs, which
+    ``remove_stale`` removes at the next save or start."""
+    global _deleter
+    if not paths:
+        return
+    wait_for_deletions()
+    _deleter = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths],
+                                name="checkpoint-delete")
+    _deleter.start()
+
+
+def wait_for_deletions() -> None:
+    """Block until the checkpoints being deleted in the background are gone."""
+    if _deleter is not None:
+        _deleter.join()
 
 
 def remove_stale(ckpt_dir: str) -> List[str]:
     """Remove staging and half-deleted directories and temporary files left by a crash."""
     if not os.path.isdir(ckpt_dir):
         return []
+    wait_for_deletions()  # (else a dir being deleted would be reported as left by a crash)
     removed = []
     for name in os.listdir(ckpt_dir):
         path = os.path.join(ckpt_dir, name)
-        if name.startswith((STAGING_PREFIX, DELETING_PREFIX)):
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-            removed.append(name)
-        elif name.startswith(LATEST + ".tmp"):
-            os.remove(path)
+        try:
+            if name.startswith((STAGING_PREFIX, DELETING_PREFIX)):
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+                removed.append(name)
+            elif name.startswith(LATEST + ".tmp"):
+                os.remove(path)
+        except FileNotFoundError:
+            pass
     return removed
 
 

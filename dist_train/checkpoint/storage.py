@@ -5,6 +5,10 @@ and non-tensor leaves (e.g. the optimizer's ``lr`` and ``betas``), which its def
 with ``torch.load(weights_only=False)``. Here ``.metadata`` goes through an unpickler that only
 builds DCP's own metadata classes (and torch sizes, dtypes, layouts), and non-tensor leaves through
 ``torch.load(weights_only=True)``: a crafted checkpoint cannot run code when it is loaded.
+
+Writing goes through ``HashingWriter``, which checksums every file as its bytes are written (the
+manifest then needs no read-back). Reading hands a loaded tensor over whole where the destination
+is a plain CPU tensor of the same shape and dtype, instead of copying it into the destination.
 """
 from __future__ import annotations
 
@@ -12,16 +16,24 @@ import contextlib
 import io
 import os
 import pickle
+import threading
 import warnings
+from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+
+from torch.futures import Future
+
+from dist_train.checkpoint import checksum
 
 _ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata"}
 _ALLOWED = {
@@ -58,7 +70,8 @@ def read_metadata(dcp_dir: str) -> Metadata:
 
 
 class SafeReader(dcp.FileSystemReader):
-    """FileSystemReader whose ``.metadata`` is read by the allow-list unpickler."""
+    """FileSystemReader whose ``.metadata`` is read by the allow-list unpickler, and which reads
+    each file's items in file order, handing whole tensors over instead of copying them."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = read_metadata(str(self.path))
@@ -66,16 +79,135 @@ class SafeReader(dcp.FileSystemReader):
             metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+        if not isinstance(planner, SafeLoadPlanner) or any(
+                self.storage_data[item.storage_index].transform_descriptors for item in plan.items):
+            return super().read_data(plan, planner)  # (stream transforms: DCP's own loop)
+        per_file: Dict[str, list] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for relative_path, items in per_file.items():
+            items.sort(key=lambda it: self.storage_data[it.storage_index].offset)
+            with open(Path(self.path) / relative_path, "rb") as stream:
+                for item in items:
+                    self._read_item(stream, item, planner)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_item(self, stream: Any, item: ReadItem, planner: SafeLoadPlanner) -> None:
+        view = self._slice_file(stream, self.storage_data[item.storage_index])
+        if item.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(item, io.BytesIO(view.read(-1)))
+            return
+        tensor = narrow_tensor_by_index(torch.load(view, map_location="cpu", weights_only=True),
+                                        item.storage_offsets, item.lengths)
+        if planner.adopt(item, tensor):
+            return
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise RuntimeError(f"{item.storage_index}: stored size {tuple(tensor.size())} != {tuple(target.size())}")
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
+
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that reads non-tensor leaves with ``weights_only=True``."""
+    """DefaultLoadPlanner that reads non-tensor leaves with ``weights_only=True``, and that can take
+    a loaded tensor over whole instead of copying it into the destination (``adopt``)."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
+        self._replace(read_item, torch.load(value, weights_only=True))
+
+    def _replace(self, read_item: ReadItem, obj: Any) -> None:
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+    def adopt(self, read_item: ReadItem, tensor: torch.Tensor) -> bool:
+        """Put ``tensor`` (just loaded, owned by nobody else) in the state dict in place of its
+        destination, when that is a whole plain CPU tensor of the same shape, dtype and layout:
+        the copy into it would be wasted, since callers read the values from the state dict
+        (``set_state_dict`` copies model weights into the parameters, and an optimizer keeps the
+        loaded state tensors themselves, as with ``torch.load``). Sharded or device tensors are
+        filled in place as usual (returns False)."""
+        # The state dict's own object, not lookup_tensor's: for a DTensor that is its local shard.
+        dest = self.state_dict.get(read_item.dest_index.fqn)
+        if not isinstance(dest, torch.Tensor):
+            return False
+        whole = all(o == 0 for o in read_item.dest_offsets) and tuple(read_item.lengths) == tuple(dest.shape)
+        if (type(dest) is not torch.Tensor or dest.device.type != "cpu" or not whole or dest.requires_grad
+                or tensor.shape != dest.shape or tensor.dtype != dest.dtype or tensor.stride() != dest.stride()):
+            return False
+        self._replace(read_item, tensor)
+        self.state_dict[read_item.dest_index.fqn] = tensor
+        return True
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local filesystem, checksumming every file it writes as the bytes go out."""
+
+    def __init__(self, synced: bool):
+        super().__init__()
+        self.synced = synced
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as raw:
+            stream = checksum.HashingFile(raw)
+            yield stream
+        entry = stream.entry()
+        if entry is not None:
+            checksum.record(str(path), entry, synced=self.synced)
+
+    def rename(self, path: Any, new_path: Any) -> None:
+        super().rename(path, new_path)
+        checksum.moved(str(path), str(new_path))
+
+
+class HashingWriter(dcp.FileSystemWriter):
+    """FileSystemWriter whose files are checksummed while written (see ``checksum.record``).
+
+    DCP stores each tensor as a small ``torch.save`` zip inside its shard file, and ``torch.save``
+    computes a CRC32 of every zip record, at about 1 GB/s: as long as writing the bytes. Nothing
+    checks those CRCs (``torch.load`` does not), and the manifest's checksum covers every byte of
+    the file, so they are switched off while the shards are written (``torch.serialization.
+    set_crc32_options``; a ``torch.save`` another thread makes meanwhile also skips its CRC).
+    """
+
+    def __init__(self, path: str, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        self.fs = _HashingFileSystem(synced=self.sync_files)
+
+    def write_data(self, plan: Any, planner: Any) -> Future:
+        with _no_zip_crc():
+            return super().write_data(plan, planner)
+
+
+_crc_lock = threading.Lock()
+_crc_users = [0, True]  # writers inside _no_zip_crc, and the setting to restore after the last
+
+
+@contextlib.contextmanager
+def _no_zip_crc() -> Iterator[None]:
+    from torch.utils.serialization import config
+
+    with _crc_lock:
+        if _crc_users[0] == 0:
+            _crc_users[1] = config.save.compute_crc32
+            config.save.compute_crc32 = False
+        _crc_users[0] += 1
+    try:
+        yield
+    finally:
+        with _crc_lock:
+            _crc_users[0] -= 1
+            if _crc_users[0] == 0:
+                config.save.compute_crc32 = _crc_users[1]
 
 
 def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
@@ -84,7 +216,7 @@ def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
     DCP deduplicates replicated tensors (DDP) across ranks and writes sharded ones (FSDP) as
     shards; ``sync_files`` fsyncs every file it writes.
     """
-    writer = dcp.FileSystemWriter(dcp_dir, sync_files=True)
+    writer = HashingWriter(dcp_dir, sync_files=True)
     with _plain_errors("writing"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=not _distributed())

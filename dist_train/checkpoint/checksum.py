@@ -1,0 +1,170 @@
+"""Checksums of checkpoint files: taken while the bytes are written, checked when they are read.
+
+Manifests (format 2) record ``{"size", "xxh3_128"}`` per file. XXH3-128 is not a cryptographic hash
+(it guards against corruption, not against an attacker who can rewrite the manifest too, which
+SHA-256 in the same manifest would not stop either), but any flipped byte changes it, and it runs
+at memory speed (about 10x SHA-256), so hashing costs a small fraction of writing the bytes.
+Format-1 manifests recorded ``sha256``: their files are still checked with SHA-256.
+
+Writers that see every byte of a file (the DCP writer in ``storage.py``, ``layout.write_atomic``)
+hash it on the way out and ``record`` the digest here; ``recorded`` hands it to
+``layout.describe_files`` so the file is not read back. A recorded digest is used only while the
+file on disk is the one it was taken from (same inode, size and modification time); otherwise the
+file is simply read and hashed, so a stale record costs time, never correctness.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import xxhash
+
+ALGORITHM = "xxh3_128"
+SYNCED = "synced"  # in-memory flag of a describe_files entry: the writer fsynced the file already
+_ALGORITHMS: Dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+_CHUNK = 8 << 20
+_MAX_RECORDS = 100_000  # records of abandoned saves are dropped oldest-first beyond this
+
+_lock = threading.Lock()
+_records: Dict[str, Tuple[Tuple[int, int, int], dict]] = {}
+
+
+def new_hasher() -> Any:
+    return _ALGORITHMS[ALGORITHM]()
+
+
+def make_entry(size: int, hasher: Any) -> dict:
+    return {"size": size, ALGORITHM: hasher.hexdigest()}
+
+
+def hash_file(path: str, algorithm: str = ALGORITHM) -> dict:
+    """``{"size", algorithm: hex digest}`` of a file, read in large chunks into one buffer."""
+    h = _ALGORITHMS[algorithm]()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    return {"size": size, algorithm: h.hexdigest()}
+
+
+def algorithm_of(entry: dict) -> Optional[str]:
+    """The checksum a manifest entry holds (the newest known one), else None."""
+    return next((a for a in _ALGORITHMS if a in entry), None)
+
+
+def check_file(path: str, entry: dict) -> Optional[str]:
+    """None when the file's checksum matches its manifest entry, else what is wrong."""
+    algorithm = algorithm_of(entry)
+    if algorithm is None:
+        return f"no checksum in the manifest (expected one of {', '.join(_ALGORITHMS)})"
+    digest = hash_file(path, algorithm)[algorithm]
+    expected = str(entry[algorithm])
+    if digest != expected:
+        return f"{algorithm} {digest[:12]}... != {expected[:12]}... in the manifest (corrupt)"
+    return None
+
+
+# --- digests taken while writing -----------------------------------------------------------------
+
+def _identity(path: str) -> Tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def record(path: str, entry: dict, synced: bool) -> None:
+    """Remember the digest of a file just written (and closed) by this process."""
+    value = dict(entry, **({SYNCED: True} if synced else {}))
+    key = os.path.abspath(path)
+    ident = _identity(path)
+    with _lock:
+        _records.pop(key, None)
+        _records[key] = (ident, value)
+        while len(_records) > _MAX_RECORDS:
+            del _records[next(iter(_records))]
+
+
+def moved(old: str, new: str) -> None:
+    """A recorded file was renamed (the identity check survives a rename)."""
+    with _lock:
+        rec = _records.pop(os.path.abspath(old), None)
+        if rec is not None:
+            _records[os.path.abspath(new)] = rec
+
+
+def forget(root: str) -> None:
+    """Drop the records of files under ``root`` (a staging dir whose manifest is written)."""
+    prefix = os.path.join(os.path.abspath(root), "")
+    with _lock:
+        for key in [k for k in _records if k.startswith(prefix)]:
+            del _records[key]
+
+
+def recorded(path: str) -> Optional[dict]:
+    """The digest recorded for ``path`` (consumed), if the file is still the one it was taken of."""
+    with _lock:
+        rec = _records.pop(os.path.abspath(path), None)
+    if rec is None:
+        return None
+    try:
+        same = _identity(path) == rec[0]
+    except OSError:
+        return None
+    return dict(rec[1]) if same else None
+
+
+class HashingFile:
+    """A binary file being written, hashed as its bytes go out.
+
+    Only sequential writes can be hashed on the way: a ``seek`` or ``truncate`` marks the digest
+    invalid (the file is then read back and hashed instead). Everything else is the file's own.
+    """
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.hasher = new_hasher()
+        self.size = 0
+        self.valid = True
+
+    def write(self, data: Any) -> int:
+        n = self.raw.write(data)
+        view = memoryview(data).cast("B")
+        if n is None or n != len(view):
+            self.valid = False  # a partial write of a non-blocking stream: not hashed on the way
+            return n
+        self.hasher.update(view)
+        self.size += n
+        return n
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def seek(self, *args: Any) -> int:
+        self.valid = False
+        return self.raw.seek(*args)
+
+    def truncate(self, *args: Any) -> int:
+        self.valid = False
+        return self.raw.truncate(*args)
+
+    def entry(self) -> Optional[dict]:
+        """The file's manifest entry, or None when it could not be hashed on the way."""
+        return make_entry(self.size, self.hasher) if self.valid else None
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, close, closed, writable, ...
+        return getattr(self.raw, name)
+
+    def __enter__(self) -> "HashingFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.raw.close()
+

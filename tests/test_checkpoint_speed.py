@@ -1,0 +1,162 @@
+"""Checkpoint checksums after the speed work: digests taken while writing equal those of the files
+read back, a flipped byte is caught in every kind of file (format-2 xxh3_128 manifests and old
+format-1 sha256 ones), the DCP round trip is exact, and the benchmark's smoke mode runs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_train.checkpoint import checksum, layout, storage
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def _state():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    return model, opt, {"model": msd, "optim": osd}
+
+
+def _checkpoint(tmp_path, step=3):
+    """A checkpoint as the manager writes one: DCP shards, meta.json, an RNG file, manifest."""
+    staging = tmp_path / "checkpoints" / layout.staging_name(step)
+    os.makedirs(staging / layout.RNG_DIR)
+    with open(staging / layout.rng_file(0), "wb") as f:
+        torch.save({"torch": torch.get_rng_state()}, f)
+    layout.write_json_atomic(str(staging / layout.META), {"step": step})
+    model, opt, sd = _state()
+    storage.save(sd, str(staging / layout.DCP_DIR))
+    files = layout.describe_files(str(staging), layout.list_files(str(staging)))
+    layout.write_manifest(str(staging), step, files)
+    final = tmp_path / "checkpoints" / layout.step_name(step)
+    layout.commit(str(staging), str(final))
+    return final, model, opt
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_digests_taken_while_writing_equal_the_files_read_back(tmp_path):
+    staging = tmp_path / "s"
+    os.makedirs(staging)
+    layout.write_json_atomic(str(staging / "meta.json"), {"a": 1})
+    _model, _opt, sd = _state()
+    storage.save(sd, str(staging / "dcp"))
+    rels = layout.list_files(str(staging))
+    assert {"meta.json", "dcp/.metadata"} <= set(rels) and any(r.endswith(".distcp") for r in rels)
+    during = {rel: checksum.recorded(str(staging / rel)) for rel in rels}
+    assert all(during.values()), during  # every file was hashed on the way out, none read back
+    for rel, entry in during.items():
+        assert entry.pop(checksum.SYNCED) is True  # the writers fsynced them
+        assert entry == checksum.hash_file(str(staging / rel)), rel
+    # Consumed once; a file changed after its digest was taken is never described by that digest.
+    assert checksum.recorded(str(staging / "meta.json")) is None
+    layout.write_json_atomic(str(staging / "meta.json"), {"a": 1})
+    with open(staging / "meta.json", "ab") as f:
+        f.write(b" ")
+    described = layout.describe_files(str(staging), ["meta.json"])["meta.json"]
+    assert described == checksum.hash_file(str(staging / "meta.json")) and checksum.SYNCED not in described
+
+
+def test_hashing_file_gives_up_on_non_sequential_writes(tmp_path):
+    with open(tmp_path / "x", "wb") as raw:
+        f = checksum.HashingFile(raw)
+        f.write(b"abc")
+        f.write(memoryview(b"defg"))
+        raw.flush()
+        assert f.entry() == checksum.hash_file(str(tmp_path / "x")) and f.entry()["size"] == 7
+        f.seek(0)
+        f.write(b"z")
+        assert f.entry() is None
+
+
+def test_manifest_format_2_records_xxh3_and_the_dcp_round_trip_is_exact(tmp_path):
+    ckpt, model, opt = _checkpoint(tmp_path)
+    manifest = json.loads((ckpt / layout.MANIFEST).read_text())
+    assert manifest["format"] == layout.FORMAT == "dist_train.checkpoint/2"
+    assert all(set(e) == {"size", "xxh3_128"} for e in manifest["files"].values()), manifest["files"]
+    assert layout.verify(str(ckpt)) == []
+    # Loading (tensors handed over whole where possible) gives back exactly the saved state.
+    fresh_model, fresh_opt, sd = _state()
+    for p in fresh_model.parameters():
+        p.data.zero_()
+    for s in fresh_opt.state.values():
+        for v in s.values():
+            if torch.is_tensor(v):
+                v.zero_()
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    sd = {"model": sd["model"], "optim": sd["optim"]}
+    storage.load(sd, str(ckpt / layout.DCP_DIR))
+    set_state_dict(fresh_model, fresh_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
+        assert torch.equal(a, b)
+    for (ka, a), (kb, b) in zip(sorted(opt.state_dict()["state"].items()), sorted(fresh_opt.state_dict()["state"].items())):
+        assert ka == kb and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+
+@pytest.mark.parametrize("old_format", [False, True], ids=["xxh3_128", "sha256-format-1"])
+def test_a_flipped_byte_is_caught_in_every_file(tmp_path, old_format):
+    ckpt, _m, _o = _checkpoint(tmp_path)
+    if old_format:  # rewrite the manifest as format 1 wrote it: sha256 entries
+        manifest = json.loads((ckpt / layout.MANIFEST).read_text())
+        manifest["format"] = "dist_train.checkpoint/1"
+        manifest["files"] = {rel: {"size": e["size"], "sha256": hashlib.sha256((ckpt / rel).read_bytes()).hexdigest()}
+                             for rel, e in manifest["files"].items()}
+        (ckpt / layout.MANIFEST).write_text(json.dumps(manifest))
+    rels = layout.list_files(str(ckpt))
+    kinds = {"meta.json", "dcp/.metadata", layout.rng_file(0)} | {r for r in rels if r.endswith(".distcp")}
+    assert kinds == set(rels) and layout.verify(str(ckpt)) == []
+    algorithm = "sha256" if old_format else "xxh3_128"
+    for rel in rels:
+        size = (ckpt / rel).stat().st_size
+        for offset in (0, size // 2, size - 1):  # first, middle and last byte
+            original = (ckpt / rel).read_bytes()
+            _flip(ckpt / rel, offset)
+            errors = layout.verify(str(ckpt))
+            assert len(errors) == 1 and errors[0].startswith(f"{rel}: {algorithm} ") and "corrupt" in errors[0], errors
+            (ckpt / rel).write_bytes(original)
+    assert layout.verify(str(ckpt)) == []
+
+
+def test_an_entry_without_a_checksum_does_not_verify(tmp_path):
+    ckpt, _m, _o = _checkpoint(tmp_path)
+    manifest = json.loads((ckpt / layout.MANIFEST).read_text())
+    del manifest["files"]["meta.json"]["xxh3_128"]
+    (ckpt / layout.MANIFEST).write_text(json.dumps(manifest))
+    assert layout.verify(str(ckpt)) == ["meta.json: no checksum in the manifest (expected one of xxh3_128, sha256)"]
+
+
+def test_zip_crc_setting_is_restored_after_a_dcp_write(tmp_path):
+    from torch.utils.serialization import config
+
+    assert config.save.compute_crc32 is True
+    _model, _opt, sd = _state()
+    storage.save(sd, str(tmp_path / "dcp"))
+    assert config.save.compute_crc32 is True
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_mode_runs():
+    out = subprocess.run([sys.executable, "benchmarks/checkpoint_bench.py", "--smoke"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=240, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any(line.lstrip().startswith("save ") and "MB/s" in line and "ratio" in line for line in lines), out.stdout
+    assert any(line.lstrip().startswith("load ") and "MB/s" in line and "ratio" in line for line in lines), out.stdout
+    assert any(line.lstrip().startswith("async ") for line in lines), out.stdout
