@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -213,7 +214,8 @@ class CheckpointManager:
             self._abort(staging)
             raise CheckpointError(f"checkpoint of step {step} aborted: its staging dir cannot be listed")
         try:
-            mine: Optional[Dict[str, dict]] = layout.describe_files(staging, files[self.rank::self.world])
+            mine: Optional[Dict[str, dict]] = layout.describe_files(
+                staging, [f for i, f in enumerate(files) if _writer_of(f, i, self.world) == self.rank])
         except OSError as exc:
             log.error("rank %d could not hash checkpoint files: %s", self.rank, exc)
             mine = None
@@ -266,6 +268,20 @@ class CheckpointManager:
         """Release the staging buffers. A save still in flight here means the run failed: it is
         not waited for (peers may be gone); its staging dir is removed at the next start."""
         self._stager.close()
+
+
+_RANK_FILE = re.compile(r"^(?:rng/rank_(\d+)\.pt|dcp/__(\d+)_\d+\.distcp)$")
+
+
+def _writer_of(rel: str, index: int, world: int) -> int:
+    """The rank that wrote ``rel``, whose checksums were taken during the write (so describing it
+    costs no read); files of no particular rank are shared out round-robin."""
+    m = _RANK_FILE.match(rel)
+    if m:
+        rank = int(m.group(1) or m.group(2))
+        if rank < world:
+            return rank
+    return index % world
 
 
 def _torch_save(obj: Any, path: str) -> None:

@@ -19,7 +19,7 @@ import pickle
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -283,20 +283,3 @@ def load_tensors(dcp_dir: str, prefix: str = "model.") -> Dict[str, torch.Tensor
 def load_full_model(dcp_dir: str) -> Dict[str, torch.Tensor]:
     """The consolidated model weights of a checkpoint: ``{parameter/buffer name: tensor}``."""
     return load_tensors(dcp_dir, "model.")
-
-
-def param_shape_mismatches(stored: Dict[str, Tuple[tuple, Any]], current: Dict[str, tuple],
-                           limit: int = 5) -> Optional[str]:
-    """A readable description of how two ``{name: shape}`` sets differ, else None."""
-    problems = []
-    missing = sorted(set(current) - set(stored))
-    extra = sorted(set(stored) - set(current))
-    if missing:
-        problems.append(f"this model has parameters the checkpoint lacks: {', '.join(missing[:limit])}")
-    if extra:
-        problems.append(f"the checkpoint has parameters this model lacks: {', '.join(extra[:limit])}")
-    wrong = [f"{k} {list(stored[k][0])} in the checkpoint vs {list(current[k])} here"
-             for k in sorted(set(stored) & set(current)) if tuple(stored[k][0]) != tuple(current[k])]
-    if wrong:
-        problems.append("shapes differ: " + "; ".join(wrong[:limit]))
-    return "; ".join(problems) or None
