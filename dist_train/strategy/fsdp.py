@@ -72,6 +72,37 @@ class _FullInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def block_classes(model: nn.Module) -> tuple:
+    """The classes FSDP wraps one unit each: the model's ``block_classes`` when it declares them
+    (dist_train's models do), else its repeated blocks: module classes that occur at least twice
+    as elements of an ``nn.Sequential``/``nn.ModuleList`` and hold parameters of their own children
+    (torchvision's BasicBlock, Bottleneck, InvertedResidual, EncoderBlock; a user's layers)."""
+    declared = getattr(model, "block_classes", None)
+    if declared:
+        return tuple(declared)
+    counts: dict = {}
+    for container in model.modules():
+        if isinstance(container, (nn.Sequential, nn.ModuleList)):
+            for child in container.children():
+                if len(list(child.children())) > 0 and any(True for _ in child.parameters()):
+                    counts[type(child)] = counts.get(type(child), 0) + 1
+    repeated = [cls for cls, n in counts.items() if n >= 2 and cls not in (nn.Sequential, nn.ModuleList)]
+    return tuple(repeated)
+
+
+def outermost(model: nn.Module, classes: tuple) -> list:
+    """Instances of ``classes`` in ``model`` that are not inside another such instance, in module
+    order (one FSDP unit each; a nested match stays part of its outer unit)."""
+    found, inside = [], set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if classes and isinstance(module, classes):
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
+    return found
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
 
@@ -114,7 +145,7 @@ class FSDPStrategy(Strategy):
             mp = MixedPrecisionPolicy(param_dtype=self.precision.dtype, reduce_dtype=DTYPES[fcfg.reduce_dtype])
         offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if fcfg.cpu_offload else OffloadPolicy()
         shard = dict(mesh=mesh, reshard_after_forward=fcfg.reshard_after_forward, mp_policy=mp, offload_policy=offload)
-        blocks = [m for m in model.modules() if isinstance(m, tuple(getattr(model, "block_classes", ())))]
+        blocks = outermost(model, block_classes(model))
         for block in blocks:
             if fcfg.activation_checkpointing:
                 # The composable form adds hooks in place: parameter names (and so checkpoints)
