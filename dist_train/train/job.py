@@ -78,7 +78,7 @@ def run_job(job, cluster: ClusterEnv) -> int:
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(to_yaml(job))
     set_cpu_threads(cluster)
-    metrics = build_metric_logger(run_dir, cluster.is_rank0, job.logging.mlflow)
+    metrics = build_metric_logger(run_dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
     state = TrainState()
     code = 1
     try:
