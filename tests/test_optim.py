@@ -236,3 +236,27 @@ def test_lr_factor_accepts_any_section_object():
     """The factories read attributes only (the lead's Python API may pass its own objects)."""
     cfg = SimpleNamespace(schedule="step", warmup_steps=0, step_size=2, gamma=0.5, max_steps=10, min_lr_ratio=0.0)
     assert [lr_factor(s, cfg) for s in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+@pytest.mark.slow
+def test_param_groups_and_schedule_survive_fsdp_and_deepspeed(tmp_path, ok):
+    """Real jobs: SGD + Nesterov, a step schedule and no decay on biases and LayerNorm weights
+    give single's losses under fsdp and DeepSpeed ZeRO-3 (2 ranks x 8 == 1 x 16), and the second
+    param group really matters (decaying everything gives other losses)."""
+    from tests.test_parity import COMMON as PARITY, TOL, run_cli_batch, series, worst
+
+    args = [*PARITY, "train.optimizer=sgd", "train.nesterov=true", "train.lr=0.05", "train.weight_decay=0.5",
+            "train.schedule=step", "train.step_size=3", "train.gamma=0.5"]
+    ok(run_cli_batch([[*args, "strategy.name=single", "data.batch_size=16", "train.decay_norm_and_bias=false",
+                       f"run.dir={tmp_path / 'single'}"],
+                      [*args, "strategy.name=single", "data.batch_size=16", f"run.dir={tmp_path / 'decay_all'}"]],
+                     nproc=0))
+    ok(run_cli_batch([[*args, f"strategy.name={name}", *extra, "data.batch_size=8", "train.decay_norm_and_bias=false",
+                       f"run.dir={tmp_path / name}"] for name, extra in (("fsdp", []), ("deepspeed", ["strategy.zero_stage=3"]))],
+                     nproc=2))
+    ref = series(tmp_path / "single", "loss")
+    assert worst(series(tmp_path / "fsdp", "loss"), ref) < TOL
+    assert worst(series(tmp_path / "deepspeed", "loss"), ref) < TOL
+    assert worst(series(tmp_path / "decay_all", "loss"), ref) > 10 * TOL
+    lrs_logged = series(tmp_path / "deepspeed", "lr")
+    assert lrs_logged == series(tmp_path / "single", "lr")
