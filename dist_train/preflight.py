@@ -34,6 +34,12 @@ def preflight(job, cluster: ClusterEnv, user=None) -> None:
             check_model_compatible(job.model.name, dataset_task(job.data.name))
         except ValueError as exc:
             raise ConfigError("model.name", str(exc)) from None
+    if not own_data and job.data.name in dataset_names():
+        from dist_train.data.transforms import preprocessing_problem
+
+        problem = preprocessing_problem(job.data, dataset_task(job.data.name))
+        if problem:
+            raise ConfigError(*problem)
     if job.task.name and not (user is not None and user.task is not None):
         plugins.check_name("task.name", job.task.name, task_names())
     if job.model.init_from and not os.path.exists(job.model.init_from):

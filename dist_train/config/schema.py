@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant", "linear")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "linear", "constant", "step", "multistep", "exponential")
+INIT_SCHEMES = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal")
+# Image augmentations by name (dist_train/data/transforms.py builds each with fixed parameters).
+AUGMENTATIONS = ("random_crop", "random_resized_crop", "hflip", "vflip", "rotation", "color_jitter",
+                 "gaussian_blur", "random_erasing")
 FAULTS = ("after_shards", "slow_write", "step_sleep")
 
 
@@ -120,9 +124,12 @@ class ModelConfig:
                             "[conv*, layer1.*]; the optimizer only sees trainable parameters", factory=list)
     dropout: float = doc(0.0, "dropout probability; 0 means no dropout layers act")
     hidden: int = doc(128, "hidden width of cnn and mlp")
+    init: str = doc("default", "weight init of Linear and Conv layers after the model's own (biases zeroed): "
+                    "default (keep the model's), xavier_uniform, xavier_normal, kaiming_uniform, kaiming_normal, orthogonal")
     gpt: GPTConfig = doc(help="gpt size", factory=GPTConfig)
 
     def __post_init__(self) -> None:
+        _one_of(self.init, INIT_SCHEMES, "model.init")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
         _require(self.hidden >= 1, "model.hidden", f"must be >= 1; got {self.hidden}")
 
@@ -140,8 +147,17 @@ class DataConfig:
     prefetch_factor: int = doc(2, "batches each worker loads ahead")
     seq_len: int = doc(128, "tokens per sample for language datasets")
     synthetic_samples: int = doc(8192, "train samples of synthetic datasets")
+    augment: List[str] = doc(None, "image datasets: random augmentations of training samples, in order, from "
+                             + ", ".join(AUGMENTATIONS) + "; seeded per (run.seed, epoch, sample)", factory=list)
+    normalize: bool = doc(True, "image datasets: standardise pixels with the dataset's mean and std; "
+                          "false: pixels in [0, 1]")
+    resize: int = doc(0, "image datasets: resize images to resize x resize pixels, train and eval (0: keep the size)")
 
     def __post_init__(self) -> None:
+        for i, name in enumerate(self.augment):
+            _require(name in AUGMENTATIONS, f"data.augment[{i}]",
+                     f"unknown augmentation {name!r}; choose from {', '.join(AUGMENTATIONS)}")
+        _require(self.resize >= 0, "data.resize", f"must be >= 0 (0: no resize); got {self.resize}")
         for key in ("batch_size", "eval_batch_size", "prefetch_factor", "seq_len", "synthetic_samples"):
             value = getattr(self, key)
             _require(value >= 1, f"data.{key}", f"must be >= 1; got {value}")
@@ -153,14 +169,22 @@ class TrainConfig:
     max_steps: int = doc(1500, "optimizer steps to run in total (a resumed run counts the steps already done)")
     grad_accum_steps: int = doc(1, "micro-batches per optimizer step")
     precision: str = doc("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; needs a GPU)")
-    optimizer: str = doc("adamw", "adamw or sgd")
+    optimizer: str = doc("adamw", "adamw, adam or sgd (torch.optim.AdamW, Adam, SGD)")
     lr: float = doc(1e-3, "peak learning rate")
-    weight_decay: float = doc(0.01, "decoupled weight decay (adamw) or L2 (sgd)")
-    betas: List[float] = doc(None, "adamw betas", factory=lambda: [0.9, 0.999])
+    weight_decay: float = doc(0.01, "decoupled weight decay (adamw) or L2 (adam, sgd)")
+    decay_norm_and_bias: bool = doc(True, "false: no weight decay on biases and normalisation weights (parameters "
+                                    "with ndim <= 1; a second param group with weight_decay 0)")
+    betas: List[float] = doc(None, "adamw and adam betas", factory=lambda: [0.9, 0.999])
     momentum: float = doc(0.9, "sgd momentum")
-    schedule: str = doc("cosine", "learning-rate schedule after warmup: cosine, linear or constant")
-    warmup_steps: int = doc(50, "linear warmup steps from 0 to train.lr")
+    nesterov: bool = doc(False, "sgd: Nesterov momentum (needs train.momentum > 0)")
+    schedule: str = doc("cosine", "learning-rate schedule after warmup: cosine, linear, constant, step (StepLR), "
+                        "multistep (MultiStepLR) or exponential (ExponentialLR)")
+    warmup_steps: int = doc(50, "linear warmup steps from 0 to train.lr; the schedule counts its steps after them")
     min_lr_ratio: float = doc(0.1, "final learning rate as a fraction of train.lr (cosine, linear)")
+    step_size: int = doc(500, "step schedule: multiply the learning rate by train.gamma every this many steps")
+    milestones: List[int] = doc(None, "multistep schedule: steps (after warmup) at which the learning rate is "
+                                "multiplied by train.gamma", factory=list)
+    gamma: float = doc(0.1, "decay factor of the step, multistep (per milestone) and exponential (per step) schedules")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this (0: no clipping)")
 
     def __post_init__(self) -> None:
@@ -175,6 +199,17 @@ class TrainConfig:
                  f"must be two numbers in [0, 1); got {list(self.betas)}")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(self.momentum >= 0, "train.momentum", f"must be >= 0; got {self.momentum}")
+        if self.nesterov:
+            _require(self.optimizer == "sgd", "train.nesterov", f"applies to train.optimizer=sgd only; got {self.optimizer}")
+            _require(self.momentum > 0, "train.nesterov", "needs train.momentum > 0")
+        _require(self.step_size >= 1, "train.step_size", f"must be >= 1; got {self.step_size}")
+        _require(0 < self.gamma <= 1, "train.gamma", f"must be in (0, 1]; got {self.gamma}")
+        _require(all(m >= 1 for m in self.milestones), "train.milestones",
+                 f"must be steps >= 1; got {list(self.milestones)}")
+        if self.schedule == "multistep":
+            _require(len(self.milestones) > 0, "train.milestones",
+                     "train.schedule=multistep needs at least one milestone, e.g. train.milestones=[300,600]")
         _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
 
 
@@ -207,7 +242,7 @@ class CheckpointConfig:
 class MLflowConfig:
     enabled: bool = doc(True, "log the run to MLflow (rank 0 only)")
     tracking_uri: str = doc("", "MLflow tracking URI (http://host:5000, sqlite:///file.db, ...); '' = "
-                            "sqlite:///<run.dir>/mlflow.db. Credentials: MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN")
+                            "$MLFLOW_TRACKING_URI if set, else sqlite:///<run.dir>/mlflow.db. Credentials: MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN")
     experiment: str = doc("dist_train", "MLflow experiment name")
     log_model: bool = doc(False, "log the final checkpoint's weights as model/model.safetensors (a completed run)")
     flush_timeout_s: float = doc(30.0, "wait at most this long for MLflow: for the run to open at start, "
@@ -224,6 +259,11 @@ class MLflowConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = doc(False, "rank 0 also writes the logged scalars to <run.dir>/tensorboard (torch.utils.tensorboard)")
+
+
+@dataclass
 class LoggingConfig:
     every_steps: int = doc(10, "how often rank 0 logs metrics (metrics.jsonl, MLflow, console)")
     progress_bar: str = doc("auto", "auto (a bar on a terminal, log lines otherwise), on or off")
@@ -231,6 +271,7 @@ class LoggingConfig:
     grad_norms: int = doc(0, "at logging steps, also log the gradient norms of the K modules with the largest ones "
                           "(grad_norm/<module>; 0: off)")
     mlflow: MLflowConfig = doc(help="MLflow tracking", factory=MLflowConfig)
+    tensorboard: TensorBoardConfig = doc(help="TensorBoard event files", factory=TensorBoardConfig)
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, "logging.every_steps", f"must be >= 1; got {self.every_steps}")

@@ -1,7 +1,9 @@
 """Image classification datasets: fashion_mnist, digits, synthetic_images.
 
-All are in-memory float32 tensors, normalised, deterministic and free of augmentation, so that a
-run is reproducible and the data pipeline never is the bottleneck being measured.
+All are in-memory float32 tensors, normalised and deterministic, so that a run is reproducible
+and the data pipeline never is the bottleneck being measured. Resizing and seeded augmentation
+are opt-in (`data.resize`, `data.augment`: see `transforms.py`); fashion_mnist and digits record
+the mean and std they were standardised with (`pixel_norm`), so that those can work on pixels.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def _load_fashion_split(root: Path, prefix: str) -> InMemoryDataset:
     if int(labels.max()) > 9:
         raise ValueError(f"{root}: {prefix} labels exceed 9 (max {int(labels.max())})")
     x = images.to(torch.float32).div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD).unsqueeze(1)
-    return InMemoryDataset(x, labels.to(torch.int64), name=f"fashion_mnist/{prefix}")
+    return InMemoryDataset(x, labels.to(torch.int64), name=f"fashion_mnist/{prefix}",
+                           pixel_norm=(FASHION_MNIST_MEAN, FASHION_MNIST_STD))
 
 
 @register_dataset("fashion_mnist")
@@ -118,9 +121,10 @@ def build_digits(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, DataInfo]:
     # Normalise with the train split's statistics only, as one would with unseen test data.
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
+    norm = (float(mean), float(std))
     return (
-        InMemoryDataset(images[train_idx].contiguous(), labels[train_idx], name="digits/train"),
-        InMemoryDataset(images[eval_idx].contiguous(), labels[eval_idx], name="digits/eval"),
+        InMemoryDataset(images[train_idx].contiguous(), labels[train_idx], name="digits/train", pixel_norm=norm),
+        InMemoryDataset(images[eval_idx].contiguous(), labels[eval_idx], name="digits/eval", pixel_norm=norm),
         DataInfo("classification", (1, 8, 8), 10),
     )
 

@@ -23,7 +23,8 @@ def _derived_seed(*parts: int) -> int:
 def seed_worker(seed: int, rank: int, worker_id: int) -> None:
     """worker_init_fn: seed torch, numpy and random in a worker from (seed, rank, worker id).
 
-    Our datasets draw no random numbers, but a dataset that does (augmentation) then gets the same
+    Our datasets draw no random numbers from these streams (augmentation seeds each sample from
+    (seed, epoch, index) instead: see `transforms.py`), but one that does then gets the same
     streams in every run, and different streams in every worker of every rank.
     """
     s = _derived_seed(seed, rank, worker_id)
@@ -64,9 +65,11 @@ def build_train_loader(
 
     Shuffled by (seed, epoch), incomplete last global batch dropped. Call `sampler.set_epoch` /
     `sampler.set_position` before `iter(loader)` to choose the epoch and the resume point.
+    A dataset that augments (`needs_sample_seeds`) gets `(index, seed)` pairs from the sampler.
     """
     sampler = ShardedBatchSampler(
-        len(dataset), int(cfg.batch_size), rank, world_size, seed, shuffle=True, drop_last=True
+        len(dataset), int(cfg.batch_size), rank, world_size, seed, shuffle=True, drop_last=True,
+        sample_seeds=bool(getattr(dataset, "needs_sample_seeds", False)),
     )
     return _make_loader(dataset, sampler, cfg, seed, rank, device), sampler
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from dist_train.data.transforms import apply_preprocessing
+
 TASKS = ("classification", "language_model")
 
 
@@ -43,14 +45,19 @@ class InMemoryDataset(Dataset):
     batch `(x[idx], y[idx], idx)` with `idx` the int64 tensor of global dataset indices: the
     DataLoader fetcher calls it when present, so a batch costs one tensor index instead of
     `batch_size` Python calls plus a stack. Use it with `collate_fn=as_batch`.
+
+    `pixel_norm`: for images, the `(mean, std)` that standardised `x` from pixels in [0, 1]
+    (`x = (pixels - mean) / std`), so preprocessing can get the pixels back; None otherwise.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, name: str = "") -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, name: str = "",
+                 pixel_norm: tuple[float, float] | None = None) -> None:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{name}: x has {x.shape[0]} samples but y has {y.shape[0]}")
         self.x = x
         self.y = y
         self.name = name
+        self.pixel_norm = pixel_norm
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -112,7 +119,9 @@ def dataset_task(name: str) -> str:
 
 
 def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, DataInfo]:
-    """Build `(train_ds, eval_ds, info)` for the dataset named by `cfg.name` (the `data` section).
+    """Build `(train_ds, eval_ds, info)` for the dataset named by `cfg.name` (the `data` section),
+    with the image preprocessing of `data.resize`, `data.augment` and `data.normalize` applied
+    (see `transforms.py`; `info.input_shape` is the resized shape).
 
     Raises ValueError for an unknown name and FileNotFoundError when the data files are missing.
     """
@@ -126,4 +135,4 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, DataInfo]:
         raise TypeError(f"dataset builder {name!r} must return a DataInfo, got {type(info).__name__}")
     if info.task != _TASKS[name]:
         raise TypeError(f"dataset {name!r} was registered as {_TASKS[name]!r} but built a {info.task!r} dataset")
-    return train_ds, eval_ds, info
+    return apply_preprocessing(train_ds, eval_ds, info, cfg)

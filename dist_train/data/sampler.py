@@ -9,6 +9,10 @@ The global order depends only on (seed, epoch), never on the world size:
 So W ranks with micro-batch B together see exactly what one process sees with micro-batch W*B,
 consecutive micro-batches compose exactly under gradient accumulation, and a run can resume
 mid-epoch from a global sample position on a different number of ranks.
+
+With `sample_seeds=True` each index comes paired with its sample's seed, a hash of
+(seed, epoch, index): what a randomly augmenting dataset seeds its draws with, so that a sample's
+augmentation is the same whichever rank, worker or resumed run loads it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,29 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixed hash of uint64 values (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, indices: Any) -> list[int]:
+    """The seed of each sample ``index`` in ``epoch`` of a run seeded ``seed``: 63-bit ints, a hash
+    of the three numbers (neighbouring seeds, epochs and indices give unrelated streams)."""
+    idx = np.asarray(indices, dtype=np.uint64).reshape(-1)
+    with np.errstate(over="ignore"):
+        head = _mix64(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + _GOLDEN)
+        head = _mix64(head ^ (np.uint64(int(epoch) & 0xFFFFFFFFFFFFFFFF) + _GOLDEN))
+        out = _mix64(head ^ (idx + _GOLDEN))
+    return (out >> np.uint64(1)).astype(np.int64).tolist()
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -33,6 +58,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
     The order of a pass is fixed when the pass starts (at `iter()`), so `set_epoch` and
     `set_position` take effect at the next `iter(loader)`, also with persistent workers, since
     the batch sampler runs in the main process.
+
+    `sample_seeds=True`: micro-batches are lists of `(index, sample_seeds(seed, epoch, index))`
+    pairs instead of indices, for a dataset that augments each sample with its own seed.
     """
 
     def __init__(
@@ -44,6 +72,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         seed: int,
         shuffle: bool = True,
         drop_last: bool = True,
+        sample_seeds: bool = False,
     ) -> None:
         if num_samples < 0 or micro_batch_size < 1 or world_size < 1:
             raise ValueError(
@@ -59,6 +88,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
+        self.sample_seeds = bool(sample_seeds)
         self.epoch = 0
         self.position = 0  # global samples of the epoch consumed before the next pass starts
         self._pass_start = 0  # position at which the pass in progress started
@@ -113,7 +143,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
         # create the iterator well before it pulls the first batch.
         gbs, b, r = self.global_batch_size, self.micro_batch_size, self.rank
         start_batch = self.position // gbs
-        order = self.global_order()[: self.batches_per_epoch * gbs].tolist()
+        order: list[Any] = self.global_order()[: self.batches_per_epoch * gbs].tolist()
+        if self.sample_seeds:
+            order = list(zip(order, sample_seeds(self.seed, self.epoch, order)))
         batches = [
             order[k * gbs + r * b : k * gbs + (r + 1) * b] for k in range(start_batch, self.batches_per_epoch)
         ]

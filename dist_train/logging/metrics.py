@@ -117,8 +117,9 @@ class NullMetricLogger:
         pass
 
 
-def build_metric_logger(run_dir: str, is_rank0: bool, mlflow_cfg=None):
-    """Rank 0: metrics.jsonl, plus MLflow when ``mlflow_cfg.enabled``; other ranks: a no-op."""
+def build_metric_logger(run_dir: str, is_rank0: bool, mlflow_cfg=None, tensorboard_cfg=None):
+    """Rank 0: metrics.jsonl, plus MLflow when ``mlflow_cfg.enabled`` and TensorBoard when
+    ``tensorboard_cfg.enabled``; other ranks: a no-op."""
     if not is_rank0:
         return NullMetricLogger()
     logger = MetricLogger(os.path.join(run_dir, "metrics.jsonl"))
@@ -129,4 +130,11 @@ def build_metric_logger(run_dir: str, is_rank0: bool, mlflow_cfg=None):
             logger.add_sink(MLflowSink(mlflow_cfg, run_dir))
         except Exception as exc:
             log.warning("MLflow logging is off for this run: %s", exc)
+    if tensorboard_cfg is not None and tensorboard_cfg.enabled:
+        try:
+            from dist_train.logging.tensorboard import TensorBoardSink
+
+            logger.add_sink(TensorBoardSink(run_dir))
+        except Exception as exc:
+            log.warning("TensorBoard logging is off for this run: %s", exc)
     return logger

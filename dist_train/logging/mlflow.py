@@ -40,14 +40,21 @@ PUMP_INTERVAL_S = 0.2  # the pipe is fed in batches: the pump thread wakes 5 tim
 CLOSE_GRACE_S = 3.0    # beyond flush_timeout_s, for the writer to set the final status and exit
 
 
+def _configured_uri(cfg) -> str:
+    """``logging.mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI`` (MLflow's own convention), else ''."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+
+
 def tracking_uri(cfg, run_dir: str) -> str:
-    """``logging.mlflow.tracking_uri``, or the embedded store: a SQLite file in the run dir."""
-    return cfg.tracking_uri or "sqlite:///" + os.path.abspath(os.path.join(run_dir, "mlflow.db"))
+    """``logging.mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store:
+    a SQLite file in the run dir."""
+    return _configured_uri(cfg) or "sqlite:///" + os.path.abspath(os.path.join(run_dir, "mlflow.db"))
 
 
 def artifact_location(cfg, run_dir: str) -> Optional[str]:
-    """Artifacts of the embedded store live next to it; a server decides for itself."""
-    return None if cfg.tracking_uri else os.path.abspath(os.path.join(run_dir, "mlartifacts"))
+    """Artifacts of the embedded store live next to it; a server (or a store named by the
+    config or the environment) decides for itself."""
+    return None if _configured_uri(cfg) else os.path.abspath(os.path.join(run_dir, "mlartifacts"))
 
 
 # --- what a run records ---------------------------------------------------------------------

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dist_train.models.init import attach_init
+
 Builder = Callable[[Any, Any], nn.Module]
 
 
@@ -78,6 +80,9 @@ def build_model(cfg: Any, info: Any) -> nn.Module:
         model.to_empty(device=device)
         torch.manual_seed(seed)
         model.init_weights()                 # == build_model(cfg, info) after torch.manual_seed(seed)
+
+    ``cfg.init`` (``model.init``) other than ``default`` re-initialises Linear and Conv layers
+    after the model's own init, inside ``init_weights()`` (see ``models/init.py``).
     """
     check_model_compatible(cfg.name, info.task)
     # Read the device before entering our own meta context: a caller's `with torch.device("meta")`
@@ -86,6 +91,9 @@ def build_model(cfg: Any, info: Any) -> nn.Module:
     with torch.device("meta"):
         model = _REGISTRY[cfg.name].builder(cfg, info)
     model.to_empty(device=device)
+    # model.init (xavier_uniform, orthogonal, ...) becomes part of init_weights(), so FSDP's
+    # re-run of init_weights() on the shards applies it too.
+    attach_init(model, getattr(cfg, "init", "default"))
     model.init_weights()
     return model
 

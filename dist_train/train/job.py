@@ -74,7 +74,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         with open(os.path.join(job.run.dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(to_yaml(job))
     set_cpu_threads(cluster)
-    metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow)
+    metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
     state, code, error = TrainState(), 1, None
     try:
         with process_group(cluster, always=strategy_class(name).needs_process_group) as device:

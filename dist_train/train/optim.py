@@ -2,43 +2,106 @@
 
 Both are returned as factories: the strategy calls them after it has wrapped or sharded the
 model, because FSDP and DeepSpeed replace the parameters the optimizer must hold.
+
+Every schedule is one ``LambdaLR`` over :func:`lr_factor`, so any strategy (DeepSpeed included)
+steps it and checkpoints its state the same way. Its values equal torch's own schedulers step
+by step (tests/test_optim.py), with the warmup as ``SequentialLR``'s first phase:
+
+    warmup    LinearLR(start_factor=1/warmup_steps, total_iters=warmup_steps - 1)
+    cosine    CosineAnnealingLR(T_max=max_steps - warmup_steps, eta_min=min_lr_ratio * lr)
+    linear    LinearLR(1.0, min_lr_ratio, total_iters=max_steps - warmup_steps)
+    constant  ConstantLR(factor=1.0)
+    step      StepLR(step_size, gamma)
+    multistep MultiStepLR(milestones, gamma)
+    exponential ExponentialLR(gamma)
+
+The schedule after warmup counts its steps from the end of the warmup (as ``SequentialLR``
+restarts its second scheduler there).
 """
 from __future__ import annotations
 
+import bisect
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Dict, Iterable, List
 
 import torch
 from torch import nn
 
 
+def param_groups(params: Iterable[nn.Parameter], cfg) -> List[Dict[str, Any]]:
+    """The trainable parameters as optimizer param groups.
+
+    ``train.decay_norm_and_bias=false``: two groups, the second (biases and normalisation
+    weights, i.e. every parameter with ``ndim <= 1``) with ``weight_decay=0``. ``ndim`` is the
+    full parameter's, also for FSDP's DTensor shards, so every rank sorts the same way.
+    """
+    params = [p for p in params if p.requires_grad]
+    if cfg.decay_norm_and_bias or cfg.weight_decay == 0:
+        return [{"params": params}]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim <= 1]
+    # An empty group is dropped: DeepSpeed's ZeRO optimizers cannot flatten one.
+    return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
 def make_optimizer_factory(cfg) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
+    """``make(params) -> optimizer`` for ``train.optimizer`` (adamw, adam, sgd)."""
+
     def make(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        params = [p for p in params if p.requires_grad]
+        groups = param_groups(params, cfg)
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                   weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adam":  # weight decay as an L2 term in the gradient (torch's Adam)
+            return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        raise ValueError(f"train.optimizer={cfg.optimizer!r} is not one of adamw, adam, sgd")
 
     return make
 
 
-def lr_factor(step: int, cfg) -> float:
-    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warmup, then decay."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warmup: ``(step + 1) / warmup_steps`` over the first ``warmup_steps`` steps."""
+    return (step + 1) / warmup_steps
+
+
+def decay_factor(t: int, cfg) -> float:
+    """Multiplier ``t`` steps after the warmup ended, for ``cfg.schedule``."""
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "step":
+        return cfg.gamma ** (t // cfg.step_size)
+    if cfg.schedule == "multistep":
+        # bisect_right counts the milestones already reached; a repeated milestone counts twice,
+        # as in MultiStepLR.
+        return cfg.gamma ** bisect.bisect_right(sorted(cfg.milestones), t)
+    if cfg.schedule == "exponential":
+        return cfg.gamma ** t
     span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    progress = min(t / span, 1.0)
     if cfg.schedule == "linear":
         decay = 1.0 - progress
-    else:
+    elif cfg.schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"train.schedule={cfg.schedule!r} is not a known schedule")
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
 
+def lr_factor(step: int, cfg) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return warmup_factor(step, cfg.warmup_steps)
+    return decay_factor(max(step - cfg.warmup_steps, 0), cfg)
+
+
 def make_scheduler_factory(cfg) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]:
+    """``make(optimizer) -> LambdaLR`` following :func:`lr_factor` (one factor for every param group)."""
+
     def make(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        # A plain function, not a callable object: LambdaLR then keeps it out of its state dict,
+        # which holds only numbers (loadable with weights_only, whatever the schedule).
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
     return make

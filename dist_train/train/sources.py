@@ -134,6 +134,10 @@ def make_model(cfg, info, user_model: Any = None) -> nn.Module:
         module, key = plugins.call_builder(builder, "model.name", dict(cfg.args), info), "model.name"
     if not isinstance(module, nn.Module):
         raise ConfigError(key, f"the model must be a torch.nn.Module; got {type(module).__name__}")
+    if cfg.init != "default":  # model.init on a module dist_train did not build: Linear and Conv layers
+        from dist_train.models.init import apply_init
+
+        apply_init(module, cfg.init)
     return module
 
 
