@@ -1,0 +1,40 @@
+"""A user's script: a plain nn.Module and TensorDataset through dist_train.fit.
+
+Each rank seeds its own init differently on purpose: fit must start every rank from rank 0's
+weights. The model returns a tuple, which the classification task handles.
+    python fit_parity.py key=value ...  |  torchrun --nproc_per_node=2 fit_parity.py key=value ...
+"""
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import dist_train
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(8, 32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        return self.out(h), h  # (prediction, extras): the task takes the first
+
+
+if __name__ == "__main__":
+    rank = int(os.environ.get("RANK", "0"))
+    torch.manual_seed(100 + rank)  # different weights on every rank
+    model = Plain()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = (x[:, :4] * x[:, 4:]).argmax(dim=1)
+    summary = dist_train.fit(model, TensorDataset(x, y), TensorDataset(x[:128], y[:128]), task="classification",
+                             overrides=sys.argv[1:])
+    run_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("run.dir="))
+    with open(os.path.join(run_dir, f"fit.rank{rank}.json"), "w") as f:
+        json.dump({k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}, f)

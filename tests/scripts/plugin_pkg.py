@@ -1,0 +1,29 @@
+"""An import-path model, dataset and task for the CLI tests (``tests/scripts`` is the working dir)."""
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def build_net(args, info):
+    return nn.Sequential(nn.Linear(6, int(args.get("hidden", 16))), nn.ReLU(), nn.Linear(int(args.get("hidden", 16)), 1))
+
+
+def build_data(args):
+    g = torch.Generator().manual_seed(int(args.get("seed", 0)))
+    x = torch.randn(int(args.get("n", 256)), 6, generator=g)
+    y = x.sum(dim=1, keepdim=True)
+    return TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:]), {"task": "regression"}
+
+
+def l1_task(model, batch):
+    x, y = batch[0], batch[1]
+    pred = model(x)
+    return (pred - y).abs().mean(), {"max_err": (pred - y).abs().max()}
+
+
+def raises(args, info):
+    raise RuntimeError("the builder's own message")
+
+
+def not_a_module(args, info):
+    return 42

@@ -1,0 +1,179 @@
+"""Your own model, data and loss: dist_train.fit, import paths, entry points, the torchvision zoo,
+init_from and freeze, all through real runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, clean_env, free_port, ok, read_metrics, read_summary, run_cli, train_losses  # noqa: F401
+from dist_train import cli
+
+SCRIPTS = REPO / "tests" / "scripts"
+FIT = ["train.max_steps=10", "train.warmup_steps=0", "train.lr=0.05", "logging.every_steps=1", "data.num_workers=0",
+       "logging.mlflow.enabled=false", "logging.progress_bar=off", "checkpoint.resume=never", "eval.max_batches=2"]
+
+
+def python_or_torchrun(script: Path, args, nproc: int, cwd: Path = REPO, timeout: float = 300):
+    launcher = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                                                    f"--master_port={free_port()}"]
+    return subprocess.run([*launcher, str(script), *args], cwd=cwd, env=clean_env(), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_a_plain_module_trains_alike_under_every_strategy_through_fit(tmp_path, ok):
+    """single (1 x 16) == ddp, fsdp, ZeRO-3 (2 x 8) step by step in fp32, although every rank
+    initialised the module differently: fit starts all of them from rank 0's weights."""
+    runs = {"single": (["strategy.name=single", "data.batch_size=16"], 0),
+            "ddp": (["strategy.name=ddp", "data.batch_size=8"], 2),
+            "fsdp": (["strategy.name=fsdp", "data.batch_size=8"], 2),
+            "zero3": (["strategy.name=deepspeed", "strategy.zero_stage=3", "data.batch_size=8"], 2)}
+    losses = {}
+    for name, (args, nproc) in runs.items():
+        run = tmp_path / name
+        ok(python_or_torchrun(SCRIPTS / "fit_parity.py", [*FIT, *args, f"run.dir={run}"], nproc))
+        losses[name] = train_losses(run)
+        assert sorted(losses[name]) == list(range(1, 11)), name
+        s = json.loads((run / "fit.rank0.json").read_text())
+        assert s["status"] == "completed" and s["model"] == "fit:Plain" and s["steps"] == 10
+        if nproc:  # the summary comes back on every rank
+            assert json.loads((run / "fit.rank1.json").read_text())["steps"] == 10
+    ref = losses["single"]
+    assert ref[10] < ref[1]
+    for name in ("ddp", "fsdp", "zero3"):
+        worst = max(abs(losses[name][s] - ref[s]) / abs(ref[s]) for s in ref)
+        assert worst < 1e-5, f"{name}: worst relative difference {worst:.2e}"
+
+
+def test_fit_rejects_bad_input_before_any_process_group(tmp_path):
+    import dist_train
+    from torch.utils.data import IterableDataset, TensorDataset
+
+    data = TensorDataset(torch.randn(8, 2), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(dist_train.ConfigError, match="train.max_stepz"):
+        dist_train.fit(torch.nn.Linear(2, 2), data, overrides=["train.max_stepz=3"])
+    with pytest.raises(dist_train.ConfigError, match="strategy.name"):
+        dist_train.fit(torch.nn.Linear(2, 2), data, config={"strategy": {"name": "nope"}})
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(2), 0
+
+    with pytest.raises(dist_train.ConfigError, match="IterableDataset"):
+        dist_train.fit(torch.nn.Linear(2, 2), Stream(), overrides=[f"run.dir={tmp_path}", *FIT])
+    with pytest.raises(dist_train.ConfigError, match="nn.Module"):
+        dist_train.fit(lambda: "not a model", data, overrides=[f"run.dir={tmp_path / 'b'}", *FIT])
+
+
+def test_import_path_model_dataset_and_task_from_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(SCRIPTS)  # the working directory is importable
+    run = tmp_path / "run"
+    code = cli.main(["model.name=plugin_pkg:build_net", "model.args.hidden=8", "data.name=plugin_pkg:build_data",
+                     "task.name=plugin_pkg:l1_task", "data.batch_size=16", *FIT, f"run.dir={run}"])
+    assert code == 0
+    s = read_summary(run)
+    assert s["status"] == "completed" and s["steps"] == 10 and "eval_max_err" in s and "eval_loss" in s
+    assert all("max_err" in r for r in read_metrics(run) if "loss" in r)  # the task's metric, logged
+
+
+@pytest.mark.parametrize("override,key,words", [
+    ("model.name=no_such_module:build", "model.name", "cannot import 'no_such_module'"),
+    ("model.name=plugin_pkg:missing", "model.name", "has no attribute 'missing'"),
+    ("data.name=plugin_pkg:nothing", "data.name", "has no attribute"),
+    ("task.name=plugin_pkg:nope", "task.name", "has no attribute"),
+    ("model.name=torchvision:resnet9000", "model.name", "torchvision has no"),
+    ("model.name=plugin_pkg:raises", "model.name", "the builder's own message"),
+    ("model.name=plugin_pkg:not_a_module", "model.name", "torch.nn.Module"),
+])
+def test_each_bad_import_path_exits_2_naming_the_key(override, key, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(SCRIPTS)
+    assert cli.main(["data.name=digits", *FIT, override, f"run.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and words in err, err
+    assert "Traceback" not in err
+
+
+def test_entry_points_of_an_installed_package(tmp_path, ok):
+    """A package declaring entry points (a real .dist-info on the path, as pip installs it)."""
+    site = tmp_path / "site"
+    (site / "toy_plugins").mkdir(parents=True)
+    (site / "toy_plugins" / "__init__.py").write_text((SCRIPTS / "plugin_pkg.py").read_text())
+    info = site / "toy_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugins\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[dist_train.models]\nsumnet = toy_plugins:build_net\n"
+                                           "[dist_train.datasets]\nsums = toy_plugins:build_data\n"
+                                           "[dist_train.tasks]\nl1 = toy_plugins:l1_task\n")
+    run = tmp_path / "run"
+    env = {"PYTHONPATH": f"{REPO}:{site}"}
+    proc = subprocess.run([sys.executable, "-m", "dist_train", "model.name=sumnet", "data.name=sums", "task.name=l1",
+                           "data.batch_size=16", *FIT, f"run.dir={run}"], cwd=tmp_path, env=clean_env(env),
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    ok(proc)
+    assert read_summary(run)["steps"] == 10 and "eval_max_err" in read_summary(run)
+
+
+def test_torchvision_zoo_model_with_the_datasets_classes(tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["model.name=torchvision:mobilenet_v3_small", "data.name=synthetic_images", "data.batch_size=4",
+                     "data.synthetic_samples=64", "train.max_steps=2", "eval.max_batches=1", "data.eval_batch_size=8",
+                     *FIT[2:], f"run.dir={run}"]) == 0
+    s = read_summary(run)
+    assert s["status"] == "completed" and s["model"] == "torchvision:mobilenet_v3_small"
+
+
+def test_init_from_gives_the_source_models_outputs_and_reports_a_new_head(tmp_path):
+    from types import SimpleNamespace
+
+    from dist_train.config import load_config
+    from dist_train.env.cluster import detect
+    from dist_train.models import build_model
+    from dist_train.train.build import build_training
+
+    info = SimpleNamespace(task="classification", input_shape=(1, 8, 8), num_classes=10, seq_len=None)
+    torch.manual_seed(7)
+    source = build_model(load_config(None, ["model.name=mlp"]).model, info).eval()
+    torch.save({"model": source.state_dict()}, tmp_path / "source.pt")
+    job = load_config(None, ["model.name=mlp", f"model.init_from={tmp_path / 'source.pt'}", "strategy.name=single"])
+    torch.manual_seed(8)  # another init: only the loaded weights can make the outputs equal
+    strategy = build_training(job, detect(), torch.device("cpu"), info)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(strategy.model.eval()(x), source(x))
+    # A new head (3 classes): everything else loads, the head's shape mismatch is reported.
+    from dist_train.train.sources import init_from
+
+    other = build_model(load_config(None, ["model.name=mlp"]).model, SimpleNamespace(**{**vars(info), "num_classes": 3}))
+    report = init_from(other, str(tmp_path / "source.pt"))
+    assert report["shape_mismatch"] == ["out.bias", "out.weight"]
+    assert len(report["loaded"]) == len(source.state_dict()) - len(report["shape_mismatch"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_frozen_parameters_stay_bitwise_unchanged(strategy, tmp_path, ok):
+    from dist_train.checkpoint import storage
+
+    src = tmp_path / "init.pt"
+    torch.manual_seed(3)
+    from dist_train.config import load_config
+    from dist_train.models import build_model
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(task="classification", input_shape=(1, 8, 8), num_classes=10, seq_len=None)
+    torch.save(build_model(load_config(None, ["model.name=mlp"]).model, info).state_dict(), src)
+    run = tmp_path / strategy
+    ok(run_cli(["model.name=mlp", "data.name=digits", f"strategy.name={strategy}", f"model.init_from={src}",
+                "model.freeze=[hidden1.*]", "data.batch_size=16", *FIT, f"run.dir={run}"], nproc=2))
+    before = torch.load(src, weights_only=True)
+    after = storage.load_full_model(str(run / "checkpoints/step_00000010/dcp"))
+    frozen = [k for k in before if k.startswith("hidden1.")]
+    trained = [k for k in before if k not in frozen and before[k].is_floating_point()]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
