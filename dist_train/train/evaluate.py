@@ -40,6 +40,11 @@ class Evaluator:
         self.report(step, self.last, final)
 
 
+def _one_sample(loader):
+    dataset = loader.dataset
+    return dataset.__getitems__([0]) if hasattr(dataset, "__getitems__") else loader.collate_fn([dataset[0]])
+
+
 @torch.no_grad()
 def evaluate(strategy, loader, task: Task, max_batches: int = 0) -> dict:
     """The task's evaluation metrics (loss, accuracy, ...) over the whole split."""
@@ -56,9 +61,9 @@ def evaluate(strategy, loader, task: Task, max_batches: int = 0) -> dict:
         batch = next(it, None) if i < local else None
         weight = 1.0
         if batch is None or batch_size(batch) == 0:
-            batch, weight = first, 0.0  # padding round: forward for the collectives, count nothing
-        if batch is None:
-            raise RuntimeError("evaluation split is empty on this rank; lower data.eval_batch_size")
+            # Padding round: a forward for the collectives, counted with weight 0. A rank whose
+            # shard is empty borrows the split's first sample.
+            batch, weight = (first if first is not None else _one_sample(loader)), 0.0
         first = first if first is not None else batch
         with strategy.autocast():
             part = task.eval_sums(model, to_device(batch, device)) * weight

@@ -73,6 +73,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batch_size(batch: Any) -> int:
+    """Samples in a batch (0 for the empty batch a short evaluation shard ends with)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 0:
+        return 0
     _, target = split_batch(batch)
     return int(target.shape[0]) if isinstance(target, torch.Tensor) and target.dim() else 1
 

@@ -32,7 +32,7 @@ if __name__ == "__main__":
     model = Plain()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=g)
-    y = (x[:, :4] * x[:, 4:]).argmax(dim=1)
+    y = (x[:, :4] + 0.5 * x[:, 4:]).argmax(dim=1)
     summary = dist_train.fit(model, TensorDataset(x, y), TensorDataset(x[:128], y[:128]), task="classification",
                              overrides=sys.argv[1:])
     run_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("run.dir="))
