@@ -82,7 +82,7 @@ def run_job(job, cluster: ClusterEnv) -> int:
     state = TrainState()
     code = 1
     try:
-        with process_group(cluster, always=strategy_name in NEEDS_GROUP) as device:
+        with process_group(cluster, always=strategy_name in NEEDS_GROUP, init_timeout_s=job.dist.init_timeout_s) as device:
             log.info("run %s: %s on %d process(es), device %s, precision %s, run dir %s",
                      job.run.name, strategy_name, cluster.world_size, device.type, job.train.precision, run_dir)
             seed_everything(job.run.seed)
