@@ -207,3 +207,62 @@ def test_bad_init_timeout_is_a_config_error(ok):
     proc = ok(run_cli(["--check", "dist.init_timeout_s=0"]), 2)
     assert "dist.init_timeout_s" in proc.stderr and "Traceback" not in proc.stderr
 
+
+
+# ----------------------------------------------------------------------------- SLURM, torchrun per node
+
+def _slurm_worker(job_name: str, rank: int) -> int:
+    """pid of the live worker of ``rank`` in the SLURM job named ``job_name`` (0 if none)."""
+    want = [f"SLURM_JOB_NAME={job_name}".encode(), f"RANK={rank}".encode()]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if all(w in env for w in want) and any(v.startswith(b"TORCHELASTIC_RUN_ID=") for v in env) and state != "Z":
+            return int(entry)
+    return 0
+
+
+@pytest.fixture
+def slurm_two_nodes():
+    test_slurm = pytest.importorskip("test_slurm")
+    yield from test_slurm._start_cluster(2)
+
+
+@pytest.mark.slurm
+def test_slurm_torchrun_per_node_restarts_after_sigkill(slurm_two_nodes, tmp_path):
+    """DIST_TRAIN_LAUNCHER=torchrun on two simulated nodes (one worker each, c10d rendezvous):
+    the worker on the second node is SIGKILLed after a checkpoint; only that node's torchrun counts
+    a restart, the first node's restarts its worker because the rendezvous moved on, and the new
+    group (formed once, agreed restart count 1 on both ranks) finishes the run."""
+    from test_slurm import RunningJob
+
+    cluster = slurm_two_nodes
+    cluster.env.update(DIST_TRAIN_LAUNCHER="torchrun", DIST_TRAIN_MAX_RESTARTS="2",
+                       DIST_TRAIN_RDZV_PORT=str(free_port()))
+    run_dir = tmp_path / "run"
+    args = [*QUICK, "train.max_steps=100", "checkpoint.every_steps=10", "logging.mlflow.enabled=false",
+            f"run.dir={run_dir}"]
+    job = RunningJob(cluster, args, tmp_path / "job.out", sbatch_opts=["--nodes=2", "--ntasks-per-node=1"],
+                     timeout=360)
+    victim = 0
+    while job.proc.poll() is None and job.remaining() > 0:
+        if last_step(run_dir) >= 12:
+            victim = _slurm_worker(job.name, 1)
+            if victim:
+                os.kill(victim, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    result = job.wait()
+    assert victim, result.explain(cluster)
+    assert result.rc == 0, result.explain(cluster)
+    assert "torchrun on 2 node(s) x 1 process(es), max restarts 2" in result.output, result.output
+    assert result.output.count("process group formed again after 1 restart(s)") == 2, result.explain(cluster)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["steps"] == 100 and summary["world_size"] == 2, summary
+    assert summary["num_nodes"] == 2 and 10 <= summary["resumed_from_step"] < 100, summary
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 101))

@@ -52,8 +52,8 @@ def init_group(cluster: ClusterEnv, device: torch.device, timeout_s: float) -> N
             raise
         store, _restarts = attempt.store, attempt.restarts
         if _restarts:
-            log.warning("process group formed again after %d restart(s); resuming from the newest checkpoint",
-                        _restarts)
+            log.warning("process group formed again after %d restart(s) (this node's launcher counted %d); "
+                        "resuming from the newest checkpoint", _restarts, cluster.elastic_restarts)
     dist.init_process_group(
         backend=backend,
         store=store,
