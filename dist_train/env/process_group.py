@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import logging
 import os
+import time
 from typing import Iterator, Optional
 
 import torch
@@ -45,8 +46,9 @@ def init_group(cluster: ClusterEnv, device: torch.device, timeout_s: float) -> N
         store, _restarts = dist.HashStore(), cluster.elastic_restarts
     else:
         try:
+            started = time.monotonic()  # one budget for both waits
             attempt = open_attempt(cluster, timeout_s)
-            join(attempt, cluster, timeout_s)
+            join(attempt, cluster, timeout_s, since=started)
         except RendezvousTimeout as exc:
             log.error("%s", exc)
             raise

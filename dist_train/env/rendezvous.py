@@ -70,9 +70,9 @@ def _td(seconds: float) -> datetime.timedelta:
 class _Deadline:
     """Remaining time and rate-limited progress messages of one wait."""
 
-    def __init__(self, timeout_s: float, what: Callable[[], str]):
+    def __init__(self, timeout_s: float, what: Callable[[], str], since: Optional[float] = None):
         self.timeout_s, self.what = timeout_s, what
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic() if since is None else since
         self.next_report = self.t0 + min(REPORT_EVERY_S, timeout_s / 3)
 
     def remaining(self) -> float:
@@ -180,11 +180,11 @@ def open_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
     return make(cluster, timeout_s)
 
 
-def join(attempt: Attempt, cluster: ClusterEnv, timeout_s: float) -> None:
+def join(attempt: Attempt, cluster: ClusterEnv, timeout_s: float, since: Optional[float] = None) -> None:
     """Wait until every rank of the group has announced itself in the attempt's store.
 
-    Done in Python before ``init_process_group`` so that a missing rank is reported by number and
-    host, every few seconds, and the wait ends after ``timeout_s`` with an exception.
+    Done in Python before ``init_process_group`` so that a missing rank is reported by number, every
+    few seconds, and the wait ends ``timeout_s`` after ``since`` (default: now) with an exception.
     """
     store = attempt.store
     store.set(f"joined/{cluster.rank}", f"{os.uname().nodename} pid {os.getpid()}")
@@ -199,7 +199,7 @@ def join(attempt: Attempt, cluster: ClusterEnv, timeout_s: float) -> None:
         return (f"waiting for rank(s) {shown} to join the process group "
                 f"({cluster.world_size - len(gone)}/{cluster.world_size} joined, store {attempt.address})")
 
-    deadline = _Deadline(timeout_s, what)
+    deadline = _Deadline(timeout_s, what, since)
     while not store.check(keys):
         deadline.tick(cluster.rank)
         time.sleep(0.05)
