@@ -111,7 +111,7 @@ def _connect(host: str, port: int, timeout_s: float) -> Optional[dist.TCPStore]:
 def _host_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
     try:
         return dist.TCPStore(host, port, world_size, is_master=True, timeout=_td(timeout_s), wait_for_workers=False)
-    except (RuntimeError, dist.DistError) as exc:
+    except RuntimeError as exc:  # the port is taken (DistNetworkError)
         raise RuntimeError(f"rank 0 cannot host the process group's store on port {port}: {exc}") from None
 
 
@@ -122,6 +122,7 @@ def _agent_store(cluster: ClusterEnv, deadline: _Deadline) -> dist.TCPStore:
         if store is not None:
             return store
         deadline.tick(cluster.rank)
+        time.sleep(0.1)
 
 
 def _rank0_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
@@ -158,7 +159,8 @@ def _follower_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
 
 
 def _fixed_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
-    """No agent store: rank 0 hosts the store at the job's rendezvous address."""
+    """No agent store: rank 0 hosts the store at the job's rendezvous address. (The restart count
+    is then this node's launcher's own, the best there is without a store that outlives attempts.)"""
     host, port = cluster.master_addr, cluster.master_port
     if cluster.rank == 0:
         return Attempt(_host_store(host, port, cluster.world_size, timeout_s), cluster.elastic_restarts, f"{host}:{port}")
@@ -169,6 +171,7 @@ def _fixed_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
         if store is not None:
             return Attempt(store, cluster.elastic_restarts, f"{host}:{port}")
         deadline.tick(cluster.rank)
+        time.sleep(0.1)
 
 
 def open_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
