@@ -1,7 +1,11 @@
 """Environment detection from torchrun, SLURM and bare variables."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from conftest import free_port
 
 from dist_train.env.cluster import detect, expand_nodelist, slurm_port
 
@@ -62,3 +66,52 @@ def test_slurm_uneven_tasks_per_node():
                   "SLURM_JOB_NODELIST": "n[1-4]"}
     assert detect({**compressed, "SLURM_NODEID": "2"}).local_world_size == 2
     assert detect({**compressed, "SLURM_NODEID": "3"}).local_world_size == 1
+
+
+def test_restart_counts_from_torchrun_and_slurm():
+    env = detect({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "2", "SLURM_RESTART_COUNT": "1"})
+    assert (env.elastic_restarts, env.requeues, env.restart_count) == (2, 1, 3)
+    env = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1",
+                  "SLURM_RESTART_COUNT": "4"})
+    assert (env.source, env.elastic_restarts, env.requeues, env.restart_count) == ("slurm", 0, 4, 4)
+    assert detect({}).restart_count == 0
+
+
+def _attempt(rank: int, agent_port: int, queue) -> None:
+    """One worker of one attempt, with torchrun's environment around an agent store on agent_port."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_train.env.process_group import group_restarts, process_group
+
+    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(agent_port))
+    cluster = detect({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": str(agent_port)})
+    with process_group(cluster, init_timeout_s=60):
+        value = torch.tensor([rank + 1.0])
+        dist.all_reduce(value)
+        queue.put((rank, group_restarts(), value.item()))
+
+
+def test_a_restarted_group_ignores_the_previous_attempts_entries_in_the_agent_store():
+    """What torchrun --max-restarts does, without torchrun: an agent store that outlives two
+    attempts of two workers each. The second attempt finds the first one's published (now dead)
+    store and must form its own group, with a restart count every rank agrees on."""
+    import multiprocessing as mp
+
+    import torch.distributed as dist
+
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    # A third, older entry that was never alive: a port nobody listens on.
+    agent.set("dist_train/attempt_store", f"127.0.0.1 {free_port()} stale-token")
+    ctx = mp.get_context("spawn")
+    for attempt in range(2):
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_attempt, args=(rank, agent.port, queue)) for rank in range(2)]
+        for p in procs:
+            p.start()
+        results = sorted(queue.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0, 0]
+        assert results == [(0, attempt, 3.0), (1, attempt, 3.0)]

@@ -302,6 +302,17 @@ class TaskConfig:
 
 
 @dataclass
+class DistConfig:
+    init_timeout_s: float = doc(600.0, "process-group start-up: how long a rank waits for rank 0's store and for every "
+                                "other rank to join before it fails naming the missing ranks (also the collective "
+                                "timeout of the group)")
+
+    def __post_init__(self) -> None:
+        _require(0 < self.init_timeout_s < float("inf"), "dist.init_timeout_s",
+                 f"must be a finite number of seconds > 0; got {self.init_timeout_s}")
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = doc(help="run identity", factory=RunConfig)
     strategy: StrategyConfig = doc(help="parallelism", factory=StrategyConfig)
@@ -312,4 +323,5 @@ class JobConfig:
     eval: EvalConfig = doc(help="evaluation", factory=EvalConfig)
     checkpoint: CheckpointConfig = doc(help="checkpointing", factory=CheckpointConfig)
     logging: LoggingConfig = doc(help="logging", factory=LoggingConfig)
+    dist: DistConfig = doc(help="process group", factory=DistConfig)
     debug: DebugConfig = doc(help="test and debugging aids (off by default)", factory=DebugConfig)

@@ -30,6 +30,15 @@ class ClusterEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     job_id: Optional[str] = None
+    # Restarts of the workers by torchrun (--max-restarts; TORCHELASTIC_RESTART_COUNT, counted by
+    # each node's agent for its own workers) and requeues of the SLURM job (SLURM_RESTART_COUNT).
+    elastic_restarts: int = 0
+    requeues: int = 0
+
+    @property
+    def restart_count(self) -> int:
+        """How many times this job was started again before this process (elastic + requeue)."""
+        return self.elastic_restarts + self.requeues
 
     @property
     def is_distributed(self) -> bool:
@@ -107,6 +116,8 @@ def detect(env: Optional[Mapping[str, str]] = None) -> ClusterEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int(env, "MASTER_PORT", 29500),
             job_id=env.get("TORCHELASTIC_RUN_ID"),
+            elastic_restarts=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+            requeues=_int(env, "SLURM_RESTART_COUNT", 0),
         )
     # SLURM_PROCID exists in the batch script too, where it is not one of the job's ranks;
     # SLURM_STEP_ID marks a task started by srun.
@@ -130,6 +141,7 @@ def detect(env: Optional[Mapping[str, str]] = None) -> ClusterEnv:
             master_addr=env.get("MASTER_ADDR") or nodes[0],
             master_port=_int(env, "MASTER_PORT", slurm_port(job_id)),
             job_id=job_id,
+            requeues=_int(env, "SLURM_RESTART_COUNT", 0),
         )
     return ClusterEnv(source="single")
 

@@ -21,7 +21,7 @@ from dist_train.config import ConfigError, to_dict, to_yaml
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.faults import Faults
 from dist_train.env.preemption import EXIT_PREEMPTED, PreemptionWatcher
-from dist_train.env.process_group import process_group
+from dist_train.env.process_group import group_restarts, process_group
 from dist_train.logging.console import setup_console
 from dist_train.logging.metrics import build_metric_logger
 from dist_train.logging.mlflow import describe_run
@@ -77,7 +77,12 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
     state, code, error = TrainState(), 1, None
     try:
-        with process_group(cluster, always=strategy_class(name).needs_process_group) as device:
+        with process_group(cluster, always=strategy_class(name).needs_process_group,
+                           init_timeout_s=job.dist.init_timeout_s) as device:
+            # The same count on every rank, whichever node's worker failed (torchrun's own is per node).
+            restarts = group_restarts()
+            summary.update(restarts=cluster.elastic_restarts if restarts is None else restarts,
+                           requeues=cluster.requeues)
             log.info("run %s: %s on %d process(es), device %s, precision %s, run dir %s",
                      job.run.name, name, cluster.world_size, device.type, job.train.precision, job.run.dir)
             parts = build_parts(job, cluster, device, user)
