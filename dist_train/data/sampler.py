@@ -91,7 +91,6 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.sample_seeds = bool(sample_seeds)
         self.epoch = 0
         self.position = 0  # global samples of the epoch consumed before the next pass starts
-        self._pass_start = 0  # position at which the pass in progress started
 
     @property
     def global_batch_size(self) -> int:
@@ -149,28 +148,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
         batches = [
             order[k * gbs + r * b : k * gbs + (r + 1) * b] for k in range(start_batch, self.batches_per_epoch)
         ]
-        self._pass_start = self.position
         return self._run(batches)
 
     def _run(self, batches: list[list[int]]) -> Iterator[list[int]]:
         yield from batches
         # A full pass ends the epoch's resume point: the next pass starts from the beginning.
         self.position = 0
-
-    def position_after(self, micro_batches_done: int) -> int:
-        """The global sample position after this rank consumed `micro_batches_done` micro-batches
-        of the pass in progress: what a checkpoint should record. (The sampler cannot count this
-        itself: the DataLoader prefetches, so the sampler runs ahead of the training loop.)"""
-        return self._pass_start + int(micro_batches_done) * self.global_batch_size
-
-    def state_dict(self, micro_batches_done: int | None = None) -> dict[str, int]:
-        """`{"epoch", "position"}`. Pass `micro_batches_done` (micro-batches of the current pass
-        the loop has consumed) to record a mid-epoch position; without it, the position where the
-        next pass starts."""
-        pos = self.position if micro_batches_done is None else self.position_after(micro_batches_done)
-        return {"epoch": self.epoch, "position": pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore epoch and position (validated against this sampler's global batch size)."""
-        self.set_epoch(state["epoch"])
-        self.set_position(state["position"])

@@ -56,13 +56,6 @@ def byte_windows(tokens: torch.Tensor, seq_len: int, name: str) -> InMemoryDatas
     return InMemoryDataset(x, y, name=name)
 
 
-def order0_entropy_bits(tokens: torch.Tensor) -> float:
-    """Order-0 (unigram) entropy of a byte tensor in bits per byte: a baseline for the LM loss."""
-    p = torch.bincount(tokens.to(torch.int64), minlength=BYTE_VOCAB).double()
-    p = p[p > 0] / p.sum()
-    return float(-(p * p.log2()).sum())
-
-
 @register_dataset("shakespeare", task="language_model")
 def build_shakespeare(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, DataInfo]:
     """Byte-level Shakespeare: windows of `cfg.seq_len` bytes; the last 10% of bytes for eval."""

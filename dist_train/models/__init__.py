@@ -9,7 +9,6 @@ from dist_train.models.registry import (
     check_model_compatible,
     count_parameters,
     model_names,
-    model_tasks,
     register_model,
 )
 
@@ -21,6 +20,5 @@ __all__ = [
     "check_model_compatible",
     "count_parameters",
     "model_names",
-    "model_tasks",
     "register_model",
 ]

@@ -50,11 +50,6 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def model_tasks(name: str) -> tuple[str, ...]:
-    """The data tasks model ``name`` can train on (raises ``ValueError`` for an unknown name)."""
-    return _entry(name).tasks
-
-
 def check_model_compatible(name: str, task: str) -> None:
     """Raise ``ValueError`` naming ``model.name`` if ``name`` is unknown or cannot train on ``task``.
 
