@@ -124,6 +124,12 @@ class CheckpointManager:
         if self.cfg.every_steps and state.step % self.cfg.every_steps == 0:
             self.save(state)
 
+    def rollback(self, state) -> None:
+        """Collective: back to the newest verified checkpoint (``train.nonfinite=rollback``),
+        keeping the data position; checkpoints newer than it stay where they are."""
+        self.wait()
+        self.last_step = self.restorer.rollback(state)
+
     def finalize(self, state) -> None:
         """The end-of-run checkpoint (unless this step is saved already); waits until every save
         is committed. Called on every rank after the loop, also after preemption (then at the very

@@ -117,6 +117,11 @@ class Restorer:
             if errors:
                 raise CheckpointRefused(f"checkpoint.resume={mode}: {value} does not verify: " + "; ".join(errors[:5]))
             return value
+        return self.newest_verified()
+
+    def newest_verified(self) -> Optional[str]:
+        """Collective: the newest checkpoint of the run dir that verifies (None: none does)."""
+        g = self.m.group
         candidates = None
         if g.rank == 0:
             try:
@@ -199,6 +204,22 @@ class Restorer:
         problem = self.m.strategy.check_checkpoint(CheckpointFiles(path), meta, self.m.cfg.load_optimizer)
         if problem:
             raise CheckpointRefused(f"checkpoint {name} cannot be loaded: {problem}")
+
+    def rollback(self, state) -> int:
+        """Collective: back to the newest verified checkpoint's weights, optimizer, schedule and
+        step, keeping ``state``'s data position (so training goes on past the batches that failed).
+        Returns the step rolled back to."""
+        chosen = self.newest_verified()
+        if chosen is None:
+            raise CheckpointError(f"rollback: no verified checkpoint under {self.m.dir} to roll back to")
+        with open(os.path.join(chosen, layout.META), encoding="utf-8") as f:
+            meta = json.load(f)
+        self.m.strategy.load_checkpoint(CheckpointFiles(chosen, self.m.group.pg), meta, True)
+        state.step = meta["step"]
+        if self.m.rank0:
+            log.warning("rolled back to %s (step %d); the data continues at sample %d of epoch %d",
+                        os.path.basename(chosen), state.step, state.position, state.epoch)
+        return state.step
 
     def load(self, path: str, meta: Dict[str, Any], state) -> None:
         files = CheckpointFiles(path, self.m.group.pg)

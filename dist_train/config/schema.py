@@ -18,7 +18,8 @@ INIT_SCHEMES = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform",
 # Image augmentations by name (dist_train/data/transforms.py builds each with fixed parameters).
 AUGMENTATIONS = ("random_crop", "random_resized_crop", "hflip", "vflip", "rotation", "color_jitter",
                  "gaussian_blur", "random_erasing")
-FAULTS = ("after_shards", "slow_write", "step_sleep")
+FAULTS = ("after_shards", "slow_write", "step_sleep", "nan", "stall", "crash")
+NONFINITE = ("skip", "abort", "rollback")
 
 
 class ConfigError(ValueError):
@@ -186,6 +187,11 @@ class TrainConfig:
                                 "multiplied by train.gamma", factory=list)
     gamma: float = doc(0.1, "decay factor of the step, multistep (per milestone) and exponential (per step) schedules")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this (0: no clipping)")
+    nonfinite: str = doc("abort", "a non-finite loss or gradient (agreed by every rank): skip (drop that update, "
+                         "counted and logged), abort (checkpoint the last good state, stop naming the step), or "
+                         "rollback (after train.nonfinite_patience bad steps in a row, reload the last checkpoint "
+                         "and continue past the bad batches); fp16 overflow is the gradient scaler's business")
+    nonfinite_patience: int = doc(3, "rollback: consecutive non-finite steps before rolling back")
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", f"must be >= 1; got {self.max_steps}")
@@ -211,6 +217,8 @@ class TrainConfig:
             _require(len(self.milestones) > 0, "train.milestones",
                      "train.schedule=multistep needs at least one milestone, e.g. train.milestones=[300,600]")
         _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
+        _one_of(self.nonfinite, NONFINITE, "train.nonfinite")
+        _require(self.nonfinite_patience >= 1, "train.nonfinite_patience", f"must be >= 1; got {self.nonfinite_patience}")
 
 
 @dataclass
@@ -285,7 +293,8 @@ class LoggingConfig:
 @dataclass
 class DebugConfig:
     faults: str = doc("", "fault injection for tests of recovery paths, comma-separated: after_shards[@STEP] (exit "
-                      "before a checkpoint commit), slow_write=SECONDS, step_sleep=SECONDS; '' in production")
+                      "before a checkpoint commit), slow_write=SECONDS, step_sleep=SECONDS, nan@STEP[:RANK] (NaN "
+                      "inputs), stall@STEP[:RANK]=SECONDS, crash@STEP[:RANK]; '' in production")
     record_sample_ids: bool = doc(False, "each rank appends the dataset indices of every micro-batch to "
                                   "<run.dir>/sample_ids.rank<r>.jsonl (proves a resume neither replays nor skips)")
 
@@ -293,6 +302,9 @@ class DebugConfig:
         for item in filter(None, (x.strip() for x in self.faults.split(","))):
             name = item.partition("=")[0].partition("@")[0]
             _one_of(name, FAULTS, "debug.faults")
+            step, _, rank = item.partition("=")[0].partition("@")[2].partition(":")
+            _require((not step or step.isdigit()) and (not rank or rank.isdigit()), "debug.faults",
+                     f"write NAME[@STEP[:RANK]][=VALUE]; got {item!r}")
 
 
 @dataclass
@@ -305,11 +317,20 @@ class TaskConfig:
 class DistConfig:
     init_timeout_s: float = doc(600.0, "process-group start-up: how long a rank waits for rank 0's store and for every "
                                 "other rank to join before it fails naming the missing ranks (also the collective "
-                                "timeout of the group)")
+                                "timeout until the first step is done)")
+    timeout_s: float = doc(600.0, "collective timeout after the first step (a rank stuck that long fails the job)")
+    watchdog_factor: float = doc(10.0, "the hang watchdog dumps this rank's stacks to <run.dir>/hangs/ when a phase "
+                                 "lasts this many times the recent median iteration ...")
+    watchdog_floor_s: float = doc(120.0, "... and at least this many seconds (0: no watchdog)")
 
     def __post_init__(self) -> None:
         _require(0 < self.init_timeout_s < float("inf"), "dist.init_timeout_s",
                  f"must be a finite number of seconds > 0; got {self.init_timeout_s}")
+        _require(0 < self.timeout_s < float("inf"), "dist.timeout_s",
+                 f"must be a finite number of seconds > 0; got {self.timeout_s}")
+        _require(self.watchdog_factor >= 1, "dist.watchdog_factor", f"must be >= 1; got {self.watchdog_factor}")
+        _require(0 <= self.watchdog_floor_s < float("inf"), "dist.watchdog_floor_s",
+                 f"must be a finite number >= 0; got {self.watchdog_floor_s}")
 
 
 @dataclass

@@ -80,6 +80,14 @@ def new_gloo_group():
     return dist.new_group(backend="gloo") if initialized() else None
 
 
+def set_collective_timeout(seconds: float, group=None) -> None:
+    """From now on, a collective that waits longer than ``seconds`` fails (start-up keeps a long one)."""
+    if initialized():
+        import datetime
+
+        dist.distributed_c10d.set_timeout(datetime.timedelta(seconds=seconds), group)
+
+
 def broadcast_module(module, src: int = 0) -> None:
     """Make every rank's parameters and buffers equal to rank ``src``'s, in place (on a temporary
     gloo group, so that CPU tensors work whatever the default backend)."""

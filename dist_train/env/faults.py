@@ -2,10 +2,14 @@
 
     debug.faults="after_shards@45,step_sleep=0.1"
 
-    after_shards[@STEP]   every rank exits (os._exit(FAULT_EXIT)) after writing its checkpoint
-                          files and before the commit (at every save, or only at STEP)
-    slow_write=SECONDS    sleep before writing a checkpoint's shards (makes async saves observable)
-    step_sleep=SECONDS    sleep after each optimizer step (gives a test time to send a signal)
+    after_shards[@STEP]        every rank exits (os._exit(FAULT_EXIT)) after writing its checkpoint
+                               files and before the commit (at every save, or only at STEP)
+    slow_write=SECONDS         sleep before writing a checkpoint's shards (makes async saves observable)
+    step_sleep=SECONDS         sleep after each optimizer step (gives a test time to send a signal)
+    nan@STEP[:RANK]            the inputs of the batch feeding optimizer step STEP become NaN (on
+                               RANK only; default every rank); repeatable: nan@5:1,nan@6:1
+    stall@STEP[:RANK]=SECONDS  RANK stalls that long while fetching the batch of step STEP (a hang)
+    crash@STEP[:RANK]          the process exits hard (os._exit(FAULT_EXIT)) right after step STEP
 
 Production runs leave ``debug.faults`` empty: then every call here is a dictionary lookup that
 finds nothing. Components that can be faulted receive the parsed ``Faults`` object.
@@ -15,38 +19,73 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional
+
+import torch
+
+from dist_train.config.schema import FAULTS as KNOWN
 
 log = logging.getLogger(__name__)
 
 FAULT_EXIT = 86
-from dist_train.config.schema import FAULTS as KNOWN  # noqa: E402  (one list, in the config)
+
+
+class Fault(NamedTuple):
+    step: Optional[int]
+    rank: Optional[int]
+    value: Optional[str]
 
 
 class Faults:
     """The parsed ``debug.faults`` setting."""
 
     def __init__(self, spec: str = ""):
-        self.entries: Dict[str, Optional[str]] = {}
+        self.by_name: Dict[str, List[Fault]] = {}
         for item in filter(None, (x.strip() for x in (spec or "").split(","))):
             key, _, value = item.partition("=")
-            if "@" in key:
-                key, value = key.split("@", 1)
-            if key not in KNOWN:
-                raise ValueError(f"unknown fault {key!r}; known: {', '.join(KNOWN)}")
-            self.entries[key] = value or None
+            name, _, at = key.partition("@")
+            step, _, rank = at.partition(":")
+            if name not in KNOWN:
+                raise ValueError(f"unknown fault {name!r}; known: {', '.join(KNOWN)}")
+            self.by_name.setdefault(name, []).append(
+                Fault(int(step) if step else None, int(rank) if rank else None, value or None))
 
-    def crash_point(self, name: str, step: int) -> None:
-        """Exit the process hard here if this point (and this step) is named."""
-        if name in self.entries and (self.entries[name] is None or int(self.entries[name]) == step):
+    def _match(self, name: str, step: Optional[int] = None, rank: Optional[int] = None) -> Optional[Fault]:
+        for fault in self.by_name.get(name, ()):
+            if (fault.step is None or step is None or fault.step == step) and (fault.rank in (None, rank)
+                                                                               or rank is None):
+                return fault
+        return None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.by_name)
+
+    def crash_point(self, name: str, step: int, rank: Optional[int] = None) -> None:
+        """Exit the process hard here if this point (and this step, and rank) is named."""
+        if self._match(name, step, rank):
             log.error("debug.faults: exiting at %s of step %d", name, step)
             logging.shutdown()
             os._exit(FAULT_EXIT)
 
     def delay(self, name: str) -> None:
-        value = self.entries.get(name)
-        if value:
-            time.sleep(float(value))
+        fault = self._match(name)
+        if fault and fault.value:
+            time.sleep(float(fault.value))
+
+    def wrap(self, batches: Iterator, state, rank: int) -> Iterator:
+        """Pass micro-batches through, applying ``nan@`` and ``stall@`` to the steps they name."""
+        for batch in batches:
+            step = state.step + 1
+            stall = self._match("stall", step, rank)
+            if stall:
+                log.warning("debug.faults: rank %d stalls %s s in the data of step %d", rank, stall.value, step)
+                time.sleep(float(stall.value or 3600))
+            if self._match("nan", step, rank):
+                x = batch[0]
+                batch = (torch.full_like(x, float("nan")) if x.is_floating_point() else x, *batch[1:])
+                log.warning("debug.faults: NaN inputs for step %d on rank %d", step, rank)
+            yield batch
 
 
 NO_FAULTS = Faults()

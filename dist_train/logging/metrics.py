@@ -63,6 +63,12 @@ class MetricLogger:
                      dropped, resume_step)
         self._each("start", params, tags, resume_run_id)
 
+    def rewind(self, step: int) -> None:
+        """Drop the records past ``step`` (a rollback); sinks that cannot delete points keep theirs."""
+        self._file.flush()
+        dropped = trim_jsonl(self.path, step)
+        log.info("metrics.jsonl: dropped %d record(s) past step %d after a rollback", dropped, step)
+
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         values = {k: _scalar(v) for k, v in metrics.items()}
         record = {"step": step, **{k: _json_safe(v) for k, v in values.items()}}
@@ -108,6 +114,9 @@ class NullMetricLogger:
         pass
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
         pass
 
     def add_artifact(self, path: str, artifact_path: str = "") -> None:

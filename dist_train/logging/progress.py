@@ -46,10 +46,13 @@ class Progress:
             post = {"loss": f"{loss:.4f}" if loss is not None else "-"}
             if sps:
                 post["samples/s"] = f"{sps:.0f}"
+            if metrics.get("data_wait_pct") is not None:
+                post["data"] = f"{metrics['data_wait_pct']:.0f}%"
             self.bar.set_postfix(post, refresh=False)
         elif self.lines and (step % self.every == 0 or step == self.total):
             parts = [f"step {step}/{self.total}"]
-            for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("samples_per_s", "{:.0f}")):
+            for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("samples_per_s", "{:.0f}"),
+                             ("data_wait_pct", "{:.0f}%")):
                 if metrics.get(key) is not None:
                     parts.append(f"{key} " + fmt.format(metrics[key]))
             parts.append(f"eta {_fmt_eta(self.eta(step))}")

@@ -56,6 +56,7 @@ class StepResult:
     skipped: bool = False
     loss_scale: Optional[float] = None
     grad_norms: Optional[Dict[str, float]] = None  # "grad_norm/<module>" of the largest few, when asked
+    nonfinite: bool = False  # dropped for a non-finite loss or gradient (not an fp16 overflow)
 
 
 class Precision:
@@ -147,15 +148,20 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         self.precision.scale(loss).backward()
 
-    def step(self, max_norm: float, apply: bool = True, grad_norms: int = 0) -> StepResult:
+    def step(self, max_norm: float, apply: bool = True, grad_norms: int = 0, finite_grads: bool = False) -> StepResult:
         """Clip to ``max_norm`` (0: only measure), step optimizer and schedule, zero the gradients.
         ``apply=False`` (a veto the ranks agreed on) drops this step's gradients instead of
         applying them; the schedule still advances, so the LR stays a function of the step.
         ``grad_norms=K``: also report the K modules with the largest pre-clip gradient norms
-        (a collective under sharding: every rank must ask alike)."""
+        (a collective under sharding: every rank must ask alike). ``finite_grads``: also drop the
+        update when the global gradient norm is not finite (every rank sees the same global norm;
+        under fp16 the gradient scaler decides instead)."""
         self.precision.unscale(self.optimizer)
         per_module = self.module_grad_norms(grad_norms) if grad_norms else None
         norm = self._clip_grad_norm(max_norm)
+        nonfinite = not apply
+        if apply and finite_grads and self.precision.scaler is None and not bool(torch.isfinite(norm)):
+            apply, nonfinite = False, True
         skipped, scale = (True, None)
         if apply:
             skipped, scale = self.precision.optimizer_step(self.optimizer)
@@ -163,7 +169,8 @@ class Strategy(ABC):
             self.precision.scaler.update()  # unscale_ was called: the scaler expects an update
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm=norm.detach(), skipped=skipped, loss_scale=scale, grad_norms=per_module)
+        return StepResult(grad_norm=norm.detach(), skipped=skipped, loss_scale=scale, grad_norms=per_module,
+                          nonfinite=nonfinite)
 
     def _named_grads(self) -> Iterable[Tuple[str, torch.Tensor]]:
         """(parameter name without wrapper prefixes, its gradient) on this rank; a DTensor

@@ -74,16 +74,17 @@ class DeepSpeedStrategy(Strategy):
         # The loop already divided by train.grad_accum_steps: no second division by the engine.
         self.model.backward(loss, scale_wrt_gas=False)
 
-    def step(self, max_norm: float, apply: bool = True, grad_norms: int = 0) -> StepResult:
+    def step(self, max_norm: float, apply: bool = True, grad_norms: int = 0, finite_grads: bool = False) -> StepResult:
         """One engine step: clip to train.grad_clip (the engine's ``gradient_clipping``), optimizer
         step, scheduler step, zero grads. A vetoed step drops the reduced gradients and advances
-        only the schedule."""
+        only the schedule. (Non-finite gradients behind a finite loss are not checked here: the engine
+        assembles the global norm inside its step.)"""
         per_module = self.module_grad_norms(grad_norms) if grad_norms else None
         if not apply:
             self.model.zero_grad()
             self.optimizer.zero_grad()
             self.scheduler.step()
-            return StepResult(grad_norm=torch.tensor(float("nan")), skipped=True, grad_norms=per_module)
+            return StepResult(grad_norm=torch.tensor(float("nan")), skipped=True, grad_norms=per_module, nonfinite=True)
         self.model.step()
         norm = self.model.get_global_grad_norm()
         loss_scale = None

@@ -31,6 +31,10 @@ from dist_train.strategy import resolve_name, strategy_class
 from dist_train.train.build import JobParts, UserObjects, build_parts
 from dist_train.train.evaluate import Evaluator
 from dist_train.train.loop import micro_batches, train
+from dist_train.train.goodput import GoodputLedger
+from dist_train.train.goodput import describe as describe_goodput
+from dist_train.train.nonfinite import NonFiniteGuard
+from dist_train.train.phases import PhaseClock, Watchdog
 from dist_train.train.reporting import Reporter
 from dist_train.train.state import TrainState
 
@@ -66,7 +70,7 @@ def run_job(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> int
 def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome:
     """Train ``job`` (with fit's ``user`` objects, if any) on this rank."""
     setup_console(cluster, job.logging.level)
-    t_start = time.perf_counter()
+    t_start, started_unix = time.perf_counter(), time.time()
     name = resolve_name(job.strategy.name, cluster.world_size)
     summary = _new_summary(job, cluster, name)
     if cluster.is_rank0:
@@ -87,7 +91,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                      job.run.name, name, cluster.world_size, device.type, job.train.precision, job.run.dir)
             parts = build_parts(job, cluster, device, user)
             try:
-                preempted = _train(job, cluster, parts, state, metrics, summary)
+                preempted = _train(job, cluster, parts, state, metrics, summary, started_unix)
             finally:
                 parts.close()
             summary["status"], code = ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)
@@ -106,10 +110,14 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
     return Outcome(code, summary, error)
 
 
-def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics, summary: Dict[str, Any]) -> bool:
+def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics, summary: Dict[str, Any],
+           started_unix: float) -> bool:
     """Resume, run the loop, save the final checkpoint; True when the run was preempted."""
     faults = Faults(job.debug.faults)
     strategy = parts.strategy
+    clock = PhaseClock()
+    watchdog = None
+    ledger = GoodputLedger(job.run.dir, cluster.is_rank0, started_unix)
     manager = CheckpointManager(job.checkpoint, job.run.dir, strategy, config=to_dict(job),
                                 micro_global_batch=parts.sampler.global_batch_size,
                                 grad_accum_steps=job.train.grad_accum_steps, seed=job.run.seed,
@@ -126,18 +134,33 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                             enabled=cluster.is_rank0)
         reporter = Reporter(strategy, metrics, progress, every=job.logging.every_steps, max_steps=job.train.max_steps,
                             global_batch=parts.global_batch, tokens_per_sample=parts.info.seq_len or 0,
-                            grad_norms=job.logging.grad_norms)
+                            grad_norms=job.logging.grad_norms, clock=clock)
         evaluator = Evaluator(strategy, parts.eval_loader, parts.task, job.eval, reporter.log_eval)
         data = micro_batches(parts.loader, parts.sampler, state)
+        if faults.active:
+            data = faults.wrap(data, state, cluster.rank)
         if job.debug.record_sample_ids:
             data = record_sample_ids(data, state, os.path.join(job.run.dir, f"sample_ids.rank{cluster.rank}.jsonl"))
+        guard = NonFiniteGuard(job.train.nonfinite, job.train.nonfinite_patience, strategy.device)
+        if job.dist.watchdog_floor_s > 0:
+            watchdog = Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s)
+        ledger.begin(state.step, time.time() - started_unix)
+        clock.take()  # the breakdown starts with the loop
         preempted = train(strategy, data, state, job.train, task=parts.task, reporter=reporter, evaluator=evaluator,
-                          checkpointer=manager, preemption=preemption, faults=faults)
-        manager.finalize(state)  # the end-of-run (or preemption) checkpoint; every async save committed
+                          checkpointer=manager, preemption=preemption, guard=guard, clock=clock, ledger=ledger,
+                          faults=faults, timeout_s=job.dist.timeout_s)
+        with clock("checkpoint"):
+            manager.finalize(state)  # the end-of-run (or preemption) checkpoint; every async save committed
+        summary["time_breakdown"] = {k: round(v, 3) for k, v in clock.totals.items()}
+        summary["goodput"] = ledger.finish(state.step, clock)
+        if cluster.is_rank0:
+            log.info(describe_goodput(summary["goodput"]))
         summary.update(reporter.summary(), **evaluator.last)
         summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
         return preempted and state.step < job.train.max_steps
     finally:
+        if watchdog is not None:
+            watchdog.close()
         preemption.close()
         manager.close()
         if progress is not None:

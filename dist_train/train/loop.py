@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
+from dist_train.env.collectives import rank, set_collective_timeout
 from dist_train.env.faults import NO_FAULTS, Faults
+from dist_train.train.phases import PhaseClock
 from dist_train.train.state import TrainState
 from dist_train.train.step import train_step
 
@@ -36,20 +38,36 @@ def micro_batches(loader, sampler, state: TrainState) -> Iterator[tuple]:
 
 
 def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, evaluator, checkpointer,
-          preemption, faults: Faults = NO_FAULTS, veto=None) -> bool:
+          preemption, guard, clock: PhaseClock, ledger, faults: Faults = NO_FAULTS,
+          timeout_s: Optional[float] = None) -> bool:
     """Run optimizer steps until ``cfg.max_steps`` (the ``train`` section) or a preemption, on every
-    rank. Returns True when stopped by preemption. ``veto(loss) -> bool`` may skip an optimizer
-    step; it must answer alike on every rank."""
-    stopping = False
+    rank. Returns True when stopped by preemption. ``guard`` (train.nonfinite) vetoes non-finite
+    steps alike on every rank, and may ask for a rollback to the last checkpoint. ``clock`` marks
+    the phases (the step-time breakdown, goodput and the hang watchdog read it). After the first
+    step, collectives get ``timeout_s`` (``dist.timeout_s``) instead of the long start-up one."""
+    stopping, first = False, state.step
     while state.step < cfg.max_steps and not stopping:
         t0 = time.perf_counter()
-        output = train_step(strategy, data, cfg, task, veto, reporter.grad_norms_wanted(state.step + 1))
+        output = train_step(strategy, data, cfg, task, guard.veto, reporter.grad_norms_wanted(state.step + 1), clock)
         state.step += 1
+        if guard.after_step(state, output, checkpointer):
+            with clock("checkpoint"):
+                checkpointer.rollback(state)  # weights, optimizer, schedule, step; the data goes on
+            reporter.rewind(state.step)
+            continue
         reporter.maybe_log(state, output, time.perf_counter() - t0)
-        evaluator.maybe_run(state.step)
-        checkpointer.maybe_save(state)
+        with clock("evaluation"):
+            evaluator.maybe_run(state.step)
+        with clock("checkpoint"):
+            checkpointer.maybe_save(state)
         faults.delay("step_sleep")
+        faults.crash_point("crash", state.step, rank())
         stopping = preemption.requested()
+        clock.iteration_done(state.step)
+        ledger.maybe_update(state.step, clock)
+        if state.step == first + 1 and timeout_s:
+            set_collective_timeout(timeout_s)
     if not stopping:
-        evaluator.final(state.step)
+        with clock("evaluation"):
+            evaluator.final(state.step)
     return stopping

@@ -7,12 +7,16 @@ waits for the device.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Dict, Optional
 
 import torch
 
 from dist_train.env import collectives
+from dist_train.train.phases import PhaseClock
+
+log = logging.getLogger("dist_train")
 
 WARMUP_STEPS = 5  # steps of each process left out of samples_per_s
 
@@ -69,9 +73,11 @@ class Reporter:
     """Rank 0 logs, every rank takes part in the loss average (a collective at logging steps)."""
 
     def __init__(self, strategy, metrics, progress, *, every: int, max_steps: int, global_batch: int,
-                 tokens_per_sample: int = 0, grad_norms: int = 0):
+                 tokens_per_sample: int = 0, grad_norms: int = 0, clock: Optional[PhaseClock] = None):
         self.strategy, self.metrics, self.progress = strategy, metrics, progress
         self.every, self.max_steps, self.grad_norms = every, max_steps, grad_norms
+        self.clock = clock or PhaseClock()
+        self._steps_in_window, self._data_warnings = 0, 0
         self.global_batch, self.tokens_per_sample = global_batch, tokens_per_sample
         self.throughput = Throughput()
         self.last: Dict[str, Any] = {}
@@ -89,6 +95,7 @@ class Reporter:
         the step's StepOutput)."""
         self.throughput.tick(self.global_batch, step_s)
         self.skipped += int(output.result.skipped)
+        self._steps_in_window += 1
         if self.due(state.step):
             self.last = self._metrics(state, output, step_s)
             self.metrics.log(state.step, self.last)
@@ -115,8 +122,30 @@ class Reporter:
             out["loss_scale"] = result.loss_scale
         if self.tokens_per_sample:  # language models: samples/s x sequence length
             out["tokens_per_s"] = out["samples_per_s"] * self.tokens_per_sample
+        out.update(self._breakdown(state.step))
         out.update(memory_mib(self.strategy.device))
         return out
+
+    def _breakdown(self, step: int) -> Dict[str, float]:
+        """Mean seconds per step in each phase since the previous logging step (this rank's view),
+        adding up to the mean iteration time; a warning when waiting for data exceeds 10% of it."""
+        n = max(self._steps_in_window, 1)
+        self._steps_in_window = 0
+        phases = {k: v / n for k, v in self.clock.take().items()}
+        iteration = sum(phases.values())
+        out = {f"time/{k}_s": v for k, v in phases.items()}
+        out["time/iteration_s"] = iteration
+        out["data_wait_pct"] = 100.0 * phases["data"] / iteration if iteration > 0 else 0.0
+        if out["data_wait_pct"] > 10 and self._data_warnings < 3:
+            self._data_warnings += 1
+            log.warning("step %d: waiting for data takes %.0f%% of each step; raise data.num_workers or "
+                        "data.prefetch_factor (or make the dataset faster)", step, out["data_wait_pct"])
+        return out
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to ``step``: the records past it belong to an abandoned timeline."""
+        self.metrics.rewind(step)
+        self.throughput.window_s, self.throughput.window_samples = 0.0, 0
 
     def log_eval(self, step: int, results: Dict[str, float], final: bool = False) -> None:
         self.metrics.log(step, results)

@@ -7,6 +7,7 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 
 from dist_train.strategy.base import StepResult
+from dist_train.train.phases import PhaseClock
 from dist_train.train.tasks import Classification, Task, to_device
 
 Veto = Callable[[torch.Tensor], bool]
@@ -20,7 +21,7 @@ class StepOutput:
 
 
 def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
-               veto: Optional[Veto] = None, grad_norms: int = 0) -> StepOutput:
+               veto: Optional[Veto] = None, grad_norms: int = 0, clock: Optional[PhaseClock] = None) -> StepOutput:
     """Run the micro-steps of one optimizer step on this rank.
 
     Gradients are reduced only on the last micro-step (``accumulate(sync=False)`` before it), and
@@ -30,12 +31,14 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
     asks the strategy for the K modules with the largest gradient norms (every rank alike).
     """
     task = task or Classification()
+    clock = clock or PhaseClock()
     accum = train_cfg.grad_accum_steps
     total = torch.zeros((), dtype=torch.float32, device=strategy.device)
     metrics: Dict[str, torch.Tensor] = {}
     for micro in range(accum):
-        batch = to_device(next(data), strategy.device)
-        with strategy.accumulate(sync=micro == accum - 1):
+        with clock("data"):
+            batch = to_device(next(data), strategy.device)
+        with clock("forward_backward"), strategy.accumulate(sync=micro == accum - 1):
             with strategy.autocast():
                 loss, extra = task.loss(strategy.model, batch)
             strategy.backward(loss / accum)
@@ -43,5 +46,7 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
         for key, value in extra.items():
             metrics[key] = metrics.get(key, 0) + value.float() / accum
     mean = total / accum
-    apply = veto is None or not veto(mean)
-    return StepOutput(mean, strategy.step(train_cfg.grad_clip, apply, grad_norms), metrics)
+    with clock("optimizer"):
+        apply = veto is None or not veto(mean)
+        result = strategy.step(train_cfg.grad_clip, apply, grad_norms, finite_grads=veto is not None)
+    return StepOutput(mean, result, metrics)

@@ -1,0 +1,63 @@
+"""``train.nonfinite``: what happens when a loss or gradient is not finite.
+
+Every rank checks its own micro-batch loss; the flags are all-reduced, so all ranks veto the same
+optimizer step (a NaN on one rank would otherwise reach every rank's weights through the gradient
+all-reduce). The torch-native strategies also refuse a non-finite global gradient norm (the norm is
+already global, so the ranks agree without another collective). A vetoed step's gradients are
+dropped; the schedule still advances. Then, by policy:
+
+- ``skip``: go on (the count is logged as ``nonfinite_steps``);
+- ``abort``: checkpoint the state before the bad step (its weights are untouched) and stop, naming
+  the step;
+- ``rollback``: after ``train.nonfinite_patience`` bad steps in a row, reload the newest checkpoint
+  and continue from there with the data after the bad batches.
+
+fp16 overflow is not a non-finite step: the gradient scaler skips it and lowers its scale (logged
+as ``skipped_steps`` and ``loss_scale``).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dist_train.env.collectives import any_true
+
+log = logging.getLogger("dist_train")
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped on a non-finite loss or gradient (train.nonfinite=abort)."""
+
+
+class NonFiniteGuard:
+    def __init__(self, policy: str, patience: int, device: torch.device):
+        self.policy, self.patience, self.device = policy, patience, device
+        self.total = 0        # non-finite steps in this process
+        self.in_a_row = 0
+
+    def veto(self, loss: torch.Tensor) -> bool:
+        """Collective: True on every rank when any rank's loss is not finite."""
+        return any_true(not bool(torch.isfinite(loss).all()), device=self.device)
+
+    def after_step(self, state, output, checkpointer) -> bool:
+        """After a step, on every rank; True when the loop must roll back to the last checkpoint."""
+        step = state.step
+        if not getattr(output.result, "nonfinite", False):
+            self.in_a_row = 0
+            if self.total:
+                output.metrics["nonfinite_steps"] = torch.tensor(float(self.total), device=self.device)
+            return False
+        self.total += 1
+        self.in_a_row += 1
+        output.metrics["nonfinite_steps"] = torch.tensor(float(self.total), device=self.device)
+        log.warning("step %d: non-finite loss or gradient on some rank; the update was dropped (train.nonfinite=%s)",
+                    step, self.policy)
+        if self.policy == "abort":
+            checkpointer.finalize(state)  # the weights are those before the bad step
+            raise NonFiniteError(f"step {step}: non-finite loss or gradient; stopped (train.nonfinite=abort) after "
+                                 f"checkpointing the last good weights at step {step}")
+        if self.policy == "rollback" and self.in_a_row >= self.patience:
+            self.in_a_row = 0
+            return True
+        return False
