@@ -50,6 +50,9 @@ def preflight(job, cluster: ClusterEnv) -> None:
 
         if not os.path.exists(job.checkpoint.resume):
             raise ConfigError("checkpoint.resume", f"no checkpoint at {job.checkpoint.resume!r} (auto, never or a path)")
+    from dist_train.preflight_io import check_io
+
+    check_io(job, cluster)  # run dir writable, data.root present, resume path a checkpoint, sane worker count
 
 
 def _check_fsdp(job, cuda: bool) -> None:
