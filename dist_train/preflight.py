@@ -58,3 +58,6 @@ def preflight(job, cluster: ClusterEnv, user=None) -> None:
     strategy_class(name).check_config(job.strategy, plan, job.train.precision, cluster.world_size)
     if job.checkpoint.resume not in ("auto", "never") and not os.path.exists(job.checkpoint.resume):
         raise ConfigError("checkpoint.resume", f"no checkpoint at {job.checkpoint.resume!r} (auto, never or a path)")
+    from dist_train.preflight_io import check_io
+
+    check_io(job, cluster)  # run dir writable, data.root present, resume path a checkpoint, sane worker count

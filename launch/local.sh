@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # All devices of this machine: one rank per GPU, or 2 gloo ranks on a CPU-only machine.
 #   launch/local.sh [--config FILE] [key=value ...]
+# dist_train.launch checks the config once (as rank 0 of this world size: a bad config exits 2
+# with one message, before any rank starts), then runs torchrun; a failed rank's exit code is
+# passed on (2 bad config, 3 preempted, 1 failed) without torchrun's own traceback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 NPROC=${NPROC:-$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")}
-"$PY" -m dist_train --check "$@"          # a bad config stops here, before any rank starts
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m dist_train "$@"
+exec "$PY" -m dist_train.launch --standalone --nproc_per_node="$NPROC" "$@"

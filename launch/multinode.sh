@@ -2,12 +2,12 @@
 # Multi-node torchrun (c10d rendezvous). Run the same command on every node:
 #   NNODES=2 MASTER_ADDR=node0 launch/multinode.sh [--config FILE] [key=value ...]
 # Optional: NPROC (ranks per node, default: GPUs or 2), MASTER_PORT (29500), RDZV_ID (job id).
+# Each node checks the config first (world size NNODES x NPROC; its own run dir and data), see local.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 : "${NNODES:?set NNODES}" "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}"
 NPROC=${NPROC:-$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")}
-"$PY" -m dist_train --check "$@"
-exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" \
+exec "$PY" -m dist_train.launch --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id="${RDZV_ID:-dist_train}" \
-  -m dist_train "$@"
+  "$@"

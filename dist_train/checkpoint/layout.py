@@ -158,7 +158,29 @@ def read_manifest(ckpt: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS \
             or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"manifest.json is not a {FORMAT} manifest")
+    root = os.path.realpath(ckpt)
+    for rel, entry in manifest["files"].items():
+        problem = _bad_entry(root, rel, entry)
+        if problem:
+            raise ValueError(f"manifest.json lists {rel!r}, {problem}: refusing the whole checkpoint")
     return manifest
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _bad_entry(root: str, rel: str, entry: object) -> Optional[str]:
+    """Why one manifest entry cannot be trusted, else None. Every listed file is later stat-ed and
+    hashed: a path that leaves the checkpoint directory (``../``, absolute, or through a symbolic
+    link) would make verification read files outside it."""
+    if not rel or "\0" in rel or os.path.isabs(rel) or os.path.normpath(rel) != rel or rel.split(os.sep)[0] == "..":
+        return "which is not a plain relative path inside the checkpoint"
+    if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
+            and isinstance(entry.get("sha256"), str) and _SHA256_RE.match(entry["sha256"])):
+        return "whose entry is not {\"size\": bytes, \"sha256\": 64 hex digits}"
+    if not os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep):
+        return "which resolves outside the checkpoint directory (a symbolic link)"
+    return None
 
 
 def check_sizes(ckpt: str, files: Dict[str, dict]) -> List[str]:

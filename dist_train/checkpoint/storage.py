@@ -66,6 +66,12 @@ def read_metadata(dcp_dir: str) -> Metadata:
         metadata = _MetadataUnpickler(f).load()
     if not isinstance(metadata, Metadata):
         raise pickle.UnpicklingError(f"{dcp_dir}/.metadata is not a DCP Metadata object")
+    # DCP opens <dcp_dir>/<relative_path> for each piece: a crafted index could point outside.
+    for info in (metadata.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or rel in ("", ".", "..") or os.path.basename(rel) != rel or "\0" in rel:
+            raise pickle.UnpicklingError(f"{dcp_dir}/.metadata names the data file {rel!r}, which is not a file "
+                                         "of this directory; refusing to load it")
     return metadata
 
 

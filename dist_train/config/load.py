@@ -6,8 +6,11 @@ with one readable paragraph before any process group starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -38,13 +41,19 @@ def _parse_override(item: str) -> Tuple[str, str]:
     return ALIASES.get(key, key), value
 
 
-def _explain(exc: OmegaConfBaseException) -> ConfigError:
+def _one_line(text: str, limit: int = 300) -> str:
+    """An error text as one line (YAML errors span several), cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _explain(exc: OmegaConfBaseException, fallback_key: str = "config") -> ConfigError:
     """Turn an OmegaConf error into a ConfigError naming the full dotted key."""
-    key = getattr(exc, "full_key", None) or "config"
+    key = getattr(exc, "full_key", None) or fallback_key
     msg = str(exc).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         return ConfigError(key, "unknown key (see `python -m dist_train --help` for every key)")
-    return ConfigError(key, msg)
+    return ConfigError(key, _one_line(msg))
 
 
 def _find_config_error(exc: BaseException) -> Optional[ConfigError]:
@@ -55,36 +64,92 @@ def _find_config_error(exc: BaseException) -> Optional[ConfigError]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _sections(cls: type) -> Dict[str, Optional[type]]:
+    """Field name -> the dataclass type of that field (a section), or None for a plain value."""
+    instance = cls()
+    return {f.name: type(getattr(instance, f.name)) if dataclasses.is_dataclass(getattr(instance, f.name)) else None
+            for f in dataclasses.fields(cls)}
+
+
+def _check_shape(tree: Dict[Any, Any], cls: type = JobConfig, prefix: str = "") -> Dict[str, Any]:
+    """Check the nesting of a YAML preset or an override against the schema, so that an unknown
+    key or a section given a plain value is named with the keys that would fit. An empty section
+    (``train:`` with every key commented out, which YAML reads as null) counts as no change.
+    Returns the tree with such empty sections dropped."""
+    fields = _sections(cls)
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in fields:
+            where = f"{prefix[:-1]} has the keys" if prefix else "the sections are"
+            raise ConfigError(_one_line(dotted, 80), f"unknown key; {where} {', '.join(fields)}")
+        section = fields[key]
+        if section is None:
+            out[key] = value
+        elif value is None:
+            continue
+        elif not isinstance(value, dict):
+            raise ConfigError(dotted, f"is a section: give it a mapping of its keys ({', '.join(_sections(section))}), "
+                                      f"not the {type(value).__name__} {_one_line(repr(value), 60)}")
+        else:
+            out[key] = _check_shape(value, section, dotted + ".")
+    return out
+
+
+def _read_preset(config_file: str) -> Dict[str, Any]:
+    """The YAML preset as a nested dict, or a ConfigError naming --config and the reason."""
+    if os.path.isdir(config_file):
+        raise ConfigError("--config", f"{config_file} is a directory; give the path of a YAML file")
+    if not os.path.isfile(config_file):  # a FIFO or device would block or never end: refused unread
+        what = "not a regular file" if os.path.exists(config_file) else "no such file"
+        raise ConfigError("--config", f"{what}: {config_file}")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(config_file))
+    except Exception as exc:  # YAML syntax errors, bad encodings, alias bombs ... come in many types
+        raise ConfigError("--config", f"cannot parse {config_file}: {_one_line(exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("--config", f"{config_file} must hold a mapping of sections, not a {type(raw).__name__}")
+    return _check_shape(_rename_aliases(raw))
+
+
+def _read_override(item: str) -> Tuple[str, Dict[str, Any]]:
+    """One ``key=value`` override as ``(key, nested dict)``; the value is read as YAML."""
+    key, value = _parse_override(item)
+    try:
+        tree = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={value}"]))
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot read the value {value!r} as YAML: {_one_line(exc, 160)}") from None
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, key) from None
+    return key, _check_shape(tree)
+
+
 def load_config(config_file: Union[str, Mapping, None] = None, overrides: Sequence[str] = ()) -> JobConfig:
     """Defaults <- YAML preset (a file, or a mapping of sections) <- dotlist overrides, validated;
     returns typed dataclasses."""
     cfg: DictConfig = OmegaConf.structured(JobConfig)
     if isinstance(overrides, str):
         raise ConfigError("overrides", "must be a list of key=value strings, not one string")
+    key = "config"
     try:
         if isinstance(config_file, Mapping):
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(_rename_aliases(dict(config_file))))
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(_check_shape(_rename_aliases(dict(config_file)))))
         elif config_file:
-            if not os.path.isfile(config_file):
-                raise ConfigError("--config", f"no such file: {config_file}")
-            try:
-                raw = OmegaConf.to_container(OmegaConf.load(config_file))
-            except Exception as exc:  # YAML syntax errors come in many types
-                raise ConfigError("--config", f"cannot parse {config_file}: {exc}") from None
-            if raw is None:
-                raw = {}
-            if not isinstance(raw, dict):
-                raise ConfigError("--config", f"{config_file} must hold a mapping of sections")
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(_rename_aliases(raw)))
+            key = "--config"
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(_read_preset(config_file)))
         for item in overrides:
-            key, value = _parse_override(item)
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+            key, tree = _read_override(item)
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(tree))
+        key = "config"
         job = OmegaConf.to_object(cfg)  # runs every section's __post_init__ on the merged values
     except ConfigError:
         raise
     except OmegaConfBaseException as exc:
         found = _find_config_error(exc)
-        raise (found or _explain(exc)) from None
+        raise (found or _explain(exc, key)) from None
     if not job.run.dir:
         job.run.dir = os.path.join("runs", job.run.name)
     return job

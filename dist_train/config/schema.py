@@ -8,6 +8,7 @@ process group starts. This module imports nothing from the rest of the package.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
@@ -20,6 +21,11 @@ AUGMENTATIONS = ("random_crop", "random_resized_crop", "hflip", "vflip", "rotati
                  "gaussian_blur", "random_erasing")
 FAULTS = ("after_shards", "slow_write", "step_sleep", "nan", "stall", "crash")
 NONFINITE = ("skip", "abort", "rollback")
+# Checkpoint directories are named step_XXXXXXXX (8 digits): a step count past this would make
+# checkpoints that resume cannot find.
+MAX_STEPS = 10**8 - 1
+# torch.manual_seed takes at most 64 bits; restore re-seeds from seed * 1_000_003 + ... mod 2**63.
+MAX_SEED = 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -43,6 +49,17 @@ def _require(cond: bool, key: str, reason: str) -> None:
         raise ConfigError(key, reason)
 
 
+def _finite(value: float, key: str, lo: float, hi: float = math.inf, lo_open: bool = False,
+            hi_open: bool = False) -> None:
+    """``value`` is a finite number in [lo, hi] (an end excluded when asked). NaN fails every
+    comparison but inf passes ``> 0``: float keys come through here, not a bare comparison."""
+    above = value > lo if lo_open else value >= lo
+    below = value < hi if hi_open else value <= hi
+    if not (math.isfinite(value) and above and below):
+        left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+        raise ConfigError(key, f"must be a finite number in {left}{lo:g}, {hi:g}{right}; got {value}")
+
+
 def _one_of(value: str, choices: tuple, key: str) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
@@ -54,8 +71,12 @@ class RunConfig:
     seed: int = doc(0, "global seed for weights, data order and every RNG")
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
-        _require(self.seed >= 0, "run.seed", f"must be >= 0; got {self.seed}")
+        # run.dir defaults to runs/<name>: '.' or '..' would put the run into runs/ or the working dir.
+        _require(bool(self.name) and "/" not in self.name and self.name not in (".", "..")
+                 and self.name.isprintable(), "run.name",
+                 f"must be a non-empty name without '/' or control characters, not '.' or '..'; got {self.name!r}")
+        _require("\0" not in self.dir, "run.dir", "must not contain a NUL character")
+        _require(0 <= self.seed <= MAX_SEED, "run.seed", f"must be in [0, 2**63 - 1]; got {self.seed}")
 
 
 @dataclass
@@ -131,7 +152,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.init, INIT_SCHEMES, "model.init")
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+        _finite(self.dropout, "model.dropout", 0, 1, hi_open=True)
         _require(self.hidden >= 1, "model.hidden", f"must be >= 1; got {self.hidden}")
 
 
@@ -163,6 +184,7 @@ class DataConfig:
             value = getattr(self, key)
             _require(value >= 1, f"data.{key}", f"must be >= 1; got {value}")
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0; got {self.num_workers}")
+        _require("\0" not in self.root, "data.root", "must not contain a NUL character")
 
 
 @dataclass
@@ -194,29 +216,31 @@ class TrainConfig:
     nonfinite_patience: int = doc(3, "rollback: consecutive non-finite steps before rolling back")
 
     def __post_init__(self) -> None:
-        _require(self.max_steps >= 1, "train.max_steps", f"must be >= 1; got {self.max_steps}")
+        _require(1 <= self.max_steps <= MAX_STEPS, "train.max_steps",
+                 f"must be in [1, {MAX_STEPS}] (checkpoint names hold 8 digits); got {self.max_steps}")
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1; got {self.grad_accum_steps}")
         _one_of(self.precision, PRECISIONS, "train.precision")
         _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
         _one_of(self.schedule, SCHEDULES, "train.schedule")
-        _require(self.lr > 0, "train.lr", f"must be > 0; got {self.lr}")
-        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _finite(self.lr, "train.lr", 0, lo_open=True)
+        _finite(self.weight_decay, "train.weight_decay", 0)
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  f"must be two numbers in [0, 1); got {list(self.betas)}")
+        # Momentum >= 1 makes SGD's velocity grow without bound; negative momentum is no momentum at all.
+        _finite(self.momentum, "train.momentum", 0, 1, hi_open=True)
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-        _require(self.momentum >= 0, "train.momentum", f"must be >= 0; got {self.momentum}")
+        _finite(self.min_lr_ratio, "train.min_lr_ratio", 0, 1)
         if self.nesterov:
             _require(self.optimizer == "sgd", "train.nesterov", f"applies to train.optimizer=sgd only; got {self.optimizer}")
             _require(self.momentum > 0, "train.nesterov", "needs train.momentum > 0")
         _require(self.step_size >= 1, "train.step_size", f"must be >= 1; got {self.step_size}")
-        _require(0 < self.gamma <= 1, "train.gamma", f"must be in (0, 1]; got {self.gamma}")
+        _finite(self.gamma, "train.gamma", 0, 1, lo_open=True)
         _require(all(m >= 1 for m in self.milestones), "train.milestones",
                  f"must be steps >= 1; got {list(self.milestones)}")
         if self.schedule == "multistep":
             _require(len(self.milestones) > 0, "train.milestones",
                      "train.schedule=multistep needs at least one milestone, e.g. train.milestones=[300,600]")
-        _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
+        _finite(self.grad_clip, "train.grad_clip", 0)
         _one_of(self.nonfinite, NONFINITE, "train.nonfinite")
         _require(self.nonfinite_patience >= 1, "train.nonfinite_patience", f"must be >= 1; got {self.nonfinite_patience}")
 
@@ -263,7 +287,8 @@ class MLflowConfig:
                  "must not hold credentials (they would be logged with the config); set "
                  "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
         _require(bool(self.experiment.strip()), "logging.mlflow.experiment", "must be a non-empty name")
-        _require(self.flush_timeout_s > 0, "logging.mlflow.flush_timeout_s", f"must be > 0; got {self.flush_timeout_s}")
+        # inf would make the exit wait forever for an unreachable server.
+        _finite(self.flush_timeout_s, "logging.mlflow.flush_timeout_s", 0, lo_open=True)
 
 
 @dataclass

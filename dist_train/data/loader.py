@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dist_train.config.schema import ConfigError
 from dist_train.data.registry import as_batch
 from dist_train.data.sampler import ShardedBatchSampler
 
@@ -71,6 +72,10 @@ def build_train_loader(
         len(dataset), int(cfg.batch_size), rank, world_size, seed, shuffle=True, drop_last=True,
         sample_seeds=bool(getattr(dataset, "needs_sample_seeds", False)),
     )
+    if sampler.batches_per_epoch == 0:  # every epoch would be empty: the loop would spin forever
+        raise ConfigError("data.batch_size", f"a global batch of {sampler.global_batch_size} samples (world size "
+                          f"{world_size} x data.batch_size {cfg.batch_size}) is more than the {len(dataset)} "
+                          "training samples: an epoch would hold no batch")
     return _make_loader(dataset, sampler, cfg, seed, rank, device), sampler
 
 
