@@ -531,9 +531,6 @@ LYING = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="restore.py reads meta.json, the DCP index and the RNG file of a "
-                   "checkpoint whose manifest verifies without catching their errors: exit 1 with a traceback "
-                   "(see the report of branch h/fuzz for the change in Restorer.resume/check_fits/restore_rng)")
 @pytest.mark.parametrize("damage", sorted(LYING))
 def test_a_manifest_that_lies_consistently_is_refused_by_name(source_ckpt, tmp_path, damage):
     ckpt = tmp_path / "ckpt" / "step_00000002"

@@ -120,13 +120,8 @@ def assert_names_path_and_cause(text: str, ckpt_dir: Path, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("enospc", marks=pytest.mark.xfail(strict=True, reason=(
-        "everything holds except that the error does not name the path: DCP's OSError carries no file name "
-        "('torch.distributed.checkpoint failed writing: rank 0: OSError: [Errno 28] No space left on device')"))),
-    pytest.param("erofs", marks=pytest.mark.xfail(strict=True, reason=(
-        "everything holds except the cause: manager.save() keeps rank 0's makedirs error (EROFS) in `error`, "
-        "then overwrites it with the rng file's ENOENT ('No such file or directory: .../.staging_step_00000004/"
-        "rng/rank_00000.pt')"))),
+    "enospc",
+    "erofs",
 ])
 def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(mount_ckpt, tmp_path, kind):
     """``raise``: the save at step 4 fails, the run exits 1 naming the path and the cause, and
@@ -182,8 +177,6 @@ def test_continue_warns_and_saves_again_at_the_next_cadence(mount_ckpt, tmp_path
     assert layout.read_latest(str(m.dir)) == "step_00000008" and layout.verify(str(m.dir / "step_00000008")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="layout.write_atomic leaves its latest.tmp<pid> behind when the write "
-                   "fails (removed only by remove_stale at the next start)")
 def test_a_full_disk_never_corrupts_latest(mount_ckpt, tmp_path):
     """Pointing ``latest`` at a new checkpoint on a full disk fails; the old ``latest`` is still
     whole and no temporary file of the attempt is left behind."""

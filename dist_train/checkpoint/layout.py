@@ -24,6 +24,7 @@ Nothing here imports torch.distributed: these are plain, single-process file ope
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -92,11 +93,16 @@ def write_atomic(path: str, text: str) -> None:
     recorded, so a manifest does not read it back)."""
     tmp = f"{path}.tmp{os.getpid()}"
     data = text.encode("utf-8")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: leave no temporary file behind, and the old file as it was
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
     hasher = checksum.new_hasher()
     hasher.update(data)
@@ -166,7 +172,8 @@ def read_manifest(ckpt: str) -> dict:
     return manifest
 
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Hex digests by checksum: xxh3_128 (format 2) is 32 hex digits, sha256 (format 1) 64.
+_DIGEST_RE = {"xxh3_128": re.compile(r"^[0-9a-f]{32}$"), "sha256": re.compile(r"^[0-9a-f]{64}$")}
 
 
 def _bad_entry(root: str, rel: str, entry: object) -> Optional[str]:
@@ -176,8 +183,8 @@ def _bad_entry(root: str, rel: str, entry: object) -> Optional[str]:
     if not rel or "\0" in rel or os.path.isabs(rel) or os.path.normpath(rel) != rel or rel.split(os.sep)[0] == "..":
         return "which is not a plain relative path inside the checkpoint"
     if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
-            and isinstance(entry.get("sha256"), str) and _SHA256_RE.match(entry["sha256"])):
-        return "whose entry is not {\"size\": bytes, \"sha256\": 64 hex digits}"
+            and any(isinstance(entry.get(a), str) and rx.match(entry[a]) for a, rx in _DIGEST_RE.items())):
+        return "whose entry is not {\"size\": bytes, \"xxh3_128\": 32 hex digits} (or a format-1 \"sha256\")"
     if not os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep):
         return "which resolves outside the checkpoint directory (a symbolic link)"
     return None

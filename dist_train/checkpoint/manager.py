@@ -118,11 +118,23 @@ class CheckpointManager:
     # --- saving ----------------------------------------------------------------------------
 
     def maybe_save(self, state) -> None:
-        """After each optimizer step, on every rank: save when ``checkpoint.every_steps`` is due."""
+        """After each optimizer step, on every rank: save when ``checkpoint.every_steps`` is due.
+        A save that fails (a full disk, a read-only directory) has left the previous checkpoint as
+        it was and removed its own staging files; ``checkpoint.on_save_error`` decides whether the
+        run stops (raise) or warns and tries again at the next cadence (continue)."""
         if self._pending is not None and self._pending.thread.is_alive():
             self.stats["steps_during_writes"] += 1
         if self.cfg.every_steps and state.step % self.cfg.every_steps == 0:
-            self.save(state)
+            try:
+                self.save(state)
+            except CheckpointError as exc:
+                if self.cfg.on_save_error != "continue":
+                    raise
+                self.stats["failed_saves"] = self.stats.get("failed_saves", 0) + 1
+                self.last_step = None  # so the end of the run saves again
+                if self.rank0:
+                    log.warning("%s; training goes on (checkpoint.on_save_error=continue), the next save is at "
+                                "step %d", exc, state.step + self.cfg.every_steps)
 
     def rollback(self, state) -> None:
         """Collective: back to the newest verified checkpoint (``train.nonfinite=rollback``),
@@ -177,11 +189,11 @@ class CheckpointManager:
             if self.rank0:
                 layout.write_json_atomic(os.path.join(staging, layout.META), self._meta(state, small))
         except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement below)
-            error = exc
+            error = error or exc  # the first cause (e.g. the staging dir could not be made), not its echo
             log.error("rank %d could not prepare checkpoint step %d: %s", self.rank, step, exc)
         if not self.group.all_ok(error is None):
             self._abort(staging)
-            raise CheckpointError(f"checkpoint of step {step} aborted: a rank failed to write its part"
+            raise CheckpointError(f"checkpoint of step {step} in {self.dir} aborted: a rank failed to write its part"
                                   + (f" (here: {error})" if error else ""))
         commit = lambda: self._write_and_commit(step, staging, write)  # noqa: E731
         self.last_step = step
@@ -206,7 +218,7 @@ class CheckpointManager:
         self.faults.crash_point("after_shards", step)
         if not self.group.all_ok(error is None):
             self._abort(staging)
-            raise CheckpointError(f"checkpoint of step {step} aborted: a rank failed to write its shards"
+            raise CheckpointError(f"checkpoint of step {step} in {self.dir} aborted: a rank failed to write its shards"
                                   + (f" (here: {error})" if error else ""))
         # Every rank hashes its share of the files; rank 0 writes the manifest and commits.
         files = None
@@ -243,7 +255,7 @@ class CheckpointManager:
                 self._abort(staging)
         outcome = self.group.broadcast(outcome)
         if outcome[0] != "ok":
-            raise CheckpointError(f"checkpoint of step {step} not committed: {outcome[1]}")
+            raise CheckpointError(f"checkpoint of step {step} in {self.dir} not committed: {outcome[1]}")
         if self.rank0:
             log.info("checkpoint %s committed (%s)", layout.step_name(step), outcome[1])
 

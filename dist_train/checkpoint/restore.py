@@ -56,6 +56,24 @@ def identity(config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in IDENTITY_SKIP}
 
 
+META_KEYS = ("step", "train_state", "world_size", "micro_global_batch", "grad_accum_steps", "strategy")
+
+
+def read_meta(path: str) -> Dict[str, Any]:
+    """A checkpoint's meta.json; CheckpointRefused naming the checkpoint when it is not usable."""
+    name = os.path.basename(os.path.normpath(path))
+    try:
+        with open(os.path.join(path, layout.META), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointRefused(f"checkpoint {name}: meta.json cannot be read: {type(exc).__name__}: "
+                                f"{str(exc)[:200]}") from None
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing or not isinstance(meta.get("train_state"), dict):
+        raise CheckpointRefused(f"checkpoint {name}: meta.json lacks {', '.join(missing) or 'a train_state mapping'}")
+    return meta
+
+
 def resolve_path(path: str) -> str:
     """A checkpoint dir as given, or the newest checkpoint of a checkpoints dir or run dir."""
     if os.path.isfile(os.path.join(path, layout.MANIFEST)) or layout.parse_step(path) is not None:
@@ -164,8 +182,7 @@ class Restorer:
         chosen = self.choose()
         meta = None
         if chosen:
-            with open(os.path.join(chosen, layout.META), encoding="utf-8") as f:
-                meta = json.load(f)
+            meta = read_meta(chosen)
             self.check_fits(chosen, meta)
         if self.m.rank0:
             try:
@@ -201,7 +218,11 @@ class Restorer:
         if gbs * self.m.grad_accum_steps != meta["micro_global_batch"] * meta["grad_accum_steps"] and self.m.rank0:
             log.warning("checkpoint %s was trained with %d samples per optimizer step, this run uses %d",
                         name, meta["micro_global_batch"] * meta["grad_accum_steps"], gbs * self.m.grad_accum_steps)
-        problem = self.m.strategy.check_checkpoint(CheckpointFiles(path), meta, self.m.cfg.load_optimizer)
+        try:
+            problem = self.m.strategy.check_checkpoint(CheckpointFiles(path), meta, self.m.cfg.load_optimizer)
+        except Exception as exc:  # noqa: BLE001  (an index that does not unpickle, or lies)
+            raise CheckpointRefused(f"checkpoint {name}: its model index cannot be read: {type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
         if problem:
             raise CheckpointRefused(f"checkpoint {name} cannot be loaded: {problem}")
 
@@ -212,8 +233,7 @@ class Restorer:
         chosen = self.newest_verified()
         if chosen is None:
             raise CheckpointError(f"rollback: no verified checkpoint under {self.m.dir} to roll back to")
-        with open(os.path.join(chosen, layout.META), encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_meta(chosen)
         self.m.strategy.load_checkpoint(CheckpointFiles(chosen, self.m.group.pg), meta, True)
         state.step = meta["step"]
         if self.m.rank0:
@@ -232,7 +252,12 @@ class Restorer:
         """Each rank gets back its own RNG streams; at another world size they cannot correspond,
         so each rank is re-seeded from (seed, step, rank) instead."""
         if meta["world_size"] == self.m.world:
-            set_rng_state(torch.load(os.path.join(path, layout.rng_file(self.m.rank)), weights_only=True))
+            try:
+                rng = torch.load(os.path.join(path, layout.rng_file(self.m.rank)), weights_only=True)
+                set_rng_state(rng)
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointRefused(f"checkpoint {os.path.basename(path)}: the RNG state of rank {self.m.rank} "
+                                        f"cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from None
             return
         seed_everything((self.seed * 1_000_003 + meta["step"] * 1009 + self.m.rank) % 2**63)
         if self.m.rank0:

@@ -261,12 +261,15 @@ class CheckpointConfig:
     resume: str = doc("auto", "auto (newest verified checkpoint of the run dir), never, or a checkpoint path (must verify)")
     keep_last: int = doc(3, "keep this many newest checkpoints (0: keep all); the newest is never deleted")
     async_save: bool = doc(False, "write checkpoints in the background while training goes on (also accepted as checkpoint.async)")
+    on_save_error: str = doc("raise", "a save that fails (full disk, read-only dir) keeps the previous checkpoint "
+                             "intact; raise: the run stops (exit 1); continue: warn and try again at the next cadence")
     load_optimizer: bool = doc(True, "restore the optimizer state on resume; false restores weights, step, data position, "
                                      "LR schedule and RNG with a fresh optimizer (needed between deepspeed and the other strategies)")
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        _one_of(self.on_save_error, ("raise", "continue"), "checkpoint.on_save_error")
         _require(bool(self.resume), "checkpoint.resume", "must be auto, never or a path")
 
 
