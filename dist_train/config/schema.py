@@ -356,7 +356,7 @@ class DistConfig:
                  f"must be a finite number of seconds > 0; got {self.init_timeout_s}")
         _require(0 < self.timeout_s < float("inf"), "dist.timeout_s",
                  f"must be a finite number of seconds > 0; got {self.timeout_s}")
-        _require(self.watchdog_factor >= 1, "dist.watchdog_factor", f"must be >= 1; got {self.watchdog_factor}")
+        _finite(self.watchdog_factor, "dist.watchdog_factor", 1)
         _require(0 <= self.watchdog_floor_s < float("inf"), "dist.watchdog_floor_s",
                  f"must be a finite number >= 0; got {self.watchdog_floor_s}")
 
