@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -52,7 +51,6 @@ NEEDS = {"fabric": ("lightning", "Lightning Fabric is not installed: pip install
 FULL_STEPS = {"vision-ddp": 9, "lm-fsdp": 12, "lm-zero2": 12}  # each: 5 warm-up steps, the rest timed
 SMOKE_STEPS = wk.WARMUP_STEPS + 2
 RAN = {"ddp": "DDP", "fsdp": "FSDP2, fully_shard per block + root", "zero2": "DeepSpeed ZeRO-2"}
-_PROGRESS = re.compile(r"\[rank0\].*\bstep (\d+)/(\d+)\b")
 
 
 def missing(name: str) -> Optional[str]:
@@ -66,8 +64,8 @@ def missing(name: str) -> Optional[str]:
 def run_dist_train(wl: wk.Workload, steps: int, nproc: int, extra: List[str], timeout: float, tmp: str) -> Dict:
     run_dir = os.path.join(tmp, "run")
     args = ["-m", "dist_train", *wk.train_overrides(wl, steps), f"run.dir={run_dir}",
-            # Progress lines every 5 steps (the warm-up boundary): their arrival times give the
-            # wall-clock rate. MLflow off: its writer process would share the 2 cores (see docs).
+            # Progress lines every 5 steps (the warm-up boundary): wall rate and CPU per step are
+            # measured at them (launch.py). MLflow off: its writer process would share the 2 cores (see docs).
             "logging.every_steps=5", "logging.progress_bar=auto", "logging.mlflow.enabled=false", *extra]
     job = launch.torchrun(args, nproc, timeout)
     out = {"peak_rss_mib": job.peak_rss_mib, "launch_s": job.seconds, "launch_cpu_s": job.cpu_s}
@@ -78,19 +76,10 @@ def run_dist_train(wl: wk.Workload, steps: int, nproc: int, extra: List[str], ti
                                               f"{summary.get('error', '')}\n{job.tail()}"}
     rate = summary["samples_per_s"]
     global_batch = wk.load_job(wl, steps).data.batch_size * summary["world_size"]
-    out.update(ok=True, samples_per_s=rate, step_time_s=global_batch / rate,
-               wall_samples_per_s=_wall_rate(job.lines, global_batch), train_rss_mib=_last_rss(run_dir),
+    out.update(ok=True, samples_per_s=rate, step_time_s=global_batch / rate, train_rss_mib=_last_rss(run_dir),
+               **job.steady(wk.WARMUP_STEPS, global_batch),
                ran=f"dist_train strategy={summary['strategy']} ({RAN[wl.parallel]})")
     return out
-
-
-def _wall_rate(lines, global_batch: int) -> Optional[float]:
-    """samples/s between rank 0's progress lines at the warm-up boundary and at the last step."""
-    marks = [(t, int(m.group(1))) for t, line in lines if (m := _PROGRESS.search(line))]
-    marks = [(t, s) for t, s in marks if s >= wk.WARMUP_STEPS]
-    if len(marks) < 2 or marks[-1][1] == marks[0][1]:
-        return None
-    return (marks[-1][1] - marks[0][1]) * global_batch / (marks[-1][0] - marks[0][0])
 
 
 def _last_rss(run_dir: str) -> Optional[float]:
@@ -112,7 +101,7 @@ def run_reference(runner: str, wl: wk.Workload, steps: int, nproc: int, smoke: b
     if job.returncode != 0 or not os.path.exists(result_path):
         return {**out, "ok": False, "error": f"exit {job.returncode}{' (timed out)' if job.timed_out else ''}\n{job.tail()}"}
     result = json.loads(Path(result_path).read_text())
-    return {**out, **result, "ok": True}
+    return {**out, **result, **job.steady(wk.WARMUP_STEPS, result["global_batch"]), "ok": True}
 
 
 def machine() -> Dict:

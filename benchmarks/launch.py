@@ -4,12 +4,16 @@ Every runner of ``compare.py`` goes through :func:`torchrun`, so all are measure
 
 - peak memory: the largest resident set of any process of the job (a rank, in practice), from
   the kernel's accounting of the reaped process tree (``wait4``): no sampling, no overhead;
-- output lines stamped with their arrival time, so rank 0's progress lines give a wall-clock
-  rate of the steady-state steps without touching the code under test.
+- rank 0's progress lines (``[rank0] ... step K/N``; the reference runners print one at the end
+  of the warm-up and of the last step, dist_train its own): at each, the arrival time and the CPU
+  time used so far by the whole process tree. Between two marks that gives a wall-clock rate and
+  the CPU seconds per step, measured identically for every runner, without touching the code
+  under test. CPU time per step barely moves with load from other work, wall time does.
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 # Launcher variables of an enclosing job (SLURM, an outer torchrun) would confuse the inner one.
+PROGRESS = re.compile(r"\[rank0\].*\bstep (\d+)/(\d+)\b")
+_TICK = os.sysconf("SC_CLK_TCK")
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
@@ -34,10 +40,35 @@ class Launch:
     peak_rss_mib: float
     cpu_s: float  # user + system CPU time of the whole job (on a quiet machine: about wall x cores busy)
     lines: List[Tuple[float, str]] = field(default_factory=list)  # (time.perf_counter() at arrival, line)
+    marks: List[Tuple[int, float, float]] = field(default_factory=list)  # (step, arrival time, tree CPU s)
     timed_out: bool = False
 
     def tail(self, n: int = 25) -> str:
         return "\n".join(line for _, line in self.lines[-n:])
+
+    def steady(self, first_step: int, global_batch: int) -> Dict[str, Optional[float]]:
+        """Wall samples/s and CPU s per step between the first mark at ``first_step`` or later and
+        the last mark; None when there are not two such marks."""
+        marks = [m for m in self.marks if m[0] >= first_step]
+        if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+            return {"wall_samples_per_s": None, "cpu_s_per_step": None}
+        (s0, t0, c0), (s1, t1, c1) = marks[0], marks[-1]
+        return {"wall_samples_per_s": (s1 - s0) * global_batch / (t1 - t0), "cpu_s_per_step": (c1 - c0) / (s1 - s0)}
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` and every live descendant (Linux /proc)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            # Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or no /proc: counts nothing
+            continue
+    return total
 
 
 def free_port() -> int:
@@ -86,10 +117,15 @@ def torchrun(args: Sequence[str], nproc: int, timeout_s: float, cwd: Optional[Pa
     timer = threading.Timer(timeout_s, kill)
     timer.start()
     lines: List[Tuple[float, str]] = []
+    marks: List[Tuple[int, float, float]] = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            lines.append((time.perf_counter(), line.rstrip("\n")))
+            now = time.perf_counter()
+            lines.append((now, line.rstrip("\n")))
+            mark = PROGRESS.search(line)
+            if mark:
+                marks.append((int(mark.group(1)), now, tree_cpu_s(proc.pid)))
         # wait4 reports the job's rusage; on Linux ru_maxrss is the largest resident set of the
         # process and of every descendant it reaped (torchrun reaps its ranks), in KiB.
         _, status, usage = os.wait4(proc.pid, 0)
@@ -101,4 +137,4 @@ def torchrun(args: Sequence[str], nproc: int, timeout_s: float, cwd: Optional[Pa
             proc.wait()
         proc.stdout.close()
     return Launch(proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024,
-                  usage.ru_utime + usage.ru_stime, lines, expired.is_set())
+                  usage.ru_utime + usage.ru_stime, lines, marks, expired.is_set())

@@ -54,7 +54,8 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     world = accelerator.num_processes
-    result = wk.timed_steps(args.steps, wk.epochs(loader, None), step, job.data.batch_size * world)
+    result = wk.timed_steps(args.steps, wk.epochs(loader, None), step, job.data.batch_size * world,
+                            accelerator.process_index)
     asked = "FSDP2" if plugin is not None else "DDP"
     ran = (f"Accelerate {accelerate.__version__} {accelerator.distributed_type.name} ({type(model).__name__}, "
            f"{accelerator.device}; asked for {asked})")

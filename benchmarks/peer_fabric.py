@@ -63,7 +63,8 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    result = wk.timed_steps(args.steps, wk.epochs(loader, loader.sampler), step, job.data.batch_size * world)
+    result = wk.timed_steps(args.steps, wk.epochs(loader, loader.sampler), step, job.data.batch_size * world,
+                            fabric.global_rank)
     inner = type(getattr(model, "module", model)).__name__
     ran = f"Lightning Fabric {lightning.__version__} {type(fabric.strategy).__name__} ({inner}, {fabric.device})"
     if fabric.global_rank == 0:

@@ -88,7 +88,7 @@ def main() -> None:
     data = TensorDataset(train_ds.x, train_ds.y)
     sampler = DistributedSampler(data, shuffle=True, seed=job.run.seed, drop_last=True)
     loader = DataLoader(data, batch_size=job.data.batch_size, sampler=sampler, drop_last=True)
-    result = wk.timed_steps(args.steps, wk.epochs(loader, sampler), step, job.data.batch_size * world)
+    result = wk.timed_steps(args.steps, wk.epochs(loader, sampler), step, job.data.batch_size * world, rank)
     if rank == 0:
         wk.write_result(args.out, {**result, "ran": ran, "world_size": world, "threads": torch.get_num_threads()})
     dist.barrier()

@@ -3,7 +3,7 @@
 A ratio is dist_train's number over another runner's from the same round (the two ran minutes
 apart under the same load), so a round the whole machine was slow in cancels out; the median of
 those per-round ratios is reported, and the smallest (the issue's "never below" target).
-Throughput ratios above 1 mean dist_train is faster; memory ratios above 1 mean it uses more.
+Throughput ratios above 1 mean dist_train is faster; CPU and memory ratios above 1 mean it uses more.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import math
 import statistics
 from typing import Dict, List, Optional
 
-METRICS = ("samples_per_s", "wall_samples_per_s", "step_time_s", "peak_rss_mib", "train_rss_mib")
-RATIOS = ("samples_per_s", "wall_samples_per_s", "peak_rss_mib")
+METRICS = ("samples_per_s", "wall_samples_per_s", "step_time_s", "cpu_s_per_step", "peak_rss_mib", "train_rss_mib")
+RATIOS = ("samples_per_s", "wall_samples_per_s", "cpu_s_per_step", "peak_rss_mib")
 
 
 def _median(values: List[Optional[float]]) -> Optional[float]:
@@ -78,17 +78,17 @@ def render(result: Dict) -> str:
     if max(result["load_avg_start"][0], result["load_avg_end"][0]) > 0.5 * (m["cores"] or 1):
         lines.append("NOTE: other work was loading the machine: absolute numbers are noisy; "
                      "trust the paired ratios more, and rerun on a quiet machine")
-    header = (f"{'runner':<11}{'samples/s':>10}{'wall s/s':>10}{'step ms':>9}{'peak RSS':>10}{'train RSS':>10}"
-              f"   {'dist_train/runner: samples/s (min)':<36}{'wall':<17}{'peak RSS':<8}")
+    header = (f"{'runner':<11}{'samples/s':>10}{'wall s/s':>10}{'step ms':>9}{'CPU s/step':>11}{'peak RSS':>10}"
+              f"{'train RSS':>10}   dist_train/runner: {'samples/s (min)':<16}{'wall':<16}{'CPU':<16}{'peak RSS':<8}")
     for name, wl in result["workloads"].items():
         lines += ["", f"== {name}: {' '.join(o for o in wl['overrides'])}", header]
         for runner, e in wl["runners"].items():
             med = e["median"]
             step_ms = None if med["step_time_s"] is None else med["step_time_s"] * 1000
             lines.append(f"{runner:<11}{_num(med['samples_per_s'], 2):>10}{_num(med['wall_samples_per_s'], 2):>10}"
-                         f"{_num(step_ms, 0):>9}{_num(med['peak_rss_mib'], 0):>10}{_num(med['train_rss_mib'], 0):>10}"
-                         f"   {_ratio(e, 'samples_per_s'):<36}{_ratio(e, 'wall_samples_per_s'):<17}"
-                         f"{_ratio(e, 'peak_rss_mib'):<8}")
+                         f"{_num(step_ms, 0):>9}{_num(med['cpu_s_per_step'], 2):>11}{_num(med['peak_rss_mib'], 0):>10}"
+                         f"{_num(med['train_rss_mib'], 0):>10}   {'':<19}{_ratio(e, 'samples_per_s'):<16}"
+                         f"{_ratio(e, 'wall_samples_per_s'):<16}{_ratio(e, 'cpu_s_per_step'):<16}{_ratio(e, 'peak_rss_mib'):<8}")
         lines.append("what ran:")
         for runner, e in wl["runners"].items():
             failed = len(e["runs"]) - e["ok_rounds"]
@@ -97,6 +97,7 @@ def render(result: Dict) -> str:
     for name, why in result["skipped"].items():
         lines.append(f"SKIPPED {name}: {why}")
     lines += ["", "samples/s: dist_train's accounting (summary.json): optimizer-step time incl. data wait, summed "
-              "after warm-up; wall s/s: also counts everything between steps; MiB: peak RSS of the largest "
-              "process, and rank 0's RSS after the last step"]
+              "after warm-up; wall s/s: the same steps by the clock, so also what runs between steps; CPU s/step: "
+              "CPU time of all ranks per step (moves little with load); MiB: peak RSS of the largest process, and "
+              "rank 0's RSS after the last step"]
     return "\n".join(lines)

@@ -9,7 +9,9 @@ trains the same module (built by ``dist_train.models.build_model``), on the same
 
 Timing is dist_train's own accounting (DESIGN.md, ``samples_per_s`` in ``summary.json``): the
 time of each optimizer step, batch fetch included, summed over every step after the first
-``WARMUP_STEPS`` of the process. ``wall_samples_per_s`` also counts whatever runs between steps.
+``WARMUP_STEPS`` of the process. Rank 0 also prints a progress line (``[rank0] step K/N``) at the
+end of the warm-up and of the last step, at which ``launch.py`` measures wall time and CPU time
+from the outside, as it does at dist_train's own progress lines.
 """
 from __future__ import annotations
 
@@ -139,25 +141,21 @@ def rss_mib() -> float:
 
 
 def timed_steps(steps: int, batches: Iterator[Sequence], step: Callable[[object, object], None],
-                global_batch: int) -> Dict[str, float]:
+                global_batch: int, rank: int) -> Dict[str, float]:
     """Run ``step(x, y)`` on ``steps`` batches and time them as dist_train does."""
+    if steps <= WARMUP_STEPS:
+        raise ValueError(f"--steps must exceed the {WARMUP_STEPS} warm-up steps; got {steps}")
     times: List[float] = []
-    wall_start = time.perf_counter()
     for i in range(steps):
         t0 = time.perf_counter()
         x, y = next(batches)[:2]
         step(x, y)
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        if i + 1 == WARMUP_STEPS:
-            wall_start = t1
-    wall = time.perf_counter() - wall_start
+        times.append(time.perf_counter() - t0)
+        if rank == 0 and i + 1 in (WARMUP_STEPS, steps):  # the marks launch.py measures at
+            print(f"[rank0] step {i + 1}/{steps}", flush=True)
     measured = times[WARMUP_STEPS:]
-    if not measured:
-        raise ValueError(f"--steps must exceed the {WARMUP_STEPS} warm-up steps; got {steps}")
     busy = sum(measured)
-    return {"samples_per_s": global_batch * len(measured) / busy,
-            "wall_samples_per_s": global_batch * len(measured) / wall,
+    return {"samples_per_s": global_batch * len(measured) / busy, "global_batch": global_batch,
             "step_time_s": busy / len(measured), "steps": steps, "measured_steps": len(measured),
             "train_rss_mib": rss_mib(),
             "rank_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

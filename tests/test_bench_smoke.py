@@ -35,7 +35,9 @@ def test_compare_smoke_runs_every_runner_and_reports_finite_ratios(tmp_path):
         med = entry["median"]
         assert med["samples_per_s"] > 0 and med["peak_rss_mib"] > 0 and med["step_time_s"] > 0, (name, med)
         if name != "dist_train":
-            for metric, ratio in entry["dist_train_ratio"].items():
+            # CPU s/step is left out: over 2 smoke steps it can be below the kernel's 10 ms tick.
+            for metric in ("samples_per_s", "wall_samples_per_s", "peak_rss_mib"):
+                ratio = entry["dist_train_ratio"][metric]
                 assert ratio["median"] is not None and math.isfinite(ratio["median"]) and ratio["median"] > 0, \
                     (name, metric, ratio)
             assert f"{name:<11}" in proc.stdout  # a table row per runner
