@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +59,25 @@ def missing(name: str) -> Optional[str]:
     if need is None or importlib.util.find_spec(need[0]) is not None:
         return None
     return need[1]
+
+
+def make_plan(workloads: List[str], runners: List[str]) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+    """``({workload: [runner, ...]}, {skipped name: why})``: what can run here, and what cannot."""
+    plan: Dict[str, List[str]] = {}
+    skipped: Dict[str, str] = {}
+    for name in workloads:
+        if missing(name):
+            skipped[name] = missing(name)
+            continue
+        plan[name] = []
+        for runner in runners:
+            if name not in SUPPORTS[runner]:
+                continue
+            if missing(runner):
+                skipped[runner] = missing(runner)
+                continue
+            plan[name].append(runner)
+    return plan, skipped
 
 
 def run_dist_train(wl: wk.Workload, steps: int, nproc: int, extra: List[str], timeout: float, tmp: str) -> Dict:
@@ -146,20 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()
-    skipped: Dict[str, str] = {}
-    plan: Dict[str, List[str]] = {}
-    for name in args.workloads:
-        if missing(name):
-            skipped[name] = missing(name)
-            continue
-        plan[name] = []
-        for runner in args.runners:
-            if name not in SUPPORTS[runner]:
-                continue
-            if missing(runner):
-                skipped[runner] = missing(runner)
-                continue
-            plan[name].append(runner)
+    plan, skipped = make_plan(args.workloads, args.runners)
     for name, why in skipped.items():
         print(f"SKIPPED {name}: {why}", flush=True)
     rounds: Dict[str, Dict[str, List[Dict]]] = {w: {r: [] for r in rs} for w, rs in plan.items()}

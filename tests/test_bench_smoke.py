@@ -51,10 +51,29 @@ def test_compare_rejects_unknown_names():
     assert proc.returncode == 2 and "unknown nope" in proc.stderr
 
 
+def _bench_module(name):
+    sys.path.insert(0, str(REPO / "benchmarks"))  # compare.py imports its siblings by name
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_missing_peers_and_deepspeed_are_skipped_with_the_install_command(monkeypatch):
+    compare = _bench_module("compare")
+    gone = {"lightning", "deepspeed"}  # and accelerate present, whatever this machine has
+    monkeypatch.setattr(compare.importlib.util, "find_spec", lambda n, *a: None if n in gone else "found")
+    plan, skipped = compare.make_plan(list(compare.wk.WORKLOAD_NAMES), list(compare.RUNNERS))
+    assert plan == {"vision-ddp": ["dist_train", "plain", "accelerate"], "lm-fsdp": ["dist_train", "plain", "accelerate"]}
+    assert "pip install -e '.[bench]'" in skipped["fabric"] and "pip install" in skipped["lm-zero2"]
+    assert set(skipped) == {"fabric", "lm-zero2"}
+
+
 def test_paired_ratios_use_only_rounds_where_both_ran():
-    spec = importlib.util.spec_from_file_location("bench_report", REPO / "benchmarks" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = _bench_module("report")
 
     ours = [{"round": 0, "ok": True, "samples_per_s": 9.0}, {"round": 1, "ok": True, "samples_per_s": 10.0},
             {"round": 2, "ok": False}]
