@@ -49,7 +49,8 @@ def progress_line(rnd: int, rounds: int, workload: str, runner: str, res: Dict) 
         return f"{head} FAILED: {res['error'].splitlines()[0]} (launch {res['launch_s']:.0f} s)"
     wall = res.get("wall_samples_per_s")
     return (f"{head} {res['samples_per_s']:8.2f} samples/s (wall {_num(wall, 2)}), "
-            f"peak RSS {res['peak_rss_mib']:.0f} MiB, launch {res['launch_s']:.0f} s")
+            f"{_num(res.get('cpu_s_per_step'), 2)} CPU s/step, peak RSS {res['peak_rss_mib']:.0f} MiB, "
+            f"launch {res['launch_s']:.0f} s")
 
 
 def _num(value: Optional[float], digits: int = 1) -> str:
