@@ -56,17 +56,28 @@ class Launch:
         return {"wall_samples_per_s": (s1 - s0) * global_batch / (t1 - t0), "cpu_s_per_step": (c1 - c0) / (s1 - s0)}
 
 
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds used so far by ``pid`` and every live descendant (Linux /proc)."""
-    total, todo = 0.0, [pid]
+def tree(pid: int) -> List[int]:
+    """``pid`` and every live descendant (Linux /proc; just ``pid`` where that is unavailable)."""
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
+        found.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` and every live descendant (Linux /proc)."""
+    total = 0.0
+    for p in tree(pid):
         try:
             # Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / _TICK
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except (OSError, IndexError, ValueError):  # gone meanwhile, or no /proc: counts nothing
+        except (OSError, IndexError, ValueError):  # gone meanwhile: counts nothing
             continue
     return total
 
@@ -97,7 +108,8 @@ def _has_cuda() -> bool:
 def torchrun(args: Sequence[str], nproc: int, timeout_s: float, cwd: Optional[Path] = None) -> Launch:
     """``python -m torch.distributed.run --nproc_per_node=NPROC ARGS``: wait, measure, return.
 
-    The job runs in its own session; past ``timeout_s`` its whole process group is killed.
+    Past ``timeout_s`` (or if this process is interrupted) torchrun and every process under it
+    are killed.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
@@ -109,10 +121,12 @@ def torchrun(args: Sequence[str], nproc: int, timeout_s: float, cwd: Optional[Pa
 
     def kill() -> None:
         expired.set()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the job's own process group: torchrun and its ranks
-        except ProcessLookupError:
-            pass
+        # torchrun puts each rank in a process group of its own: kill the whole tree, ranks first.
+        for pid in reversed(tree(proc.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     timer = threading.Timer(timeout_s, kill)
     timer.start()
