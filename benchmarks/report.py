@@ -1,0 +1,104 @@
+"""Medians, paired ratios and the printed table of ``compare.py``.
+
+A ratio is dist_train's number over another runner's from the same round (the two ran minutes
+apart under the same load), so a round the whole machine was slow in cancels out; the median of
+those per-round ratios is reported, and the smallest (the issue's "never below" target).
+Throughput ratios above 1 mean dist_train is faster; CPU and memory ratios above 1 mean it uses more.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Dict, List, Optional
+
+METRICS = ("samples_per_s", "wall_samples_per_s", "step_time_s", "cpu_s_per_step", "peak_rss_mib", "train_rss_mib")
+RATIOS = ("samples_per_s", "wall_samples_per_s", "cpu_s_per_step", "peak_rss_mib")
+
+
+def _median(values: List[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def paired_ratios(ours: List[Dict], theirs: List[Dict], metric: str) -> Dict:
+    """dist_train / runner for ``metric``, per round where both succeeded; median and min."""
+    by_round = {r["round"]: r for r in theirs if r["ok"] and r.get(metric)}
+    per_round = [o[metric] / by_round[o["round"]][metric] for o in ours
+                 if o["ok"] and o.get(metric) and o["round"] in by_round]
+    return {"median": _median(per_round), "min": min(per_round) if per_round else None,
+            "max": max(per_round) if per_round else None, "rounds": per_round}
+
+
+def summarize(by_runner: Dict[str, List[Dict]]) -> Dict[str, Dict]:
+    """Per runner: what ran, every run, the medians, and dist_train's ratios to it."""
+    ours = by_runner.get("dist_train", [])
+    out: Dict[str, Dict] = {}
+    for runner, runs in by_runner.items():
+        ok = [r for r in runs if r["ok"]]
+        entry = {"ran": ok[0].get("ran") if ok else None, "ok_rounds": len(ok), "runs": runs,
+                 "median": {m: _median([r.get(m) for r in ok]) for m in METRICS}}
+        if runner != "dist_train":
+            entry["dist_train_ratio"] = {m: paired_ratios(ours, runs, m) for m in RATIOS}
+        out[runner] = entry
+    return out
+
+
+def progress_line(rnd: int, rounds: int, workload: str, runner: str, res: Dict) -> str:
+    head = f"[round {rnd + 1}/{rounds}] {workload:<10} {runner:<10}"
+    if not res["ok"]:
+        return f"{head} FAILED: {res['error'].splitlines()[0]} (launch {res['launch_s']:.0f} s)"
+    wall = res.get("wall_samples_per_s")
+    return (f"{head} {res['samples_per_s']:8.2f} samples/s (wall {_num(wall, 2)}), "
+            f"{_num(res.get('cpu_s_per_step'), 2)} CPU s/step, peak RSS {res['peak_rss_mib']:.0f} MiB, "
+            f"launch {res['launch_s']:.0f} s")
+
+
+def _num(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(entry: Dict, metric: str) -> str:
+    r = entry.get("dist_train_ratio", {}).get(metric)
+    if not r or r["median"] is None:
+        return "-"
+    return f"{r['median']:.3f} ({r['min']:.3f})" if len(r["rounds"]) > 1 else f"{r['median']:.3f}"
+
+
+def render(result: Dict) -> str:
+    """The human-readable report of one ``compare.py`` invocation."""
+    m = result["machine"]
+    lines = [
+        "",
+        f"dist_train benchmark, {result['date']}: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+        f"torch {m['torch']}, {result['nproc']} ranks",
+        f"{result['rounds']} round(s), runners alternating; medians over rounds; warm-up: first "
+        f"{result['warmup_steps']} steps of each process untimed; took {result['elapsed_s']:.0f} s",
+        f"load average at start {result['load_avg_start'][0]:.1f}, at end {result['load_avg_end'][0]:.1f} "
+        f"(on {m['cores']} cores)",
+    ]
+    if max(result["load_avg_start"][0], result["load_avg_end"][0]) > 0.5 * (m["cores"] or 1):
+        lines.append("NOTE: other work was loading the machine: absolute numbers are noisy; "
+                     "trust the paired ratios more, and rerun on a quiet machine")
+    header = (f"{'runner':<11}{'samples/s':>10}{'wall s/s':>10}{'step ms':>9}{'CPU s/step':>11}{'peak RSS':>10}"
+              f"{'train RSS':>10}   dist_train/runner: {'samples/s (min)':<16}{'wall':<16}{'CPU':<16}{'peak RSS':<8}")
+    for name, wl in result["workloads"].items():
+        lines += ["", f"== {name}: {' '.join(o for o in wl['overrides'])}", header]
+        for runner, e in wl["runners"].items():
+            med = e["median"]
+            step_ms = None if med["step_time_s"] is None else med["step_time_s"] * 1000
+            lines.append(f"{runner:<11}{_num(med['samples_per_s'], 2):>10}{_num(med['wall_samples_per_s'], 2):>10}"
+                         f"{_num(step_ms, 0):>9}{_num(med['cpu_s_per_step'], 2):>11}{_num(med['peak_rss_mib'], 0):>10}"
+                         f"{_num(med['train_rss_mib'], 0):>10}   {'':<19}{_ratio(e, 'samples_per_s'):<16}"
+                         f"{_ratio(e, 'wall_samples_per_s'):<16}{_ratio(e, 'cpu_s_per_step'):<16}{_ratio(e, 'peak_rss_mib'):<8}")
+        lines.append("what ran:")
+        for runner, e in wl["runners"].items():
+            failed = len(e["runs"]) - e["ok_rounds"]
+            note = f" ({failed} failed round(s))" if failed else ""
+            lines.append(f"  {runner:<11}{e['ran'] or 'FAILED in every round'}{note}")
+    for name, why in result["skipped"].items():
+        lines.append(f"SKIPPED {name}: {why}")
+    lines += ["", "samples/s: dist_train's accounting (summary.json): optimizer-step time incl. data wait, summed "
+              "after warm-up; wall s/s: the same steps by the clock, so also what runs between steps; CPU s/step: "
+              "CPU time of all ranks per step (moves little with load); MiB: peak RSS of the largest process, and "
+              "rank 0's RSS after the last step"]
+    return "\n".join(lines)
