@@ -14,9 +14,12 @@ import signal
 import threading
 from typing import Callable, Dict, Optional
 
-import torch
+import datetime
 
-from dist_train.env.collectives import any_true
+import torch
+import torch.distributed as dist
+
+from dist_train.env.collectives import initialized, new_gloo_group
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +28,21 @@ SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "S
 
 
 class PreemptionWatcher:
-    """Installs the signal handlers (main thread only) and answers "stop now?" collectively."""
+    """Installs the signal handlers (main thread only) and answers "stop now?" collectively.
+
+    The ranks agree on the flag without stalling a step: each step boundary starts an
+    asynchronous all-reduce of this rank's flag on a gloo group of its own (host memory: no device
+    sync) and reads the one started at the previous boundary. So every rank stops at the same
+    step, one step after the first rank got its signal.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.signal_name = None
         self._previous: Dict[int, object] = {}
+        self._group = new_gloo_group()  # collective: every rank builds its watcher at the same point
+        self._flag: Optional[torch.Tensor] = None
+        self._work = None
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -41,10 +53,26 @@ class PreemptionWatcher:
             log.warning("got %s: checkpointing at the next step boundary, then stopping", self.signal_name)
 
     def requested(self) -> bool:
-        """Collective on the default group: True on every rank if any rank got a signal."""
-        return any_true(self.signal_name is not None, device=self.device)
+        """At every step boundary, on every rank: True on every rank (at the same step) once any
+        rank got a signal."""
+        if not initialized():
+            return self.signal_name is not None
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            if int(self._flag.item()) > 0:
+                return True
+        self._flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return False
 
     def close(self) -> None:
+        if self._work is not None:  # every rank started the same all-reduces; a failed peer may not
+            try:
+                self._work.wait(datetime.timedelta(seconds=10))
+            except Exception:  # noqa: BLE001  (shutting down after a failure)
+                pass
+            self._work = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

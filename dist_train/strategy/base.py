@@ -106,6 +106,9 @@ class Strategy(ABC):
     needs_process_group: bool = True
     #: Its state can be copied to host memory and written by a background thread.
     async_checkpoint: bool = True
+    #: ``step`` sees the global gradient norm before the update (the same on every rank): a
+    #: non-finite one can veto the update without another collective.
+    global_grad_norm: bool = True
 
     def __init__(self, cfg, cluster: ClusterEnv, device: torch.device, precision: str,
                  plan: Optional[StepPlan] = None):

@@ -36,6 +36,8 @@ class DeepSpeedStrategy(Strategy):
     checkpoint_kind = "native"
     # The engine writes its files with collectives on the default group: never off the main thread.
     async_checkpoint = False
+    # The engine assembles the global norm inside its step: a non-finite loss is vetoed before it.
+    global_grad_norm = False
 
     @classmethod
     def check_config(cls, cfg, plan: StepPlan, precision: str, world_size: int) -> None:

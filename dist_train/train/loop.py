@@ -46,9 +46,13 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
     the phases (the step-time breakdown, goodput and the hang watchdog read it). After the first
     step, collectives get ``timeout_s`` (``dist.timeout_s``) instead of the long start-up one."""
     stopping, first = False, state.step
+    # A NaN on one rank reaches every rank's gradients through their all-reduce, so where the
+    # strategy sees the global norm before the update that is the agreed check; else the loss is.
+    veto = None if strategy.global_grad_norm else guard.veto
     while state.step < cfg.max_steps and not stopping:
         t0 = time.perf_counter()
-        output = train_step(strategy, data, cfg, task, guard.veto, reporter.grad_norms_wanted(state.step + 1), clock)
+        output = train_step(strategy, data, cfg, task, veto, reporter.grad_norms_wanted(state.step + 1), clock,
+                            finite_grads=True)
         state.step += 1
         if guard.after_step(state, output, checkpointer):
             with clock("checkpoint"):

@@ -1,10 +1,11 @@
 """``train.nonfinite``: what happens when a loss or gradient is not finite.
 
-Every rank checks its own micro-batch loss; the flags are all-reduced, so all ranks veto the same
-optimizer step (a NaN on one rank would otherwise reach every rank's weights through the gradient
-all-reduce). The torch-native strategies also refuse a non-finite global gradient norm (the norm is
-already global, so the ranks agree without another collective). A vetoed step's gradients are
-dropped; the schedule still advances. Then, by policy:
+All ranks must veto the same optimizer step. A NaN in one rank's batch reaches every rank's
+gradients through their all-reduce, so the torch-native strategies (single, DDP, FSDP) refuse a
+non-finite *global* gradient norm, which every rank computes alike, with no extra collective.
+DeepSpeed assembles its norm inside the engine's step, so there every rank checks its own loss and
+the flags are all-reduced before the update. A vetoed step's gradients are dropped; the schedule
+still advances. Then, by policy:
 
 - ``skip``: go on (the count is logged as ``nonfinite_steps``);
 - ``abort``: checkpoint the state before the bad step (its weights are untouched) and stop, naming

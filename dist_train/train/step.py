@@ -21,14 +21,16 @@ class StepOutput:
 
 
 def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
-               veto: Optional[Veto] = None, grad_norms: int = 0, clock: Optional[PhaseClock] = None) -> StepOutput:
+               veto: Optional[Veto] = None, grad_norms: int = 0, clock: Optional[PhaseClock] = None,
+               finite_grads: bool = False) -> StepOutput:
     """Run the micro-steps of one optimizer step on this rank.
 
     Gradients are reduced only on the last micro-step (``accumulate(sync=False)`` before it), and
     each micro-loss is divided by the number of micro-steps so the accumulated gradient is the
     gradient of the mean over the whole global batch. ``veto(mean loss)``, when given, is asked
     before the update: True drops it (the caller makes every rank answer alike). ``grad_norms=K``
-    asks the strategy for the K modules with the largest gradient norms (every rank alike).
+    asks the strategy for the K modules with the largest gradient norms (every rank alike);
+    ``finite_grads`` makes it drop an update whose global gradient norm is not finite.
     """
     task = task or Classification()
     clock = clock or PhaseClock()
@@ -48,5 +50,5 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
     mean = total / accum
     with clock("optimizer"):
         apply = veto is None or not veto(mean)
-        result = strategy.step(train_cfg.grad_clip, apply, grad_norms, finite_grads=veto is not None)
+        result = strategy.step(train_cfg.grad_clip, apply, grad_norms, finite_grads=finite_grads)
     return StepOutput(mean, result, metrics)

@@ -1,0 +1,50 @@
+"""A hang explains itself: one rank stalls; the watchdog of every rank dumps its stacks naming the
+rank, step and phase before the collective timeout ends the job, which then exits non-zero with
+no process left behind."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, clean_env, free_port, read_summary
+
+
+def _processes_mentioning(text: str):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_is_diagnosed_and_the_job_ends_cleanly(tmp_path):
+    run = tmp_path / "hang"
+    args = ["model.name=mlp", "data.name=digits", "data.batch_size=16", "data.num_workers=0", "train.max_steps=30",
+            "train.warmup_steps=0", "logging.every_steps=1", "logging.mlflow.enabled=false",
+            "logging.progress_bar=off", "checkpoint.resume=never", "debug.faults=stall@8:1=25",
+            "dist.watchdog_floor_s=2", "dist.watchdog_factor=5", "dist.timeout_s=10", f"run.dir={run}"]
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_train", *args],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    dumps = sorted(p.name for p in (run / "hangs").iterdir())
+    assert "rank00001-step00000008-data.txt" in dumps, dumps  # the stalled rank, waiting for its data
+    assert any(d.startswith("rank00000-step00000008-") for d in dumps), dumps  # its peer, waiting in a collective
+    text = (run / "hangs" / "rank00001-step00000008-data.txt").read_text()
+    assert "rank 1, step 8, phase data" in text and "File " in text  # faulthandler's stacks
+    assert "rank 1 seems hung: step 8 has been in phase data" in proc.stderr
+    assert "rank 0 seems hung: step 8" in proc.stderr
+    assert read_summary(run)["status"] == "failed"
+    assert time.time() - t0 < 200
+    assert _processes_mentioning(str(run)) == []  # nothing orphaned
