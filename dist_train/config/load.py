@@ -65,6 +65,11 @@ def _find_config_error(exc: BaseException) -> Optional[ConfigError]:
 
 
 @functools.lru_cache(maxsize=None)
+def _defaults(cls: type) -> Any:
+    return cls()
+
+
+@functools.lru_cache(maxsize=None)
 def _sections(cls: type) -> Dict[str, Optional[type]]:
     """Field name -> the dataclass type of that field (a section), or None for a plain value."""
     instance = cls()
@@ -86,6 +91,13 @@ def _check_shape(tree: Dict[Any, Any], cls: type = JobConfig, prefix: str = "") 
             raise ConfigError(_one_line(dotted, 80), f"unknown key; {where} {', '.join(fields)}")
         section = fields[key]
         if section is None:
+            default = getattr(_defaults(cls), key)
+            if isinstance(default, dict) and value is not None and not isinstance(value, dict):
+                raise ConfigError(dotted, f"must be a mapping of key: value; got the {type(value).__name__} "
+                                          f"{_one_line(repr(value), 60)}")
+            if isinstance(default, list) and value is not None and not isinstance(value, list):
+                raise ConfigError(dotted, f"must be a list, e.g. [a, b]; got the {type(value).__name__} "
+                                          f"{_one_line(repr(value), 60)}")
             out[key] = value
         elif value is None:
             continue

@@ -74,9 +74,14 @@ class Faults:
             time.sleep(float(fault.value))
 
     def wrap(self, batches: Iterator, state, rank: int) -> Iterator:
-        """Pass micro-batches through, applying ``nan@`` and ``stall@`` to the steps they name."""
+        """Pass micro-batches through, applying ``nan@`` and ``stall@`` to the steps they name, once
+        each: the batch is bad, not the step number (after a rollback the same step gets new data)."""
+        fired = set()
         for batch in batches:
             step = state.step + 1
+            if step in fired:
+                yield batch
+                continue
             stall = self._match("stall", step, rank)
             if stall:
                 log.warning("debug.faults: rank %d stalls %s s in the data of step %d", rank, stall.value, step)
@@ -85,6 +90,8 @@ class Faults:
                 x = batch[0]
                 batch = (torch.full_like(x, float("nan")) if x.is_floating_point() else x, *batch[1:])
                 log.warning("debug.faults: NaN inputs for step %d on rank %d", step, rank)
+            if stall or self._match("nan", step, rank):
+                fired.add(step)
             yield batch
 
 
