@@ -186,6 +186,9 @@ class TrainConfig:
                                 "multiplied by train.gamma", factory=list)
     gamma: float = doc(0.1, "decay factor of the step, multistep (per milestone) and exponential (per step) schedules")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this (0: no clipping)")
+    compile: bool = doc(False, "torch.compile the model, in place (parameter names unchanged); under fsdp each block")
+    peak_tflops: float = doc(0.0, "peak TFLOP/s of one device at train.precision, for MFU (0: from the table of "
+                             "known GPUs; on CPU MFU is reported only when set)")
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", f"must be >= 1; got {self.max_steps}")
@@ -211,6 +214,7 @@ class TrainConfig:
             _require(len(self.milestones) > 0, "train.milestones",
                      "train.schedule=multistep needs at least one milestone, e.g. train.milestones=[300,600]")
         _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
+        _require(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the GPU table); got {self.peak_tflops}")
 
 
 @dataclass

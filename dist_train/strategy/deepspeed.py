@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from dist_train.strategy import compiling
 from dist_train.strategy import deepspeed_config as ds_config
 from dist_train.strategy import deepspeed_state
 from dist_train.strategy.base import OptimizerFactory, SchedulerFactory, StepPlan, StepResult, Strategy, Writer
@@ -57,6 +58,8 @@ class DeepSpeedStrategy(Strategy):
         config = ds_config.deepspeed_config(self.cfg, self.plan, self.precision.precision, self.cluster.world_size)
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
+        if compiling.wanted(self):
+            engine.compile()  # compiles engine.module in place: parameter names unchanged
         self.model = engine
         self.optimizer = ds_optimizer
         self.precision.scaler = None  # under fp16 the engine scales the loss (dynamic loss scale)
