@@ -1,6 +1,6 @@
 """``train.compile=true``: single, ddp and fsdp (2 gloo ranks) train compiled and take the same
-steps as eager; a checkpoint saved compiled resumes eager (parameter names never get
-torch.compile's ``_orig_mod.`` prefix); DeepSpeed compiles its engine.
+steps as eager, and so does DeepSpeed ZeRO-2; a checkpoint saved compiled resumes eager
+(parameter names never get torch.compile's ``_orig_mod.`` prefix).
 
 Every job is the real CLI on real torchrun ranks, several jobs per launch (``test_parity``'s batch
 runner). Compiling on a 2-core CPU takes tens of seconds per graph, so the model is the small
@@ -75,29 +75,33 @@ def test_single_compiled_matches_eager(tmp_path, ok):
 
 
 @pytest.mark.slow
-def test_ddp_and_fsdp_compiled_match_eager_and_resume_eager(tmp_path, ok):
+def test_ddp_fsdp_deepspeed_compiled_match_eager_and_resume_eager(tmp_path, ok):
     """2 ranks. FSDP compiles its blocks: the checkpoint it saves at step 3 holds the plain
     parameter names, and an eager FSDP job (and an eager DDP job: checkpoints move between the
-    torch-native strategies) resumes from it and takes the compiled run's steps 4..6."""
-    ddp, ddp_compiled, ddp_eager = _compiled_and_eager(tmp_path, "ddp", ["strategy.name=ddp"])
-    fsdp, fsdp_compiled, fsdp_eager = _compiled_and_eager(tmp_path, "fsdp", ["strategy.name=fsdp"])
-    step3 = fsdp_compiled / "checkpoints" / "step_00000003"
-    resumed = [[*TINY, f"strategy.name={name}", f"checkpoint.resume={step3}", f"run.dir={tmp_path / name}_resumed"]
-               for name in ("fsdp", "ddp")]
-    proc = ok(run_batch([*ddp, *fsdp, *resumed], nproc=2))
-    # Per job, on each of the 2 ranks: compiled ddp, eager ddp, compiled fsdp, eager fsdp, 2 eager resumes.
+    torch-native strategies) resumes from it and takes the compiled run's steps 4..6. DeepSpeed
+    ZeRO-2 compiles its engine's module."""
+    jobs, pairs = [], []
+    for name, extra in (("ddp", ["strategy.name=ddp"]), ("fsdp", ["strategy.name=fsdp"]),
+                        ("zero2", ["strategy.name=deepspeed", "strategy.zero_stage=2"])):
+        pair, compiled, eager = _compiled_and_eager(tmp_path, name, extra)
+        jobs += pair
+        pairs.append((compiled, eager))
+    step3 = tmp_path / "fsdp_compiled" / "checkpoints" / "step_00000003"
+    jobs += [[*TINY, f"strategy.name={name}", f"checkpoint.resume={step3}", f"run.dir={tmp_path / name}_resumed"]
+             for name in ("fsdp", "ddp")]
+    proc = ok(run_batch(jobs, nproc=2))
+    # Per job, on each of the 2 ranks: ddp, fsdp and zero2 compiled then eager, then 2 eager resumes.
     graphs = _compiled_graphs(proc)
-    assert len(graphs) == 12 and all(n > 0 for n in graphs[0:2] + graphs[4:6]), graphs
-    assert not any(graphs[2:4] + graphs[6:]), f"an eager job compiled: {graphs}"
-    _assert_same_steps(ddp_compiled, ddp_eager)
-    _assert_same_steps(fsdp_compiled, fsdp_eager)
+    assert len(graphs) == 16 and all(n > 0 for n in graphs[0:2] + graphs[4:6] + graphs[8:10]), graphs
+    assert not any(graphs[2:4] + graphs[6:8] + graphs[10:]), f"an eager job compiled: {graphs}"
+    for compiled, eager in pairs:
+        _assert_same_steps(compiled, eager)
 
     from dist_train.checkpoint import storage
 
     names = sorted(storage.tensor_shapes(str(step3 / "dcp")))
-    assert names and not any("_orig_mod" in n for n in names), names
-    assert "hidden1.linear.weight" in names, names
-    fsdp_losses = series(fsdp_compiled, "loss")
+    assert "hidden1.linear.weight" in names and not any("_orig_mod" in n for n in names), names
+    fsdp_losses = series(tmp_path / "fsdp_compiled", "loss")
     for name in ("fsdp", "ddp"):
         resumed_losses = series(tmp_path / f"{name}_resumed", "loss")
         assert sorted(resumed_losses) == [4, 5, 6], resumed_losses
@@ -135,6 +139,7 @@ def _batch_main(argv: List[str]) -> int:
     main, stats = cli.main, torch._dynamo.utils.counters["stats"]
 
     def main_and_count(job):
+        torch._dynamo.reset()  # a job may not reuse the graphs of the one before: it compiles its own
         before = stats["unique_graphs"]
         code = main(job)
         print(f"compiled graphs: {stats['unique_graphs'] - before}", flush=True)

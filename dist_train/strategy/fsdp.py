@@ -159,6 +159,8 @@ class FSDPStrategy(Strategy):
                 # outside the compiled code; the root's own layers stay eager (see compiling.py).
                 block.compile()
             fully_shard(block, **shard)
+        if compiling.wanted(self) and not blocks:
+            model.compile()  # no blocks to compile one by one: the whole model, its one FSDP unit
         fully_shard(model, **shard)
         if any(p.is_meta for p in model.parameters()):
             self._materialise(model)
