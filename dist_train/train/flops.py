@@ -169,13 +169,13 @@ class StepFlops:
                      f"unknown for {name}: no MFU (set train.peak_tflops)")
         return cls(per_sample, world_size, peak)
 
-    def step_flops(self, global_batch: int) -> float:
+    def step_flops(self, global_batch: float) -> float:
         """FLOPs of one optimizer step of ``global_batch`` samples, all ranks together."""
         return self.per_sample * global_batch
 
-    def metrics(self, seconds: float, samples: int) -> Dict[str, float]:
+    def metrics(self, seconds: float, samples: float) -> Dict[str, float]:
         """``{"tflops": per device, "mfu": of the peak}`` for ``samples`` (all ranks) trained in
-        ``seconds``, e.g. one step: ``metrics(step_s, global_batch)``."""
+        ``seconds``: one step, ``metrics(step_s, global_batch)``, or a rate, ``metrics(1.0, samples_per_s)``."""
         if seconds <= 0:
             return {}
         tflops = self.step_flops(samples) / seconds / self.world_size / 1e12
