@@ -214,7 +214,8 @@ class TrainConfig:
             _require(len(self.milestones) > 0, "train.milestones",
                      "train.schedule=multistep needs at least one milestone, e.g. train.milestones=[300,600]")
         _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
-        _require(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the GPU table); got {self.peak_tflops}")
+        _require(self.peak_tflops >= 0, "train.peak_tflops",
+                 f"must be >= 0 (0: from the GPU table); got {self.peak_tflops}")
 
 
 @dataclass
