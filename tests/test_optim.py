@@ -215,6 +215,61 @@ def test_decay_groups_on_fsdp_shards():
     spawn(_fsdp_decay_groups, 2)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_cpu_optimizers_run_foreach(name):
+    opt = make_optimizer_factory(train_cfg(f"train.optimizer={name}"))(nn.Linear(3, 2).parameters())
+    assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
+
+
+def test_fused_only_for_adam_on_a_fused_device(monkeypatch):
+    from dist_train.train import optim
+
+    params = [nn.Parameter(torch.zeros(3, device="meta")), nn.Parameter(torch.zeros(2, device="meta"))]
+    assert optim.implementation([{"params": params}], "adamw") == {"foreach": True}  # meta: no fused kernel
+    monkeypatch.setattr(optim, "FUSED_DEVICES", ("meta",))
+    assert optim.implementation([{"params": params[:1]}, {"params": params[1:]}], "adamw") == {"fused": True}
+    assert optim.implementation([{"params": params}], "adam") == {"fused": True}
+    assert optim.implementation([{"params": params}], "sgd") == {"foreach": True}
+    ints = [nn.Parameter(torch.zeros(2, device="meta", dtype=torch.int64), requires_grad=False)]
+    assert optim.implementation([{"params": params + ints}], "adamw") == {"foreach": True}
+    assert optim.implementation([{"params": []}], "adamw") == {"foreach": True}
+
+
+def _fused_and_foreach_on_fsdp_shards(rank: int, world_size: int) -> None:
+    """AdamW's fused kernel (torch has a CPU one too: let it count as a fused device here) and its
+    foreach ops on FSDP's DTensor shards give a whole model's plain AdamW update."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_train.train import optim
+
+    cfg = train_cfg("train.weight_decay=0.1", "train.decay_norm_and_bias=false")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    reference = torch.optim.AdamW(param_groups(plain.parameters(), cfg), lr=LR, weight_decay=0.1, foreach=False)
+    x = torch.randn(4, 6)
+    for _ in range(3):
+        reference.zero_grad()
+        plain(x).square().mean().backward()
+        reference.step()
+    for fused_devices in (("cuda", "cpu"), ("cuda",)):
+        optim.FUSED_DEVICES = fused_devices
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        fully_shard(model)
+        opt = make_optimizer_factory(cfg)(model.parameters())
+        assert bool(opt.defaults.get("fused")) == ("cpu" in fused_devices), opt.defaults
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            assert torch.allclose(p.full_tensor(), q, atol=1e-6), (fused_devices, name)
+
+
+def test_fused_and_foreach_adamw_on_fsdp_shards():
+    spawn(_fused_and_foreach_on_fsdp_shards, 2)
+
+
 @pytest.mark.parametrize("overrides,key", [
     (["train.optimizer=rmsprop"], "train.optimizer"),
     (["train.schedule=poly"], "train.schedule"),

@@ -214,6 +214,9 @@ class TrainConfig:
                          "rollback (after train.nonfinite_patience bad steps in a row, reload the last checkpoint "
                          "and continue past the bad batches); fp16 overflow is the gradient scaler's business")
     nonfinite_patience: int = doc(3, "rollback: consecutive non-finite steps before rolling back")
+    compile: bool = doc(False, "torch.compile the model, in place (parameter names unchanged); under fsdp each block")
+    peak_tflops: float = doc(0.0, "peak TFLOP/s of one device at train.precision, for MFU (0: from the table of "
+                             "known GPUs; on CPU MFU is reported only when set)")
 
     def __post_init__(self) -> None:
         _require(1 <= self.max_steps <= MAX_STEPS, "train.max_steps",
@@ -243,6 +246,7 @@ class TrainConfig:
         _finite(self.grad_clip, "train.grad_clip", 0)
         _one_of(self.nonfinite, NONFINITE, "train.nonfinite")
         _require(self.nonfinite_patience >= 1, "train.nonfinite_patience", f"must be >= 1; got {self.nonfinite_patience}")
+        _finite(self.peak_tflops, "train.peak_tflops", 0)
 
 
 @dataclass

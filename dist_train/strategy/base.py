@@ -106,6 +106,8 @@ class Strategy(ABC):
     needs_process_group: bool = True
     #: Its state can be copied to host memory and written by a background thread.
     async_checkpoint: bool = True
+    #: train.compile: setup() compiles the model in place; set by the job builder.
+    compile: bool = False
     #: ``step`` sees the global gradient norm before the update (the same on every rank): a
     #: non-finite one can veto the update without another collective.
     global_grad_norm: bool = True

@@ -7,6 +7,7 @@ from typing import ContextManager
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_train.strategy import compiling
 from dist_train.strategy.base import OptimizerFactory, SchedulerFactory, Strategy
 
 
@@ -23,6 +24,10 @@ class DDPStrategy(Strategy):
             find_unused_parameters=self.cfg.find_unused_parameters,
             bucket_cap_mb=self.cfg.bucket_cap_mb,
         )
+        if compiling.wanted(self):
+            # After wrapping, in place: DDPOptimizer splits the graph at the gradient buckets so
+            # their all-reduces still overlap the backward (see compiling.py).
+            self.model.compile()
         self.optimizer = make_optimizer(self.model.parameters())
         self.scheduler = make_scheduler(self.optimizer)
 

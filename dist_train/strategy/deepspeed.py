@@ -17,15 +17,19 @@ the full fp32 model weights in the DCP layout every other strategy reads (``deep
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
+from dist_train.strategy import compiling
 from dist_train.strategy import deepspeed_config as ds_config
 from dist_train.strategy import deepspeed_state
 from dist_train.strategy.base import OptimizerFactory, SchedulerFactory, StepPlan, StepResult, Strategy, Writer
+
+log = logging.getLogger("dist_train")
 
 # The checkpoint tag inside a native checkpoint directory (the directory itself is the step).
 NATIVE_TAG = "engine"
@@ -59,6 +63,13 @@ class DeepSpeedStrategy(Strategy):
         config = ds_config.deepspeed_config(self.cfg, self.plan, self.precision.precision, self.cluster.world_size)
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
+        if compiling.wanted(self):
+            if self.cfg.zero_stage == 3 and self.cluster.is_rank0:
+                log.warning("train.compile under ZeRO stage 3: TorchDynamo traces DeepSpeed's parameter hooks at "
+                            "every module and recompiles them (slow first steps, recompile_limit warnings); "
+                            "DeepSpeed's DeepCompile (strategy.deepspeed.config.compile.deepcompile=true, GPU) "
+                            "is its own path for stage 3")
+            engine.compile()  # compiles engine.module in place: parameter names unchanged
         self.model = engine
         self.optimizer = ds_optimizer
         self.precision.scaler = None  # under fp16 the engine scales the loss (dynamic loss scale)

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
 from dist_train.config.schema import ConfigError
+from dist_train.strategy import compiling
 from dist_train.strategy.base import DTYPES, OptimizerFactory, SchedulerFactory, StepPlan, Strategy
 
 # In-place random fills (what torch.nn.init and reset_parameters() use). Their values depend on
@@ -153,7 +154,13 @@ class FSDPStrategy(Strategy):
                 from torch.distributed._composable import checkpoint
 
                 checkpoint(block)
+            if compiling.wanted(self):
+                # Each block before it is sharded, in place (torchtitan's order): FSDP's hooks stay
+                # outside the compiled code; the root's own layers stay eager (see compiling.py).
+                block.compile()
             fully_shard(block, **shard)
+        if compiling.wanted(self) and not blocks:
+            model.compile()  # no blocks to compile one by one: the whole model, its one FSDP unit
         fully_shard(model, **shard)
         if any(p.is_meta for p in model.parameters()):
             self._materialise(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from dist_train.config.schema import ConfigError
+from dist_train.strategy import compiling
 from dist_train.strategy.base import OptimizerFactory, SchedulerFactory, StepPlan, Strategy
 
 
@@ -19,5 +20,7 @@ class SingleStrategy(Strategy):
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory) -> None:
         self.model = model.to(self.device)
+        if compiling.wanted(self):
+            self.model.compile()  # in place: parameter names unchanged (see compiling.py)
         self.optimizer = make_optimizer(self.model.parameters())
         self.scheduler = make_scheduler(self.optimizer)

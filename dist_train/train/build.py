@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from torch import nn
 
 from dist_train.data.loader import build_eval_loader, build_train_loader
 from dist_train.env.cluster import ClusterEnv
@@ -26,6 +27,7 @@ from dist_train.env.preemption import shield_workers
 from dist_train.env.seed import seed_everything
 from dist_train.strategy import StepPlan, Strategy, build_strategy
 from dist_train.train import sources
+from dist_train.train.flops import StepFlops
 from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
 from dist_train.train.tasks import Task
 
@@ -50,6 +52,7 @@ class JobParts:
     loader: Any
     sampler: Any
     eval_loader: Any   # None without held-out data
+    flops: Any = None  # train.flops.StepFlops: FLOPs per sample, for tflops and mfu (None: not countable)
 
     @property
     def global_batch(self) -> int:
@@ -64,9 +67,11 @@ def step_plan(job) -> StepPlan:
     return StepPlan(job.data.batch_size, job.train.grad_accum_steps, job.train.grad_clip)
 
 
-def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: Any = None) -> Strategy:
+def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: Any = None,
+                   before_setup: Optional[Callable[[nn.Module], None]] = None) -> Strategy:
     """The strategy with the model, optimizer and scheduler of ``job`` set up on this rank.
-    ``model``: a user's module or zero-argument builder (default: ``model.name``)."""
+    ``model``: a user's module or zero-argument builder (default: ``model.name``);
+    ``before_setup(module)`` sees the built module before it is wrapped (FLOP counting)."""
     strategy = build_strategy(job.strategy, cluster, device, job.train.precision, step_plan(job))
     if model is None and sources.is_builtin_model(job.model.name) and not job.model.init_from:
         with strategy.init_context():  # FSDP meta_init: the meta device, shards materialised in setup
@@ -79,6 +84,9 @@ def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: 
             sources.init_from(module, job.model.init_from, verbose=cluster.is_rank0)
         broadcast_module(module)
     sources.freeze(module, list(job.model.freeze), verbose=cluster.is_rank0)
+    if before_setup is not None:
+        before_setup(module)
+    strategy.compile = job.train.compile
     strategy.setup(module, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
     return strategy
 
@@ -89,13 +97,23 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
     seed_everything(job.run.seed)
     train_ds, eval_ds, info = sources.make_datasets(job.data, user.train_data, user.eval_data)
     task = sources.make_task(job.task.name, user.task, info)
-    strategy = build_training(job, cluster, device, info, user.model)
+    # The loader first (its sampler has its own generator: the model's init draws are unchanged), so
+    # that the model's FLOPs can be counted on a real micro-batch before the strategy wraps it.
     loader, sampler = build_train_loader(train_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,
                                          seed=job.run.seed, device=device)
+    counted: list = []
+
+    def count_flops(module: nn.Module) -> None:
+        batch = train_ds.__getitems__(next(iter(sampler))) if hasattr(train_ds, "__getitems__") else None
+        if batch is not None:
+            counted.append(StepFlops.build(module, batch, task, job.train, device, cluster.world_size,
+                                           verbose=cluster.is_rank0))
+
+    strategy = build_training(job, cluster, device, info, user.model, before_setup=count_flops)
     eval_loader = None  # no held-out data: no evaluation
     if eval_ds is not None:
         eval_loader = build_eval_loader(eval_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,
                                         device=device)
         shield_workers(eval_loader)
     shield_workers(loader)  # SIGTERM/SIGUSR1 reach workers too: only the training process acts on them
-    return JobParts(strategy, task, info, loader, sampler, eval_loader)
+    return JobParts(strategy, task, info, loader, sampler, eval_loader, counted[0] if counted else None)

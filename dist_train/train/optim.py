@@ -44,18 +44,40 @@ def param_groups(params: Iterable[nn.Parameter], cfg) -> List[Dict[str, Any]]:
     return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
+# Devices whose Adam/AdamW get the fused kernel (torch has one for every parameter of a step).
+FUSED_DEVICES = ("cuda",)
+
+
+def implementation(groups: List[Dict[str, Any]], optimizer: str) -> Dict[str, bool]:
+    """How torch.optim runs the update over the parameters of ``groups``.
+
+    ``fused=True`` (one kernel for all the parameters of a step) for adam/adamw when every
+    parameter is a floating-point tensor on a CUDA device; else ``foreach=True`` (one
+    multi-tensor op per update term, instead of a Python loop over the parameters; the CPU
+    default is that loop). FSDP's DTensor shards qualify by their local device (DTensor
+    implements both the fused and the foreach ops); DeepSpeed later swaps in its own flat
+    partitions, on the same device.
+    """
+    params = [p for g in groups for p in g["params"]]
+    if optimizer in ("adam", "adamw") and params and all(
+            p.device.type in FUSED_DEVICES and torch.is_floating_point(p) for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def make_optimizer_factory(cfg) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
     """``make(params) -> optimizer`` for ``train.optimizer`` (adamw, adam, sgd)."""
 
     def make(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         groups = param_groups(params, cfg)
+        impl = implementation(groups, cfg.optimizer)
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                   weight_decay=cfg.weight_decay)
+                                   weight_decay=cfg.weight_decay, **impl)
         if cfg.optimizer == "adam":  # weight decay as an L2 term in the gradient (torch's Adam)
-            return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+            return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **impl)
         if cfg.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **impl)
         raise ValueError(f"train.optimizer={cfg.optimizer!r} is not one of adamw, adam, sgd")
 
     return make

@@ -73,10 +73,12 @@ class Reporter:
     """Rank 0 logs, every rank takes part in the loss average (a collective at logging steps)."""
 
     def __init__(self, strategy, metrics, progress, *, every: int, max_steps: int, global_batch: int,
-                 tokens_per_sample: int = 0, grad_norms: int = 0, clock: Optional[PhaseClock] = None):
+                 tokens_per_sample: int = 0, grad_norms: int = 0, clock: Optional[PhaseClock] = None,
+                 flops=None):
         self.strategy, self.metrics, self.progress = strategy, metrics, progress
         self.every, self.max_steps, self.grad_norms = every, max_steps, grad_norms
         self.clock = clock or PhaseClock()
+        self.flops = flops  # train.flops.StepFlops, or None
         self._steps_in_window, self._data_warnings = 0, 0
         self.global_batch, self.tokens_per_sample = global_batch, tokens_per_sample
         self.throughput = Throughput()
@@ -122,6 +124,8 @@ class Reporter:
             out["loss_scale"] = result.loss_scale
         if self.tokens_per_sample:  # language models: samples/s x sequence length
             out["tokens_per_s"] = out["samples_per_s"] * self.tokens_per_sample
+        if self.flops is not None:  # tflops per device, and mfu when the peak is known
+            out.update(self.flops.metrics(1.0, out["samples_per_s"]))
         out.update(self._breakdown(state.step))
         out.update(memory_mib(self.strategy.device))
         return out
@@ -153,4 +157,8 @@ class Reporter:
         self.progress.message(f"{what}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
     def summary(self) -> Dict[str, Any]:
-        return {"train_loss": self.last.get("loss"), "samples_per_s": self.throughput.steady_rate()}
+        rate = self.throughput.steady_rate()
+        out = {"train_loss": self.last.get("loss"), "samples_per_s": rate}
+        if self.flops is not None and rate:
+            out.update(self.flops.metrics(1.0, rate))
+        return out
