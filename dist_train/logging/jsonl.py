@@ -30,3 +30,20 @@ def trim_jsonl(path: str, max_step: int) -> int:
     if cut is not None:
         os.truncate(path, cut)
     return dropped
+
+
+def last_step(path: str) -> int:
+    """The largest ``"step"`` of a JSON-lines log (0 when it is absent or holds none)."""
+    best = 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line of a killed process
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    best = max(best, record["step"])
+    except OSError:
+        return 0
+    return best

@@ -40,12 +40,15 @@ class GoodputLedger:
                                         "lost_s": 0.0, "downtime_s": 0.0}
         self._last_write = 0.0
 
-    def begin(self, resumed_from: int, startup_s: float) -> None:
-        """The loop starts at step ``resumed_from`` after ``startup_s`` of start-up."""
+    def begin(self, resumed_from: int, startup_s: float, logged_before: int = 0) -> None:
+        """The loop starts at step ``resumed_from`` after ``startup_s`` of start-up;
+        ``logged_before``: the last step the run dir's metrics.jsonl held before this attempt
+        trimmed it (a killed attempt may have trained past its last ledger record)."""
         cur = self.current
         cur.update(resumed_from=resumed_from, reached=resumed_from, startup_s=startup_s)
         if self.attempts:
             prev = self.attempts[-1]
+            prev["reached"] = max(int(prev["reached"]), logged_before)
             cur["downtime_s"] = max(0.0, cur["started"] - prev["last_seen"])
             lost = max(0, int(prev["reached"]) - resumed_from)
             done = max(1, int(prev["reached"]) - int(prev["resumed_from"]))
@@ -78,7 +81,11 @@ class GoodputLedger:
                 phases[key] = phases.get(key, 0.0) + value
         wall = sum(a["last_seen"] - a["started"] for a in attempts)
         downtime = sum(a["downtime_s"] for a in attempts)
-        lost = sum(a["lost_s"] for a in attempts)
+        # An attempt killed before its first ledger write left no phase times: its lost steps are
+        # priced at the run's mean productive time per step.
+        steps = sum(max(0, int(a["reached"]) - int(a["resumed_from"])) for a in attempts)
+        per_step = (phases.get("forward_backward", 0.0) + phases.get("optimizer", 0.0)) / max(steps, 1)
+        lost = sum(a["lost_s"] or a["lost_steps"] * per_step for a in attempts)
         total = wall + downtime
         productive = max(0.0, phases.get("forward_backward", 0.0) + phases.get("optimizer", 0.0) - lost)
         out = {"total_s": total, "productive_s": productive, "startup_s": sum(a["startup_s"] for a in attempts),

@@ -23,6 +23,7 @@ from dist_train.env.faults import Faults
 from dist_train.env.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from dist_train.env.process_group import group_restarts, process_group
 from dist_train.logging.console import setup_console
+from dist_train.logging.jsonl import last_step
 from dist_train.logging.metrics import build_metric_logger
 from dist_train.logging.mlflow import describe_run
 from dist_train.logging.progress import Progress
@@ -62,6 +63,18 @@ class Outcome:
     error: Optional[BaseException] = None
 
 
+def enable_nccl_flight_recorder(run_dir: str) -> None:
+    """On GPUs: NCCL's flight recorder keeps the last collectives of each rank and dumps them to
+    ``<run.dir>/hangs/nccl_trace_rank_<r>`` when a collective times out (read before the group
+    starts; a user's own settings win)."""
+    if not torch.cuda.is_available():
+        return
+    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(os.path.abspath(run_dir), "hangs", "nccl_trace_rank_"))
+    os.makedirs(os.path.join(run_dir, "hangs"), exist_ok=True)
+
+
 def run_job(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> int:
     """Train ``job`` on this process's share of the cluster; return the process exit code."""
     return run(job, cluster, user).code
@@ -78,6 +91,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         with open(os.path.join(job.run.dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(to_yaml(job))
     set_cpu_threads(cluster)
+    enable_nccl_flight_recorder(job.run.dir)
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
     state, code, error = TrainState(), 1, None
     try:
@@ -128,6 +142,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         # Collective: the newest verified checkpoint (or the one asked for), restored before
         # anything is logged, so metrics.jsonl and MLflow continue the resumed timeline.
         manager.resume(state)
+        logged_before = last_step(os.path.join(job.run.dir, "metrics.jsonl")) if cluster.is_rank0 else 0
         params, tags = describe_run(job, cluster, strategy.name)  # collective: gathers host names
         metrics.start(params, tags, resume_run_id=manager.resumed_run_id, resume_step=state.step)
         progress = Progress(job.train.max_steps, state.step, job.logging.progress_bar, job.logging.every_steps,
@@ -144,7 +159,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         guard = NonFiniteGuard(job.train.nonfinite, job.train.nonfinite_patience, strategy.device)
         if job.dist.watchdog_floor_s > 0:
             watchdog = Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s)
-        ledger.begin(state.step, time.time() - started_unix)
+        ledger.begin(state.step, time.time() - started_unix, logged_before)
         clock.take()  # the breakdown starts with the loop
         preempted = train(strategy, data, state, job.train, task=parts.task, reporter=reporter, evaluator=evaluator,
                           checkpointer=manager, preemption=preemption, guard=guard, clock=clock, ledger=ledger,
