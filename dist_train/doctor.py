@@ -113,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         job = load_config(args.config, args.overrides)
         from dist_train.preflight import preflight
 
-        preflight(job, cluster)
+        preflight(job, cluster, machine=False)  # the run dir and the data are checks of the table
     except ConfigError as exc:
         say(f"dist_train.doctor: error: bad config: {exc.key}: {exc.reason}")
         return EXIT_USAGE

@@ -14,8 +14,9 @@ from dist_train.config.schema import ConfigError
 from dist_train.env.cluster import ClusterEnv
 
 
-def preflight(job, cluster: ClusterEnv, user=None) -> None:
-    """``user``: fit's objects (train.build.UserObjects); the config names they replace are not checked."""
+def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None:
+    """``user``: fit's objects (train.build.UserObjects); the config names they replace are not checked.
+    ``machine=False`` leaves out the file-system checks (the doctor reports those in its table)."""
     from dist_train import plugins
     from dist_train.data import dataset_names
     from dist_train.data.registry import dataset_task
@@ -58,6 +59,7 @@ def preflight(job, cluster: ClusterEnv, user=None) -> None:
     strategy_class(name).check_config(job.strategy, plan, job.train.precision, cluster.world_size)
     if job.checkpoint.resume not in ("auto", "never") and not os.path.exists(job.checkpoint.resume):
         raise ConfigError("checkpoint.resume", f"no checkpoint at {job.checkpoint.resume!r} (auto, never or a path)")
-    from dist_train.preflight_io import check_io
+    if machine:
+        from dist_train.preflight_io import check_io
 
-    check_io(job, cluster)  # run dir writable, data.root present, resume path a checkpoint, sane worker count
+        check_io(job, cluster)  # run dir writable, data.root present, resume path a checkpoint, sane worker count

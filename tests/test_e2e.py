@@ -55,10 +55,14 @@ def test_default_job_on_fashion_mnist_short(tmp_path, ok):
 
 
 def test_failure_writes_summary_and_names_the_rank(tmp_path):
-    """A missing dataset folder: the run fails (exit 1, not 2), summary says failed and why."""
+    """A run that fails after it started (here: a NaN loss under train.nonfinite=abort) exits 1,
+    and summary.json says failed, on which rank and why. (A missing dataset folder is now a config
+    error found before the run starts: exit 2, see test_config.)"""
     run = tmp_path / "bad"
-    proc = run_cli([f"data.root={tmp_path / 'nowhere'}", f"run.dir={run}", *QUICK], timeout=120)
+    proc = run_cli(["debug.faults=nan@3", "train.nonfinite=abort", f"run.dir={run}", *QUICK], timeout=120)
     assert proc.returncode == 1, proc.stderr
     s = read_summary(run)
-    assert s["status"] == "failed" and "rank 0" in s["error"] and "nowhere" in s["error"]
+    assert s["status"] == "failed" and "rank 0" in s["error"] and "step 3: non-finite" in s["error"]
     assert "[rank0] ERROR" in proc.stderr
+    missing = run_cli([f"data.root={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'nodata'}", *QUICK], timeout=120)
+    assert missing.returncode == 2 and "data.root" in missing.stderr and "Traceback" not in missing.stderr

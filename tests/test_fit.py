@@ -68,7 +68,7 @@ def test_fit_rejects_bad_input_before_any_process_group(tmp_path):
     with pytest.raises(dist_train.ConfigError, match="IterableDataset"):
         dist_train.fit(torch.nn.Linear(2, 2), Stream(), overrides=[f"run.dir={tmp_path}", *FIT])
     with pytest.raises(dist_train.ConfigError, match="nn.Module"):
-        dist_train.fit(lambda: "not a model", data, overrides=[f"run.dir={tmp_path / 'b'}", *FIT])
+        dist_train.fit(lambda: "not a model", data, overrides=[f"run.dir={tmp_path / 'b'}", *FIT, "data.batch_size=4"])
 
 
 def test_import_path_model_dataset_and_task_from_the_cli(tmp_path, monkeypatch):

@@ -60,6 +60,13 @@ class JobParts:
         return self.sampler.global_batch_size * self.strategy.plan.grad_accum_steps
 
     def close(self) -> None:
+        """Stop the DataLoader workers (persistent ones outlive an exception that ended the loop,
+        and would keep the process from exiting), then release the strategy."""
+        for loader in (self.loader, self.eval_loader):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+                loader._iterator = None
         self.strategy.teardown()
 
 

@@ -113,10 +113,11 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         code = 2
         if cluster.is_rank0:
             log.error("bad checkpoint: %s" if isinstance(exc, CheckpointRefused) else "bad config: %s", exc)
-        summary["error"], error = f"{type(exc).__name__}: {exc}", exc
+        summary["error"], error = f"{type(exc).__name__}: {exc}", exc.with_traceback(None)
     except Exception as exc:
         log.error("rank %d failed: %s\n%s", cluster.rank, exc, traceback.format_exc())
-        summary["error"], error = f"rank {cluster.rank}: {type(exc).__name__}: {exc}", exc
+        # Kept without its traceback: the frames would keep the data pipeline alive.
+        summary["error"], error = f"rank {cluster.rank}: {type(exc).__name__}: {exc}", exc.with_traceback(None)
     finally:
         summary.update(steps=state.step, samples_seen=state.samples_seen, resumed_from_step=state.resumed_from_step,
                        wall_s=round(time.perf_counter() - t_start, 3), mlflow_run_id=metrics.run_id, exit_code=code)
@@ -137,7 +138,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                                 grad_accum_steps=job.train.grad_accum_steps, seed=job.run.seed,
                                 run_id=lambda: metrics.run_id, faults=faults)
     preemption = PreemptionWatcher(strategy.device)
-    progress = None
+    progress = data = None
     try:
         # Collective: the newest verified checkpoint (or the one asked for), restored before
         # anything is logged, so metrics.jsonl and MLflow continue the resumed timeline.
@@ -174,6 +175,8 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
         return preempted and state.step < job.train.max_steps
     finally:
+        if data is not None:
+            data.close()  # the loader's iterator (and its worker processes) with it
         if watchdog is not None:
             watchdog.close()
         preemption.close()
