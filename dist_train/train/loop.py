@@ -53,13 +53,14 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         t0 = time.perf_counter()
         output = train_step(strategy, data, cfg, task, veto, reporter.grad_norms_wanted(state.step + 1), clock,
                             finite_grads=True)
+        step_s = time.perf_counter() - t0
         state.step += 1
         if guard.after_step(state, output, checkpointer):
             with clock("checkpoint"):
                 checkpointer.rollback(state)  # weights, optimizer, schedule, step; the data goes on
             reporter.rewind(state.step)
             continue
-        reporter.maybe_log(state, output, time.perf_counter() - t0)
+        reporter.maybe_log(state, output, step_s)
         with clock("evaluation"):
             evaluator.maybe_run(state.step)
         with clock("checkpoint"):

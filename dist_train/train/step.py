@@ -40,13 +40,14 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
     for micro in range(accum):
         with clock("data"):
             batch = to_device(next(data), strategy.device)
-        with clock("forward_backward"), strategy.accumulate(sync=micro == accum - 1):
-            with strategy.autocast():
-                loss, extra = task.loss(strategy.model, batch)
-            strategy.backward(loss / accum)
-        total += loss.detach().float()
-        for key, value in extra.items():
-            metrics[key] = metrics.get(key, 0) + value.float() / accum
+        with clock("forward_backward"):
+            with strategy.accumulate(sync=micro == accum - 1):
+                with strategy.autocast():
+                    loss, extra = task.loss(strategy.model, batch)
+                strategy.backward(loss / accum)
+            total += loss.detach().float()
+            for key, value in extra.items():
+                metrics[key] = metrics.get(key, 0) + value.float() / accum
     mean = total / accum
     with clock("optimizer"):
         apply = veto is None or not veto(mean)
