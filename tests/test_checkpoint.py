@@ -162,9 +162,9 @@ def _failed_rank_aborts_commit(rank: int, world: int, run_dir: str) -> None:
         assert layout.verify(os.path.join(ckpts, "step_00000001")) == []
         # Rank 1 cannot write its part of step 2: no rank may commit it.
         if rank == 1:
-            def broken(obj, path):
+            def broken(path, data):
                 raise OSError("disk full (injected)")
-            manager_mod._torch_save = broken
+            manager_mod.layout.write_staged = broken
         state.step = 2
         with pytest.raises(CheckpointError, match="aborted"):
             m.save(state)

@@ -10,8 +10,8 @@
         latest                      text: the name of the newest complete checkpoint
         .staging_step_00000150/     being written; never loaded; removed at the next start
 
-A commit is: fsync every file and directory of the staging dir (files their writer fsynced are
-not fsynced twice), write manifest.json (tmp + fsync + rename + fsync of the staging dir), rename
+A commit is: write manifest.json, fsync it and every file and directory of the staging dir
+together (files their writer fsynced are not fsynced twice), fsync the staging dir, rename
 the staging dir to ``step_XXXXXXXX``, replace ``latest`` atomically, fsync ``checkpoints/`` (once,
 for both renames). A crash before the directory rename is durable leaves only a staging dir (the
 previous checkpoint is untouched); after it, the new checkpoint is complete even if ``latest`` still
@@ -51,6 +51,7 @@ READABLE_FORMATS = ("dist_train.checkpoint/1", FORMAT)
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _THREADS = 4  # files hashed or fsynced at once
+_INLINE_BYTES = 16 << 20  # fewer bytes than this are hashed on the calling thread
 T = TypeVar("T")
 
 
@@ -111,6 +112,22 @@ def write_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, payload: dict) -> None:
     write_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_staged(path: str, data: bytes) -> None:
+    """Write a file of a staging dir: no temporary file and no fsync of its own (the staging dir
+    is never loaded; ``write_manifest`` fsyncs its files together before the commit). Its digest
+    is recorded, so the manifest does not read it back."""
+    with open(path, "wb") as f:
+        f.write(data)
+    hasher = checksum.new_hasher()
+    hasher.update(data)
+    checksum.record(path, checksum.make_entry(len(data), hasher), synced=False)
+
+
+def json_bytes(payload: dict) -> bytes:
+    """How every JSON file of a checkpoint is written."""
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 # --- manifest ---------------------------------------------------------------------------------
@@ -206,7 +223,11 @@ def check_hashes(ckpt: str, files: Dict[str, dict], rel_paths: Iterable[str]) ->
     """Hash the given files (several at a time), each with the algorithm its manifest entry names
     (``xxh3_128``, or ``sha256`` in format-1 manifests); one message per mismatch."""
     rel_paths = list(rel_paths)
-    found = _parallel(lambda rel: checksum.check_file(os.path.join(ckpt, rel), files[rel]), rel_paths)
+    check = lambda rel: checksum.check_file(os.path.join(ckpt, rel), files[rel])  # noqa: E731
+    if sum(files[rel]["size"] for rel in rel_paths) < _INLINE_BYTES:
+        found = [check(rel) for rel in rel_paths]  # starting threads would cost more than hashing
+    else:
+        found = _parallel(check, rel_paths)
     return [f"{rel}: {problem}" for rel, problem in zip(rel_paths, found) if problem]
 
 
@@ -222,19 +243,22 @@ def verify(ckpt: str) -> List[str]:
 def write_manifest(staging: str, step: int, files: Dict[str, dict]) -> None:
     """Make every file and directory of ``staging`` durable, then write its manifest durably.
 
-    Files whose entry says ``SYNCED`` (fsynced by the writer that hashed them) are not fsynced
-    again; the others, and the subdirectories, are fsynced a few at a time (the filesystem's
-    journal takes them in one commit). ``staging`` itself is fsynced once, by the manifest's
-    atomic write, which also makes its other entries durable.
+    The manifest is written first (the staging dir is never loaded: a crash here leaves a staging
+    dir, removed at the next start); then it, the files whose entry does not say ``SYNCED``
+    (fsynced by the writer that hashed them) and the subdirectories are fsynced a few at a time
+    (the filesystem's journal takes them in one commit), and ``staging`` itself once.
     """
     checksum.forget(staging)  # records of this save's files not described (e.g. a rank's retry)
     entries = {rel: {k: v for k, v in e.items() if k != checksum.SYNCED} for rel, e in files.items()}
-    todo = [os.path.join(staging, rel) for rel, e in sorted(files.items()) if not e.get(checksum.SYNCED)]
+    manifest = {"format": FORMAT, "step": step, "created_unix": time.time(), "files": entries}
+    path = os.path.join(staging, MANIFEST)
+    write_staged(path, json_bytes(manifest))
+    checksum.forget(staging)
+    todo = [path] + [os.path.join(staging, rel) for rel, e in sorted(files.items()) if not e.get(checksum.SYNCED)]
     todo += [dirpath for dirpath, _dirs, _files in os.walk(staging, topdown=False)
              if os.path.normpath(dirpath) != os.path.normpath(staging)]
     _parallel(fsync_file, todo)
-    manifest = {"format": FORMAT, "step": step, "created_unix": time.time(), "files": entries}
-    write_json_atomic(os.path.join(staging, MANIFEST), manifest)
+    fsync_dir(staging)  # its entries (the manifest's included) are durable before it is renamed
 
 
 # --- the checkpoints directory ------------------------------------------------------------------
@@ -306,36 +330,49 @@ def prune(ckpt_dir: str, keep_last: int, keep: int) -> List[str]:
     return deleted
 
 
-_deleter: Optional[threading.Thread] = None
+_deleting_lock = threading.Lock()
+_deleting: Dict[str, threading.Thread] = {}  # path being removed in the background -> its thread
 
 
 def _delete_later(paths: List[str]) -> None:
-    """Remove ``paths`` in one background thread at a time. It is not a daemon: the interpreter
-    finishes the deletion before it exits; a killed process leaves ``.deleting_*`` dirs, which
-    ``remove_stale`` removes at the next save or start."""
-    global _deleter
+    """Remove ``paths`` in a background thread; a save never waits for it. The thread is not a
+    daemon: the interpreter finishes the deletion before it exits; a killed process leaves
+    ``.deleting_*`` dirs, which ``remove_stale`` removes at the next save or start."""
     if not paths:
         return
-    wait_for_deletions()
-    _deleter = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths],
-                                name="checkpoint-delete")
-    _deleter.start()
+
+    def run() -> None:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+            with _deleting_lock:
+                _deleting.pop(path, None)
+
+    thread = threading.Thread(target=run, name="checkpoint-delete")
+    with _deleting_lock:
+        for path in paths:
+            _deleting[path] = thread
+    thread.start()
 
 
 def wait_for_deletions() -> None:
     """Block until the checkpoints being deleted in the background are gone."""
-    if _deleter is not None:
-        _deleter.join()
+    with _deleting_lock:
+        threads = set(_deleting.values())
+    for thread in threads:
+        thread.join()
 
 
 def remove_stale(ckpt_dir: str) -> List[str]:
-    """Remove staging and half-deleted directories and temporary files left by a crash."""
+    """Remove staging and half-deleted directories and temporary files left by a crash (those
+    this process is deleting in the background are its deleter's business)."""
     if not os.path.isdir(ckpt_dir):
         return []
-    wait_for_deletions()  # (else a dir being deleted would be reported as left by a crash)
     removed = []
     for name in os.listdir(ckpt_dir):
         path = os.path.join(ckpt_dir, name)
+        with _deleting_lock:
+            if path in _deleting:
+                continue
         try:
             if name.startswith((STAGING_PREFIX, DELETING_PREFIX)):
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)

@@ -12,13 +12,16 @@ Every public method is called on every rank: the collectives inside never depend
 Checkpoint collectives run on their own gloo group, so an async save's background thread never
 interleaves with the training collectives on the default group.
 
-A save, on every rank: write its files into ``checkpoints/.staging_step_XXXXXXXX`` (its RNG
-states; rank 0 also ``meta.json``; whatever the strategy writes),
+A save, on every rank: take what must be taken at this step (RNG states, meta.json's contents, the
+strategy's state, copied to host memory when written in the background), write its files into
+``checkpoints/.staging_step_XXXXXXXX`` (its RNG states; rank 0 also ``meta.json``; whatever the
+strategy writes),
 then all ranks agree that every write succeeded (an all-reduce of a flag: one failed rank aborts
 the commit everywhere), hash their share of the files, and rank 0 commits (see ``layout.py``).
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -98,9 +101,10 @@ class CheckpointManager:
         self.resumed_run_id: Optional[str] = None
         self._pending: Optional[_Pending] = None
         self._stager = Stager()
-        # blocking_s: time the training thread spent in checkpoint code (waits for a previous save
-        # included); steps_during_writes: optimizer steps trained while a save was being written.
-        self.stats = {"saves": 0, "blocking_s": 0.0, "write_s": 0.0, "steps_during_writes": 0,
+        # blocking_s: time training was held up by checkpoint code (waits for a previous save
+        # included); final_s: the end-of-run save and the wait until every write is committed;
+        # steps_during_writes: optimizer steps trained while a save was being written.
+        self.stats = {"saves": 0, "blocking_s": 0.0, "final_s": 0.0, "write_s": 0.0, "steps_during_writes": 0,
                       "async": bool(cfg.async_save) and strategy.async_checkpoint}
         if cfg.async_save and not strategy.async_checkpoint:
             log.warning("checkpoint.async_save: %s writes its own checkpoint synchronously; saving in the foreground",
@@ -146,9 +150,13 @@ class CheckpointManager:
         """The end-of-run checkpoint (unless this step is saved already); waits until every save
         is committed. Called on every rank after the loop, also after preemption (then at the very
         step the loop stopped)."""
+        blocked = self.stats["blocking_s"]
         if self.last_step != state.step:
             self.save(state, blocking=True)
         self.wait()
+        # Training is over: this time is the end of the run's, not time training was held up.
+        self.stats["final_s"] = self.stats.get("final_s", 0.0) + self.stats["blocking_s"] - blocked
+        self.stats["blocking_s"] = blocked
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise if it failed."""
@@ -183,11 +191,15 @@ class CheckpointManager:
             except OSError as exc:  # the other ranks then fail to write too: all abort below
                 error = exc
         self.group.barrier()  # nobody writes into the staging dir before it exists, clean
+        rng: Any = None
+        meta: Optional[bytes] = None
         try:
-            _torch_save(rng_state(), os.path.join(staging, layout.rng_file(self.rank)))
+            # Only what must be taken now is taken here (the RNG states, meta.json's contents, the
+            # strategy's state staged in host memory when the write goes to the background); the
+            # files are written by _write_and_commit.
+            rng = rng_state()  # fresh objects: serialised by the writer
             small, write = self.strategy.save_checkpoint(files, stage=background)
-            if self.rank0:
-                layout.write_json_atomic(os.path.join(staging, layout.META), self._meta(state, small))
+            meta = layout.json_bytes(self._meta(state, small)) if self.rank0 else None
         except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement below)
             error = error or exc  # the first cause (e.g. the staging dir could not be made), not its echo
             log.error("rank %d could not prepare checkpoint step %d: %s", self.rank, step, exc)
@@ -195,7 +207,7 @@ class CheckpointManager:
             self._abort(staging)
             raise CheckpointError(f"checkpoint of step {step} in {self.dir} aborted: a rank failed to write its part"
                                   + (f" (here: {error})" if error else ""))
-        commit = lambda: self._write_and_commit(step, staging, write)  # noqa: E731
+        commit = lambda: self._write_and_commit(step, staging, write, rng, meta)  # noqa: E731
         self.last_step = step
         self.stats["saves"] += 1
         if background:
@@ -207,14 +219,22 @@ class CheckpointManager:
         self.stats["write_s"] += time.perf_counter() - t1
         self.stats["blocking_s"] += time.perf_counter() - t0
 
-    def _write_and_commit(self, step: int, staging: str, write: Callable[[], None]) -> None:
+    def _write_and_commit(self, step: int, staging: str, write: Callable[[], None], rng: Any,
+                          meta: Optional[bytes]) -> None:
         error: Optional[BaseException] = None
         try:
             self.faults.delay("slow_write")
-            write()
+            write()  # collective (DCP): every rank takes part, whatever else fails here
         except Exception as exc:  # noqa: BLE001
             error = exc
-            log.error("rank %d could not write checkpoint step %d: %s", self.rank, step, exc)
+        try:
+            layout.write_staged(os.path.join(staging, layout.rng_file(self.rank)), _torch_bytes(rng))
+            if meta is not None:
+                layout.write_staged(os.path.join(staging, layout.META), meta)
+        except Exception as exc:  # noqa: BLE001
+            error = error or exc
+        if error is not None:
+            log.error("rank %d could not write checkpoint step %d: %s", self.rank, step, error)
         self.faults.crash_point("after_shards", step)
         if not self.group.all_ok(error is None):
             self._abort(staging)
@@ -302,11 +322,10 @@ def _writer_of(rel: str, index: int, world: int) -> int:
     return index % world
 
 
-def _torch_save(obj: Any, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 __all__ = ["CheckpointError", "CheckpointManager", "CheckpointRefused"]

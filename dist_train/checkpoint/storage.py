@@ -13,13 +13,14 @@ is a plain CPU tensor of the same shape and dtype, instead of copying it into th
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import pickle
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -223,7 +224,7 @@ def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
     shards; ``sync_files`` fsyncs every file it writes.
     """
     writer = HashingWriter(dcp_dir, sync_files=True)
-    with _plain_errors("writing"), warnings.catch_warnings():
+    with _plain_errors("writing", dcp_dir), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=not _distributed())
 
@@ -245,14 +246,39 @@ class DCPError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _plain_errors(what: str) -> Iterator[None]:
+def _plain_errors(what: str, target: Optional[str] = None) -> Iterator[None]:
     # DCP's CheckpointException derives from BaseException: `except Exception` would miss it.
     try:
         yield
     except CheckpointException as exc:
         errors = {r: (e[0] if isinstance(e, tuple) else e) for r, e in getattr(exc, "failures", {}).items()}
         causes = "; ".join(f"rank {r}: {type(e).__name__}: {_gist(e)}" for r, e in sorted(errors.items()))
-        raise DCPError(f"torch.distributed.checkpoint failed {what}: {causes or exc}") from exc
+        hint = disk_trouble(target) if target else ""
+        raise DCPError(f"torch.distributed.checkpoint failed {what}: {causes or exc}{hint}") from exc
+
+
+def disk_trouble(path: str) -> str:
+    """Name a full or read-only file system under ``path``, or ``""``.
+
+    torch's zip writer reports a failed ``write`` as ``unexpected pos N vs M`` and drops the
+    errno; looking at the file system afterwards recovers the cause the user needs to act on.
+    """
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        st = os.statvfs(probe or ".")
+    except OSError:
+        return ""
+    if st.f_flag & os.ST_RDONLY:
+        return f" [{os.strerror(errno.EROFS)}: {probe}]"
+    free = st.f_bavail * st.f_frsize
+    if free < _LOW_SPACE:
+        return f" [{os.strerror(errno.ENOSPC)}: {free} bytes free on the file system of {probe}]"
+    return ""
+
+
+_LOW_SPACE = 1 << 20
 
 
 def _gist(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -205,10 +205,13 @@ class Strategy(ABC):
         return {f"grad_norm/{m}": v ** 0.5 for m, v in largest}
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip to ``max_norm`` (0: only measure) and return the global pre-clip norm."""
+        """Clip to ``max_norm`` (0: only measure, the gradients are not touched) and return the
+        global pre-clip norm, the same on every rank (every rank then scales by the same factor)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        limit = max_norm if max_norm > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, limit)
+        norm = global_grad_norm([p.grad for p in params], self.device)
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
 
     @property
     def lr(self) -> float:
@@ -276,3 +279,22 @@ class Strategy(ABC):
 
     def teardown(self) -> None:
         """Release strategy resources; called on every rank before the process group ends."""
+
+
+def global_grad_norm(grads: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The 2-norm of all of ``grads`` together, over every rank's shards: a plain tensor.
+
+    Shards of a 1-D mesh (FSDP's DTensors, all ``Shard`` placements) are reduced as local tensors
+    (one sum of squares per rank, one all-reduce), which skips DTensor's per-tensor dispatch; any
+    other DTensor layout goes through DTensor's own norm made whole with ``full_tensor()``.
+    """
+    if not grads:
+        return torch.zeros((), device=device)
+    mesh = getattr(grads[0], "device_mesh", None)
+    if mesh is not None and mesh.ndim == 1 and all(
+            getattr(g, "device_mesh", None) is mesh and all(pl.is_shard() for pl in g.placements) for g in grads):
+        local = torch.nn.utils.get_total_norm([g.to_local() for g in grads], norm_type=2.0).float()
+        squares = all_reduce(local * local, group=mesh.get_group())
+        return squares.sqrt()
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -190,15 +190,3 @@ class FSDPStrategy(Strategy):
             yield
         finally:
             self.model.set_requires_gradient_sync(True)
-
-    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Norm over every rank's shards (as torchtitan does): the DTensor norm is made whole
-        with ``full_tensor()`` before the coefficient is computed, so every rank scales by the
-        same global factor."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return norm
