@@ -48,7 +48,7 @@ SUPPORTS = {"dist_train": set(wk.WORKLOAD_NAMES), "plain": set(wk.WORKLOAD_NAMES
 NEEDS = {"fabric": ("lightning", "Lightning Fabric is not installed: pip install -e '.[bench]'"),
          "accelerate": ("accelerate", "Accelerate is not installed: pip install -e '.[bench]'"),
          "lm-zero2": ("deepspeed", "DeepSpeed is not installed: pip install -e '.[deepspeed]'")}
-FULL_STEPS = {"vision-ddp": 9, "lm-fsdp": 12, "lm-zero2": 12}  # each: 5 warm-up steps, the rest timed
+FULL_STEPS = {"vision-ddp": 8, "lm-fsdp": 10, "lm-zero2": 10}  # each: 5 warm-up steps, the rest timed
 SMOKE_STEPS = wk.WARMUP_STEPS + 2
 RAN = {"ddp": "DDP", "fsdp": "FSDP2, fully_shard per block + root", "zero2": "DeepSpeed ZeRO-2"}
 

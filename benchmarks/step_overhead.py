@@ -6,9 +6,11 @@ Between processes, a 2-core machine's noise (10-20% between runs) hides a few pe
 Here one process builds the job with dist_train's builder (strategy, data, task) and then
 alternates, in blocks, between ways of doing the same step on the same model and optimizer:
 
-- ``plain``: ``loss = cross_entropy(model(x), y); loss.backward(); opt.step(); opt.zero_grad()``;
-- ``train_step``: dist_train's ``train_step`` as the loop calls it (norm for the non-finite check);
-- ``train_step (no finite check)``: the same without it (``finite_grads=False``).
+- ``plain``: ``loss = cross_entropy(model(x), y); loss.backward(); opt.step(); opt.zero_grad()``
+  (under DeepSpeed: ``engine.backward(loss); engine.step()``);
+- ``train_step``: dist_train's ``train_step`` as the loop calls it (norm for the non-finite check;
+  under DeepSpeed, the agreed loss check before the update);
+- ``train_step (no finite check)``: the same without either (``finite_grads=False``, no veto).
 
 Every variant takes its batch from dist_train's sampler and loader, so data handling is the same.
 Medians of per-block mean step times are printed with their ratio to ``plain``.
@@ -33,6 +35,7 @@ from dist_train.env.cluster import detect  # noqa: E402
 from dist_train.train.build import build_parts  # noqa: E402
 from dist_train.train.job import set_cpu_threads  # noqa: E402
 from dist_train.train.loop import micro_batches  # noqa: E402
+from dist_train.train.nonfinite import NonFiniteGuard  # noqa: E402
 from dist_train.train.phases import PhaseClock  # noqa: E402
 from dist_train.train.state import TrainState  # noqa: E402
 from dist_train.train.step import train_step  # noqa: E402
@@ -55,16 +58,26 @@ def main() -> None:
     data = micro_batches(parts.loader, parts.sampler, TrainState())
     clock = PhaseClock()
 
+    engine = strategy.model if strategy.name == "deepspeed" else None
+
     def plain() -> None:
         x, y = split_batch(to_device(next(data), strategy.device))
         loss = wk.loss_of(strategy.model(x), y)
+        if engine is not None:  # what a hand-written DeepSpeed loop does
+            engine.backward(loss)
+            engine.step()
+            return
         loss.backward()
         strategy.optimizer.step()
         strategy.optimizer.zero_grad(set_to_none=True)
 
+    # As the loop calls it: where the strategy cannot check the global norm (DeepSpeed), every
+    # rank's loss is checked and the flags agreed before the update.
+    guard = NonFiniteGuard("skip", 1, strategy.device)
+    veto = None if strategy.global_grad_norm else guard.veto
     variants = {
         "plain": plain,
-        "train_step": lambda: train_step(strategy, data, job.train, task, None, 0, clock, finite_grads=True),
+        "train_step": lambda: train_step(strategy, data, job.train, task, veto, 0, clock, finite_grads=True),
         "train_step (no finite check)": lambda: train_step(strategy, data, job.train, task, None, 0, clock,
                                                            finite_grads=False),
     }

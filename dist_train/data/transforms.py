@@ -16,27 +16,38 @@ and a resumed run sees exactly the samples an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 Size = tuple[int, int]
+
+
+def _v2() -> ModuleType:
+    """``torchvision.transforms.v2``, imported on first use: importing torchvision costs about 2 s
+    of CPU per process, which a job without image preprocessing (a language model) should not pay."""
+    return importlib.import_module("torchvision.transforms.v2")
+
 
 # Each name with fixed, commonly used parameters for small images of height x width `hw`.
 _BUILDERS: dict[str, Callable[[Size], v2.Transform]] = {
     # Zero padding of an eighth of the side (4 pixels at 32x32, as for CIFAR), then a crop back.
-    "random_crop": lambda hw: v2.RandomCrop(hw, padding=max(1, min(hw) // 8)),
-    "random_resized_crop": lambda hw: v2.RandomResizedCrop(hw, scale=(0.6, 1.0), antialias=True),
-    "hflip": lambda hw: v2.RandomHorizontalFlip(p=0.5),
-    "vflip": lambda hw: v2.RandomVerticalFlip(p=0.5),
-    "rotation": lambda hw: v2.RandomRotation(degrees=15),
+    "random_crop": lambda hw: _v2().RandomCrop(hw, padding=max(1, min(hw) // 8)),
+    "random_resized_crop": lambda hw: _v2().RandomResizedCrop(hw, scale=(0.6, 1.0), antialias=True),
+    "hflip": lambda hw: _v2().RandomHorizontalFlip(p=0.5),
+    "vflip": lambda hw: _v2().RandomVerticalFlip(p=0.5),
+    "rotation": lambda hw: _v2().RandomRotation(degrees=15),
     # Saturation and hue leave single-channel images unchanged.
-    "color_jitter": lambda hw: v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
-    "gaussian_blur": lambda hw: v2.GaussianBlur(kernel_size=3, sigma=(0.1, 1.0)),
-    "random_erasing": lambda hw: v2.RandomErasing(p=0.25, scale=(0.02, 0.2), value=0.0),
+    "color_jitter": lambda hw: _v2().ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+    "gaussian_blur": lambda hw: _v2().GaussianBlur(kernel_size=3, sigma=(0.1, 1.0)),
+    "random_erasing": lambda hw: _v2().RandomErasing(p=0.25, scale=(0.02, 0.2), value=0.0),
 }
 # These clamp to [0, 1]: they need real pixels, not standardised noise.
 _NEEDS_PIXELS = {"color_jitter"}
@@ -52,7 +63,7 @@ def build_augment(names: Sequence[str], hw: Size) -> v2.Compose:
     for i, name in enumerate(names):
         if name not in _BUILDERS:
             raise ValueError(f"data.augment[{i}]: unknown augmentation {name!r}; choose from {', '.join(_BUILDERS)}")
-    return v2.Compose([_BUILDERS[name](hw) for name in names])
+    return _v2().Compose([_BUILDERS[name](hw) for name in names])
 
 
 class ImageTransformDataset(Dataset):
@@ -95,7 +106,7 @@ class ImageTransformDataset(Dataset):
             mean, std = self.pixel_norm
             x = x * std + mean
         if self.resize is not None and tuple(x.shape[-2:]) != self.resize and len(x):
-            x = v2.functional.resize(x, list(self.resize), antialias=True)
+            x = _v2().functional.resize(x, list(self.resize), antialias=True)
         if self.augment is not None and len(x):
             x = self._augment(x, seeds)
         if self.normalize and self.pixel_norm is not None:

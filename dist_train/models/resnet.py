@@ -25,7 +25,6 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from dist_train.models.cnn import image_shape
-from dist_train.models.registry import register_model
 
 # Inputs up to this height use the small-image stem (3x3 stride-1 conv1, no max-pool).
 SMALL_IMAGE_MAX_SIDE = 32
@@ -68,7 +67,6 @@ class ResNet18(ResNet):
                 module.reset_parameters()
 
 
-@register_model("resnet18", tasks=("classification",))
 def build_resnet18(cfg: Any, info: Any) -> ResNet18:
-    """Build ``resnet18`` for an image classification dataset."""
+    """Build ``resnet18`` for an image classification dataset (registered lazily in ``models/__init__.py``)."""
     return ResNet18(image_shape(cfg, info), int(info.num_classes), float(cfg.dropout))

@@ -40,8 +40,10 @@ class DeepSpeedStrategy(Strategy):
     checkpoint_kind = "native"
     # The engine writes its files with collectives on the default group: never off the main thread.
     async_checkpoint = False
-    # The engine assembles the global norm inside its step: a non-finite loss is vetoed before it.
-    global_grad_norm = False
+    # The engine assembles the global norm inside its step and drops the update when it is not
+    # finite (ZeRO 1-3 at every precision, unless bf16.check_grad_overflow=false): then no loss
+    # veto (an all-reduce and a host sync per step) is needed. setup() decides from the config.
+    global_grad_norm = True
 
     @classmethod
     def check_config(cls, cfg, plan: StepPlan, precision: str, world_size: int) -> None:
@@ -61,6 +63,7 @@ class DeepSpeedStrategy(Strategy):
         optimizer = make_optimizer(model.parameters())
         scheduler = make_scheduler(optimizer)
         config = ds_config.deepspeed_config(self.cfg, self.plan, self.precision.precision, self.cluster.world_size)
+        self.global_grad_norm = ds_config.engine_drops_nonfinite(config)
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
         if compiling.wanted(self):
@@ -90,8 +93,9 @@ class DeepSpeedStrategy(Strategy):
     def step(self, max_norm: float, apply: bool = True, grad_norms: int = 0, finite_grads: bool = False) -> StepResult:
         """One engine step: clip to train.grad_clip (the engine's ``gradient_clipping``), optimizer
         step, scheduler step, zero grads. A vetoed step drops the reduced gradients and advances
-        only the schedule. (Non-finite gradients behind a finite loss are not checked here: the engine
-        assembles the global norm inside its step.)"""
+        only the schedule. The engine itself drops an update whose global gradient norm is not
+        finite (``global_grad_norm``): outside fp16, where that is the loss scaler's overflow
+        skip, such a step is reported non-finite and the schedule advances as for a veto."""
         per_module = self.module_grad_norms(grad_norms) if grad_norms else None
         if not apply:
             self.model.zero_grad()
@@ -100,11 +104,19 @@ class DeepSpeedStrategy(Strategy):
             return StepResult(grad_norm=torch.tensor(float("nan")), skipped=True, grad_norms=per_module, nonfinite=True)
         self.model.step()
         norm = self.model.get_global_grad_norm()
-        loss_scale = None
+        loss_scale, nonfinite = None, False
+        applied = self.model.was_step_applied()
         if self.precision.precision == "fp16":
             loss_scale = float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 0.0)))
-        return StepResult(grad_norm=norm if norm is not None else torch.tensor(float("nan")),
-                          skipped=not self.model.was_step_applied(), loss_scale=loss_scale, grad_norms=per_module)
+        elif not applied:  # the engine found the global norm not finite (the same on every rank)
+            nonfinite = True
+            self.scheduler.step()  # the engine steps the schedule only for applied updates
+        if norm is None:
+            norm = torch.tensor(float("nan"))
+        elif not isinstance(norm, torch.Tensor):
+            norm = torch.tensor(float(norm))
+        return StepResult(grad_norm=norm, skipped=not applied, loss_scale=loss_scale, grad_norms=per_module,
+                          nonfinite=nonfinite)
 
     def _named_grads(self):
         # The engine keeps reduced gradients in its (partitioned) optimizer: assemble each one.

@@ -90,6 +90,16 @@ def deepspeed_config(cfg, plan: StepPlan, precision: str, world_size: int) -> Di
     return merge_config(generated_config(cfg, plan, precision, world_size), dict(cfg.deepspeed.config or {}))
 
 
+def engine_drops_nonfinite(config: Dict[str, Any]) -> bool:
+    """Whether the engine refuses an update whose global gradient norm is not finite, the same on
+    every rank (DeepSpeed 0.19: ZeRO 1-3 under fp32 and fp16; under bf16 unless
+    ``bf16.check_grad_overflow`` is false). Then the loop needs no loss veto of its own."""
+    bf16 = config.get("bf16") or config.get("bfloat16") or {}
+    if isinstance(bf16, dict) and bf16.get("enabled"):
+        return bool(bf16.get("check_grad_overflow", True))
+    return True
+
+
 def check_extra_config(cfg, plan: StepPlan, precision: str, world_size: int) -> Optional[tuple]:
     """``(key, reason)`` for the first entry of ``strategy.deepspeed.config`` that is unknown or
     contradicts our config, else None. Pure: no deepspeed import (preflight adds DeepSpeed's own

@@ -1,10 +1,11 @@
 """``train.nonfinite``: what happens when a loss or gradient is not finite.
 
 All ranks must veto the same optimizer step. A NaN in one rank's batch reaches every rank's
-gradients through their all-reduce, so the torch-native strategies (single, DDP, FSDP) refuse a
-non-finite *global* gradient norm, which every rank computes alike, with no extra collective.
-DeepSpeed assembles its norm inside the engine's step, so there every rank checks its own loss and
-the flags are all-reduced before the update. A vetoed step's gradients are dropped; the schedule
+gradients through their all-reduce, so the strategies refuse a non-finite *global* gradient norm,
+which every rank computes alike, with no extra collective: the torch-native ones (single, DDP,
+FSDP) in ``Strategy.step``, DeepSpeed's engine inside its own step. Only where the engine would
+not (bf16 with ``check_grad_overflow`` off) does every rank check its own loss, with the flags
+all-reduced before the update (``veto``). A vetoed step's gradients are dropped; the schedule
 still advances. Then, by policy:
 
 - ``skip``: go on (the count is logged as ``nonfinite_steps``);
