@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ import launch  # noqa: E402
 import report  # noqa: E402
 import workloads as wk  # noqa: E402
 
-RUNNERS = ("dist_train", "plain", "fabric", "accelerate")
+RUNNERS = report.RUNNERS
 SCRIPTS = {"plain": "ref_loops.py", "fabric": "peer_fabric.py", "accelerate": "peer_accelerate.py"}
 # Which runners have each workload's parallelism (Fabric and Accelerate: DDP and FSDP2 only).
 SUPPORTS = {"dist_train": set(wk.WORKLOAD_NAMES), "plain": set(wk.WORKLOAD_NAMES),
@@ -123,6 +124,23 @@ def run_reference(runner: str, wl: wk.Workload, steps: int, nproc: int, smoke: b
     return {**out, **result, **job.steady(wk.WARMUP_STEPS, result["global_batch"]), "ok": True}
 
 
+def busy_cpu_s() -> Optional[float]:
+    """CPU seconds all cores have spent busy since boot (``/proc/stat``), or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / launch.TICK
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and every job it has started and reaped."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def machine() -> Dict:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -165,6 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()
+    busy_start, own_start = busy_cpu_s(), own_cpu_s()
     plan, skipped = make_plan(args.workloads, args.runners)
     for name, why in skipped.items():
         print(f"SKIPPED {name}: {why}", flush=True)
@@ -183,9 +202,17 @@ def main(argv=None) -> int:
                 res.update(round=rnd, steps=steps)
                 rounds[name][runner].append(res)
                 print(report.progress_line(rnd, args.rounds, name, runner, res), flush=True)
+    elapsed = time.perf_counter() - started
+    busy_end = busy_cpu_s()
+    # Other work on the machine, in cores on average over the run: what every core spent busy,
+    # less what the benchmark and its jobs spent. The load average cannot say this (the
+    # benchmark's own ranks keep it near the rank count).
+    other_cores = None if busy_start is None or busy_end is None else \
+        max(0.0, (busy_end - busy_start) - (own_cpu_s() - own_start)) / max(elapsed, 1e-9)
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "machine": machine(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-              "elapsed_s": round(time.perf_counter() - started, 1), "smoke": args.smoke, "rounds": args.rounds,
+              "other_work_cores": None if other_cores is None else round(other_cores, 3),
+              "elapsed_s": round(elapsed, 1), "smoke": args.smoke, "rounds": args.rounds,
               "nproc": args.nproc, "warmup_steps": wk.WARMUP_STEPS, "dist_train_extra": args.dist_train_arg,
               "skipped": skipped,
               "workloads": {name: {"overrides": list(wk.workload(name, args.smoke).overrides),

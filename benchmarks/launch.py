@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 REPO = Path(__file__).resolve().parents[1]
 # Launcher variables of an enclosing job (SLURM, an outer torchrun) would confuse the inner one.
 PROGRESS = re.compile(r"\[rank0\].*\bstep (\d+)/(\d+)\b")
-_TICK = os.sysconf("SC_CLK_TCK")
+TICK = os.sysconf("SC_CLK_TCK")
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
@@ -76,7 +76,7 @@ def tree_cpu_s(pid: int) -> float:
         try:
             # Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK
+            total += (int(fields[11]) + int(fields[12])) / TICK
         except (OSError, IndexError, ValueError):  # gone meanwhile: counts nothing
             continue
     return total

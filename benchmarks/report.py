@@ -4,13 +4,21 @@ A ratio is dist_train's number over another runner's from the same round (the tw
 apart under the same load), so a round the whole machine was slow in cancels out; the median of
 those per-round ratios is reported, and the smallest (the issue's "never below" target).
 Throughput ratios above 1 mean dist_train is faster; CPU and memory ratios above 1 mean it uses more.
+
+    python benchmarks/report.py runs/bench/compare.json    # a saved result as the Markdown table of the docs
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
-from typing import Dict, List, Optional
+import sys
+from typing import Dict, List, Optional, Tuple
 
+from workloads import WORKLOAD_NAMES
+
+# compare.py's runners, in its order (a saved result's keys come back sorted: tables use this order).
+RUNNERS = ("dist_train", "plain", "fabric", "accelerate")
 METRICS = ("samples_per_s", "wall_samples_per_s", "step_time_s", "cpu_s_per_step", "peak_rss_mib", "train_rss_mib")
 RATIOS = ("samples_per_s", "wall_samples_per_s", "cpu_s_per_step", "peak_rss_mib")
 
@@ -64,6 +72,20 @@ def _ratio(entry: Dict, metric: str) -> str:
     return f"{r['median']:.3f} ({r['min']:.3f})" if len(r["rounds"]) > 1 else f"{r['median']:.3f}"
 
 
+# Other work using more than this many cores on average makes a run "noisy".
+NOISY_CORES = 0.2
+
+
+def noise(result: Dict) -> Tuple[bool, str]:
+    """(noisy, a phrase) for how much other work shared the machine during the run: the cores it
+    used on average (compare.py measures it from /proc/stat), else the load average."""
+    m, other = result["machine"], result.get("other_work_cores")
+    if other is not None:
+        return other > NOISY_CORES, f"other work used {other:.2f} of the {m['cores']} cores on average"
+    load = max(result["load_avg_start"][0], result["load_avg_end"][0])
+    return load > 0.5 * (m["cores"] or 1), f"load average up to {load:.1f} on {m['cores']} cores"
+
+
 def render(result: Dict) -> str:
     """The human-readable report of one ``compare.py`` invocation."""
     m = result["machine"]
@@ -74,9 +96,9 @@ def render(result: Dict) -> str:
         f"{result['rounds']} round(s), runners alternating; medians over rounds; warm-up: first "
         f"{result['warmup_steps']} steps of each process untimed; took {result['elapsed_s']:.0f} s",
         f"load average at start {result['load_avg_start'][0]:.1f}, at end {result['load_avg_end'][0]:.1f} "
-        f"(on {m['cores']} cores)",
+        f"(on {m['cores']} cores); {noise(result)[1]}",
     ]
-    if max(result["load_avg_start"][0], result["load_avg_end"][0]) > 0.5 * (m["cores"] or 1):
+    if noise(result)[0]:
         lines.append("NOTE: other work was loading the machine: absolute numbers are noisy; "
                      "trust the paired ratios more, and rerun on a quiet machine")
     header = (f"{'runner':<11}{'samples/s':>10}{'wall s/s':>10}{'step ms':>9}{'CPU s/step':>11}{'peak RSS':>10}"
@@ -102,3 +124,47 @@ def render(result: Dict) -> str:
               "CPU time of all ranks per step (moves little with load); MiB: peak RSS of the largest process, and "
               "rank 0's RSS after the last step"]
     return "\n".join(lines)
+
+
+
+
+def _in_order(table: Dict, order: Tuple[str, ...]) -> List[Tuple[str, Dict]]:
+    return sorted(table.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+
+
+def _md_ratio(entry: Dict, metric: str) -> str:
+    r = entry.get("dist_train_ratio", {}).get(metric)
+    if not r or r["median"] is None:
+        return "-"
+    return f"{r['median']:.3f} ({r['min']:.2f}-{r['max']:.2f})" if len(r["rounds"]) > 1 else f"{r['median']:.3f}"
+
+
+def markdown(result: Dict) -> str:
+    """A saved result as the Markdown of README.md and docs/benchmarks.md: a header line with the
+    date, machine and load, then one row per workload and runner."""
+    m = result["machine"]
+    noisy, how = noise(result)
+    lines = [f"Measured {result['date']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python "
+             f"{m['python']}, torch {m['torch']}, {'CUDA' if m['cuda'] else 'CPU only'}, {result['nproc']} "
+             f"{'NCCL' if m['cuda'] else 'gloo'} ranks; {result['rounds']} alternating round(s), "
+             f"{result['elapsed_s']:.0f} s in all; {how} ({'**noisy**' if noisy else 'quiet'}). Ratios: median "
+             "over rounds of dist_train / runner (min-max over rounds).", "",
+             "| workload | runner | what ran | samples/s | step ms | CPU s/step | peak RSS MiB | dist_train / runner: "
+             "samples/s | CPU s/step | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, wl in _in_order(result["workloads"], WORKLOAD_NAMES):
+        for runner, e in _in_order(wl["runners"], RUNNERS):
+            med = e["median"]
+            step_ms = None if med["step_time_s"] is None else med["step_time_s"] * 1000
+            lines.append(f"| {name} | {runner} | {e['ran'] or 'failed'} | {_num(med['samples_per_s'], 2)} | "
+                         f"{_num(step_ms, 0)} | {_num(med['cpu_s_per_step'], 2)} | {_num(med['peak_rss_mib'], 0)} | "
+                         f"{_md_ratio(e, 'samples_per_s')} | {_md_ratio(e, 'cpu_s_per_step')} | "
+                         f"{_md_ratio(e, 'peak_rss_mib')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/report.py RESULT.json   (written by compare.py --out)")
+    with open(sys.argv[1], encoding="utf-8") as f:
+        print(markdown(json.load(f)))

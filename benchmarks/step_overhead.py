@@ -10,7 +10,9 @@ alternates, in blocks, between ways of doing the same step on the same model and
   (under DeepSpeed: ``engine.backward(loss); engine.step()``);
 - ``train_step``: dist_train's ``train_step`` as the loop calls it (norm for the non-finite check;
   under DeepSpeed, the agreed loss check before the update);
-- ``train_step (no finite check)``: the same without either (``finite_grads=False``, no veto).
+- ``train_step (no finite check)``: the same without either (``finite_grads=False``, no veto);
+- ``train_step + preemption flag``: ``train_step`` and what the loop adds after a step that does
+  not log, evaluate or save (the asynchronous preemption all-reduce, the phase clock).
 
 Every variant takes its batch from dist_train's sampler and loader, so data handling is the same.
 Medians of per-block mean step times are printed with their ratio to ``plain``.
@@ -32,6 +34,7 @@ sys.path.insert(0, HERE)
 
 import workloads as wk  # noqa: E402
 from dist_train.env.cluster import detect  # noqa: E402
+from dist_train.env.preemption import PreemptionWatcher  # noqa: E402
 from dist_train.train.build import build_parts  # noqa: E402
 from dist_train.train.job import set_cpu_threads  # noqa: E402
 from dist_train.train.loop import micro_batches  # noqa: E402
@@ -75,8 +78,16 @@ def main() -> None:
     # rank's loss is checked and the flags agreed before the update.
     guard = NonFiniteGuard("skip", 1, strategy.device)
     veto = None if strategy.global_grad_norm else guard.veto
+    preemption = PreemptionWatcher(strategy.device)  # its own gloo group, as in a real run
+
+    def loop_step() -> None:  # what the loop adds on a step that neither logs, evaluates nor saves
+        train_step(strategy, data, job.train, task, veto, 0, clock, finite_grads=True)
+        preemption.requested()
+        clock.iteration_done(0)
+
     variants = {
         "plain": plain,
+        "train_step + preemption flag": loop_step,
         "train_step": lambda: train_step(strategy, data, job.train, task, veto, 0, clock, finite_grads=True),
         "train_step (no finite check)": lambda: train_step(strategy, data, job.train, task, None, 0, clock,
                                                            finite_grads=False),
@@ -100,6 +111,7 @@ def main() -> None:
             med = statistics.median(ts)
             print(f"  {name:32s} {med * 1e3:8.1f} ms/step  x{med / base:.3f}  (blocks {min(ts) * 1e3:.0f}-"
                   f"{max(ts) * 1e3:.0f} ms)")
+    preemption.close()
     parts.close()
     dist.destroy_process_group()
 

@@ -43,6 +43,13 @@ def test_compare_smoke_runs_every_runner_and_reports_finite_ratios(tmp_path):
             assert f"{name:<11}" in proc.stdout  # a table row per runner
     # What actually ran is printed: Accelerate on a CPU-only machine falls back from FSDP2 to DDP.
     assert "what ran:" in proc.stdout and "dist_train strategy=fsdp" in proc.stdout
+    # The saved result renders as the Markdown table of the README: a dated header, a row per runner.
+    md = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), str(out)], cwd=REPO,
+                        env=clean_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert md.returncode == 0, md.stderr
+    assert md.stdout.startswith(f"Measured {result['date']} on ")
+    rows = [line for line in md.stdout.splitlines() if line.startswith("| lm-fsdp |")]
+    assert sorted(row.split(" | ")[1] for row in rows) == sorted(runners)
 
 
 def test_compare_rejects_unknown_names():
