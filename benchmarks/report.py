@@ -65,6 +65,11 @@ def _num(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _step_ms(entry: Dict) -> Optional[float]:
+    step_s = entry["median"]["step_time_s"]
+    return None if step_s is None else step_s * 1000
+
+
 def _ratio(entry: Dict, metric: str) -> str:
     r = entry.get("dist_train_ratio", {}).get(metric)
     if not r or r["median"] is None:
@@ -106,8 +111,7 @@ def render(result: Dict) -> str:
     for name, wl in result["workloads"].items():
         lines += ["", f"== {name}: {' '.join(o for o in wl['overrides'])}", header]
         for runner, e in wl["runners"].items():
-            med = e["median"]
-            step_ms = None if med["step_time_s"] is None else med["step_time_s"] * 1000
+            med, step_ms = e["median"], _step_ms(e)
             lines.append(f"{runner:<11}{_num(med['samples_per_s'], 2):>10}{_num(med['wall_samples_per_s'], 2):>10}"
                          f"{_num(step_ms, 0):>9}{_num(med['cpu_s_per_step'], 2):>11}{_num(med['peak_rss_mib'], 0):>10}"
                          f"{_num(med['train_rss_mib'], 0):>10}   {'':<19}{_ratio(e, 'samples_per_s'):<16}"
@@ -154,8 +158,7 @@ def markdown(result: Dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, wl in _in_order(result["workloads"], WORKLOAD_NAMES):
         for runner, e in _in_order(wl["runners"], RUNNERS):
-            med = e["median"]
-            step_ms = None if med["step_time_s"] is None else med["step_time_s"] * 1000
+            med, step_ms = e["median"], _step_ms(e)
             lines.append(f"| {name} | {runner} | {e['ran'] or 'failed'} | {_num(med['samples_per_s'], 2)} | "
                          f"{_num(step_ms, 0)} | {_num(med['cpu_s_per_step'], 2)} | {_num(med['peak_rss_mib'], 0)} | "
                          f"{_md_ratio(e, 'samples_per_s')} | {_md_ratio(e, 'cpu_s_per_step')} | "
