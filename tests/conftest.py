@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -58,12 +60,22 @@ def read_summary(run_dir: Path) -> dict:
         return json.load(f)
 
 
+# A spawned test that hangs must explain itself long before CI's limit: one collective may wait
+# this long before gloo raises on the waiting rank, and a whole spawned test may run this long
+# before its ranks' stacks are dumped and they are killed.
+COLLECTIVE_TIMEOUT_S = 300
+SPAWN_TIMEOUT_S = 600
+
+
 def _spawn_entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+    import datetime
+
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         fn(rank, world_size, *args)
         dist.barrier()
@@ -71,13 +83,40 @@ def _spawn_entry(rank: int, fn: Callable, world_size: int, port: int, args: tupl
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world_size: int = 2, *args) -> None:
+def stacks_of(pids: Sequence[int]) -> str:
+    """Every thread's Python stack of each process (py-spy, when installed), for a hang report."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    if spy is None:
+        return "(install py-spy for the ranks' stacks)"
+    out = []
+    for pid in pids:
+        try:
+            dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30,
+                                  stdin=subprocess.DEVNULL)
+            out.append(f"--- pid {pid} ---\n{dump.stdout}{dump.stderr}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            out.append(f"--- pid {pid}: py-spy failed: {exc}")
+    return "\n".join(out)
+
+
+def spawn(fn: Callable, world_size: int = 2, *args, timeout_s: float = SPAWN_TIMEOUT_S) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a gloo group.
 
-    ``fn`` must be a module-level function (it is pickled). A failure on any rank fails the test.
+    ``fn`` must be a module-level function (it is pickled). A failure on any rank fails the test;
+    so does a run past ``timeout_s``, with every rank's stacks in the message, and no rank left.
     """
-    mp.start_processes(_spawn_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
-                       join=True, start_method="spawn")
+    ctx = mp.start_processes(_spawn_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            stacks = stacks_of(ctx.pids())
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join(timeout=10)
+            pytest.fail(f"{fn.__name__} on {world_size} spawned ranks still running after {timeout_s:.0f} s "
+                        f"(a hang); the ranks' stacks:\n{stacks}", pytrace=False)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, clean_env, free_port, read_summary
+from conftest import REPO, clean_env, free_port, read_summary, spawn
 
 
 def _processes_mentioning(text: str):
@@ -48,3 +48,29 @@ def test_a_stalled_rank_is_diagnosed_and_the_job_ends_cleanly(tmp_path):
     assert read_summary(run)["status"] == "failed"
     assert time.time() - t0 < 200
     assert _processes_mentioning(str(run)) == []  # nothing orphaned
+
+
+def _rank1_never_returns(rank, world_size):
+    if rank == 1:
+        time.sleep(3600)  # rank 0 waits for it in the closing barrier
+
+
+def test_a_hung_spawned_test_fails_with_the_ranks_stacks_and_leaves_no_rank():
+    """The test harness itself: a spawned test that hangs fails in its own time, not CI's."""
+    with pytest.raises(pytest.fail.Exception, match="still running after 15 s") as info:
+        spawn(_rank1_never_returns, 2, timeout_s=15)
+    message = str(info.value)
+    assert "_rank1_never_returns on 2 spawned ranks" in message
+    if "install py-spy" not in message:  # the stacks name where each rank was
+        assert "_rank1_never_returns" in message.split("stacks:", 1)[1] and "barrier" in message
+    time.sleep(1)
+    assert not [pid for pid in _processes_mentioning("multiprocessing.spawn") if pid != os.getpid()
+                and _is_child_of(pid, os.getpid())]
+
+
+def _is_child_of(pid: int, parent: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == parent
+    except OSError:
+        return False
