@@ -172,7 +172,8 @@ class Restorer:
                 log.warning("moved %s aside to %s: it is newer than the step this run resumes from (%d)",
                             os.path.basename(path), new, step)
         if chosen and os.path.dirname(os.path.abspath(chosen)) == os.path.abspath(self.m.dir):
-            layout.set_latest(self.m.dir, os.path.basename(chosen))
+            if layout.read_latest(self.m.dir) != os.path.basename(chosen):  # a rewrite costs two fsyncs
+                layout.set_latest(self.m.dir, os.path.basename(chosen))
         elif os.path.exists(os.path.join(self.m.dir, layout.LATEST)) and not layout.committed(self.m.dir):
             os.remove(os.path.join(self.m.dir, layout.LATEST))
 
