@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -84,19 +83,13 @@ def _spawn_entry(rank: int, fn: Callable, world_size: int, port: int, args: tupl
 
 
 def stacks_of(pids: Sequence[int]) -> str:
-    """Every thread's Python stack of each process (py-spy, when installed), for a hang report."""
-    spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
-    if spy is None:
+    """Every thread's stack of each process (py-spy, when installed), for a hang report."""
+    from dist_train.train.phases import py_spy_dump
+
+    dumps = [(pid, py_spy_dump(pid)) for pid in pids]
+    if any(dump is None for _, dump in dumps):
         return "(install py-spy for the ranks' stacks)"
-    out = []
-    for pid in pids:
-        try:
-            dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30,
-                                  stdin=subprocess.DEVNULL)
-            out.append(f"--- pid {pid} ---\n{dump.stdout}{dump.stderr}")
-        except (OSError, subprocess.SubprocessError) as exc:
-            out.append(f"--- pid {pid}: py-spy failed: {exc}")
-    return "\n".join(out)
+    return "\n".join(f"--- pid {pid} ---\n{dump}" for pid, dump in dumps)
 
 
 def spawn(fn: Callable, world_size: int = 2, *args, timeout_s: float = SPAWN_TIMEOUT_S) -> None:

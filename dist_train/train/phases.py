@@ -19,6 +19,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict, deque
@@ -27,6 +28,20 @@ from typing import Deque, Dict, Iterator, Optional
 log = logging.getLogger("dist_train")
 
 PHASES = ("data", "forward_backward", "optimizer", "checkpoint", "evaluation", "other")
+
+
+def py_spy_dump(pid: int) -> Optional[str]:
+    """Every thread's Python (and native) stack of process ``pid`` by ``py-spy dump``; None when
+    py-spy is not installed (on PATH or next to this interpreter, as in a virtualenv)."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    if spy is None:
+        return None
+    try:
+        out = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        return out.stdout + out.stderr
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(py-spy dump failed: {exc})\n"
 
 
 class PhaseClock:
@@ -105,14 +120,9 @@ class Watchdog:
                     f"(recent median iteration {median if median is None else round(median, 3)} s)\n\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
-            spy = shutil.which("py-spy")
-            if spy:
-                try:
-                    out = subprocess.run([spy, "dump", "--pid", str(os.getpid())], capture_output=True, text=True,
-                                         timeout=30, stdin=subprocess.DEVNULL)
-                    f.write("\n--- py-spy dump ---\n" + out.stdout + out.stderr)
-                except (OSError, subprocess.SubprocessError) as exc:
-                    f.write(f"\n(py-spy dump failed: {exc})\n")
+            dump = py_spy_dump(os.getpid())
+            if dump is not None:
+                f.write("\n--- py-spy dump ---\n" + dump)
         self.dumps += 1
         log.error("rank %d seems hung: step %d has been in phase %s for %.0f s (recent median iteration %s s); "
                   "Python stacks of every thread in %s", self.rank, step, phase, stalled,
