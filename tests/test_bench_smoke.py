@@ -25,6 +25,8 @@ def test_compare_smoke_runs_every_runner_and_reports_finite_ratios(tmp_path):
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
+    # How much other work shared the machine is measured (cores, from /proc/stat) and reported.
+    assert result["other_work_cores"] >= 0 and "of the" in proc.stdout and "cores on average" in proc.stdout
     runners = result["workloads"]["lm-fsdp"]["runners"]
     installed = {name for name, pkg in PEERS.items() if importlib.util.find_spec(pkg) is not None}
     assert set(runners) == {"dist_train", "plain", *installed}
