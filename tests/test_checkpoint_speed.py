@@ -62,7 +62,8 @@ def test_digests_taken_while_writing_equal_the_files_read_back(tmp_path):
     during = {rel: checksum.recorded(str(staging / rel)) for rel in rels}
     assert all(during.values()), during  # every file was hashed on the way out, none read back
     for rel, entry in during.items():
-        assert entry.pop(checksum.SYNCED) is True  # the writers fsynced them
+        # write_json_atomic fsyncs its file; DCP's files are fsynced later, by the commit, together.
+        assert entry.pop(checksum.SYNCED, False) is (rel == "meta.json"), rel
         assert entry == checksum.hash_file(str(staging / rel)), rel
     # Consumed once; a file changed after its digest was taken is never described by that digest.
     assert checksum.recorded(str(staging / "meta.json")) is None
@@ -78,11 +79,71 @@ def test_hashing_file_gives_up_on_non_sequential_writes(tmp_path):
         f = checksum.HashingFile(raw)
         f.write(b"abc")
         f.write(memoryview(b"defg"))
-        raw.flush()
+        f.flush()
         assert f.entry() == checksum.hash_file(str(tmp_path / "x")) and f.entry()["size"] == 7
         f.seek(0)
         f.write(b"z")
         assert f.entry() is None
+
+
+def test_hashing_file_gathers_small_writes_and_keeps_offsets(tmp_path, monkeypatch):
+    """Small writes are buffered, big ones go through; tell() counts buffered bytes (DCP records
+    each item's offset with it); close() empties the buffer; writeback is started as bytes go out."""
+    monkeypatch.setattr(checksum, "_GATHER", 64)
+    monkeypatch.setattr(checksum, "_WRITEBACK", 100)
+    calls = []
+    if checksum._sync_file_range is not None:
+        real = checksum._sync_file_range
+        monkeypatch.setattr(checksum, "_sync_file_range", lambda *a: calls.append(a[1:3]) or real(*a))
+    pieces = [bytes([i]) * n for i, n in enumerate([3, 10, 70, 1, 200, 5, 64, 2])]
+    with open(tmp_path / "x", "wb") as raw:
+        f = checksum.HashingFile(raw)
+        offsets = []
+        for piece in pieces:
+            offsets.append(f.tell())
+            f.write(piece)
+        f.close()
+    data = (tmp_path / "x").read_bytes()
+    assert data == b"".join(pieces)
+    assert offsets == [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+    assert f.entry() == checksum.hash_file(str(tmp_path / "x"))
+    if checksum._sync_file_range is not None:  # (Linux) contiguous ranges from offset 0, none twice
+        assert calls and calls[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:])), calls
+
+
+def test_make_durable_fsyncs_each_file_once_and_every_directory(tmp_path, monkeypatch):
+    staging = tmp_path / "staging"
+    os.makedirs(staging / "dcp")
+    os.makedirs(staging / "rng")
+    for rel in ("dcp/a.distcp", "rng/rank_00000.pt", "meta.json", layout.MANIFEST):
+        (staging / rel).write_bytes(b"x")
+    synced = []
+    monkeypatch.setattr(layout, "fsync_file", lambda p: synced.append(os.path.relpath(p, staging)))
+    layout.make_durable(str(staging), ["dcp/a.distcp", "meta.json"], tree=False)
+    assert sorted(synced) == ["dcp/a.distcp", "meta.json"]
+    synced.clear()
+    layout.make_durable(str(staging), ["rng/rank_00000.pt"], tree=True)
+    assert sorted(synced) == sorted([".", "dcp", "rng", layout.MANIFEST, "rng/rank_00000.pt"])
+
+
+def test_stager_reuses_its_buffers_and_copies_values(tmp_path):
+    from dist_train.checkpoint.files import Stager
+
+    stager = Stager()
+    w = torch.arange(6.0).reshape(2, 3)
+    state = {"model": {"w": w, "n": 3}, "optim": {"state": {0: {"step": torch.tensor(1.0)}}, "groups": [{"lr": 0.1}]}}
+    first = stager.stage(state)
+    assert torch.equal(first["model"]["w"], w) and first["model"]["w"].data_ptr() != w.data_ptr()
+    assert first["model"]["n"] == 3 and first["optim"]["groups"] == [{"lr": 0.1}]
+    assert first["optim"]["groups"][0] is not state["optim"]["groups"][0]  # mutable leaves copied
+    w.add_(1)  # training goes on: the staged copy keeps the values of the save
+    assert torch.equal(first["model"]["w"], torch.arange(6.0).reshape(2, 3))
+    second = stager.stage(state)
+    assert second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()  # same buffer, no allocation
+    assert torch.equal(second["model"]["w"], w)
+    state["model"]["w"] = torch.zeros(3, 3)  # another shape at the same place: a new buffer
+    assert stager.stage(state)["model"]["w"].shape == (3, 3)
+    stager.close()
 
 
 def test_manifest_format_2_records_xxh3_and_the_dcp_round_trip_is_exact(tmp_path):
@@ -161,3 +222,47 @@ def test_benchmark_smoke_mode_runs():
     assert any(line.lstrip().startswith("save ") and "MB/s" in line and "ratio" in line for line in lines), out.stdout
     assert any(line.lstrip().startswith("load ") and "MB/s" in line and "ratio" in line for line in lines), out.stdout
     assert any(line.lstrip().startswith("async ") for line in lines), out.stdout
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_item_decoder_matches_torch_load_without_it_and_runs_no_code(tmp_path, monkeypatch):
+    """DCP items (one torch.save archive per tensor or non-tensor leaf) are decoded by a C unpickler
+    that builds plain tensors and primitive values only: the same objects torch.load gives, without
+    torch.load for them; anything else falls back to torch.load(weights_only=True), which refuses
+    code (a crafted item cannot run any)."""
+    import io
+    import pickle
+
+    items = [torch.randn(7), torch.randn(3, 4).t(), torch.tensor(5.0), torch.arange(10), torch.zeros(0),
+             torch.randn(4, dtype=torch.bfloat16), torch.randn(6)[2:5], torch.ones(3, dtype=torch.bool),
+             0.001, (0.9, 0.999), True, None, "adamw", [1, 2], {"a": 1}]
+    archives = []
+    for obj in items:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        archives.append(buf.getvalue())
+    expected = [torch.load(io.BytesIO(a), weights_only=True) for a in archives]
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used for a plain item"))
+    for obj, archive, want in zip(items, archives, expected):
+        got = storage.load_item(archive)
+        if isinstance(want, torch.Tensor):
+            assert type(got) is torch.Tensor and torch.equal(got, want) and got.dtype == want.dtype
+            assert got.stride() == want.stride() and got.storage_offset() == want.storage_offset()
+        else:
+            assert got == want and type(got) is type(want), obj
+    monkeypatch.undo()
+    buf = io.BytesIO()
+    torch.save(_Evil(str(tmp_path / "pwned")), buf)
+    with pytest.raises(pickle.UnpicklingError):
+        storage.load_item(buf.getvalue())
+    assert not (tmp_path / "pwned").exists()
+    buf = io.BytesIO()
+    torch.save(torch.nn.Parameter(torch.ones(2)), buf)  # not plain: torch.load's answer
+    assert torch.equal(storage.load_item(buf.getvalue()), torch.ones(2))

@@ -7,6 +7,7 @@ folder ``native/``, and host-memory staging for background writes.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -55,21 +56,58 @@ class CheckpointFiles:
 
 
 class Stager:
-    """Reusable host-memory staging (pinned on a GPU machine) for asynchronous saves."""
+    """Reusable host-memory staging for asynchronous saves: each tensor of the state dict is copied
+    into a buffer kept from the previous save (same place in the state dict, same shape, dtype and
+    strides), so a save after the first costs one memory copy per tensor and no allocation (fresh
+    pages cost a page fault each: a first-touch copy here is 3-4x slower). Buffers are pinned when
+    the tensors come from a GPU, where the device-to-host copies are issued without blocking and
+    waited for once. DTensors (FSDP shards) stay DTensors around a staged local shard.
+    Non-tensor leaves are immutable numbers and strings, or are deep-copied.
+
+    A staged state dict is valid until the next ``stage`` (the manager waits for the previous write
+    before it stages again)."""
 
     def __init__(self):
-        self._impl: Optional[Any] = None
+        self._buffers: Dict[Tuple[Any, ...], torch.Tensor] = {}
+        self._pending_device_copies = False
 
     def stage(self, state: Dict[str, Any]) -> Dict[str, Any]:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        self._pending_device_copies = False
+        staged = self._copy(state, ())
+        if self._pending_device_copies:
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        return staged
 
-        if self._impl is None:
-            cuda = torch.cuda.is_available()
-            self._impl = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                      use_async_staging=False, use_non_blocking_copy=False))
-        return self._impl.stage(state)
+    def _copy(self, obj: Any, path: Tuple[Any, ...]) -> Any:
+        if isinstance(obj, dict):
+            return type(obj)((k, self._copy(v, path + (k,))) for k, v in obj.items()) \
+                if type(obj) is not dict else {k: self._copy(v, path + (k,)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            items = [self._copy(v, path + (i,)) for i, v in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        if isinstance(obj, torch.Tensor):
+            from torch.distributed.tensor import DTensor
+
+            if isinstance(obj, DTensor):
+                local = self._tensor(obj.to_local(), path)
+                return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
+                                          shape=obj.shape, stride=obj.stride())
+            return self._tensor(obj, path)
+        if obj is None or isinstance(obj, (int, float, str, bytes, bool, torch.dtype, torch.device)):
+            return obj
+        return copy.deepcopy(obj)
+
+    def _tensor(self, t: torch.Tensor, path: Tuple[Any, ...]) -> torch.Tensor:
+        t = t.detach()
+        buf = self._buffers.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.stride() != t.stride():
+            pin = t.device.type == "cuda"
+            buf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=pin)
+            self._buffers[path] = buf
+        non_blocking = t.device.type == "cuda" and buf.is_pinned()
+        buf.copy_(t, non_blocking=non_blocking)
+        self._pending_device_copies |= non_blocking
+        return buf
 
     def close(self) -> None:
-        if self._impl is not None:
-            self._impl.close()
-            self._impl = None
+        self._buffers.clear()

@@ -10,12 +10,16 @@
         latest                      text: the name of the newest complete checkpoint
         .staging_step_00000150/     being written; never loaded; removed at the next start
 
-A commit is: write manifest.json, fsync it and every file and directory of the staging dir
-together (files their writer fsynced are not fsynced twice), fsync the staging dir, rename
-the staging dir to ``step_XXXXXXXX``, replace ``latest`` atomically, fsync ``checkpoints/`` (once,
-for both renames). A crash before the directory rename is durable leaves only a staging dir (the
-previous checkpoint is untouched); after it, the new checkpoint is complete even if ``latest`` still
-names the previous one (resume scans the directories and does not trust ``latest`` alone).
+A commit is: write manifest.json; fsync it, every file and directory of the staging dir and the
+staging dir itself, all at once (one barrier: the filesystem's journal takes the concurrent
+fsyncs together; in a multi-rank save each rank fsyncs the files it wrote, as a network filesystem
+flushes a file only from the client that wrote it, and rank 0 the manifest and the directories);
+then rename the staging dir to ``step_XXXXXXXX``, replace ``latest`` by a rename, and fsync
+``checkpoints/`` (the second barrier, once for both renames). A crash before the directory rename
+is durable leaves only a staging dir (the previous checkpoint is untouched); after it, the new
+checkpoint is complete even if ``latest`` still names the previous one or is empty (resume scans
+the directories and does not trust ``latest`` alone, which is why ``latest`` needs no fsync of
+its own).
 
 Checksums (``checksum.py``) are taken while files are written wherever the writer sees every
 byte (DCP shards, JSON files), so a save reads nothing back; other files are hashed after writing.
@@ -50,7 +54,8 @@ FORMAT = "dist_train.checkpoint/2"
 READABLE_FORMATS = ("dist_train.checkpoint/1", FORMAT)
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
-_THREADS = 4  # files hashed or fsynced at once
+_THREADS = 4  # files hashed at once
+_SYNC_THREADS = 16  # files fsynced at once (concurrent fsyncs share the journal's commits)
 _INLINE_BYTES = 16 << 20  # fewer bytes than this are hashed on the calling thread
 T = TypeVar("T")
 
@@ -89,16 +94,19 @@ def fsync_dir(path: str) -> None:
     fsync_file(path)
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsynced temporary file and an atomic rename (its digest is
-    recorded, so a manifest does not read it back)."""
+def write_atomic(path: str, text: str, sync_file: bool = True) -> None:
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename, then fsync the
+    directory (its digest is recorded, so a manifest does not read it back). ``sync_file=False``
+    skips the temporary file's own fsync: for a file whose readers cope with finding it empty or
+    old after a crash (``latest``), it saves one of the two flushes."""
     tmp = f"{path}.tmp{os.getpid()}"
     data = text.encode("utf-8")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync_file:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk: leave no temporary file behind, and the old file as it was
         with contextlib.suppress(OSError):
@@ -107,7 +115,7 @@ def write_atomic(path: str, text: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
     hasher = checksum.new_hasher()
     hasher.update(data)
-    checksum.record(path, checksum.make_entry(len(data), hasher), synced=True)
+    checksum.record(path, checksum.make_entry(len(data), hasher), synced=sync_file)
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -143,12 +151,12 @@ def list_files(root: str) -> List[str]:
     return sorted(out)
 
 
-def _parallel(fn: Callable[[str], T], items: Sequence[str]) -> List[T]:
+def _parallel(fn: Callable[[str], T], items: Sequence[str], threads: int = _THREADS) -> List[T]:
     """``[fn(x) for x in items]`` on a few threads: file reads and fsyncs release the GIL, so
     several files are read (or flushed) at once; one item runs inline."""
     if len(items) <= 1:
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=min(_THREADS, len(items)), thread_name_prefix="checkpoint-io") as pool:
+    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="checkpoint-io") as pool:
         return list(pool.map(fn, items))
 
 
@@ -240,25 +248,33 @@ def verify(ckpt: str) -> List[str]:
     return check_sizes(ckpt, files) or check_hashes(ckpt, files, sorted(files))
 
 
-def write_manifest(staging: str, step: int, files: Dict[str, dict]) -> None:
-    """Make every file and directory of ``staging`` durable, then write its manifest durably.
+def write_manifest(staging: str, step: int, files: Dict[str, dict], durable: bool = True) -> None:
+    """Write the manifest of ``staging`` (entries as ``describe_files`` gave them) and, unless
+    ``durable=False``, make it and everything in ``staging`` durable (``make_durable``: files whose
+    entry says ``SYNCED`` were fsynced by their writer and are not fsynced twice).
 
-    The manifest is written first (the staging dir is never loaded: a crash here leaves a staging
-    dir, removed at the next start); then it, the files whose entry does not say ``SYNCED``
-    (fsynced by the writer that hashed them) and the subdirectories are fsynced a few at a time
-    (the filesystem's journal takes them in one commit), and ``staging`` itself once.
+    ``durable=False`` is for a multi-rank save, where each rank then fsyncs its own files and rank
+    0 the manifest and the directories (``make_durable``). The staging dir is never loaded: a crash
+    before the commit leaves a staging dir, removed at the next start.
     """
     checksum.forget(staging)  # records of this save's files not described (e.g. a rank's retry)
     entries = {rel: {k: v for k, v in e.items() if k != checksum.SYNCED} for rel, e in files.items()}
     manifest = {"format": FORMAT, "step": step, "created_unix": time.time(), "files": entries}
-    path = os.path.join(staging, MANIFEST)
-    write_staged(path, json_bytes(manifest))
+    write_staged(os.path.join(staging, MANIFEST), json_bytes(manifest))
     checksum.forget(staging)
-    todo = [path] + [os.path.join(staging, rel) for rel, e in sorted(files.items()) if not e.get(checksum.SYNCED)]
-    todo += [dirpath for dirpath, _dirs, _files in os.walk(staging, topdown=False)
-             if os.path.normpath(dirpath) != os.path.normpath(staging)]
-    _parallel(fsync_file, todo)
-    fsync_dir(staging)  # its entries (the manifest's included) are durable before it is renamed
+    if durable:
+        make_durable(staging, [rel for rel, e in files.items() if not e.get(checksum.SYNCED)], tree=True)
+
+
+def make_durable(staging: str, rel_paths: Iterable[str], tree: bool) -> None:
+    """fsync the given files of ``staging`` and, with ``tree``, its manifest, its subdirectories
+    and ``staging`` itself: all at once, on a thread each (up to ``_SYNC_THREADS``), so that the
+    flushes overlap and the journal commits them together."""
+    todo = [os.path.join(staging, rel) for rel in sorted(rel_paths)]
+    if tree:
+        todo.append(os.path.join(staging, MANIFEST))
+        todo += [dirpath for dirpath, _dirs, _files in os.walk(staging, topdown=False)]  # staging itself last
+    _parallel(fsync_file, todo, _SYNC_THREADS)
 
 
 # --- the checkpoints directory ------------------------------------------------------------------
@@ -299,7 +315,10 @@ def commit(staging: str, final: str) -> None:
 
 
 def set_latest(ckpt_dir: str, name: str) -> None:
-    write_atomic(os.path.join(ckpt_dir, LATEST), name + "\n")
+    """Point ``latest`` at ``name`` (atomically; durable with the fsync of ``ckpt_dir``). Resume
+    falls back to the newest directory when ``latest`` is empty or names no checkpoint, so the
+    file itself is not fsynced."""
+    write_atomic(os.path.join(ckpt_dir, LATEST), name + "\n", sync_file=False)
 
 
 def to_prune(steps: List[int], keep_last: int, keep: int) -> List[int]:

@@ -17,13 +17,17 @@ strategy's state, copied to host memory when written in the background), write i
 ``checkpoints/.staging_step_XXXXXXXX`` (its RNG states; rank 0 also ``meta.json``; whatever the
 strategy writes),
 then all ranks agree that every write succeeded (an all-reduce of a flag: one failed rank aborts
-the commit everywhere), hash their share of the files, and rank 0 commits (see ``layout.py``).
+the commit everywhere) and describe their share of the files (checksums taken while writing); rank
+0 writes the manifest; every rank fsyncs the files it wrote, rank 0 also the manifest and the
+directories, all at once; once all ranks report them durable, rank 0 commits (see ``layout.py``).
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -31,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from dist_train.checkpoint import layout
+from dist_train.checkpoint import checksum, layout
 from dist_train.checkpoint.files import CheckpointFiles, Stager
 from dist_train.checkpoint.restore import CheckpointError, CheckpointRefused, Restorer
 from dist_train.env import collectives
@@ -63,21 +67,49 @@ class _Group:
 
 
 class _Pending:
-    """One save running in a background thread."""
+    """One save handed to the background writer: done once committed or failed."""
 
     def __init__(self, step: int, fn: Callable[[], None]):
-        self.step, self.error, self.seconds = step, None, 0.0
-        self.thread = threading.Thread(target=self._run, args=(fn,), name=f"checkpoint-{step}", daemon=True)
-        self.thread.start()
+        self.step, self.fn, self.error, self.seconds = step, fn, None, 0.0
+        self.done = threading.Event()
 
-    def _run(self, fn: Callable[[], None]) -> None:
+    def run(self) -> None:
         t0 = time.perf_counter()
         try:
-            fn()
+            self.fn()
         except BaseException as exc:  # noqa: BLE001  (raised on the main thread by wait())
             self.error = exc
             log.error("background checkpoint of step %d failed: %s", self.step, exc)
-        self.seconds = time.perf_counter() - t0
+        finally:
+            self.seconds = time.perf_counter() - t0
+            self.fn = None  # (the staged state it holds)
+            self.done.set()
+
+
+class _Writer:
+    """The background thread that writes asynchronous saves, one at a time. It lives as long as
+    the manager: handing it a save is a queue put, where starting a thread per save made training
+    wait for the new thread's start-up handshake (0.3 to 8 ms here, GIL hand-overs included)."""
+
+    def __init__(self):
+        self._jobs: "queue.SimpleQueue[Optional[_Pending]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job.run()
+
+    def submit(self, job: _Pending) -> _Pending:
+        self._jobs.put(job)
+        return job
+
+    def stop(self) -> None:
+        """Let the thread end after the job in hand (not waited for: see ``CheckpointManager.close``)."""
+        self._jobs.put(None)
 
 
 class CheckpointManager:
@@ -100,6 +132,7 @@ class CheckpointManager:
         self.last_step: Optional[int] = None  # step of the newest checkpoint saved or loaded
         self.resumed_run_id: Optional[str] = None
         self._pending: Optional[_Pending] = None
+        self._writer: Optional[_Writer] = None  # started at the first background save
         self._stager = Stager()
         # blocking_s: time training was held up by checkpoint code (waits for a previous save
         # included); final_s: the end-of-run save and the wait until every write is committed;
@@ -126,7 +159,7 @@ class CheckpointManager:
         A save that fails (a full disk, a read-only directory) has left the previous checkpoint as
         it was and removed its own staging files; ``checkpoint.on_save_error`` decides whether the
         run stops (raise) or warns and tries again at the next cadence (continue)."""
-        if self._pending is not None and self._pending.thread.is_alive():
+        if self._pending is not None and not self._pending.done.is_set():
             self.stats["steps_during_writes"] += 1
         if self.cfg.every_steps and state.step % self.cfg.every_steps == 0:
             try:
@@ -164,7 +197,7 @@ class CheckpointManager:
         if pending is None:
             return
         t0 = time.perf_counter()
-        pending.thread.join()
+        pending.done.wait()
         self.stats["blocking_s"] += time.perf_counter() - t0
         self.stats["write_s"] += pending.seconds
         if pending.error is not None:
@@ -183,45 +216,52 @@ class CheckpointManager:
         staging = os.path.join(self.dir, layout.staging_name(step))
         background = self.stats["async"] and not blocking
         files = CheckpointFiles(staging, self.group.pg, self._stager)
-        write, error = None, None
-        if self.rank0:
-            try:
-                layout.remove_stale(self.dir)
-                os.makedirs(os.path.join(staging, layout.RNG_DIR))
-            except OSError as exc:  # the other ranks then fail to write too: all abort below
-                error = exc
-        self.group.barrier()  # nobody writes into the staging dir before it exists, clean
+        write: Optional[Callable[[], None]] = None
         rng: Any = None
-        meta: Optional[bytes] = None
+        meta: Optional[str] = None
+        error: Optional[BaseException] = None
         try:
-            # Only what must be taken now is taken here (the RNG states, meta.json's contents, the
-            # strategy's state staged in host memory when the write goes to the background); the
-            # files are written by _write_and_commit.
+            # Only what must be taken now is taken here (the RNG states, meta.json's contents as
+            # compact JSON, the strategy's state staged in host memory when the write goes to the
+            # background); everything else, the staging dir included, is _write_and_commit's.
             rng = rng_state()  # fresh objects: serialised by the writer
             small, write = self.strategy.save_checkpoint(files, stage=background)
-            meta = layout.json_bytes(self._meta(state, small)) if self.rank0 else None
-        except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement below)
-            error = error or exc  # the first cause (e.g. the staging dir could not be made), not its echo
+            meta = json.dumps(self._meta(state, small)) if self.rank0 else None
+        except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement in the commit)
+            error = exc
             log.error("rank %d could not prepare checkpoint step %d: %s", self.rank, step, exc)
-        if not self.group.all_ok(error is None):
-            self._abort(staging)
-            raise CheckpointError(f"checkpoint of step {step} in {self.dir} aborted: a rank failed to write its part"
-                                  + (f" (here: {error})" if error else ""))
-        commit = lambda: self._write_and_commit(step, staging, write, rng, meta)  # noqa: E731
+        commit = lambda: self._write_and_commit(step, staging, write, rng, meta, error)  # noqa: E731
+        if background:  # (a failure, this rank's or another's, is raised by the next wait())
+            if self._writer is None:
+                self._writer = _Writer()
+            self._pending = self._writer.submit(_Pending(step, commit))
+        else:
+            t1 = time.perf_counter()
+            try:
+                commit()
+            finally:
+                self.stats["write_s"] += time.perf_counter() - t1
+                self.stats["blocking_s"] += time.perf_counter() - t0
         self.last_step = step
         self.stats["saves"] += 1
         if background:
-            self._pending = _Pending(step, commit)
             self.stats["blocking_s"] += time.perf_counter() - t0
-            return
-        t1 = time.perf_counter()
-        commit()
-        self.stats["write_s"] += time.perf_counter() - t1
-        self.stats["blocking_s"] += time.perf_counter() - t0
 
-    def _write_and_commit(self, step: int, staging: str, write: Callable[[], None], rng: Any,
-                          meta: Optional[bytes]) -> None:
-        error: Optional[BaseException] = None
+    def _write_and_commit(self, step: int, staging: str, write: Optional[Callable[[], None]], rng: Any,
+                          meta: Optional[str], error: Optional[BaseException]) -> None:
+        """Collective, on the writer thread of every rank (or inline for a synchronous save). A
+        rank that failed to prepare (``error``) still takes part, so that all ranks abort alike."""
+        if self.rank0 and error is None:
+            try:
+                layout.remove_stale(self.dir)
+                os.makedirs(os.path.join(staging, layout.RNG_DIR))
+            except OSError as exc:
+                error = exc
+        # Also the barrier: nobody writes into the staging dir before it exists, clean.
+        if not self.group.all_ok(error is None):
+            self._abort(staging)
+            raise CheckpointError(f"checkpoint of step {step} in {self.dir} aborted: a rank failed to prepare its part"
+                                  + (f" (here: {error})" if error else ""))
         try:
             self.faults.delay("slow_write")
             write()  # collective (DCP): every rank takes part, whatever else fails here
@@ -229,8 +269,8 @@ class CheckpointManager:
             error = exc
         try:
             layout.write_staged(os.path.join(staging, layout.rng_file(self.rank)), _torch_bytes(rng))
-            if meta is not None:
-                layout.write_staged(os.path.join(staging, layout.META), meta)
+            if meta is not None:  # taken as compact JSON (fast), written indented
+                layout.write_staged(os.path.join(staging, layout.META), layout.json_bytes(json.loads(meta)))
         except Exception as exc:  # noqa: BLE001
             error = error or exc
         if error is not None:
@@ -258,13 +298,27 @@ class CheckpointManager:
             log.error("rank %d could not hash checkpoint files: %s", self.rank, exc)
             mine = None
         shares = self.group.all_gather(mine)
+        entries: Dict[str, dict] = {}
+        error = None
+        try:
+            if any(share is None for share in shares):
+                raise OSError("a rank could not read back its files")
+            entries = {k: v for share in shares for k, v in share.items()}
+            if self.rank0:
+                layout.write_manifest(staging, step, entries, durable=False)
+            # One barrier for every file and directory: each rank fsyncs what it wrote.
+            layout.make_durable(staging, [rel for rel, e in (mine or {}).items() if not e.get(checksum.SYNCED)],
+                                tree=self.rank0)
+        except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement below)
+            error = exc
+            log.error("rank %d could not make checkpoint step %d durable: %s", self.rank, step, exc)
+        if not self.group.all_ok(error is None):
+            self._abort(staging)
+            raise CheckpointError(f"checkpoint of step {step} in {self.dir} not committed: a rank failed to write or "
+                                  "flush its files" + (f" (here: {type(error).__name__}: {error})" if error else ""))
         outcome: Any = None
         if self.rank0:
             try:
-                if any(share is None for share in shares):
-                    raise OSError("a rank could not read back its files")
-                entries = {k: v for share in shares for k, v in share.items()}
-                layout.write_manifest(staging, step, entries)
                 layout.commit(staging, os.path.join(self.dir, layout.step_name(step)))
                 pruned = layout.prune(self.dir, self.cfg.keep_last, keep=step)
                 size = sum(e["size"] for e in entries.values())
@@ -305,15 +359,21 @@ class CheckpointManager:
     def close(self) -> None:
         """Release the staging buffers. A save still in flight here means the run failed: it is
         not waited for (peers may be gone); its staging dir is removed at the next start."""
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
         self._stager.close()
 
 
 _RANK_FILE = re.compile(r"^(?:rng/rank_(\d+)\.pt|dcp/__(\d+)_\d+\.distcp)$")
+_RANK0_FILES = {layout.META, os.path.join(layout.DCP_DIR, ".metadata")}
 
 
 def _writer_of(rel: str, index: int, world: int) -> int:
     """The rank that wrote ``rel``, whose checksums were taken during the write (so describing it
-    costs no read); files of no particular rank are shared out round-robin."""
+    costs no read) and which fsyncs it; files of no known rank are shared out round-robin."""
+    if rel in _RANK0_FILES:
+        return 0
     m = _RANK_FILE.match(rel)
     if m:
         rank = int(m.group(1) or m.group(2))

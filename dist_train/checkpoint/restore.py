@@ -19,9 +19,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional
 
-import torch
-
-from dist_train.checkpoint import layout
+from dist_train.checkpoint import layout, storage
 from dist_train.checkpoint.files import CheckpointFiles
 from dist_train.env.seed import seed_everything, set_rng_state
 
@@ -254,7 +252,8 @@ class Restorer:
         so each rank is re-seeded from (seed, step, rank) instead."""
         if meta["world_size"] == self.m.world:
             try:
-                rng = torch.load(os.path.join(path, layout.rng_file(self.m.rank)), weights_only=True)
+                with open(os.path.join(path, layout.rng_file(self.m.rank)), "rb") as f:
+                    rng = storage.load_item(f)  # (tensors, numbers, strings: no code runs)
                 set_rng_state(rng)
             except Exception as exc:  # noqa: BLE001
                 raise CheckpointRefused(f"checkpoint {os.path.basename(path)}: the RNG state of rank {self.m.rank} "
