@@ -188,3 +188,121 @@ def _failed_rank_aborts_commit(rank: int, world: int, run_dir: str) -> None:
 
 def test_a_rank_that_fails_to_write_aborts_the_commit_on_every_rank(tmp_path):
     spawn(_failed_rank_aborts_commit, 2, str(tmp_path / "run"))
+
+
+def _async_failures_are_saved_again(rank: int, world: int, run_dir: str) -> None:
+    """checkpoint.async_save + on_save_error=continue: rank 1 fails to prepare a background save.
+    Every rank learns it at its next wait (no rank hangs in the commit's collectives); the next
+    due save goes ahead, and a failed save of the very last step is made again by finalize."""
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config import load_config, to_dict
+    from dist_train.data.registry import DataInfo
+    from dist_train.env.cluster import detect
+    from dist_train.train.build import build_training
+    from dist_train.train.state import TrainState
+
+    job = load_config(None, ["strategy.name=ddp", "model.name=mlp", "data.name=digits", "checkpoint.keep_last=0",
+                             "checkpoint.async_save=true", "checkpoint.every_steps=2",
+                             "checkpoint.on_save_error=continue"])
+    strategy = build_training(job, detect(), torch.device("cpu"), DataInfo("classification", (1, 8, 8), 10))
+    m = CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job), micro_global_batch=2 * 64,
+                          grad_accum_steps=1, seed=0)
+    real = strategy.save_checkpoint
+    fail = {"now": False}
+
+    def flaky(files, stage):
+        if fail["now"] and rank == 1:
+            raise RuntimeError("host memory exhausted (injected)")
+        return real(files, stage=stage)
+
+    strategy.save_checkpoint = flaky
+    ckpts = os.path.join(run_dir, "checkpoints")
+    try:
+        state = TrainState(step=2)
+        fail["now"] = True
+        m.maybe_save(state)  # handed to the writer; its failure is reported later
+        fail["now"] = False
+        state.step = 4
+        m.maybe_save(state)  # reports step 2's failure, then saves step 4
+        m.wait()
+        assert m.stats["failed_saves"] == 1
+        state.step = 6
+        fail["now"] = True
+        m.maybe_save(state)
+        fail["now"] = False
+        m.finalize(state)  # step 6 failed in the background: saved again here
+        assert m.stats["failed_saves"] == 2
+        m.group.barrier()
+        names = sorted(n for n in os.listdir(ckpts) if n.startswith("step_"))
+        assert names == ["step_00000004", "step_00000006"], os.listdir(ckpts)
+        assert layout.read_latest(ckpts) == "step_00000006"
+        assert all(layout.verify(os.path.join(ckpts, n)) == [] for n in names)
+        assert not [n for n in os.listdir(ckpts) if n.startswith(layout.STAGING_PREFIX)]
+    finally:
+        m.close()
+
+
+def test_async_save_failures_reach_every_rank_and_the_last_step_is_saved_again(tmp_path):
+    spawn(_async_failures_are_saved_again, 2, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"step_0000", b"step_00000009\n"],
+                         ids=["empty", "not-utf8", "torn", "valid"])
+def test_latest_is_read_as_a_checkpoint_name_or_nothing(tmp_path, content):
+    """``latest`` is not fsynced: after a crash it may be empty or hold anything."""
+    (tmp_path / layout.LATEST).write_bytes(content)
+    expected = "step_00000009" if content == b"step_00000009\n" else None
+    assert layout.read_latest(str(tmp_path)) == expected
+
+
+def _fsdp_async_save_stages_dtensors(rank: int, world: int, run_dir: str) -> None:
+    """FSDP2 parameters are DTensors: an async save stages each local shard into a host buffer
+    wrapped in a DTensor of the same spec, and the checkpoint holds the values of the save's step
+    although training changes the parameters while it is written."""
+    from torch.distributed.tensor import DTensor
+
+    from dist_train.checkpoint.files import Stager
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config import load_config, to_dict
+    from dist_train.data.registry import DataInfo
+    from dist_train.env.cluster import detect
+    from dist_train.strategy import dcp_state
+    from dist_train.train.build import build_training
+    from dist_train.train.state import TrainState
+
+    job = load_config(None, ["strategy.name=fsdp", "model.name=mlp", "data.name=digits", "checkpoint.async_save=true"])
+    strategy = build_training(job, detect(), torch.device("cpu"), DataInfo("classification", (1, 8, 8), 10))
+    state = dcp_state.full_state(strategy.model, strategy.optimizer)
+    stager = Stager()
+    staged = stager.stage(state)
+    assert any(isinstance(v, DTensor) for v in state["model"].values())
+    for key, value in state["model"].items():
+        copy = staged["model"][key]
+        if isinstance(value, DTensor):
+            assert isinstance(copy, DTensor) and copy._spec == value._spec and copy.shape == value.shape
+            assert copy.to_local().data_ptr() != value.to_local().data_ptr()
+            assert torch.equal(copy.to_local(), value.to_local())
+    stager.close()
+    from dist_train.env.faults import Faults
+
+    m = CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job), micro_global_batch=2 * 64,
+                          grad_accum_steps=1, seed=0, faults=Faults("slow_write=0.3"))
+    try:
+        expected = {k: v.full_tensor().clone() if isinstance(v, DTensor) else v.clone()
+                    for k, v in strategy.model.state_dict().items()}
+        m.save(TrainState(step=1))  # returns at once; written during the next 0.3 s and more
+        with torch.no_grad():
+            for p in strategy.model.parameters():
+                p.add_(1.0)  # training goes on
+        m.wait()
+        m.group.barrier()
+        saved = storage.load_full_model(os.path.join(run_dir, "checkpoints", "step_00000001", "dcp"))
+        assert set(saved) == set(expected)
+        for key, value in expected.items():
+            assert torch.equal(saved[key], value), key
+    finally:
+        m.close()
+
+
+def test_fsdp_async_save_keeps_the_values_of_its_step(tmp_path):
+    spawn(_fsdp_async_save_stages_dtensors, 2, str(tmp_path / "run"))

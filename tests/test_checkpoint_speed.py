@@ -266,3 +266,41 @@ def test_item_decoder_matches_torch_load_without_it_and_runs_no_code(tmp_path, m
     buf = io.BytesIO()
     torch.save(torch.nn.Parameter(torch.ones(2)), buf)  # not plain: torch.load's answer
     assert torch.equal(storage.load_item(buf.getvalue()), torch.ones(2))
+
+
+class _CallsStorage:
+    def __reduce__(self):
+        return (torch.FloatStorage, (10,))
+
+
+class _GradByBuild:
+    def __reduce__(self):
+        import collections
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            storage = torch.ones(2).storage()
+        return (torch._utils._rebuild_tensor_v2, (storage, 0, (2,), (1,), False, collections.OrderedDict()),
+                (True, None, collections.OrderedDict()))
+
+
+@pytest.mark.parametrize("crafted", [_CallsStorage(), _GradByBuild(), [torch.ones(2).requires_grad_()]],
+                         ids=["storage-call", "grad-by-build", "nested-grad"])
+def test_item_decoder_hands_anything_unusual_to_torch_load(crafted):
+    """Storage classes are not callable and tensors given grad or hooks (by the rebuild arguments or a
+    later BUILD) are not accepted on the fast path: torch.load(weights_only=True) decides, exactly."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(crafted, buf)
+    try:
+        want = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        with pytest.raises(type(exc)):
+            storage.load_item(buf.getvalue())
+        return
+    got = storage.load_item(buf.getvalue())
+    flat = lambda x: x if isinstance(x, list) else [x]  # noqa: E731
+    for a, b in zip(flat(got), flat(want)):
+        assert type(a) is type(b) and a.requires_grad == b.requires_grad and torch.equal(a.detach(), b.detach())

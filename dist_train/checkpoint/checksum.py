@@ -166,7 +166,8 @@ class HashingFile:
         self.size = 0  # bytes accepted (written or buffered)
         self.valid = True
         self._buf = bytearray()
-        self._flushed = 0  # bytes handed to the kernel's writeback so far
+        self._emitted = 0  # bytes handed to the file (the rest of ``size`` is in the buffer)
+        self._flushed = 0  # bytes whose writeback has been started
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -178,8 +179,6 @@ class HashingFile:
             self._drain()
             self._emit(view)
             self.size += n
-            if self.size - self._flushed >= _WRITEBACK and self.valid:
-                self._start_writeback()
         return n
 
     def _start_writeback(self) -> None:
@@ -191,8 +190,9 @@ class HashingFile:
             fd = self.raw.fileno()
         except (AttributeError, OSError, ValueError):
             return
-        if _sync_file_range(fd, self._flushed, self.size - self._flushed, _SYNC_FILE_RANGE_WRITE) == 0:
-            self._flushed = self.size
+        # (should the file system refuse, the commit's fsync writes these pages as usual)
+        _sync_file_range(fd, self._flushed, self._emitted - self._flushed, _SYNC_FILE_RANGE_WRITE)
+        self._flushed = self._emitted
 
     def _emit(self, view: Any) -> None:
         written = self.raw.write(view)
@@ -202,8 +202,11 @@ class HashingFile:
             rest = view[written or 0:]
             while len(rest):
                 rest = rest[self.raw.write(rest) or 0:]
-            return
-        self.hasher.update(view)
+        else:
+            self.hasher.update(view)
+        self._emitted += len(view)
+        if self._emitted - self._flushed >= _WRITEBACK:
+            self._start_writeback()
 
     def _drain(self) -> None:
         if self._buf:

@@ -57,9 +57,10 @@ class CheckpointFiles:
 
 class Stager:
     """Reusable host-memory staging for asynchronous saves: each tensor of the state dict is copied
-    into a buffer kept from the previous save (same place in the state dict, same shape, dtype and
-    strides), so a save after the first costs one memory copy per tensor and no allocation (fresh
-    pages cost a page fault each: a first-touch copy here is 3-4x slower). Buffers are pinned when
+    into a (contiguous) buffer kept from the previous save (same place in the state dict, same
+    shape and dtype), so a save after the first costs one memory copy per tensor and no
+    allocation (fresh pages cost a page fault each: a first-touch copy here is 3-4x slower).
+    Buffers are pinned when
     the tensors come from a GPU, where the device-to-host copies are issued without blocking and
     waited for once. DTensors (FSDP shards) stay DTensors around a staged local shard.
     Non-tensor leaves are immutable numbers and strings, or are deep-copied.
@@ -79,9 +80,13 @@ class Stager:
         return staged
 
     def _copy(self, obj: Any, path: Tuple[Any, ...]) -> Any:
-        if isinstance(obj, dict):
-            return type(obj)((k, self._copy(v, path + (k,))) for k, v in obj.items()) \
-                if type(obj) is not dict else {k: self._copy(v, path + (k,)) for k, v in obj.items()}
+        if type(obj) is dict:
+            return {k: self._copy(v, path + (k,)) for k, v in obj.items()}
+        if isinstance(obj, dict):  # OrderedDict, defaultdict, ...: the same kind of mapping
+            out = copy.copy(obj)
+            for k, v in obj.items():
+                out[k] = self._copy(v, path + (k,))
+            return out
         if isinstance(obj, (list, tuple)):
             items = [self._copy(v, path + (i,)) for i, v in enumerate(obj)]
             return items if isinstance(obj, list) else tuple(items)
@@ -89,9 +94,9 @@ class Stager:
             from torch.distributed.tensor import DTensor
 
             if isinstance(obj, DTensor):
-                local = self._tensor(obj.to_local(), path)
-                return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
-                                          shape=obj.shape, stride=obj.stride())
+                # Built around the host copy directly: DTensor.from_local would move it back to
+                # the mesh's device (a second copy of every shard on the GPU during the write).
+                return DTensor(self._tensor(obj.to_local(), path), obj._spec, requires_grad=False)
             return self._tensor(obj, path)
         if obj is None or isinstance(obj, (int, float, str, bytes, bool, torch.dtype, torch.device)):
             return obj
@@ -100,9 +105,10 @@ class Stager:
     def _tensor(self, t: torch.Tensor, path: Tuple[Any, ...]) -> torch.Tensor:
         t = t.detach()
         buf = self._buffers.get(path)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.stride() != t.stride():
-            pin = t.device.type == "cuda"
-            buf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=pin)
+        # Contiguous buffers: a broadcast or overlapping view (stride 0) could not be written into
+        # with its own strides, and the values are what a checkpoint keeps.
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
             self._buffers[path] = buf
         non_blocking = t.device.type == "cuda" and buf.is_pinned()
         buf.copy_(t, non_blocking=non_blocking)

@@ -288,11 +288,14 @@ def committed(ckpt_dir: str) -> List[Tuple[int, str]]:
 
 
 def read_latest(ckpt_dir: str) -> Optional[str]:
+    """The checkpoint name ``latest`` holds, or None when it is missing, empty or holds anything
+    but a ``step_XXXXXXXX`` name (it is not fsynced: after a crash it may hold garbage)."""
     try:
-        with open(os.path.join(ckpt_dir, LATEST), encoding="utf-8") as f:
-            return f.read().strip() or None
-    except OSError:
+        with open(os.path.join(ckpt_dir, LATEST), "rb") as f:
+            name = f.read(64).decode("ascii").strip()
+    except (OSError, ValueError):
         return None
+    return name if _STEP_RE.match(name) else None
 
 
 def commit(staging: str, final: str) -> None:

@@ -163,15 +163,22 @@ class CheckpointManager:
             self.stats["steps_during_writes"] += 1
         if self.cfg.every_steps and state.step % self.cfg.every_steps == 0:
             try:
+                self.wait()  # a background save that failed is reported here, before this one starts
+            except CheckpointError as exc:
+                self._save_failed(exc, "this step's save goes ahead")
+            try:
                 self.save(state)
             except CheckpointError as exc:
-                if self.cfg.on_save_error != "continue":
-                    raise
-                self.stats["failed_saves"] = self.stats.get("failed_saves", 0) + 1
-                self.last_step = None  # so the end of the run saves again
-                if self.rank0:
-                    log.warning("%s; training goes on (checkpoint.on_save_error=continue), the next save is at "
-                                "step %d", exc, state.step + self.cfg.every_steps)
+                self._save_failed(exc, f"the next save is at step {state.step + self.cfg.every_steps}")
+
+    def _save_failed(self, exc: CheckpointError, then: str) -> None:
+        """``checkpoint.on_save_error``: raise ``exc``, or count it, warn and go on (continue)."""
+        if self.cfg.on_save_error != "continue":
+            raise exc
+        self.stats["failed_saves"] = self.stats.get("failed_saves", 0) + 1
+        self.last_step = None  # so the end of the run saves again
+        if self.rank0:
+            log.warning("%s; training goes on (checkpoint.on_save_error=continue), %s", exc, then)
 
     def rollback(self, state) -> None:
         """Collective: back to the newest verified checkpoint (``train.nonfinite=rollback``),
@@ -184,12 +191,18 @@ class CheckpointManager:
         is committed. Called on every rank after the loop, also after preemption (then at the very
         step the loop stopped)."""
         blocked = self.stats["blocking_s"]
-        if self.last_step != state.step:
-            self.save(state, blocking=True)
-        self.wait()
-        # Training is over: this time is the end of the run's, not time training was held up.
-        self.stats["final_s"] = self.stats.get("final_s", 0.0) + self.stats["blocking_s"] - blocked
-        self.stats["blocking_s"] = blocked
+        try:
+            try:
+                self.wait()  # (a background save that failed, perhaps of this very step: saved again)
+            except CheckpointError as exc:
+                self._save_failed(exc, "saving again at the end of the run")
+            if self.last_step != state.step:
+                self.save(state, blocking=True)
+            self.wait()
+        finally:
+            # Training is over: this time is the end of the run's, not time training was held up.
+            self.stats["final_s"] = self.stats.get("final_s", 0.0) + self.stats["blocking_s"] - blocked
+            self.stats["blocking_s"] = blocked
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise if it failed."""
