@@ -12,6 +12,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dist_train.checkpoint import layout, storage
 
@@ -60,10 +61,9 @@ class Stager:
     into a (contiguous) buffer kept from the previous save (same place in the state dict, same
     shape and dtype), so a save after the first costs one memory copy per tensor and no
     allocation (fresh pages cost a page fault each: a first-touch copy here is 3-4x slower).
-    Buffers are pinned when
-    the tensors come from a GPU, where the device-to-host copies are issued without blocking and
-    waited for once. DTensors (FSDP shards) stay DTensors around a staged local shard.
-    Non-tensor leaves are immutable numbers and strings, or are deep-copied.
+    Buffers are pinned when the tensors come from a GPU, where the device-to-host copies are
+    issued without blocking and waited for once. DTensors (FSDP shards) stay DTensors around a
+    staged local shard. Non-tensor leaves are immutable numbers and strings, or are deep-copied.
 
     A staged state dict is valid until the next ``stage`` (the manager waits for the previous write
     before it stages again)."""
@@ -91,8 +91,6 @@ class Stager:
             items = [self._copy(v, path + (i,)) for i, v in enumerate(obj)]
             return items if isinstance(obj, list) else tuple(items)
         if isinstance(obj, torch.Tensor):
-            from torch.distributed.tensor import DTensor
-
             if isinstance(obj, DTensor):
                 # Built around the host copy directly: DTensor.from_local would move it back to
                 # the mesh's device (a second copy of every shard on the GPU during the write).

@@ -133,15 +133,6 @@ class _NotPlain(Exception):
     """The item is not one plain tensor: torch.load decodes it instead."""
 
 
-# Storage classes a plain tensor's pickle names, and their dtypes.
-_STORAGE_DTYPES = {getattr(torch, name): dtype for name, dtype in {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-    "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128}.items()
-    if hasattr(torch, name)}
-
-
 class _StorageType:
     """What a pickle's storage class resolves to: a dtype tag, nothing callable (as in torch's
     weights-only unpickler: a crafted pickle cannot allocate storages of its own choosing)."""
@@ -152,7 +143,12 @@ class _StorageType:
         self.dtype = dtype
 
 
-_STORAGE_TYPES = {cls.__name__: _StorageType(dtype) for cls, dtype in _STORAGE_DTYPES.items()}
+# The storage classes a plain tensor's pickle names (``torch.FloatStorage``, ...), by name.
+_STORAGE_TYPES = {name: _StorageType(dtype) for name, dtype in {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128}.items()}
 
 
 class _Loaded:
@@ -204,9 +200,9 @@ class _TensorUnpickler(pickle.Unpickler):
     of them, and nothing else: its only globals are the tensor rebuild function, an (empty)
     OrderedDict of hooks and storage classes (dtype tags, not callable); each persistent id names
     a storage record of the archive; ``_check_plain`` then refuses tensors given grad or hooks.
-    A subset of what ``torch.load(weights_only=True)`` allows, decoded by the C unpickler (torch's weights-only
-    unpickler is written in Python: about 0.1-0.25 ms per tensor here, most of the load time of a
-    checkpoint of small tensors)."""
+    A subset of what ``torch.load(weights_only=True)`` allows, decoded by the C unpickler (torch's
+    weights-only unpickler is written in Python: about 0.1-0.25 ms per tensor here, most of the
+    load time of a checkpoint of small tensors)."""
 
     def __init__(self, data: bytes, archive: Any):
         super().__init__(io.BytesIO(data))
