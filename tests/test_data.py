@@ -69,6 +69,19 @@ def test_dataset_builds_with_right_info(name, info, sizes):
         assert abs(float(train.x.mean())) < 0.1 and abs(float(train.x.std()) - 1) < 0.1
 
 
+def test_digits_are_scikit_learns_load_digits():
+    """The digits are read from scikit-learn's csv.gz without importing it: the same arrays."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from dist_train.data.image import _digits_arrays
+
+    pixels, labels = _digits_arrays()
+    bunch = load_digits()
+    assert pixels.shape == (1797, 64) and np.array_equal(pixels, bunch.data)
+    assert np.array_equal(labels, bunch.target)
+
+
 @pytest.mark.parametrize("name", ["digits", "synthetic_images"])
 def test_datasets_are_deterministic(name):
     a, _, _ = build_datasets(data_cfg(name=name))

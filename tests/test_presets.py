@@ -13,7 +13,7 @@ from dist_train import cli  # noqa: E402
 from dist_train.config import load_config  # noqa: E402
 
 QUICK = ["data.num_workers=0", "checkpoint.resume=never", "logging.mlflow.enabled=false", "logging.progress_bar=off",
-         "eval.max_batches=2"]
+         "eval.max_batches=2", "data.eval_batch_size=16"]
 
 # preset -> (strategy written to summary.json, zero stage or None, overrides that shorten it)
 PRESETS = {

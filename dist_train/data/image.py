@@ -107,14 +107,37 @@ _DIGITS_SPLIT_SEED = 1234
 _DIGITS_EVAL_FRACTION = 0.2
 
 
+def _digits_arrays() -> tuple[Any, Any]:
+    """(pixels (1797, 64), labels (1797,)) of scikit-learn's digits, as ``load_digits`` returns them.
+
+    Read straight from the csv.gz shipped inside scikit-learn: importing scikit-learn itself costs
+    2-3 s per process on a small machine, paid by every rank of every run. Falls back to
+    ``load_digits`` if a future scikit-learn moves the file.
+    """
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, mode="rt", encoding="utf-8") as f:
+                table = np.loadtxt(f, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.data, bunch.target
+
+
 @register_dataset("digits")
 def build_digits(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, DataInfo]:
     """scikit-learn's 1797 8x8 digits: 80% train / 20% eval after a fixed permutation."""
-    from sklearn.datasets import load_digits  # lazy: importing scikit-learn takes about a second
-
-    bunch = load_digits()  # shipped inside scikit-learn: no download
-    images = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # pixels 0..16
-    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    pixels, targets = _digits_arrays()
+    images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 8, 8).div_(16.0).unsqueeze(1)  # 0..16
+    labels = torch.as_tensor(targets, dtype=torch.int64)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
     n_eval = int(round(len(labels) * _DIGITS_EVAL_FRACTION))
     train_idx, eval_idx = perm[:-n_eval], perm[-n_eval:]
