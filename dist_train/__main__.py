@@ -1,7 +1,6 @@
 """python -m dist_train -> cli.main()"""
-import sys
-
 from dist_train.cli import main
+from dist_train.env.shutdown import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -138,4 +138,6 @@ def _run_torchrun(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dist_train.env.shutdown import exit_process
+
+    exit_process(main())

@@ -115,3 +115,40 @@ def test_a_restarted_group_ignores_the_previous_attempts_entries_in_the_agent_st
             p.join(timeout=60)
         assert [p.exitcode for p in procs] == [0, 0]
         assert results == [(0, attempt, 3.0), (1, attempt, 3.0)]
+
+
+EXIT_SCRIPT = r'''
+import atexit, logging, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from dist_train.env.shutdown import exit_process
+
+out = sys.argv[1]
+logging.basicConfig(filename=out + ".log", level=logging.INFO)
+logging.info("buffered log line")
+atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
+def late():
+    time.sleep(0.3)
+    open(out + ".thread", "w").write("joined")
+threading.Thread(target=late).start()                              # non-daemon: must be waited for
+ThreadPoolExecutor(max_workers=2).submit(time.sleep, 0.01)          # left open: must not hang the exit
+sys.stdout.write("no newline at the end")                           # still in stdout's buffer
+exit_process(3)
+'''
+
+
+def test_exit_process_does_what_interpreter_shutdown_does_then_exits(tmp_path):
+    """Threads are joined, an open executor stops, atexit handlers and logging run, stdout is
+    flushed, and the code is the process's exit status."""
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(out)], env=clean_env(), capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "no newline at the end"
+    assert (tmp_path / "out.thread").read_text() == "joined"
+    assert (tmp_path / "out.atexit").read_text() == "ran"
+    assert "buffered log line" in (tmp_path / "out.log").read_text()

@@ -300,4 +300,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dist_train.env.shutdown import exit_process
+
+    exit_process(main())
