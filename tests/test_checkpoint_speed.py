@@ -146,8 +146,29 @@ def test_stager_reuses_its_buffers_and_copies_values(tmp_path):
     stager.close()
 
 
-def test_manifest_format_2_records_xxh3_and_the_dcp_round_trip_is_exact(tmp_path):
+@pytest.fixture(params=[1, 3], ids=["one-file", "three-files"])
+def dcp_files(request, monkeypatch):
+    """How many files a rank's share is written to: 1, or 3 (as a large share is on 3+ cores)."""
+    if request.param > 1:
+        monkeypatch.setattr(storage, "_FILE_BYTES", 1)
+        monkeypatch.setattr(storage, "_MAX_FILES", request.param)
+        monkeypatch.setattr(storage.os, "cpu_count", lambda: 8)
+    return request.param
+
+
+def test_a_large_share_is_written_to_one_file_per_core_up_to_a_limit(monkeypatch):
+    big = {"a": torch.empty(storage._FILE_BYTES // 4 * 5, dtype=torch.float32), "b": [torch.empty(0), 3]}
+    for cores, local_world, want in [(1, 1, 1), (2, 1, 2), (16, 1, 5), (16, 8, 2), (64, 1, 5)]:
+        monkeypatch.setattr(storage.os, "cpu_count", lambda: cores)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+        assert storage.files_per_rank(big) == want, (cores, local_world)
+    assert storage.files_per_rank({"small": torch.zeros(1000)}) == 1
+
+
+def test_manifest_format_2_records_xxh3_and_the_dcp_round_trip_is_exact(tmp_path, dcp_files):
     ckpt, model, opt = _checkpoint(tmp_path)
+    shards = [r for r in layout.list_files(str(ckpt)) if r.endswith(".distcp")]
+    assert len(shards) == dcp_files, shards
     manifest = json.loads((ckpt / layout.MANIFEST).read_text())
     assert manifest["format"] == layout.FORMAT == "dist_train.checkpoint/2"
     assert all(set(e) == {"size", "xxh3_128"} for e in manifest["files"].values()), manifest["files"]
@@ -172,7 +193,7 @@ def test_manifest_format_2_records_xxh3_and_the_dcp_round_trip_is_exact(tmp_path
 
 
 @pytest.mark.parametrize("old_format", [False, True], ids=["xxh3_128", "sha256-format-1"])
-def test_a_flipped_byte_is_caught_in_every_file(tmp_path, old_format):
+def test_a_flipped_byte_is_caught_in_every_file(tmp_path, old_format, dcp_files):
     ckpt, _m, _o = _checkpoint(tmp_path)
     if old_format:  # rewrite the manifest as format 1 wrote it: sha256 entries
         manifest = json.loads((ckpt / layout.MANIFEST).read_text())

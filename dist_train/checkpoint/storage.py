@@ -24,6 +24,7 @@ import pickle
 import sys
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -36,6 +37,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.tensor import DTensor
 
 from torch.futures import Future
 
@@ -98,32 +100,47 @@ class SafeReader(dcp.FileSystemReader):
         per_file: Dict[str, list] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-        for relative_path, items in per_file.items():
-            items.sort(key=lambda it: self.storage_data[it.storage_index].offset)
+        lock = threading.Lock()  # the planner's state dict updates (set_element) are not thread-safe
+
+        def read_file(relative_path: str) -> None:
+            items = sorted(per_file[relative_path], key=lambda it: self.storage_data[it.storage_index].offset)
             with open(Path(self.path) / relative_path, "rb") as stream:
                 for item in items:
-                    self._read_item(stream, item, planner)
+                    self._read_item(stream, item, planner, lock)
+
+        # A rank's share written as several files is read on as many threads (reads, decoding
+        # into tensors and copies release the GIL).
+        if len(per_file) == 1:
+            read_file(next(iter(per_file)))
+        elif per_file:
+            with ThreadPoolExecutor(max_workers=min(len(per_file), _MAX_FILES), thread_name_prefix="dcp-read") as pool:
+                for done in [pool.submit(read_file, rel) for rel in per_file]:
+                    done.result()
         fut: Future = Future()
         fut.set_result(None)
         return fut
 
-    def _read_item(self, stream: Any, item: ReadItem, planner: SafeLoadPlanner) -> None:
+    def _read_item(self, stream: Any, item: ReadItem, planner: SafeLoadPlanner, lock: threading.Lock) -> None:
         view = self._slice_file(stream, self.storage_data[item.storage_index])
         if item.type == LoadItemType.BYTE_IO:
-            planner.load_bytes(item, io.BytesIO(view.read(-1)))
+            value = load_item(io.BytesIO(view.read(-1)))
+            with lock:
+                planner.load_value(item, value)
             return
         info = self.storage_data[item.storage_index]
         # A small item is read in one call (the zip reader then works on memory); a large one is
         # read by the zip reader straight from the file into the tensor (no second copy).
         source = view.read(info.length) if info.length < _SMALL_ITEM else view
         tensor = narrow_tensor_by_index(load_tensor_item(source), item.storage_offsets, item.lengths)
-        if planner.adopt(item, tensor):
-            return
-        target = planner.resolve_tensor(item).detach()
+        with lock:
+            if planner.adopt(item, tensor):
+                return
+            target = planner.resolve_tensor(item).detach()
         if target.size() != tensor.size():
             raise RuntimeError(f"{item.storage_index}: stored size {tuple(tensor.size())} != {tuple(target.size())}")
         target.copy_(tensor)
-        planner.commit_tensor(item, target)
+        with lock:
+            planner.commit_tensor(item, target)
 
 
 _SMALL_ITEM = 1 << 20  # DCP items smaller than this are read into memory in one call
@@ -270,7 +287,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     a loaded tensor over whole instead of copying it into the destination (``adopt``)."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        self._replace(read_item, load_item(value))
+        self.load_value(read_item, load_item(value))
+
+    def load_value(self, read_item: ReadItem, obj: Any) -> None:
+        """A non-tensor leaf, already decoded by ``load_item``, into the state dict."""
+        self._replace(read_item, obj)
 
     def _replace(self, read_item: ReadItem, obj: Any) -> None:
         if self.flatten_state_dict:
@@ -365,6 +386,34 @@ def _no_zip_crc() -> Iterator[None]:
                 config.save.compute_crc32 = _crc_users[1]
 
 
+_FILE_BYTES = 32 << 20  # a rank's share is split into files of at least this size ...
+_MAX_FILES = 8  # ... at most this many, and at most one per CPU core of the rank
+
+
+def files_per_rank(state_dict: Dict[str, Any]) -> int:
+    """How many files this rank's share of ``state_dict`` is written to (DCP's ``thread_count``).
+
+    A file's checksum is one sequential hash: a rank's share in a single file is verified on one
+    core, at resume, however many the machine has. Several files are written and hashed at once
+    (file I/O and XXH3 release the GIL), and verified at once. Small shares stay one file: each
+    file costs an open, a writer thread and an fsync.
+    """
+    total = 0
+    stack = [state_dict]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, torch.Tensor):
+            local = obj.to_local() if isinstance(obj, DTensor) else obj
+            total += local.numel() * local.element_size()
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = max(1, (os.cpu_count() or 1) // local_world)
+    return max(1, min(total // _FILE_BYTES, _MAX_FILES, cores))
+
+
 def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
     """Collective (every rank of ``group``): write this rank's share of ``state_dict``.
 
@@ -372,7 +421,7 @@ def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
     shards. The files are not fsynced here, one after the other, but by the commit, together with
     the checkpoint's other files (``layout.make_durable``).
     """
-    writer = HashingWriter(dcp_dir, sync_files=False)
+    writer = HashingWriter(dcp_dir, sync_files=False, thread_count=files_per_rank(state_dict))
     with _plain_errors("writing", dcp_dir), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=not _distributed())
