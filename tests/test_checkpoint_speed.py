@@ -152,14 +152,14 @@ def dcp_files(request, monkeypatch):
     if request.param > 1:
         monkeypatch.setattr(storage, "_FILE_BYTES", 1)
         monkeypatch.setattr(storage, "_MAX_FILES", request.param)
-        monkeypatch.setattr(storage.os, "cpu_count", lambda: 8)
+        monkeypatch.setattr(storage, "_cpus", lambda: 8)
     return request.param
 
 
 def test_a_large_share_is_written_to_one_file_per_core_up_to_a_limit(monkeypatch):
     big = {"a": torch.empty(storage._FILE_BYTES // 4 * 5, dtype=torch.float32), "b": [torch.empty(0), 3]}
     for cores, local_world, want in [(1, 1, 1), (2, 1, 2), (16, 1, 5), (16, 8, 2), (64, 1, 5)]:
-        monkeypatch.setattr(storage.os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(storage, "_cpus", lambda: cores)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
         assert storage.files_per_rank(big) == want, (cores, local_world)
     assert storage.files_per_rank({"small": torch.zeros(1000)}) == 1

@@ -409,9 +409,18 @@ def files_per_rank(state_dict: Dict[str, Any]) -> int:
         elif isinstance(obj, torch.Tensor):
             local = obj.to_local() if isinstance(obj, DTensor) else obj
             total += local.numel() * local.element_size()
+    # torchrun's ranks share the node's cores; srun binds each task to its own (the affinity mask).
     local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    cores = max(1, (os.cpu_count() or 1) // local_world)
+    cores = max(1, _cpus() // local_world)
     return max(1, min(total // _FILE_BYTES, _MAX_FILES, cores))
+
+
+def _cpus() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (not Linux)
+        return os.cpu_count() or 1
 
 
 def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
