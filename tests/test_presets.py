@@ -39,22 +39,26 @@ def test_preset_only_overrides_known_keys_and_says_what_it_runs(preset):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preset_runs_under_torchrun(preset, tmp_path, ok):
-    strategy, stage, shorten = PRESETS[preset]
-    run_dir = tmp_path / "run"
-    proc = ok(run_cli(["--config", f"configs/{preset}", *QUICK, *shorten, f"run.dir={run_dir}"], nproc=2, timeout=400))
-    summary = read_summary(run_dir)
+def test_every_preset_runs_under_torchrun(tmp_path, ok):
+    """Each preset, shortened, on 2 ranks: all four in one torchrun launch (one job after another,
+    each with a fresh process group), which saves three launches' start-up."""
     from dist_train.train.job import cpu_has_native_bf16
+    from test_parity import run_cli_batch
 
-    # Every preset is bf16: on a CPU that emulates it, the run says so once (rank 0) and names fp32.
+    jobs = [["--config", f"configs/{preset}", *QUICK, *shorten, f"run.dir={tmp_path / preset}"]
+            for preset, (_, _, shorten) in sorted(PRESETS.items())]
+    proc = ok(run_cli_batch(jobs, nproc=2, timeout=600))
+    for preset, (strategy, stage, shorten) in sorted(PRESETS.items()):
+        run_dir = tmp_path / preset
+        summary = read_summary(run_dir)
+        assert summary["status"] == "completed" and summary["strategy"] == strategy, (preset, summary)
+        assert summary["world_size"] == 2 and summary["steps"] == int(shorten[0].split("=")[1]), preset
+        resolved = (run_dir / "config.yaml").read_text()
+        if stage is not None:
+            assert f"zero_stage: {stage}" in resolved, preset
+    # Every preset is bf16: on a CPU that emulates it, each run says so once (rank 0) and names fp32.
     emulated = "train.precision=bf16 on a CPU without native bf16"
-    assert proc.stderr.count(emulated) == (0 if cpu_has_native_bf16() else 1), proc.stderr[-3000:]
-    assert summary["status"] == "completed" and summary["strategy"] == strategy, summary
-    assert summary["world_size"] == 2 and summary["steps"] == int(shorten[0].split("=")[1])
-    resolved = (run_dir / "config.yaml").read_text()
-    if stage is not None:
-        assert f"zero_stage: {stage}" in resolved
+    assert proc.stderr.count(emulated) == (0 if cpu_has_native_bf16() else len(PRESETS)), proc.stderr[-3000:]
 
 
 def test_fsdp_and_deepspeed_run_as_one_process(tmp_path, ok):
