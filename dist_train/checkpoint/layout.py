@@ -151,9 +151,10 @@ def list_files(root: str) -> List[str]:
     return sorted(out)
 
 
-def _parallel(fn: Callable[[str], T], items: Sequence[str], threads: int = _THREADS) -> List[T]:
-    """``[fn(x) for x in items]`` on a few threads: file reads and fsyncs release the GIL, so
-    several files are read (or flushed) at once; one item runs inline."""
+def parallel(fn: Callable[[str], T], items: Sequence[str], threads: int = _THREADS) -> List[T]:
+    """``[fn(x) for x in items]`` on a few threads: file reads, fsyncs, XXH3 and tensor copies
+    release the GIL, so several files are read (or flushed, or loaded) at once; one item runs
+    inline. The first exception raised by ``fn`` is raised here."""
     if len(items) <= 1:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="checkpoint-io") as pool:
@@ -171,7 +172,7 @@ def describe_files(root: str, rel_paths: Iterable[str]) -> Dict[str, dict]:
     rel_paths = list(rel_paths)
     known = {rel: checksum.recorded(os.path.join(root, rel)) for rel in rel_paths}
     todo = [rel for rel in rel_paths if known[rel] is None]
-    for rel, entry in zip(todo, _parallel(lambda r: checksum.hash_file(os.path.join(root, r)), todo)):
+    for rel, entry in zip(todo, parallel(lambda r: checksum.hash_file(os.path.join(root, r)), todo)):
         known[rel] = entry
     return known
 
@@ -235,7 +236,7 @@ def check_hashes(ckpt: str, files: Dict[str, dict], rel_paths: Iterable[str]) ->
     if sum(files[rel]["size"] for rel in rel_paths) < _INLINE_BYTES:
         found = [check(rel) for rel in rel_paths]  # starting threads would cost more than hashing
     else:
-        found = _parallel(check, rel_paths)
+        found = parallel(check, rel_paths)
     return [f"{rel}: {problem}" for rel, problem in zip(rel_paths, found) if problem]
 
 
@@ -274,7 +275,7 @@ def make_durable(staging: str, rel_paths: Iterable[str], tree: bool) -> None:
     if tree:
         todo.append(os.path.join(staging, MANIFEST))
         todo += [dirpath for dirpath, _dirs, _files in os.walk(staging, topdown=False)]  # staging itself last
-    _parallel(fsync_file, todo, _SYNC_THREADS)
+    parallel(fsync_file, todo, _SYNC_THREADS)
 
 
 # --- the checkpoints directory ------------------------------------------------------------------

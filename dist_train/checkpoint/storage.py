@@ -24,7 +24,6 @@ import pickle
 import sys
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -41,7 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from torch.futures import Future
 
-from dist_train.checkpoint import checksum
+from dist_train.checkpoint import checksum, layout
 
 _ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata"}
 _ALLOWED = {
@@ -108,14 +107,7 @@ class SafeReader(dcp.FileSystemReader):
                 for item in items:
                     self._read_item(stream, item, planner, lock)
 
-        # A rank's share written as several files is read on as many threads (reads, decoding
-        # into tensors and copies release the GIL).
-        if len(per_file) == 1:
-            read_file(next(iter(per_file)))
-        elif per_file:
-            with ThreadPoolExecutor(max_workers=min(len(per_file), _MAX_FILES), thread_name_prefix="dcp-read") as pool:
-                for done in [pool.submit(read_file, rel) for rel in per_file]:
-                    done.result()
+        layout.parallel(read_file, list(per_file), _MAX_FILES)  # a share in several files: read at once
         fut: Future = Future()
         fut.set_result(None)
         return fut
