@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ok, run_cli, spawn, train_losses  # noqa: F401  (ok is a fixture)
+from conftest import ok, spawn, train_losses  # noqa: F401  (ok is a fixture)
+from test_parity import run_cli_batch
 
 COMMON = ["data.name=digits", "model.name=mlp", "data.num_workers=0", "logging.every_steps=1",
           "train.max_steps=20", "train.warmup_steps=3", "eval.every_steps=0", "train.grad_clip=1.0",
@@ -56,9 +57,12 @@ def test_ddp_and_accumulation_equal_single_process(tmp_path, ok):
         "accum_2xB": ([f"data.batch_size={B}", "train.grad_accum_steps=2"], 0),
         "ddp_accum": ([f"data.batch_size={B // 2}", "train.grad_accum_steps=2", "strategy.name=ddp"], 2),
     }
+    # One launch per kind: the single-process jobs in one process, the DDP jobs in one torchrun.
+    for nproc in (0, 2):
+        ok(run_cli_batch([[*COMMON, *args, f"run.dir={tmp_path / name}"] for name, (args, n) in runs.items()
+                          if n == nproc], nproc=nproc, timeout=300))
     losses = {}
-    for name, (args, nproc) in runs.items():
-        ok(run_cli([*COMMON, *args, f"run.dir={tmp_path / name}"], nproc=nproc, timeout=300))
+    for name in runs:
         losses[name] = train_losses(tmp_path / name)
         assert sorted(losses[name]) == list(range(1, 21))
     ref = losses["single_2B"]

@@ -37,11 +37,11 @@ def test_own_project_with_the_cli_under_ddp_and_with_fit_under_fsdp(tmp_path, ok
 def test_transfer_learning_from_a_local_resnet_file(tmp_path, ok):
     example = EXAMPLES / "transfer"
     weights = tmp_path / "pretrained.pt"
-    ok(subprocess.run([sys.executable, str(example / "pretrain.py"), "25", str(weights)], cwd=tmp_path,
+    ok(subprocess.run([sys.executable, str(example / "pretrain.py"), "8", str(weights)], cwd=tmp_path,
                       env=clean_env(), capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL))
     run = tmp_path / "finetune"
     proc = ok(torchrun(["-m", "dist_train", "--config", "config.yaml", f"model.init_from={weights}",
-                        "train.max_steps=40", "eval.max_batches=4", *QUIET, f"run.dir={run}"], example))
+                        "train.max_steps=25", "eval.max_batches=4", *QUIET, f"run.dir={run}"], example))
     assert "shape differs: fc.bias, fc.weight" in proc.stderr and "model.freeze" in proc.stderr
     s = read_summary(run)
     assert s["status"] == "completed" and s["eval_accuracy"] > 0.4, s  # chance: 0.1

@@ -3,6 +3,10 @@
 Each rank seeds its own init differently on purpose: fit must start every rank from rank 0's
 weights. The model returns a tuple, which the classification task handles.
     python fit_parity.py key=value ...  |  torchrun --nproc_per_node=2 fit_parity.py key=value ...
+
+Several jobs in one launch (the test's distributed strategies, to save each launch's start-up):
+    torchrun --nproc_per_node=2 fit_parity.py --ports P1,P2 key=value ... --- key=value ...
+one ``fit`` after another, each with a fresh process group on its own port.
 """
 import json
 import os
@@ -13,6 +17,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import dist_train
+
+SEP = "---"
 
 
 class Plain(nn.Module):
@@ -26,7 +32,7 @@ class Plain(nn.Module):
         return self.out(h), h  # (prediction, extras): the task takes the first
 
 
-if __name__ == "__main__":
+def fit_one(overrides):
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(100 + rank)  # different weights on every rank
     model = Plain()
@@ -34,7 +40,28 @@ if __name__ == "__main__":
     x = torch.randn(512, 8, generator=g)
     y = (x[:, :4] + 0.5 * x[:, 4:]).argmax(dim=1)
     summary = dist_train.fit(model, TensorDataset(x, y), TensorDataset(x[:128], y[:128]), task="classification",
-                             overrides=sys.argv[1:])
-    run_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("run.dir="))
+                             overrides=overrides)
+    run_dir = next(a.split("=", 1)[1] for a in overrides if a.startswith("run.dir="))
     with open(os.path.join(run_dir, f"fit.rank{rank}.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}, f)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    ports = []
+    if args[:1] == ["--ports"]:
+        ports, args = args[1].split(","), args[2:]
+    jobs = [[]]
+    for arg in args:
+        if arg == SEP:
+            jobs.append([])
+        else:
+            jobs[-1].append(arg)
+    if ports and len(ports) != len(jobs):
+        sys.exit(f"--ports names {len(ports)} ports for {len(jobs)} jobs")
+    for i, job in enumerate(jobs):
+        if ports and "WORLD_SIZE" in os.environ:
+            # A fresh rendezvous per job: rank 0 hosts its own store on a new port (torchrun's
+            # agent store keeps the keys of the previous job's group).
+            os.environ.update(MASTER_PORT=ports[i], TORCHELASTIC_USE_AGENT_STORE="False")
+        fit_one(job)
