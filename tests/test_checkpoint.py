@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import spawn
-from dist_train.checkpoint import layout, storage
+from dist_train.checkpoint import decode, layout, storage
 
 
 def _tree(root, files):
@@ -114,7 +114,7 @@ def test_dcp_loading_never_unpickles_arbitrary_objects(tmp_path, monkeypatch):
     with open(os.path.join(bad, ".metadata"), "wb") as f:
         pickle.dump(_Payload(), f)
     with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
-        storage.read_metadata(bad)
+        decode.read_metadata(bad)
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dist_train.checkpoint import checksum, layout, storage
+from dist_train.checkpoint import checksum, decode, layout, storage
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -272,7 +272,7 @@ def test_item_decoder_matches_torch_load_without_it_and_runs_no_code(tmp_path, m
     expected = [torch.load(io.BytesIO(a), weights_only=True) for a in archives]
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used for a plain item"))
     for obj, archive, want in zip(items, archives, expected):
-        got = storage.load_item(archive)
+        got = decode.load_item(archive)
         if isinstance(want, torch.Tensor):
             assert type(got) is torch.Tensor and torch.equal(got, want) and got.dtype == want.dtype
             assert got.stride() == want.stride() and got.storage_offset() == want.storage_offset()
@@ -282,11 +282,11 @@ def test_item_decoder_matches_torch_load_without_it_and_runs_no_code(tmp_path, m
     buf = io.BytesIO()
     torch.save(_Evil(str(tmp_path / "pwned")), buf)
     with pytest.raises(pickle.UnpicklingError):
-        storage.load_item(buf.getvalue())
+        decode.load_item(buf.getvalue())
     assert not (tmp_path / "pwned").exists()
     buf = io.BytesIO()
     torch.save(torch.nn.Parameter(torch.ones(2)), buf)  # not plain: torch.load's answer
-    assert torch.equal(storage.load_item(buf.getvalue()), torch.ones(2))
+    assert torch.equal(decode.load_item(buf.getvalue()), torch.ones(2))
 
 
 class _CallsStorage:
@@ -319,9 +319,9 @@ def test_item_decoder_hands_anything_unusual_to_torch_load(crafted):
         want = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     except Exception as exc:  # noqa: BLE001
         with pytest.raises(type(exc)):
-            storage.load_item(buf.getvalue())
+            decode.load_item(buf.getvalue())
         return
-    got = storage.load_item(buf.getvalue())
+    got = decode.load_item(buf.getvalue())
     flat = lambda x: x if isinstance(x, list) else [x]  # noqa: E731
     for a, b in zip(flat(got), flat(want)):
         assert type(a) is type(b) and a.requires_grad == b.requires_grad and torch.equal(a.detach(), b.detach())

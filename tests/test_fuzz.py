@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, clean_env, free_port, run_cli
 from dist_train import cli
-from dist_train.checkpoint import layout, storage
+from dist_train.checkpoint import decode, layout, storage
 from dist_train.config import describe_fields, load_config
 from dist_train.config.schema import MAX_SEED, MAX_STEPS, JobConfig
 from dist_train.launch import main as launch_main, split_args
@@ -502,7 +502,7 @@ def point_dcp_index_outside(ckpt: Path) -> None:
     ``../../../outside.distcp``."""
     shard = next((ckpt / layout.DCP_DIR).glob("*.distcp"))
     shutil.move(str(shard), str(ckpt.parent.parent / "outside.distcp"))
-    metadata = storage.read_metadata(str(ckpt / layout.DCP_DIR))
+    metadata = decode.read_metadata(str(ckpt / layout.DCP_DIR))
     for info in metadata.storage_data.values():
         info.relative_path = "../../../outside.distcp"
     with open(ckpt / layout.DCP_DIR / ".metadata", "wb") as f:

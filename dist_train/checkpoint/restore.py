@@ -19,7 +19,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional
 
-from dist_train.checkpoint import layout, storage
+from dist_train.checkpoint import decode, layout
 from dist_train.checkpoint.files import CheckpointFiles
 from dist_train.env.seed import seed_everything, set_rng_state
 
@@ -253,7 +253,7 @@ class Restorer:
         if meta["world_size"] == self.m.world:
             try:
                 with open(os.path.join(path, layout.rng_file(self.m.rank)), "rb") as f:
-                    rng = storage.load_item(f)  # (tensors, numbers, strings: no code runs)
+                    rng = decode.load_item(f)  # (tensors, numbers, strings: no code runs)
                 set_rng_state(rng)
             except Exception as exc:  # noqa: BLE001
                 raise CheckpointRefused(f"checkpoint {os.path.basename(path)}: the RNG state of rank {self.m.rank} "

@@ -1,27 +1,20 @@
-"""torch.distributed.checkpoint (DCP) reading and writing, without unpickling arbitrary objects.
+"""torch.distributed.checkpoint (DCP) reading and writing: checksummed, safe, on every core.
 
-DCP stores tensors in its own shard files and two things through pickle: its ``.metadata`` index
-and non-tensor leaves (e.g. the optimizer's ``lr`` and ``betas``), which its default planner reads
-with ``torch.load(weights_only=False)``. Here ``.metadata`` goes through an unpickler that only
-builds DCP's own metadata classes (and torch sizes, dtypes, layouts), and every item (each tensor
-and each non-tensor leaf is a small ``torch.save`` archive) through ``load_item``: a C unpickler
-that builds plain tensors, numbers, strings and containers only, with
-``torch.load(weights_only=True)`` for anything else. A crafted checkpoint cannot run code when it
-is loaded.
+Reading goes through ``SafeReader`` and ``SafeLoadPlanner``: ``.metadata`` and every item are
+decoded by ``decode.py`` (no code from the file runs), a rank's files are read on threads, and a
+loaded tensor is handed over whole where the destination is a plain CPU tensor of the same shape
+and dtype, instead of being copied into it.
 
 Writing goes through ``HashingWriter``, which checksums every file as its bytes are written (the
-manifest then needs no read-back). Reading hands a loaded tensor over whole where the destination
-is a plain CPU tensor of the same shape and dtype, instead of copying it into the destination.
+manifest then needs no read-back); a large share is written as several files at once
+(``files_per_rank``).
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import io
 import os
-import pickle
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -37,49 +30,10 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.tensor import DTensor
-
 from torch.futures import Future
 
 from dist_train.checkpoint import checksum, layout
-
-_ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata"}
-_ALLOWED = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a DCP index never holds; "
-                                     "refusing to load it")
-
-
-def read_metadata(dcp_dir: str) -> Metadata:
-    """DCP's index of a checkpoint (tensor names, shapes, dtypes, shard locations)."""
-    with open(os.path.join(dcp_dir, ".metadata"), "rb") as f:
-        metadata = _MetadataUnpickler(f).load()
-    if not isinstance(metadata, Metadata):
-        raise pickle.UnpicklingError(f"{dcp_dir}/.metadata is not a DCP Metadata object")
-    # DCP opens <dcp_dir>/<relative_path> for each piece: a crafted index could point outside.
-    for info in (metadata.storage_data or {}).values():
-        rel = getattr(info, "relative_path", None)
-        if not isinstance(rel, str) or rel in ("", ".", "..") or os.path.basename(rel) != rel or "\0" in rel:
-            raise pickle.UnpicklingError(f"{dcp_dir}/.metadata names the data file {rel!r}, which is not a file "
-                                         "of this directory; refusing to load it")
-    return metadata
+from dist_train.checkpoint.decode import load_item, load_tensor_item, read_metadata
 
 
 class SafeReader(dcp.FileSystemReader):
@@ -136,142 +90,6 @@ class SafeReader(dcp.FileSystemReader):
 
 
 _SMALL_ITEM = 1 << 20  # DCP items smaller than this are read into memory in one call
-
-
-class _NotPlain(Exception):
-    """The item is not one plain tensor: torch.load decodes it instead."""
-
-
-class _StorageType:
-    """What a pickle's storage class resolves to: a dtype tag, nothing callable (as in torch's
-    weights-only unpickler: a crafted pickle cannot allocate storages of its own choosing)."""
-
-    __slots__ = ("dtype",)
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-
-# The storage classes a plain tensor's pickle names (``torch.FloatStorage``, ...), by name.
-_STORAGE_TYPES = {name: _StorageType(dtype) for name, dtype in {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-    "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128}.items()}
-
-
-class _Loaded:
-    """A storage read from the archive, as the persistent id hands it to ``_rebuild_plain``."""
-
-    __slots__ = ("storage", "dtype")
-
-    def __init__(self, storage: Any, dtype: torch.dtype):
-        self.storage, self.dtype = storage, dtype
-
-
-def _rebuild_plain(storage: Any, storage_offset: int, size: Any, stride: Any,
-                   requires_grad: bool, hooks: Any, metadata: Any = None) -> torch.Tensor:
-    """What ``torch._utils._rebuild_tensor_v2`` builds, for a plain tensor only (``set_`` checks
-    that size, stride and offset lie within the storage)."""
-    if requires_grad or hooks or metadata or not isinstance(storage, _Loaded):
-        raise _NotPlain("a tensor with grad, hooks or metadata")
-    return torch.empty(0, dtype=storage.dtype).set_(storage.storage, storage_offset, tuple(size), tuple(stride))
-
-
-def _check_plain(obj: Any) -> None:
-    """Every tensor in ``obj`` is a plain tensor without grad or hooks (a pickle's BUILD opcode can
-    set those on a tensor it built: torch's weights-only unpickler refuses that, and so does this
-    path, by handing the item to it)."""
-    seen, todo = set(), [obj]
-    while todo:
-        item = todo.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, torch.Tensor):
-            if type(item) is not torch.Tensor or item.requires_grad or item._backward_hooks:
-                raise _NotPlain("a tensor with grad or hooks")
-        elif isinstance(item, dict):
-            if getattr(item, "__dict__", None):
-                raise _NotPlain("a mapping with attributes")
-            todo.extend(item.keys())
-            todo.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            todo.extend(item)
-
-
-_TENSOR_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_plain,
-                   ("collections", "OrderedDict"): collections.OrderedDict}
-
-
-class _TensorUnpickler(pickle.Unpickler):
-    """The pickle of one tensor as ``torch.save`` writes it, or of numbers, strings and containers
-    of them, and nothing else: its only globals are the tensor rebuild function, an (empty)
-    OrderedDict of hooks and storage classes (dtype tags, not callable); each persistent id names
-    a storage record of the archive; ``_check_plain`` then refuses tensors given grad or hooks.
-    A subset of what ``torch.load(weights_only=True)`` allows, decoded by the C unpickler (torch's
-    weights-only unpickler is written in Python: about 0.1-0.25 ms per tensor here, most of the
-    load time of a checkpoint of small tensors)."""
-
-    def __init__(self, data: bytes, archive: Any):
-        super().__init__(io.BytesIO(data))
-        self.archive = archive
-        self.storages: Dict[str, Any] = {}  # by record key: tensors that share a storage share it here too
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = _TENSOR_GLOBALS.get((module, name))
-        if found is None and module == "torch":
-            found = _STORAGE_TYPES.get(name)
-        if found is None:
-            raise _NotPlain(f"{module}.{name}")
-        return found
-
-    def persistent_load(self, saved_id: Any) -> Any:
-        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"
-                and isinstance(saved_id[1], _StorageType) and isinstance(saved_id[2], str)
-                and saved_id[3] == "cpu" and type(saved_id[4]) is int and saved_id[4] >= 0):
-            raise _NotPlain("storage")
-        _tag, storage_type, key, _location, numel = saved_id
-        dtype = storage_type.dtype
-        if key not in self.storages:
-            nbytes = numel * torch._utils._element_size(dtype)
-            record = self.archive.get_storage_from_record(f"data/{key}", nbytes, torch.UntypedStorage)
-            self.storages[key] = record.untyped_storage()
-        return _Loaded(self.storages[key], dtype)
-
-
-def load_item(stream: Any) -> Any:
-    """One item DCP stored with ``torch.save`` (a zip archive: the rest of a seekable binary
-    stream, or bytes), tensors on the CPU: a tensor, or a non-tensor leaf of the state dict (an
-    optimizer's ``lr``, ``betas``, ...).
-
-    A plain tensor (little-endian, CPU storage, no hooks or subclass) or a leaf of numbers,
-    strings, tuples, lists and dicts is decoded here: the archive read by torch's own reader
-    (straight from the stream into the tensor's storage), its pickle by ``_TensorUnpickler``;
-    anything else goes through ``torch.load(weights_only=True)``. Either way no code from the
-    file runs."""
-    if isinstance(stream, (bytes, bytearray, memoryview)):
-        stream = io.BytesIO(stream)
-    start = stream.tell()
-    try:
-        archive = torch._C.PyTorchFileReader(stream)
-        if sys.byteorder != "little" or (archive.has_record("byteorder")
-                                         and archive.get_record("byteorder") != b"little"):
-            raise _NotPlain("byte order")
-        obj = _TensorUnpickler(archive.get_record("data.pkl"), archive).load()
-        _check_plain(obj)
-        return obj
-    except Exception:  # noqa: BLE001  (not plain, or malformed: torch.load decides, and names the problem)
-        stream.seek(start)
-        return torch.load(stream, map_location="cpu", weights_only=True)
-
-
-def load_tensor_item(stream: Any) -> torch.Tensor:
-    """``load_item`` of a tensor item (DCP's tensors are stored one per archive)."""
-    tensor = load_item(stream)
-    if not isinstance(tensor, torch.Tensor):
-        raise RuntimeError(f"a DCP tensor item holds a {type(tensor).__name__}, not a tensor")
-    return tensor
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

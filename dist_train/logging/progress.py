@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 log = logging.getLogger("dist_train.progress")
 
