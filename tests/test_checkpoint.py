@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import spawn
-from dist_train.checkpoint import decode, layout, storage
+from dist_train.checkpoint import decode, layout, retention, storage
 
 
 def _tree(root, files):
@@ -58,14 +58,14 @@ def test_manifest_verifies_and_names_each_kind_of_damage(tmp_path):
 
 
 def test_retention_keeps_the_newest_and_never_the_one_just_saved(tmp_path):
-    assert layout.to_prune([10, 20, 30, 40], keep_last=2, keep=40) == [10, 20]
-    assert layout.to_prune([10, 20, 30, 40], keep_last=1, keep=40) == [10, 20, 30]
-    assert layout.to_prune([10, 20, 30, 40], keep_last=0, keep=40) == []
+    assert retention.to_prune([10, 20, 30, 40], keep_last=2, keep=40) == [10, 20]
+    assert retention.to_prune([10, 20, 30, 40], keep_last=1, keep=40) == [10, 20, 30]
+    assert retention.to_prune([10, 20, 30, 40], keep_last=0, keep=40) == []
     # A newer directory of another timeline never pushes out the checkpoint just committed.
-    assert 20 not in layout.to_prune([10, 20, 90], keep_last=1, keep=20)
+    assert 20 not in retention.to_prune([10, 20, 90], keep_last=1, keep=20)
     for step in (1, 2, 3):
         _committed_checkpoint(tmp_path, step)
-    assert layout.prune(str(tmp_path / "checkpoints"), keep_last=2, keep=3) == ["step_00000001"]
+    assert retention.prune(str(tmp_path / "checkpoints"), keep_last=2, keep=3) == ["step_00000001"]
     assert [s for s, _ in layout.committed(str(tmp_path / "checkpoints"))] == [3, 2]
 
 

@@ -6,7 +6,6 @@ timeout; `sbatch --wait` has none of its own, so a job that outlives its timeout
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
@@ -323,95 +322,3 @@ def set_latest(ckpt_dir: str, name: str) -> None:
     falls back to the newest directory when ``latest`` is empty or names no checkpoint, so the
     file itself is not fsynced."""
     write_atomic(os.path.join(ckpt_dir, LATEST), name + "\n", sync_file=False)
-
-
-def to_prune(steps: List[int], keep_last: int, keep: int) -> List[int]:
-    """Steps to delete so that the ``keep_last`` newest remain; ``keep`` (the checkpoint just
-    committed: the newest verified one) is never among them. ``keep_last=0`` keeps everything."""
-    if keep_last <= 0:
-        return []
-    newest_first = sorted(set(steps), reverse=True)
-    kept = [keep] + [s for s in newest_first if s != keep][: max(keep_last - 1, 0)]
-    return sorted(s for s in newest_first if s not in kept)
-
-
-def prune(ckpt_dir: str, keep_last: int, keep: int) -> List[str]:
-    """Delete old checkpoints: each is renamed to a hidden name here (so a crash mid-delete never
-    leaves a half-deleted directory that looks like a checkpoint) and its files are removed by a
-    background thread (unlinking gigabytes takes a while). Returns the deleted names.
-
-    The renames are not fsynced: should a crash undo one, a complete older checkpoint reappears,
-    which the next prune removes again.
-    """
-    by_step = {s: p for s, p in committed(ckpt_dir)}
-    deleted, doomed = [], []
-    for step in to_prune(list(by_step), keep_last, keep):
-        doomed.append(os.path.join(ckpt_dir, DELETING_PREFIX + step_name(step)))
-        os.rename(by_step[step], doomed[-1])
-        deleted.append(step_name(step))
-    _delete_later(doomed)
-    return deleted
-
-
-_deleting_lock = threading.Lock()
-_deleting: Dict[str, threading.Thread] = {}  # path being removed in the background -> its thread
-
-
-def _delete_later(paths: List[str]) -> None:
-    """Remove ``paths`` in a background thread; a save never waits for it. The thread is not a
-    daemon: the interpreter finishes the deletion before it exits; a killed process leaves
-    ``.deleting_*`` dirs, which ``remove_stale`` removes at the next save or start."""
-    if not paths:
-        return
-
-    def run() -> None:
-        for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
-            with _deleting_lock:
-                _deleting.pop(path, None)
-
-    thread = threading.Thread(target=run, name="checkpoint-delete")
-    with _deleting_lock:
-        for path in paths:
-            _deleting[path] = thread
-    thread.start()
-
-
-def wait_for_deletions() -> None:
-    """Block until the checkpoints being deleted in the background are gone."""
-    with _deleting_lock:
-        threads = set(_deleting.values())
-    for thread in threads:
-        thread.join()
-
-
-def remove_stale(ckpt_dir: str) -> List[str]:
-    """Remove staging and half-deleted directories and temporary files left by a crash (those
-    this process is deleting in the background are its deleter's business)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    removed = []
-    for name in os.listdir(ckpt_dir):
-        path = os.path.join(ckpt_dir, name)
-        with _deleting_lock:
-            if path in _deleting:
-                continue
-        try:
-            if name.startswith((STAGING_PREFIX, DELETING_PREFIX)):
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-                removed.append(name)
-            elif name.startswith(LATEST + ".tmp"):
-                os.remove(path)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def set_aside(path: str, suffix: str) -> str:
-    """Rename a checkpoint dir out of the ``step_XXXXXXXX`` namespace (kept for inspection,
-    never loaded, never pruned); returns the new name."""
-    target = f"{path}.{suffix}"
-    if os.path.exists(target):
-        target = f"{path}.{suffix}.{int(time.time())}"
-    os.rename(path, target)
-    return os.path.basename(target)

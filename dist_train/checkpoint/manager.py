@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from dist_train.checkpoint import checksum, layout
+from dist_train.checkpoint import checksum, layout, retention
 from dist_train.checkpoint.files import CheckpointFiles, Stager
 from dist_train.checkpoint.restore import CheckpointError, CheckpointRefused, Restorer
 from dist_train.env import collectives
@@ -266,7 +266,7 @@ class CheckpointManager:
         rank that failed to prepare (``error``) still takes part, so that all ranks abort alike."""
         if self.rank0 and error is None:
             try:
-                layout.remove_stale(self.dir)
+                retention.remove_stale(self.dir)
                 os.makedirs(os.path.join(staging, layout.RNG_DIR))
             except OSError as exc:
                 error = exc
@@ -333,7 +333,7 @@ class CheckpointManager:
         if self.rank0:
             try:
                 layout.commit(staging, os.path.join(self.dir, layout.step_name(step)))
-                pruned = layout.prune(self.dir, self.cfg.keep_last, keep=step)
+                pruned = retention.prune(self.dir, self.cfg.keep_last, keep=step)
                 size = sum(e["size"] for e in entries.values())
                 outcome = ("ok", f"{len(entries)} files, {size / 2**20:.1f} MiB" +
                            (f"; pruned {', '.join(pruned)}" if pruned else ""))

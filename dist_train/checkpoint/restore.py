@@ -19,7 +19,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional
 
-from dist_train.checkpoint import decode, layout
+from dist_train.checkpoint import decode, layout, retention
 from dist_train.checkpoint.files import CheckpointFiles
 from dist_train.env.seed import seed_everything, set_rng_state
 
@@ -162,11 +162,11 @@ class Restorer:
     def tidy(self, chosen: Optional[str], step: int) -> None:
         """Rank 0: remove staging leftovers; move checkpoints newer than the resumed step (corrupt
         ones, or an abandoned timeline's) out of the way so this run never mixes timelines."""
-        for name in layout.remove_stale(self.m.dir):
+        for name in retention.remove_stale(self.m.dir):
             log.warning("removed %s, left by a run that stopped before committing it", name)
         for s, path in layout.committed(self.m.dir):
             if s > step and (chosen is None or os.path.abspath(path) != os.path.abspath(chosen)):
-                new = layout.set_aside(path, "corrupt" if path in self.unusable else "superseded")
+                new = retention.set_aside(path, "corrupt" if path in self.unusable else "superseded")
                 log.warning("moved %s aside to %s: it is newer than the step this run resumes from (%d)",
                             os.path.basename(path), new, step)
         if chosen and os.path.dirname(os.path.abspath(chosen)) == os.path.abspath(self.m.dir):
