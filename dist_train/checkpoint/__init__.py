@@ -1,9 +1,11 @@
 """Checkpoints: sharded, synchronized across ranks, atomic, verified, portable across strategies
-and world sizes. ``manager.py`` decides when and drives every rank; ``restore.py`` chooses and
-loads; ``files.py`` is what a strategy writes into and reads from; ``layout.py`` is the on-disk
-format and the atomic commit; ``storage.py`` reads and writes torch.distributed.checkpoint files
-safely; ``export.py`` writes plain safetensors weights. ``python -m dist_train.checkpoint``
-inspects and exports.
+and world sizes. ``manager.py`` decides when and what; ``commit.py`` is the protocol every rank
+follows to a committed checkpoint; ``restore.py`` chooses and loads; ``files.py`` is what a
+strategy writes into and reads from; ``layout.py`` is the on-disk format and the atomic commit,
+``retention.py`` what is kept and cleaned up; ``storage.py`` reads and writes
+torch.distributed.checkpoint files (``decode.py``: without running code from them);
+``export.py`` writes plain safetensors weights. ``python -m dist_train.checkpoint`` inspects and
+exports.
 
 The package never asks which strategy it checkpoints: a strategy saves and loads its own state
 (``Strategy.save_checkpoint`` / ``check_checkpoint`` / ``load_checkpoint``).

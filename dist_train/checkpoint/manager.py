@@ -13,57 +13,29 @@ Checkpoint collectives run on their own gloo group, so an async save's backgroun
 interleaves with the training collectives on the default group.
 
 A save, on every rank: take what must be taken at this step (RNG states, meta.json's contents, the
-strategy's state, copied to host memory when written in the background), write its files into
-``checkpoints/.staging_step_XXXXXXXX`` (its RNG states; rank 0 also ``meta.json``; whatever the
-strategy writes),
-then all ranks agree that every write succeeded (an all-reduce of a flag: one failed rank aborts
-the commit everywhere) and describe their share of the files (checksums taken while writing); rank
-0 writes the manifest; every rank fsyncs the files it wrote, rank 0 also the manifest and the
-directories, all at once; once all ranks report them durable, rank 0 commits (see ``layout.py``).
+strategy's state, copied to host memory when written in the background), then hand the writing to
+the commit protocol (``commit.py``): inline, or on the manager's writer thread for an async save.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from dist_train.checkpoint import checksum, layout, retention
+from dist_train.checkpoint import layout
+from dist_train.checkpoint.commit import CheckpointGroup, Committer
 from dist_train.checkpoint.files import CheckpointFiles, Stager
 from dist_train.checkpoint.restore import CheckpointError, CheckpointRefused, Restorer
-from dist_train.env import collectives
 from dist_train.env.faults import NO_FAULTS, Faults
 from dist_train.env.seed import rng_state
 
 log = logging.getLogger("dist_train.checkpoint")
-
-
-class _Group:
-    """The collectives the manager needs, on its own gloo group (identity without a process group)."""
-
-    def __init__(self):
-        self.pg = collectives.new_gloo_group()
-        self.rank = collectives.rank()
-        self.world = collectives.world_size()
-
-    def barrier(self) -> None:
-        collectives.barrier(self.pg)
-
-    def all_ok(self, ok: bool) -> bool:
-        return collectives.all_true(ok, self.pg)
-
-    def broadcast(self, obj: Any) -> Any:
-        return collectives.broadcast_object(obj, group=self.pg)
-
-    def all_gather(self, obj: Any) -> List[Any]:
-        return collectives.all_gather_object(obj, self.pg)
 
 
 class _Pending:
@@ -125,10 +97,11 @@ class CheckpointManager:
         self.grad_accum_steps = grad_accum_steps
         self.run_id = run_id
         self.faults = faults
-        self.group = _Group()
+        self.group = CheckpointGroup()
         self.rank, self.world = self.group.rank, self.group.world
         self.rank0 = self.rank == 0
         self.restorer = Restorer(self, seed)
+        self._committer = Committer(self.dir, self.group, faults, cfg.keep_last)
         self.last_step: Optional[int] = None  # step of the newest checkpoint saved or loaded
         self.resumed_run_id: Optional[str] = None
         self._pending: Optional[_Pending] = None
@@ -236,14 +209,14 @@ class CheckpointManager:
         try:
             # Only what must be taken now is taken here (the RNG states, meta.json's contents as
             # compact JSON, the strategy's state staged in host memory when the write goes to the
-            # background); everything else, the staging dir included, is _write_and_commit's.
+            # background); everything else, the staging dir included, is the commit protocol's.
             rng = rng_state()  # fresh objects: serialised by the writer
             small, write = self.strategy.save_checkpoint(files, stage=background)
             meta = json.dumps(self._meta(state, small)) if self.rank0 else None
         except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement in the commit)
             error = exc
             log.error("rank %d could not prepare checkpoint step %d: %s", self.rank, step, exc)
-        commit = lambda: self._write_and_commit(step, staging, write, rng, meta, error)  # noqa: E731
+        commit = lambda: self._committer.run(step, staging, write, rng, meta, error)  # noqa: E731
         if background:  # (a failure, this rank's or another's, is raised by the next wait())
             if self._writer is None:
                 self._writer = _Writer()
@@ -259,98 +232,6 @@ class CheckpointManager:
         self.stats["saves"] += 1
         if background:
             self.stats["blocking_s"] += time.perf_counter() - t0
-
-    def _write_and_commit(self, step: int, staging: str, write: Optional[Callable[[], None]], rng: Any,
-                          meta: Optional[str], error: Optional[BaseException]) -> None:
-        """Collective, on the writer thread of every rank (or inline for a synchronous save). A
-        rank that failed to prepare (``error``) still takes part, so that all ranks abort alike."""
-        if self.rank0 and error is None:
-            try:
-                retention.remove_stale(self.dir)
-                os.makedirs(os.path.join(staging, layout.RNG_DIR))
-            except OSError as exc:
-                error = exc
-        # Also the barrier: nobody writes into the staging dir before it exists, clean.
-        if not self.group.all_ok(error is None):
-            self._abort(staging)
-            raise CheckpointError(f"checkpoint of step {step} in {self.dir} aborted: a rank failed to prepare its part"
-                                  + (f" (here: {error})" if error else ""))
-        try:
-            self.faults.delay("slow_write")
-            write()  # collective (DCP): every rank takes part, whatever else fails here
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-        try:
-            layout.write_staged(os.path.join(staging, layout.rng_file(self.rank)), _torch_bytes(rng))
-            if meta is not None:  # taken as compact JSON (fast), written indented
-                layout.write_staged(os.path.join(staging, layout.META), layout.json_bytes(json.loads(meta)))
-        except Exception as exc:  # noqa: BLE001
-            error = error or exc
-        if error is not None:
-            log.error("rank %d could not write checkpoint step %d: %s", self.rank, step, error)
-        self.faults.crash_point("after_shards", step)
-        if not self.group.all_ok(error is None):
-            self._abort(staging)
-            raise CheckpointError(f"checkpoint of step {step} in {self.dir} aborted: a rank failed to write its shards"
-                                  + (f" (here: {error})" if error else ""))
-        # Every rank hashes its share of the files; rank 0 writes the manifest and commits.
-        files = None
-        if self.rank0:
-            try:
-                files = layout.list_files(staging)
-            except OSError as exc:
-                log.error("cannot list %s: %s", staging, exc)
-        files = self.group.broadcast(files)
-        if files is None:
-            self._abort(staging)
-            raise CheckpointError(f"checkpoint of step {step} aborted: its staging dir cannot be listed")
-        try:
-            mine: Optional[Dict[str, dict]] = layout.describe_files(
-                staging, [f for i, f in enumerate(files) if _writer_of(f, i, self.world) == self.rank])
-        except OSError as exc:
-            log.error("rank %d could not hash checkpoint files: %s", self.rank, exc)
-            mine = None
-        shares = self.group.all_gather(mine)
-        entries: Dict[str, dict] = {}
-        error = None
-        try:
-            if any(share is None for share in shares):
-                raise OSError("a rank could not read back its files")
-            entries = {k: v for share in shares for k, v in share.items()}
-            if self.rank0:
-                layout.write_manifest(staging, step, entries, durable=False)
-            # One barrier for every file and directory: each rank fsyncs what it wrote.
-            layout.make_durable(staging, [rel for rel, e in (mine or {}).items() if not e.get(checksum.SYNCED)],
-                                tree=self.rank0)
-        except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement below)
-            error = exc
-            log.error("rank %d could not make checkpoint step %d durable: %s", self.rank, step, exc)
-        if not self.group.all_ok(error is None):
-            self._abort(staging)
-            raise CheckpointError(f"checkpoint of step {step} in {self.dir} not committed: a rank failed to write or "
-                                  "flush its files" + (f" (here: {type(error).__name__}: {error})" if error else ""))
-        outcome: Any = None
-        if self.rank0:
-            try:
-                layout.commit(staging, os.path.join(self.dir, layout.step_name(step)))
-                pruned = retention.prune(self.dir, self.cfg.keep_last, keep=step)
-                size = sum(e["size"] for e in entries.values())
-                outcome = ("ok", f"{len(entries)} files, {size / 2**20:.1f} MiB" +
-                           (f"; pruned {', '.join(pruned)}" if pruned else ""))
-            except Exception as exc:  # noqa: BLE001
-                outcome = ("error", f"{type(exc).__name__}: {exc}")
-                self._abort(staging)
-        outcome = self.group.broadcast(outcome)
-        if outcome[0] != "ok":
-            raise CheckpointError(f"checkpoint of step {step} in {self.dir} not committed: {outcome[1]}")
-        if self.rank0:
-            log.info("checkpoint %s committed (%s)", layout.step_name(step), outcome[1])
-
-    def _abort(self, staging: str) -> None:
-        if self.rank0:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
 
     def _meta(self, state, small: Dict[str, Any]) -> Dict[str, Any]:
         return {
@@ -376,29 +257,6 @@ class CheckpointManager:
             self._writer.stop()
             self._writer = None
         self._stager.close()
-
-
-_RANK_FILE = re.compile(r"^(?:rng/rank_(\d+)\.pt|dcp/__(\d+)_\d+\.distcp)$")
-_RANK0_FILES = {layout.META, os.path.join(layout.DCP_DIR, ".metadata")}
-
-
-def _writer_of(rel: str, index: int, world: int) -> int:
-    """The rank that wrote ``rel``, whose checksums were taken during the write (so describing it
-    costs no read) and which fsyncs it; files of no known rank are shared out round-robin."""
-    if rel in _RANK0_FILES:
-        return 0
-    m = _RANK_FILE.match(rel)
-    if m:
-        rank = int(m.group(1) or m.group(2))
-        if rank < world:
-            return rank
-    return index % world
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 __all__ = ["CheckpointError", "CheckpointManager", "CheckpointRefused"]
