@@ -3,17 +3,18 @@
     python -m dist_train [--config FILE] [--print-config] [key=value ...]
 
 Exit 0 on success, 2 on bad usage or bad config (one paragraph naming the key, no traceback,
-printed once: by rank 0 only), any other non-zero for a failed run.
+printed once: by rank 0; see ``_usage_error``), any other non-zero for a failed run.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import textwrap
+import time
 from typing import List, Optional
 
 from dist_train.config import ConfigError, describe_fields, load_config, to_yaml
-from dist_train.env.cluster import detect
+from dist_train.env.cluster import ClusterEnv, detect
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -50,9 +51,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _usage_error(message: str, is_rank0: bool) -> int:
-    if is_rank0:
-        print(f"dist_train: error: {message}", file=sys.stderr)
+# How long another rank with the same bad input waits for its launcher to stop it (rank 0 found
+# the same problem, printed it and exited) before it prints the problem itself.
+_USAGE_GRACE_S = 5.0
+
+
+def _usage_error(message: str, cluster: ClusterEnv) -> int:
+    """Print ``message`` once for the whole job, and return exit code 2.
+
+    Every rank checks the same command line, so rank 0 prints. The other ranks must not exit
+    first: a launcher stops the ranks that are still running when one fails, and rank 0 could be
+    stopped before it printed (torchrun does, within 0.1 s). So they wait, and are normally
+    stopped by their launcher once rank 0 has exited; one whose problem rank 0 does not share (a
+    check of this rank's own machine) prints it itself after the wait, naming its rank."""
+    if cluster.is_rank0:
+        print(f"dist_train: error: {message}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    time.sleep(_USAGE_GRACE_S)
+    print(f"dist_train: error (rank {cluster.rank}): {message}", file=sys.stderr, flush=True)
     return EXIT_USAGE
 
 
@@ -65,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             sys.stdout.write(_help_text())
         return EXIT_OK
     if unknown:
-        return _usage_error(f"unknown option(s) {' '.join(unknown)}; see --help", cluster.is_rank0)
+        return _usage_error(f"unknown option(s) {' '.join(unknown)}; see --help", cluster)
     try:
         job = load_config(args.config, args.overrides)
         if args.print_config:
@@ -83,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _usage_error(
             f"bad config: {exc.key}: {exc.reason}. Fix it in the YAML preset or override it "
             f"with {exc.key.split(' ')[0]}=VALUE; `python -m dist_train --help` lists every key.",
-            cluster.is_rank0,
+            cluster,
         )
     from dist_train.train.job import run_job
 

@@ -92,3 +92,43 @@ def test_bad_config_under_torchrun_fails_fast_once(tmp_path):
     assert "exitcode  : 2" in proc.stderr
     assert "dist_train/cli.py" not in proc.stderr and "dist_train/config" not in proc.stderr  # no rank traceback
     assert not (tmp_path / "run").exists()
+
+
+def test_a_usage_error_is_printed_by_rank_0_and_by_another_rank_only_after_its_grace(monkeypatch, capsys):
+    """Rank 0 prints at once. Another rank waits (its launcher normally stops it once rank 0 has
+    exited), then prints the problem itself, naming its rank: a problem of its own is never lost."""
+    from dist_train.env.cluster import ClusterEnv
+
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    assert cli._usage_error("bad config: x", ClusterEnv("torchrun", rank=0, world_size=2)) == 2
+    assert capsys.readouterr().err == "dist_train: error: bad config: x\n" and slept == []
+    assert cli._usage_error("bad config: x", ClusterEnv("torchrun", rank=1, world_size=2)) == 2
+    assert capsys.readouterr().err == "dist_train: error (rank 1): bad config: x\n"
+    assert slept == [cli._USAGE_GRACE_S]
+
+
+def test_overrides_merged_at_once_mean_what_they_mean_one_at_a_time():
+    """The overrides are merged in one step (each merge copies the whole config); later keys win,
+    sections merge, and a bad one is still named, among many good ones."""
+    from omegaconf import OmegaConf
+
+    from dist_train.config import load as load_mod
+    from dist_train.config.schema import JobConfig
+
+    overrides = ["model.args={a: 1, b: [1, 2]}", "model.args.b=[3]", "model.args.c=x", "train.lr=0.1",
+                 "train.betas=[0.8,0.9]", "train.lr=0.2", "run.dir=r", "checkpoint.async=true",
+                 "model.args.e={f: 1}", "model.args.e=5", "model.args.d=4", "data.augment=[hflip]"]
+    trees = [load_mod._read_override(item)[1] for item in overrides]
+    assert load_mod._combine(trees[:7]) is not None  # merged at once
+    assert load_mod._combine(trees) is None  # model.args.e: a mapping, then a number: one at a time
+    for n in (7, len(overrides)):
+        cfg = OmegaConf.structured(JobConfig)
+        for tree in trees[:n]:  # the reference: one merge per override, in order
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(tree))
+        assert load_config(None, overrides[:n]) == OmegaConf.to_object(cfg)
+    job = load_config(None, overrides[:7])
+    assert job.model.args == {"a": 1, "b": [3], "c": "x"} and job.train.lr == 0.2
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.lr=0.1", "data.batch_size=4", "train.max_steps=abc", "run.seed=1"])
+    assert err.value.key == "train.max_steps"
