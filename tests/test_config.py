@@ -132,3 +132,20 @@ def test_overrides_merged_at_once_mean_what_they_mean_one_at_a_time():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.lr=0.1", "data.batch_size=4", "train.max_steps=abc", "run.seed=1"])
     assert err.value.key == "train.max_steps"
+
+
+def test_config_yaml_is_what_omegaconf_writes_and_reads_back_as_the_same_job(tmp_path):
+    """``to_yaml`` dumps the dataclasses with OmegaConf's own dumper: the same text as
+    ``OmegaConf.to_yaml``, and strings that look like numbers or booleans stay strings."""
+    from omegaconf import OmegaConf
+
+    from dist_train.config import to_yaml
+
+    job = load_config(None, ["model.args={a: '1e-3', b: 'true', c: [1, 'null'], d: {e: 2.5}}", "run.name='007'",
+                             "data.args={path: /tmp/x y, n: 3}", "model.freeze=['layer*.weight']"])
+    text = to_yaml(job)
+    assert text == OmegaConf.to_yaml(OmegaConf.structured(job))
+    (tmp_path / "config.yaml").write_text(text)
+    again = load_config(str(tmp_path / "config.yaml"), [])
+    assert again == job and again.model.args["a"] == "1e-3" and again.model.args["b"] == "true"
+    assert again.model.args["c"] == [1, "null"] and again.run.name == "007"
