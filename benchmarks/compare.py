@@ -124,15 +124,39 @@ def run_reference(runner: str, wl: wk.Workload, steps: int, nproc: int, smoke: b
     return {**out, **result, **job.steady(wk.WARMUP_STEPS, result["global_batch"]), "ok": True}
 
 
-def busy_cpu_s() -> Optional[float]:
-    """CPU seconds all cores have spent busy since boot (``/proc/stat``), or None off Linux."""
+def _cpu_fields() -> Optional[List[int]]:
+    """The all-cores line of ``/proc/stat`` (clock ticks since boot), or None off Linux."""
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
+            return ([int(v) for v in f.readline().split()[1:]] + [0] * 8)[:8]
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / launch.TICK
+
+
+def busy_cpu_s() -> Optional[float]:
+    """CPU seconds all cores have spent busy inside this machine since boot, or None off Linux."""
+    fields = _cpu_fields()
+    if fields is None:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, _steal = fields
+    return (user + nice + system + irq + softirq) / launch.TICK
+
+
+def steal_cpu_s() -> Optional[float]:
+    """CPU seconds the hypervisor has taken from this VM's cores since boot (``steal``): time its
+    virtual CPUs wanted to run and could not, because other guests had the physical ones. It is
+    invisible to the processes (their CPU time does not count it), and a job's throughput drops by
+    about the share of its wall time stolen; None off Linux."""
+    fields = _cpu_fields()
+    return None if fields is None else fields[7] / launch.TICK
+
+
+def stolen_share(before: Optional[float], seconds: float) -> Optional[float]:
+    """The share of the cores' time the hypervisor took over the last ``seconds`` (0 to 1)."""
+    after = steal_cpu_s()
+    if before is None or after is None or seconds <= 0:
+        return None
+    return max(0.0, after - before) / (seconds * (os.cpu_count() or 1))
 
 
 def own_cpu_s() -> float:
@@ -183,7 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()
-    busy_start, own_start = busy_cpu_s(), own_cpu_s()
+    busy_start, own_start, steal_start = busy_cpu_s(), own_cpu_s(), steal_cpu_s()
     plan, skipped = make_plan(args.workloads, args.runners)
     for name, why in skipped.items():
         print(f"SKIPPED {name}: {why}", flush=True)
@@ -194,24 +218,27 @@ def main(argv=None) -> int:
             steps = args.steps or (SMOKE_STEPS if args.smoke else FULL_STEPS[name])
             shift = rnd % len(runners)
             for runner in runners[shift:] + runners[:shift]:  # a different runner first every round
+                stolen_before = steal_cpu_s()
                 with tempfile.TemporaryDirectory(prefix="dist_train_bench_") as tmp:
                     if runner == "dist_train":
                         res = run_dist_train(wl, steps, args.nproc, args.dist_train_arg, args.timeout, tmp)
                     else:
                         res = run_reference(runner, wl, steps, args.nproc, args.smoke, args.timeout, tmp)
-                res.update(round=rnd, steps=steps)
+                res.update(round=rnd, steps=steps, steal=stolen_share(stolen_before, res["launch_s"]))
                 rounds[name][runner].append(res)
                 print(report.progress_line(rnd, args.rounds, name, runner, res), flush=True)
     elapsed = time.perf_counter() - started
     busy_end = busy_cpu_s()
     # Other work on the machine, in cores on average over the run: what every core spent busy,
     # less what the benchmark and its jobs spent. The load average cannot say this (the
-    # benchmark's own ranks keep it near the rank count).
+    # benchmark's own ranks keep it near the rank count). Time the hypervisor gave to other
+    # guests (steal) is counted apart: no process here could have caused it.
     other_cores = None if busy_start is None or busy_end is None else \
         max(0.0, (busy_end - busy_start) - (own_cpu_s() - own_start)) / max(elapsed, 1e-9)
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "machine": machine(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
               "other_work_cores": None if other_cores is None else round(other_cores, 3),
+              "steal_share": (None if (share := stolen_share(steal_start, elapsed)) is None else round(share, 3)),
               "elapsed_s": round(elapsed, 1), "smoke": args.smoke, "rounds": args.rounds,
               "nproc": args.nproc, "warmup_steps": wk.WARMUP_STEPS, "dist_train_extra": args.dist_train_arg,
               "skipped": skipped,

@@ -58,7 +58,12 @@ def progress_line(rnd: int, rounds: int, workload: str, runner: str, res: Dict) 
     wall = res.get("wall_samples_per_s")
     return (f"{head} {res['samples_per_s']:8.2f} samples/s (wall {_num(wall, 2)}), "
             f"{_num(res.get('cpu_s_per_step'), 2)} CPU s/step, peak RSS {res['peak_rss_mib']:.0f} MiB, "
-            f"launch {res['launch_s']:.0f} s")
+            f"launch {res['launch_s']:.0f} s" + _steal(res.get("steal")))
+
+
+def _steal(share: Optional[float]) -> str:
+    """A job's stolen share, when it is large enough to move its numbers."""
+    return f", steal {100 * share:.0f}% (slowed by the hypervisor)" if share is not None and share >= 0.02 else ""
 
 
 def _num(value: Optional[float], digits: int = 1) -> str:
@@ -77,16 +82,22 @@ def _ratio(entry: Dict, metric: str) -> str:
     return f"{r['median']:.3f} ({r['min']:.3f})" if len(r["rounds"]) > 1 else f"{r['median']:.3f}"
 
 
-# Other work using more than this many cores on average makes a run "noisy".
+# Other work using more than this many cores on average makes a run "noisy"; so does a hypervisor
+# taking more than this share of the cores' time (steal).
 NOISY_CORES = 0.2
+NOISY_STEAL = 0.05
 
 
 def noise(result: Dict) -> Tuple[bool, str]:
     """(noisy, a phrase) for how much other work shared the machine during the run: the cores it
-    used on average (compare.py measures it from /proc/stat), else the load average."""
-    m, other = result["machine"], result.get("other_work_cores")
+    used on average and the share of the cores' time the hypervisor gave to other guests
+    (compare.py measures both from /proc/stat), else the load average."""
+    m, other, steal = result["machine"], result.get("other_work_cores"), result.get("steal_share")
     if other is not None:
-        return other > NOISY_CORES, f"other work used {other:.2f} of the {m['cores']} cores on average"
+        how = f"other work used {other:.2f} of the {m['cores']} cores on average"
+        if steal is not None:
+            how += f", the hypervisor took {100 * steal:.0f}% of their time (steal)"
+        return other > NOISY_CORES or (steal or 0) > NOISY_STEAL, how
     load = max(result["load_avg_start"][0], result["load_avg_end"][0])
     return load > 0.5 * (m["cores"] or 1), f"load average up to {load:.1f} on {m['cores']} cores"
 
@@ -104,7 +115,8 @@ def render(result: Dict) -> str:
         f"(on {m['cores']} cores); {noise(result)[1]}",
     ]
     if noise(result)[0]:
-        lines.append("NOTE: other work was loading the machine: absolute numbers are noisy; "
+        lines.append("NOTE: other work (on this machine, or other guests of its host: steal) was loading it: "
+                     "absolute numbers are noisy; "
                      "trust the paired ratios more, and rerun on a quiet machine")
     header = (f"{'runner':<11}{'samples/s':>10}{'wall s/s':>10}{'step ms':>9}{'CPU s/step':>11}{'peak RSS':>10}"
               f"{'train RSS':>10}   dist_train/runner: {'samples/s (min)':<16}{'wall':<16}{'CPU':<16}{'peak RSS':<8}")

@@ -27,6 +27,8 @@ def test_compare_smoke_runs_every_runner_and_reports_finite_ratios(tmp_path):
     result = json.loads(out.read_text())
     # How much other work shared the machine is measured (cores, from /proc/stat) and reported.
     assert result["other_work_cores"] >= 0 and "of the" in proc.stdout and "cores on average" in proc.stdout
+    # So is the share of the cores' time the hypervisor gave other guests (steal), run and job by job.
+    assert 0 <= result["steal_share"] <= 1 and "the hypervisor took" in proc.stdout
     runners = result["workloads"]["lm-fsdp"]["runners"]
     installed = {name for name, pkg in PEERS.items() if importlib.util.find_spec(pkg) is not None}
     assert set(runners) == {"dist_train", "plain", *installed}
@@ -34,6 +36,7 @@ def test_compare_smoke_runs_every_runner_and_reports_finite_ratios(tmp_path):
         assert "pip install" in result["skipped"][name] and f"SKIPPED {name}" in proc.stdout
     for name, entry in runners.items():
         assert entry["ok_rounds"] == 1 and entry["ran"], name
+        assert all(0 <= run["steal"] <= 1 for run in entry["runs"]), (name, entry["runs"])
         med = entry["median"]
         assert med["samples_per_s"] > 0 and med["peak_rss_mib"] > 0 and med["step_time_s"] > 0, (name, med)
         if name != "dist_train":
@@ -92,3 +95,24 @@ def test_paired_ratios_use_only_rounds_where_both_ran():
     assert r["rounds"] == [0.9] and r["median"] == 0.9 and r["min"] == 0.9
     summary = report.summarize({"dist_train": ours, "plain": theirs})
     assert summary["plain"]["ok_rounds"] == 2 and summary["plain"]["median"]["samples_per_s"] == 7.5
+
+
+def test_steal_is_measured_from_proc_stat_and_makes_a_run_noisy(monkeypatch):
+    """A VM's stolen time (other guests of the host ran on its cores) is the share of the cores'
+    time it counts in /proc/stat's steal field; above 5% the report calls the run noisy."""
+    compare, report = _bench_module("compare"), _bench_module("report")
+    ticks = iter([[100, 0, 50, 1000, 0, 0, 0, 400], [100, 0, 50, 1000, 0, 0, 0, 400 + 60 * compare.launch.TICK]])
+    monkeypatch.setattr(compare, "_cpu_fields", lambda: next(ticks))
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)
+    before = compare.steal_cpu_s()
+    assert compare.stolen_share(before, 100.0) == pytest.approx(0.3)  # 60 s of 2 cores x 100 s
+    monkeypatch.setattr(compare, "_cpu_fields", lambda: [100, 0, 50, 1000, 0, 0, 0, 400])
+    assert compare.busy_cpu_s() == pytest.approx(150 / compare.launch.TICK)  # other work: steal apart
+    machine = {"cores": 2}
+    quiet = {"machine": machine, "other_work_cores": 0.01, "steal_share": 0.01}
+    stolen = {**quiet, "steal_share": 0.3}
+    assert report.noise(quiet)[0] is False and report.noise(stolen)[0] is True
+    assert "the hypervisor took 30% of their time" in report.noise(stolen)[1]
+    line = report.progress_line(0, 1, "lm-fsdp", "plain", {"ok": True, "samples_per_s": 1.0, "peak_rss_mib": 1.0,
+                                                            "launch_s": 1.0, "steal": 0.3})
+    assert line.endswith("steal 30% (slowed by the hypervisor)")
