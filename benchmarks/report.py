@@ -114,6 +114,9 @@ def render(result: Dict) -> str:
         f"load average at start {result['load_avg_start'][0]:.1f}, at end {result['load_avg_end'][0]:.1f} "
         f"(on {m['cores']} cores); {noise(result)[1]}",
     ]
+    if result.get("retaken_jobs"):
+        lines.append(f"{result['retaken_jobs']} job(s) run again: the hypervisor took more than "
+                     f"{100 * result['max_steal']:.0f}% of the cores' time during them")
     if noise(result)[0]:
         lines.append("NOTE: other work (on this machine, or other guests of its host: steal) was loading it: "
                      "absolute numbers are noisy; "
