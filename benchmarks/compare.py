@@ -126,36 +126,18 @@ def run_reference(runner: str, wl: wk.Workload, steps: int, nproc: int, smoke: b
     return {**out, **result, **job.steady(wk.WARMUP_STEPS, result["global_batch"]), "ok": True}
 
 
-def _cpu_fields() -> Optional[List[int]]:
-    """The all-cores line of ``/proc/stat`` (clock ticks since boot), or None off Linux."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            return ([int(v) for v in f.readline().split()[1:]] + [0] * 8)[:8]
-    except (OSError, ValueError):
-        return None
-
-
 def busy_cpu_s() -> Optional[float]:
     """CPU seconds all cores have spent busy inside this machine since boot, or None off Linux."""
-    fields = _cpu_fields()
+    fields = launch.cpu_fields()
     if fields is None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, _steal = fields
     return (user + nice + system + irq + softirq) / launch.TICK
 
 
-def steal_cpu_s() -> Optional[float]:
-    """CPU seconds the hypervisor has taken from this VM's cores since boot (``steal``): time its
-    virtual CPUs wanted to run and could not, because other guests had the physical ones. It is
-    invisible to the processes (their CPU time does not count it), and a job's throughput drops by
-    about the share of its wall time stolen; None off Linux."""
-    fields = _cpu_fields()
-    return None if fields is None else fields[7] / launch.TICK
-
-
 def stolen_share(before: Optional[float], seconds: float) -> Optional[float]:
     """The share of the cores' time the hypervisor took over the last ``seconds`` (0 to 1)."""
-    after = steal_cpu_s()
+    after = launch.steal_s()
     if before is None or after is None or seconds <= 0:
         return None
     return max(0.0, after - before) / (seconds * (os.cpu_count() or 1))
@@ -213,14 +195,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_job(runner: str, wl: wk.Workload, steps: int, args: argparse.Namespace) -> Dict:
-    """One job of ``runner``, with the share of the cores' time the hypervisor took meanwhile."""
-    stolen_before = steal_cpu_s()
+    """One job of ``runner``, with the share of the cores' time the hypervisor took during its
+    timed steps (during the whole job when it did not get that far)."""
+    stolen_before = launch.steal_s()
     with tempfile.TemporaryDirectory(prefix="dist_train_bench_") as tmp:
         if runner == "dist_train":
             res = run_dist_train(wl, steps, args.nproc, args.dist_train_arg, args.timeout, tmp)
         else:
             res = run_reference(runner, wl, steps, args.nproc, args.smoke, args.timeout, tmp)
-    res["steal"] = stolen_share(stolen_before, res["launch_s"])
+    # Over the timed steps (what the throughput comes from) where the job got that far; a burst
+    # during them is diluted, or one during start-up counted, by the whole job's span.
+    timed = res.pop("timed_steal", None)
+    res["steal"] = timed if timed is not None else stolen_share(stolen_before, res["launch_s"])
     return res
 
 
@@ -244,7 +230,7 @@ def run_steady(job: Callable[[], Dict], max_steal: float, retakes: int, on_retak
 def main(argv=None) -> int:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()
-    busy_start, own_start, steal_start = busy_cpu_s(), own_cpu_s(), steal_cpu_s()
+    busy_start, own_start, steal_start = busy_cpu_s(), own_cpu_s(), launch.steal_s()
     plan, skipped = make_plan(args.workloads, args.runners)
     for name, why in skipped.items():
         print(f"SKIPPED {name}: {why}", flush=True)
@@ -277,8 +263,10 @@ def main(argv=None) -> int:
               "max_steal": args.max_steal, "nproc": args.nproc, "warmup_steps": wk.WARMUP_STEPS,
               "dist_train_extra": args.dist_train_arg,
               "skipped": skipped,
-              "retaken_jobs": sum(len(run.get("retaken", [])) for rs in rounds.values() for runs in rs.values()
-                                  for run in runs),
+              "retaken_jobs": sum(1 for rs in rounds.values() for runs in rs.values() for run in runs
+                                  if run.get("retaken")),
+              "reruns": sum(len(run.get("retaken", [])) for rs in rounds.values() for runs in rs.values()
+                            for run in runs),
               "workloads": {name: {"overrides": list(wk.workload(name, args.smoke).overrides),
                                    "runners": report.summarize(rounds[name])} for name in plan}}
     print(report.render(result))

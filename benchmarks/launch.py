@@ -40,20 +40,42 @@ class Launch:
     peak_rss_mib: float
     cpu_s: float  # user + system CPU time of the whole job (on a quiet machine: about wall x cores busy)
     lines: List[Tuple[float, str]] = field(default_factory=list)  # (time.perf_counter() at arrival, line)
-    marks: List[Tuple[int, float, float]] = field(default_factory=list)  # (step, arrival time, tree CPU s)
+    # (step, arrival time, tree CPU s, the machine's stolen CPU s so far or None)
+    marks: List[Tuple[int, float, float, Optional[float]]] = field(default_factory=list)
     timed_out: bool = False
 
     def tail(self, n: int = 25) -> str:
         return "\n".join(line for _, line in self.lines[-n:])
 
     def steady(self, first_step: int, global_batch: int) -> Dict[str, Optional[float]]:
-        """Wall samples/s and CPU s per step between the first mark at ``first_step`` or later and
-        the last mark; None when there are not two such marks."""
+        """Wall samples/s, CPU s per step and the share of the cores' time stolen by the hypervisor
+        (``steal_s``) between the first mark at ``first_step`` or later and the last mark: the
+        timed steps; None when there are not two such marks."""
         marks = [m for m in self.marks if m[0] >= first_step]
         if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
-            return {"wall_samples_per_s": None, "cpu_s_per_step": None}
-        (s0, t0, c0), (s1, t1, c1) = marks[0], marks[-1]
-        return {"wall_samples_per_s": (s1 - s0) * global_batch / (t1 - t0), "cpu_s_per_step": (c1 - c0) / (s1 - s0)}
+            return {"wall_samples_per_s": None, "cpu_s_per_step": None, "timed_steal": None}
+        (s0, t0, c0, st0), (s1, t1, c1, st1) = marks[0], marks[-1]
+        steal = None if st0 is None or st1 is None else max(0.0, st1 - st0) / ((t1 - t0) * (os.cpu_count() or 1))
+        return {"wall_samples_per_s": (s1 - s0) * global_batch / (t1 - t0), "cpu_s_per_step": (c1 - c0) / (s1 - s0),
+                "timed_steal": steal}
+
+
+def cpu_fields() -> Optional[List[int]]:
+    """The all-cores line of ``/proc/stat`` (clock ticks since boot: user, nice, system, idle,
+    iowait, irq, softirq, steal), or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return ([int(v) for v in f.readline().split()[1:]] + [0] * 8)[:8]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_s() -> Optional[float]:
+    """CPU seconds the hypervisor has taken from this VM's cores since boot (``steal``): time its
+    virtual CPUs wanted to run and could not, because other guests had the physical ones. The
+    processes' own CPU time does not show it; their steps just take longer. None off Linux."""
+    fields = cpu_fields()
+    return None if fields is None else fields[7] / TICK
 
 
 def tree(pid: int) -> List[int]:
@@ -131,7 +153,7 @@ def torchrun(args: Sequence[str], nproc: int, timeout_s: float, cwd: Optional[Pa
     timer = threading.Timer(timeout_s, kill)
     timer.start()
     lines: List[Tuple[float, str]] = []
-    marks: List[Tuple[int, float, float]] = []
+    marks: List[Tuple[int, float, float, Optional[float]]] = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -139,7 +161,7 @@ def torchrun(args: Sequence[str], nproc: int, timeout_s: float, cwd: Optional[Pa
             lines.append((now, line.rstrip("\n")))
             mark = PROGRESS.search(line)
             if mark:
-                marks.append((int(mark.group(1)), now, tree_cpu_s(proc.pid)))
+                marks.append((int(mark.group(1)), now, tree_cpu_s(proc.pid), steal_s()))
         # wait4 reports the job's rusage; on Linux ru_maxrss is the largest resident set of the
         # process and of every descendant it reaped (torchrun reaps its ranks), in KiB.
         _, status, usage = os.wait4(proc.pid, 0)

@@ -115,7 +115,8 @@ def render(result: Dict) -> str:
         f"(on {m['cores']} cores); {noise(result)[1]}",
     ]
     if result.get("retaken_jobs"):
-        lines.append(f"{result['retaken_jobs']} job(s) run again: the hypervisor took more than "
+        lines.append(f"{result['retaken_jobs']} job(s) run again ({result.get('reruns')} rerun(s) in all): "
+                     f"the hypervisor took more than "
                      f"{100 * result['max_steal']:.0f}% of the cores' time during them")
     if noise(result)[0]:
         lines.append("NOTE: other work (on this machine, or other guests of its host: steal) was loading it: "

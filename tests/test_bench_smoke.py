@@ -105,11 +105,17 @@ def test_steal_is_measured_from_proc_stat_and_makes_a_run_noisy(monkeypatch):
     time it counts in /proc/stat's steal field; above 5% the report calls the run noisy."""
     compare, report = _bench_module("compare"), _bench_module("report")
     ticks = iter([[100, 0, 50, 1000, 0, 0, 0, 400], [100, 0, 50, 1000, 0, 0, 0, 400 + 60 * compare.launch.TICK]])
-    monkeypatch.setattr(compare, "_cpu_fields", lambda: next(ticks))
+    monkeypatch.setattr(compare.launch, "cpu_fields", lambda: next(ticks))
     monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)
-    before = compare.steal_cpu_s()
+    before = compare.launch.steal_s()
     assert compare.stolen_share(before, 100.0) == pytest.approx(0.3)  # 60 s of 2 cores x 100 s
-    monkeypatch.setattr(compare, "_cpu_fields", lambda: [100, 0, 50, 1000, 0, 0, 0, 400])
+    # Over a job's timed steps (its first and last progress marks after the warm-up), not its start-up.
+    marks = [(1, 0.0, 1.0, 0.0), (5, 10.0, 5.0, 1.0), (10, 20.0, 9.0, 7.0)]
+    job = compare.launch.Launch(0, 30.0, 1.0, 9.0, marks=marks)
+    steady = job.steady(5, global_batch=4)
+    assert steady["timed_steal"] == pytest.approx(0.3) and steady["wall_samples_per_s"] == pytest.approx(2.0)
+    assert compare.launch.Launch(0, 30.0, 1.0, 9.0, marks=marks[:2]).steady(5, 4)["timed_steal"] is None
+    monkeypatch.setattr(compare.launch, "cpu_fields", lambda: [100, 0, 50, 1000, 0, 0, 0, 400])
     assert compare.busy_cpu_s() == pytest.approx(150 / compare.launch.TICK)  # other work: steal apart
     machine = {"cores": 2}
     quiet = {"machine": machine, "other_work_cores": 0.01, "steal_share": 0.01}
