@@ -138,9 +138,7 @@ def busy_cpu_s() -> Optional[float]:
 def stolen_share(before: Optional[float], seconds: float) -> Optional[float]:
     """The share of the cores' time the hypervisor took over the last ``seconds`` (0 to 1)."""
     after = launch.steal_s()
-    if before is None or after is None or seconds <= 0:
-        return None
-    return max(0.0, after - before) / (seconds * (os.cpu_count() or 1))
+    return None if before is None or after is None else launch.share_of_cores(after - before, seconds)
 
 
 def own_cpu_s() -> float:

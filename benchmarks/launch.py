@@ -55,7 +55,7 @@ class Launch:
         if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
             return {"wall_samples_per_s": None, "cpu_s_per_step": None, "timed_steal": None}
         (s0, t0, c0, st0), (s1, t1, c1, st1) = marks[0], marks[-1]
-        steal = None if st0 is None or st1 is None else max(0.0, st1 - st0) / ((t1 - t0) * (os.cpu_count() or 1))
+        steal = None if st0 is None or st1 is None else share_of_cores(st1 - st0, t1 - t0)
         return {"wall_samples_per_s": (s1 - s0) * global_batch / (t1 - t0), "cpu_s_per_step": (c1 - c0) / (s1 - s0),
                 "timed_steal": steal}
 
@@ -76,6 +76,11 @@ def steal_s() -> Optional[float]:
     processes' own CPU time does not show it; their steps just take longer. None off Linux."""
     fields = cpu_fields()
     return None if fields is None else fields[7] / TICK
+
+
+def share_of_cores(cpu_s: float, seconds: float) -> Optional[float]:
+    """``cpu_s`` CPU seconds as a share (0 to 1) of what all cores had over ``seconds``."""
+    return None if seconds <= 0 else max(0.0, cpu_s) / (seconds * (os.cpu_count() or 1))
 
 
 def tree(pid: int) -> List[int]:
