@@ -33,9 +33,10 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from dist_train.checkpoint import checksum
 
@@ -150,14 +151,65 @@ def list_files(root: str) -> List[str]:
     return sorted(out)
 
 
-def parallel(fn: Callable[[str], T], items: Sequence[str], threads: int = _THREADS) -> List[T]:
-    """``[fn(x) for x in items]`` on a few threads: file reads, fsyncs, XXH3 and tensor copies
-    release the GIL, so several files are read (or flushed, or loaded) at once; one item runs
-    inline. The first exception raised by ``fn`` is raised here."""
-    if len(items) <= 1:
+def parallel(fn: Callable[[Any], T], items: Sequence[Any], threads: int = _THREADS) -> List[T]:
+    """``[fn(x) for x in items]`` on up to ``threads`` threads at once: file reads, fsyncs, XXH3 and
+    tensor copies release the GIL, so several files are read (or flushed, or loaded) at once. One
+    item, or a call from one of these threads, runs inline. Every item is run; the exception of
+    the first item that raised one is raised here.
+
+    The threads are kept between calls (``_pool``): starting one cost 0.3 ms here, and a save
+    used to start six or seven."""
+    items = list(items)
+    if len(items) <= 1 or getattr(_in_pool, "yes", False):
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="checkpoint-io") as pool:
-        return list(pool.map(fn, items))
+    results: List[Any] = [None] * len(items)
+    errors: Dict[int, BaseException] = {}
+    todo = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def work(in_pool: bool = True) -> None:
+        _in_pool.yes = in_pool
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as exc:  # noqa: B036 (re-raised in the caller's thread)
+                errors[i] = exc
+
+    helpers = [_pool().submit(work) for _ in range(min(threads, len(items), _POOL_THREADS) - 1)]
+    work(in_pool=False)  # this thread takes items too
+    for h in helpers:
+        h.result()
+    if errors:
+        raise errors[min(errors)]
+    return results
+
+
+_POOL_THREADS = 16
+_pool_lock = threading.Lock()
+_pool_box: List[Optional[ThreadPoolExecutor]] = [None]
+_in_pool = threading.local()
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _pool_lock:
+        if _pool_box[0] is None:
+            _pool_box[0] = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="checkpoint-io")
+        return _pool_box[0]
+
+
+def _forget_pool() -> None:
+    """(in a forked child: the parent's threads are not there)"""
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pool_box[0] = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def describe_files(root: str, rel_paths: Iterable[str]) -> Dict[str, dict]:

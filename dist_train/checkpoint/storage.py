@@ -6,8 +6,9 @@ loaded tensor is handed over whole where the destination is a plain CPU tensor o
 and dtype, instead of being copied into it.
 
 Writing goes through ``HashingWriter``, which checksums every file as its bytes are written (the
-manifest then needs no read-back); a large share is written as several files at once
-(``files_per_rank``).
+manifest then needs no read-back) and writes each item with ``encode.py`` (the bytes DCP's own
+writer would write, without ``torch.save``'s per-item cost); a large share is written as several
+files at once (``files_per_rank``).
 """
 from __future__ import annotations
 
@@ -25,14 +26,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import (DEFAULT_SUFFIX, FileSystem, SerializationFormat, _split_by_size_and_type,
+                                                     _StorageInfo)
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, WriteItem,
+                                                  WriteItemType)
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
-from dist_train.checkpoint import checksum, layout
+from dist_train.checkpoint import checksum, encode, layout
 from dist_train.checkpoint.decode import load_item, load_tensor_item, read_metadata
 
 
@@ -161,39 +165,78 @@ class HashingWriter(dcp.FileSystemWriter):
     DCP stores each tensor as a small ``torch.save`` zip inside its shard file, and ``torch.save``
     computes a CRC32 of every zip record, at about 1 GB/s: as long as writing the bytes. Nothing
     checks those CRCs (``torch.load`` does not), and the manifest's checksum covers every byte of
-    the file, so they are switched off while the shards are written (``torch.serialization.
-    set_crc32_options``; a ``torch.save`` another thread makes meanwhile also skips its CRC).
+    the file, so they are switched off while the shards are written (``_no_zip_crc``, on each
+    writing thread only).
     """
 
     def __init__(self, path: str, **kwargs: Any):
         super().__init__(path, **kwargs)
         self.fs = _HashingFileSystem(synced=self.sync_files)
 
-    def write_data(self, plan: Any, planner: Any) -> Future:
+    def write_data(self, plan: SavePlan, planner: Any) -> Future:
+        """DCP's own file layout and results, each item written by ``encode.py`` (the bytes
+        ``torch.save`` writes, without its per-item cost); a rank's files are written at once.
+        Stream transforms and other serialization formats go through DCP's own loop."""
         with _no_zip_crc():
-            return super().write_data(plan, planner)
+            if (self.transforms.extensions or not self.single_file_per_rank
+                    or self.serialization_format != SerializationFormat.TORCH_SAVE):
+                return super().write_data(plan, planner)
+            buckets = _split_by_size_and_type(self.thread_count, plan.items)
+            names = [f"{plan.storage_data.prefix}{i}{DEFAULT_SUFFIX}" for i in range(len(buckets))]
+            written = layout.parallel(lambda i: self._write_file(names[i], buckets[i], planner), range(len(buckets)))
+        fut: Future = Future()
+        fut.set_result([result for results in written for result in results])
+        return fut
+
+    def _write_file(self, name: str, items: list, planner: Any) -> list:
+        results = []
+        with _no_zip_crc(), self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+
+            def done(item: WriteItem, offset: int) -> None:
+                length = stream.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(name, offset, length)))
+
+            for item in items:
+                if item.type == WriteItemType.BYTE_IO:
+                    offset = stream.tell()
+                    stream.write(planner.resolve_data(item).getbuffer())
+                    done(item, offset)
+            for item in items:
+                if item.type != WriteItemType.BYTE_IO:
+                    tensor = planner.resolve_data(item).detach().cpu()
+                    if tensor.untyped_storage().nbytes() != tensor.nbytes:
+                        tensor = tensor.clone()  # (a view: its own storage only, as DCP does)
+                    offset = stream.tell()
+                    encode.write_tensor(stream, tensor)
+                    done(item, offset)
+            if self.sync_files:
+                stream.flush()
+                os.fsync(stream.fileno())
+        return results
 
 
-_crc_lock = threading.Lock()
-_crc_users = [0, True]  # writers inside _no_zip_crc, and the setting to restore after the last
+class FastSavePlanner(DefaultSavePlanner):
+    """DefaultSavePlanner whose non-tensor leaves are encoded by ``encode.object_archive``."""
+
+    def transform_object(self, write_item: WriteItem, object: Any) -> Any:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return encode.object_archive(object)
+        return super().transform_object(write_item, object)
 
 
 @contextlib.contextmanager
 def _no_zip_crc() -> Iterator[None]:
+    """``torch.save``'s zip CRC32s off on this thread (torch's serialization settings are per
+    thread: each thread that writes shards switches them off for itself)."""
     from torch.utils.serialization import config
 
-    with _crc_lock:
-        if _crc_users[0] == 0:
-            _crc_users[1] = config.save.compute_crc32
-            config.save.compute_crc32 = False
-        _crc_users[0] += 1
+    before = config.save.compute_crc32
+    config.save.compute_crc32 = False
     try:
         yield
     finally:
-        with _crc_lock:
-            _crc_users[0] -= 1
-            if _crc_users[0] == 0:
-                config.save.compute_crc32 = _crc_users[1]
+        config.save.compute_crc32 = before
 
 
 _FILE_BYTES = 32 << 20  # a rank's share is split into files of at least this size ...
@@ -243,7 +286,8 @@ def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
     writer = HashingWriter(dcp_dir, sync_files=False, thread_count=files_per_rank(state_dict))
     with _plain_errors("writing", dcp_dir), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=not _distributed())
+        dcp.save(state_dict, storage_writer=writer, planner=FastSavePlanner(), process_group=group,
+                 no_dist=not _distributed())
 
 
 def load(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:

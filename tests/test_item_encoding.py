@@ -1,0 +1,163 @@
+"""DCP items written by ``checkpoint/encode.py``: the very bytes ``torch.save`` and DCP's own writer
+produce, read by the stock ``torch.load`` / ``dcp.load``; and ``layout.parallel``'s kept threads."""
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import xxhash
+
+from dist_train.checkpoint import checksum, encode, layout, storage
+
+
+def _torch_save(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _encoded(tensor) -> bytes:
+    buf = io.BytesIO()
+    encode.write_tensor(buf, tensor)
+    return buf.getvalue()
+
+
+def _tensors():
+    torch.manual_seed(0)
+    out = []
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                  torch.int8, torch.uint8, torch.bool, torch.complex64):
+        for shape in ((), (0,), (1,), (7,), (3, 5), (2, 0, 3), (4, 3, 2, 2)):
+            out.append((torch.randn(shape) * 100).to(dtype))
+    out.append(torch.randn(5, 3).t())  # transposed: non-contiguous strides over its whole storage
+    out.append(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    out.append(torch.tensor(3))  # an optimizer's step
+    return out
+
+
+def test_tensor_items_are_byte_for_byte_torch_save_and_load_back():
+    with storage._no_zip_crc():
+        for tensor in _tensors():
+            for _ in range(2):  # the template is made, then reused
+                data = _encoded(tensor)
+                assert data == _torch_save(tensor), (tensor.dtype, tuple(tensor.shape), tensor.stride())
+            back = torch.load(io.BytesIO(data), weights_only=True)
+            assert back.dtype == tensor.dtype and back.stride() == tensor.stride() and torch.equal(back, tensor)
+    assert encode._templates, "no tensor took the template way"
+
+
+def test_unusual_tensors_are_written_by_torch_save_itself(monkeypatch):
+    base = torch.randn(4, 4)
+    param = torch.nn.Parameter(torch.randn(3))
+    unusual = [param, torch.randn(3, requires_grad=True), torch.randn(3, dtype=torch.complex64).conj(), base[1:]]
+    monkeypatch.setattr(encode, "_TEMPLATE_BYTES", 16)
+    unusual.append(torch.randn(10))  # larger than the template limit
+    with storage._no_zip_crc():
+        for tensor in unusual:
+            assert encode._template(tensor) is None
+            assert _encoded(tensor) == _torch_save(tensor)
+    # With torch.save's CRC32s on (outside the shard writer), no template is made or used.
+    monkeypatch.setattr(encode, "_templates", {})
+    plain = torch.randn(3, 3)
+    assert _encoded(plain) == _torch_save(plain) and encode._templates == {}
+
+
+def test_non_tensor_leaves_are_torch_save_archives_cached_by_value():
+    values = [1e-3, 0.9, (0.9, 0.999), True, False, 1, 0, None, "adamw", [1, 2.5, "x"], float("inf"), b"raw",
+              {"a": 1}, torch.Size([2, 3])]
+    with storage._no_zip_crc():
+        for value in values:
+            for _ in range(2):
+                archive = encode.object_archive(value)
+                assert archive.getvalue() == _torch_save(value), value
+            back = torch.load(io.BytesIO(archive.getvalue()), weights_only=True)
+            assert back == value and type(back) is type(value)
+    # 1 and True pickle differently, so they never share an archive.
+    with storage._no_zip_crc():
+        assert torch.load(io.BytesIO(encode.object_archive(1).getvalue()), weights_only=True) is not True
+        assert torch.load(io.BytesIO(encode.object_archive(True).getvalue()), weights_only=True) is True
+
+
+def _state():
+    from test_checkpoint_speed import _state as model_and_optimizer_state
+
+    _model, _opt, state = model_and_optimizer_state()
+    return {**state, "extra": {"bf16": torch.randn(3, 2).bfloat16(), "note": "x"}}
+
+
+@pytest.mark.parametrize("files", [1, 3])
+def test_shards_are_those_of_dcp_own_writer_and_the_stock_reader_loads_them(tmp_path, files, monkeypatch):
+    state = _state()
+    ours, stock = str(tmp_path / "ours"), str(tmp_path / "stock")
+    writer = storage.HashingWriter(ours, sync_files=False, thread_count=files)
+    dcp.save(state, storage_writer=writer, planner=storage.FastSavePlanner(), no_dist=True)
+    # DCP's own loop, its zip CRC32s off on every thread (as ours has them: each writing thread sets it).
+    monkeypatch.setattr(torch.serialization, "get_crc32_options", lambda: False)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(stock, sync_files=False, thread_count=files), no_dist=True)
+    shards = sorted(n for n in os.listdir(ours) if n.endswith(".distcp"))
+    assert len(shards) == files and shards == sorted(n for n in os.listdir(stock) if n.endswith(".distcp"))
+    for name in shards:
+        with open(os.path.join(ours, name), "rb") as a, open(os.path.join(stock, name), "rb") as b:
+            assert a.read() == b.read(), name
+    ours_index = dcp.FileSystemReader(ours).read_metadata().storage_data
+    assert ours_index == dcp.FileSystemReader(stock).read_metadata().storage_data
+    # torch's own reader and planner (no dist_train code) load what we wrote.
+    target = _state()
+    for group in ("model", "optim"):
+        for value in torch.utils._pytree.tree_leaves(target[group]):
+            if torch.is_tensor(value):
+                value.zero_()
+    target["extra"] = {"bf16": torch.zeros(3, 2).bfloat16(), "note": ""}
+    dcp.load(target, storage_reader=dcp.FileSystemReader(ours), no_dist=True)
+    want = _state()
+    for got, exp in zip(torch.utils._pytree.tree_leaves(target), torch.utils._pytree.tree_leaves(want)):
+        assert (torch.equal(got, exp) if torch.is_tensor(exp) else got == exp), (got, exp)
+
+
+def test_parallel_keeps_order_bounds_threads_raises_the_first_error_and_reuses_them():
+    assert layout.parallel(lambda x: x * 2, list(range(20))) == [x * 2 for x in range(20)]
+    busy, peak, lock = [0], [0], threading.Lock()
+
+    def slow(x):
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        time.sleep(0.01)
+        with lock:
+            busy[0] -= 1
+        return threading.current_thread().name
+
+    pool_threads = lambda: {t for t in threading.enumerate() if t.name.startswith("checkpoint-io")}  # noqa: E731
+    layout.parallel(slow, list(range(12)), threads=3)
+    assert 2 <= peak[0] <= 3
+    kept = pool_threads()
+    assert kept and len(kept) <= layout._POOL_THREADS
+    names = layout.parallel(slow, list(range(12)), threads=3)  # no thread started for it
+    assert pool_threads() == kept and set(names) <= {t.name for t in kept} | {threading.current_thread().name}
+    ran = []
+
+    def failing(x):
+        ran.append(x)
+        if x in (3, 7):
+            raise ValueError(f"item {x}")
+        return x
+
+    with pytest.raises(ValueError, match="item 3"):
+        layout.parallel(failing, list(range(10)))
+    assert sorted(ran) == list(range(10))  # every item still ran
+    # A call from one of the pool's threads runs inline (a bounded pool must not wait on itself).
+    nested = layout.parallel(lambda x: layout.parallel(lambda y: (x, y), [0, 1]), [0, 1, 2])
+    assert nested == [[(x, 0), (x, 1)] for x in range(3)]
+
+
+def test_files_larger_than_the_read_chunk_hash_like_their_bytes(tmp_path):
+    data = os.urandom(checksum._CHUNK * 2 + 12345)
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    assert checksum.hash_file(str(tmp_path / "f")) == {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
+    assert checksum.hash_file(str(tmp_path / "empty")) == {"size": 0, "xxh3_128": xxhash.xxh3_128(b"").hexdigest()}
