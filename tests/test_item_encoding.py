@@ -54,7 +54,8 @@ def test_tensor_items_are_byte_for_byte_torch_save_and_load_back():
 def test_unusual_tensors_are_written_by_torch_save_itself(monkeypatch):
     base = torch.randn(4, 4)
     param = torch.nn.Parameter(torch.randn(3))
-    unusual = [param, torch.randn(3, requires_grad=True), torch.randn(3, dtype=torch.complex64).conj(), base[1:]]
+    unusual = [param, torch.randn(3, requires_grad=True), torch.randn(3, dtype=torch.complex64).conj(), base[1:],
+               torch.arange(4.0)[:2].expand(2, 2)]  # overlapping: its storage is larger than a fresh tensor's
     monkeypatch.setattr(encode, "_TEMPLATE_BYTES", 16)
     unusual.append(torch.randn(10))  # larger than the template limit
     with storage._no_zip_crc():
@@ -150,6 +151,16 @@ def test_parallel_keeps_order_bounds_threads_raises_the_first_error_and_reuses_t
     with pytest.raises(ValueError, match="item 3"):
         layout.parallel(failing, list(range(10)))
     assert sorted(ran) == list(range(10))  # every item still ran
+    # A KeyboardInterrupt stops the handing out of items and is raised; the pool still works after it.
+    def interrupted(x):
+        time.sleep(0.005)
+        if x == 2:
+            raise KeyboardInterrupt
+        return x
+
+    with pytest.raises(KeyboardInterrupt):
+        layout.parallel(interrupted, list(range(200)), threads=2)
+    assert layout.parallel(lambda x: x, [1, 2, 3]) == [1, 2, 3]
     # A call from one of the pool's threads runs inline (a bounded pool must not wait on itself).
     nested = layout.parallel(lambda x: layout.parallel(lambda y: (x, y), [0, 1]), [0, 1, 2])
     assert nested == [[(x, 0), (x, 1)] for x in range(3)]

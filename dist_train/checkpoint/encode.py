@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import os
 import pickle
 import struct
 import threading
@@ -33,16 +34,17 @@ from torch.utils.serialization import config
 _TEMPLATE_BYTES = 1 << 20  # tensors up to this size are written from a template
 _MAX_TEMPLATES = 4096  # layouts (dtype, shape, strides) kept; beyond, the cache starts over
 _MAX_OBJECTS = 1024  # non-tensor archives kept (an ``lr`` that changes every step would grow it)
+_MAX_OBJECT_KEY = 4096  # ... and only of values whose pickle is at most this long
 _PLAIN = (int, float, bool, str, bytes, type(None))
 
-_templates: Dict[Tuple[Any, ...], Tuple[bytes, bytes]] = {}
+_templates: Dict[Tuple[Any, ...], Tuple[bytes, bytes, int]] = {}
 _objects: Dict[bytes, bytes] = {}
 _lock = threading.Lock()
 
 
 def write_tensor(stream: Any, tensor: torch.Tensor) -> None:
-    """Write ``torch.save(tensor)`` to ``stream``. ``tensor`` is on the CPU and owns exactly its
-    storage (DCP clones views of larger storages before writing them)."""
+    """Write ``torch.save(tensor)`` to ``stream``: the same bytes, the template way where it
+    applies (only while torch.save's CRC32s are off on this thread, as in the shard writer)."""
     parts = _template(tensor)
     if parts is None:
         torch.save(tensor, stream)
@@ -58,7 +60,10 @@ def write_tensor(stream: Any, tensor: torch.Tensor) -> None:
 def object_archive(obj: Any) -> io.BytesIO:
     """``torch.save(obj)`` into a fresh ``BytesIO`` (what DCP's planner makes of a non-tensor
     leaf), taken from the cache when ``obj`` is plain data already seen."""
-    key = pickle.dumps((config.save.compute_crc32, obj), protocol=2) if _is_plain(obj) else None
+    key = (pickle.dumps((config.save.compute_crc32, config.save.storage_alignment, obj), protocol=2)
+           if _is_plain(obj) else None)
+    if key is not None and len(key) > _MAX_OBJECT_KEY:
+        key = None  # (a large blob is not kept: one that changes every save would pile up)
     if key is not None:
         cached = _objects.get(key)
         if cached is not None:
@@ -90,21 +95,25 @@ def _template(tensor: torch.Tensor) -> Optional[Tuple[bytes, bytes]]:
             or tensor.untyped_storage().nbytes() != tensor.nbytes
             or tensor.__dict__ or torch._utils.get_tensor_metadata(tensor)):
         return None
-    key = (tensor.dtype, tuple(tensor.shape), tensor.stride())
-    parts = _templates.get(key)
-    if parts is None:
-        parts = _make_template(tensor)
-        if parts is None:
+    key = (tensor.dtype, tuple(tensor.shape), tensor.stride(), config.save.storage_alignment)
+    template = _templates.get(key)
+    if template is None:
+        template = _make_template(tensor)
+        if template is None:
             return None
         with _lock:
             if len(_templates) >= _MAX_TEMPLATES:
                 _templates.clear()
-            _templates[key] = parts
-    return parts
+            _templates[key] = template
+    head, tail, nbytes = template
+    # A tensor whose elements overlap (an expanded view) has a larger storage than a fresh tensor
+    # of its layout: torch.save writes all of it, so the template does not fit.
+    return (head, tail) if nbytes == tensor.untyped_storage().nbytes() else None
 
 
-def _make_template(tensor: torch.Tensor) -> Optional[Tuple[bytes, bytes]]:
-    """None while torch.save computes CRC32s (the data's would be the blank tensor's)."""
+def _make_template(tensor: torch.Tensor) -> Optional[Tuple[bytes, bytes, int]]:
+    """(head, tail, storage bytes) of the archive of a blank tensor of ``tensor``'s layout; None
+    while torch.save computes CRC32s (the data's would be the blank tensor's)."""
     blank = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
     buf = io.BytesIO()
     torch.save(blank, buf)
@@ -119,4 +128,13 @@ def _make_template(tensor: torch.Tensor) -> Optional[Tuple[bytes, bytes]]:
         return None
     name_len, extra_len = struct.unpack_from("<HH", raw, data[0].header_offset + 26)
     start = data[0].header_offset + 30 + name_len + extra_len
-    return raw[:start], raw[start + nbytes:]
+    return raw[:start], raw[start + nbytes:], nbytes
+
+
+def _after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)

@@ -27,8 +27,8 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import (DEFAULT_SUFFIX, FileSystem, SerializationFormat, _split_by_size_and_type,
-                                                     _StorageInfo)
+from torch.distributed.checkpoint.filesystem import (DEFAULT_SUFFIX, FileSystem, SerializationFormat, _item_size,
+                                                     _split_by_size_and_type, _StorageInfo)
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, WriteItem,
                                                   WriteItemType)
@@ -183,7 +183,8 @@ class HashingWriter(dcp.FileSystemWriter):
                 return super().write_data(plan, planner)
             buckets = _split_by_size_and_type(self.thread_count, plan.items)
             names = [f"{plan.storage_data.prefix}{i}{DEFAULT_SUFFIX}" for i in range(len(buckets))]
-            written = layout.parallel(lambda i: self._write_file(names[i], buckets[i], planner), range(len(buckets)))
+            written = layout.parallel(lambda i: self._write_file(names[i], buckets[i], planner), range(len(buckets)),
+                                      threads=len(buckets))
         fut: Future = Future()
         fut.set_result([result for results in written for result in results])
         return fut
@@ -202,18 +203,27 @@ class HashingWriter(dcp.FileSystemWriter):
                     offset = stream.tell()
                     stream.write(planner.resolve_data(item).getbuffer())
                     done(item, offset)
-            for item in items:
-                if item.type != WriteItemType.BYTE_IO:
-                    tensor = planner.resolve_data(item).detach().cpu()
-                    if tensor.untyped_storage().nbytes() != tensor.nbytes:
-                        tensor = tensor.clone()  # (a view: its own storage only, as DCP does)
-                    offset = stream.tell()
-                    encode.write_tensor(stream, tensor)
-                    done(item, offset)
+            tensor_items = [item for item in items if item.type != WriteItemType.BYTE_IO]
+            if self._dcp_sorts_by_size():
+                tensor_items.sort(key=_item_size)  # (the order of DCP's copy-ahead loader: the same file)
+            for item in tensor_items:
+                tensor = planner.resolve_data(item).detach().cpu()
+                if tensor.untyped_storage().nbytes() != tensor.nbytes:
+                    tensor = tensor.clone()  # (a view: its own storage only, as DCP does)
+                offset = stream.tell()
+                encode.write_tensor(stream, tensor)
+                done(item, offset)
             if self.sync_files:
                 stream.flush()
                 os.fsync(stream.fileno())
         return results
+
+    def _dcp_sorts_by_size(self) -> bool:
+        """Whether DCP's own loop would write this file's tensors smallest first (its
+        ``_OverlappingCpuLoader``: one file per rank on a machine with a GPU)."""
+        backend = getattr(torch, torch._C._get_privateuse1_backend_name(), None)
+        accelerator = torch.cuda.is_available() or bool(backend and backend.is_available())
+        return self.thread_count == 1 and accelerator and self.per_thread_copy_ahead > 0
 
 
 class FastSavePlanner(DefaultSavePlanner):
