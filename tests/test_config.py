@@ -149,3 +149,15 @@ def test_config_yaml_is_what_omegaconf_writes_and_reads_back_as_the_same_job(tmp
     again = load_config(str(tmp_path / "config.yaml"), [])
     assert again == job and again.model.args["a"] == "1e-3" and again.model.args["b"] == "true"
     assert again.model.args["c"] == [1, "null"] and again.run.name == "007"
+
+
+def test_config_yaml_keeps_literal_interpolation_text(tmp_path):
+    """A ``${`` the user escaped on the command line is a literal by the time the job is built:
+    config.yaml escapes it again, so the file loads back to the same job (not an interpolation)."""
+    from dist_train.config import to_yaml
+
+    job = load_config(None, ["run.name=a\\${b}", "model.args={tag: 'x\\${y}z', pair: ['\\${', 1]}"])
+    assert job.run.name == "a${b}" and job.model.args["tag"] == "x${y}z"
+    (tmp_path / "config.yaml").write_text(to_yaml(job))
+    again = load_config(str(tmp_path / "config.yaml"), [])
+    assert again == job and again.run.dir == job.run.dir
