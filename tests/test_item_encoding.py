@@ -172,3 +172,31 @@ def test_files_larger_than_the_read_chunk_hash_like_their_bytes(tmp_path):
     (tmp_path / "empty").write_bytes(b"")
     assert checksum.hash_file(str(tmp_path / "f")) == {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
     assert checksum.hash_file(str(tmp_path / "empty")) == {"size": 0, "xxh3_128": xxhash.xxh3_128(b"").hexdigest()}
+
+
+def test_a_state_on_a_gpu_goes_through_dcp_own_loop(tmp_path, monkeypatch):
+    """DCP's loop copies device tensors to the host ahead of the writes; ours is for host state
+    (a CPU run's, or an async save's staged copy). The choice is made on the first tensor."""
+    state = _state()
+    plan_items = []
+    monkeypatch.setattr(storage, "_device_state", lambda plan, planner: plan_items.append(len(plan.items)) or True)
+    monkeypatch.setattr(encode, "write_tensor", lambda *a: (_ for _ in ()).throw(AssertionError("our loop ran")))
+    storage.save(state, str(tmp_path / "gpu"))
+    assert plan_items  # asked once; DCP's loop wrote the files (ours would have raised)
+    target = _state()
+    storage.load(target, str(tmp_path / "gpu"))
+    assert torch.equal(target["model"]["0.weight"], state["model"]["0.weight"])
+    monkeypatch.undo()
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class _Plan:
+        items = [type("I", (), {"type": WriteItemType.BYTE_IO})(), type("I", (), {"type": WriteItemType.TENSOR})()]
+
+    class _Planner:
+        def __init__(self, device):
+            self.device = device
+
+        def resolve_data(self, item):
+            return torch.empty(0, device=self.device)
+
+    assert not storage._device_state(_Plan(), _Planner("cpu")) and storage._device_state(_Plan(), _Planner("meta"))

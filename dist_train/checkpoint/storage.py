@@ -176,10 +176,12 @@ class HashingWriter(dcp.FileSystemWriter):
     def write_data(self, plan: SavePlan, planner: Any) -> Future:
         """DCP's own file layout and results, each item written by ``encode.py`` (the bytes
         ``torch.save`` writes, without its per-item cost); a rank's files are written at once.
-        Stream transforms and other serialization formats go through DCP's own loop."""
+        Stream transforms, other serialization formats and a state on a GPU (``_device_state``)
+        go through DCP's own loop."""
         with _no_zip_crc():
             if (self.transforms.extensions or not self.single_file_per_rank
-                    or self.serialization_format != SerializationFormat.TORCH_SAVE):
+                    or self.serialization_format != SerializationFormat.TORCH_SAVE
+                    or _device_state(plan, planner)):
                 return super().write_data(plan, planner)
             buckets = _split_by_size_and_type(self.thread_count, plan.items)
             names = [f"{plan.storage_data.prefix}{i}{DEFAULT_SUFFIX}" for i in range(len(buckets))]
@@ -224,6 +226,14 @@ class HashingWriter(dcp.FileSystemWriter):
         backend = getattr(torch, torch._C._get_privateuse1_backend_name(), None)
         accelerator = torch.cuda.is_available() or bool(backend and backend.is_available())
         return self.thread_count == 1 and accelerator and self.per_thread_copy_ahead > 0
+
+
+def _device_state(plan: SavePlan, planner: Any) -> bool:
+    """Whether the state to write is on a GPU (judged by its first tensor): DCP's own loop then
+    copies it to the host ahead of the writes, without blocking, where ours would copy each tensor
+    when it is written. A staged (async) save's state is in host memory already."""
+    first = next((item for item in plan.items if item.type != WriteItemType.BYTE_IO), None)
+    return first is not None and planner.resolve_data(first).device.type != "cpu"
 
 
 class FastSavePlanner(DefaultSavePlanner):
