@@ -199,24 +199,25 @@ def parallel(fn: Callable[[Any], T], items: Sequence[Any], threads: int = _THREA
     return results
 
 
-_POOL_THREADS = 16
+_POOL_THREADS = _SYNC_THREADS  # the most threads any caller asks for
 _pool_lock = threading.Lock()
-_pool_box: List[Optional[ThreadPoolExecutor]] = [None]
+_executor: Optional[ThreadPoolExecutor] = None
 _in_pool = threading.local()
 
 
 def _pool() -> ThreadPoolExecutor:
+    global _executor
     with _pool_lock:
-        if _pool_box[0] is None:
-            _pool_box[0] = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="checkpoint-io")
-        return _pool_box[0]
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="checkpoint-io")
+        return _executor
 
 
 def _forget_pool() -> None:
     """(in a forked child: the parent's threads are not there)"""
-    global _pool_lock
+    global _pool_lock, _executor
     _pool_lock = threading.Lock()
-    _pool_box[0] = None
+    _executor = None
 
 
 if hasattr(os, "register_at_fork"):

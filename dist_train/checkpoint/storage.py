@@ -178,20 +178,20 @@ class HashingWriter(dcp.FileSystemWriter):
         ``torch.save`` writes, without its per-item cost); a rank's files are written at once.
         Stream transforms, other serialization formats and a state on a GPU (``_device_state``)
         go through DCP's own loop."""
-        with _no_zip_crc():
-            if (self.transforms.extensions or not self.single_file_per_rank
-                    or self.serialization_format != SerializationFormat.TORCH_SAVE
-                    or _device_state(plan, planner)):
+        if (self.transforms.extensions or not self.single_file_per_rank
+                or self.serialization_format != SerializationFormat.TORCH_SAVE or _device_state(plan, planner)):
+            with _no_zip_crc():  # (on this thread only: DCP's other writer threads keep theirs)
                 return super().write_data(plan, planner)
-            buckets = _split_by_size_and_type(self.thread_count, plan.items)
-            names = [f"{plan.storage_data.prefix}{i}{DEFAULT_SUFFIX}" for i in range(len(buckets))]
-            written = layout.parallel(lambda i: self._write_file(names[i], buckets[i], planner), range(len(buckets)),
-                                      threads=len(buckets))
+        buckets = _split_by_size_and_type(self.thread_count, plan.items)
+        names = [f"{plan.storage_data.prefix}{i}{DEFAULT_SUFFIX}" for i in range(len(buckets))]
+        by_size = self._dcp_sorts_by_size()
+        written = layout.parallel(lambda i: self._write_file(names[i], buckets[i], planner, by_size),
+                                  range(len(buckets)), threads=len(buckets))
         fut: Future = Future()
         fut.set_result([result for results in written for result in results])
         return fut
 
-    def _write_file(self, name: str, items: list, planner: Any) -> list:
+    def _write_file(self, name: str, items: list, planner: Any, by_size: bool) -> list:
         results = []
         with _no_zip_crc(), self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
 
@@ -206,7 +206,7 @@ class HashingWriter(dcp.FileSystemWriter):
                     stream.write(planner.resolve_data(item).getbuffer())
                     done(item, offset)
             tensor_items = [item for item in items if item.type != WriteItemType.BYTE_IO]
-            if self._dcp_sorts_by_size():
+            if by_size:
                 tensor_items.sort(key=_item_size)  # (the order of DCP's copy-ahead loader: the same file)
             for item in tensor_items:
                 tensor = planner.resolve_data(item).detach().cpu()
