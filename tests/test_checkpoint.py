@@ -285,12 +285,17 @@ def _fsdp_async_save_stages_dtensors(rank: int, world: int, run_dir: str) -> Non
     stager.close()
     from dist_train.env.faults import Faults
 
+    # The parameters are copied by the writer thread after 0.3 s (slow_staging): the update
+    # below must wait for that copy (Strategy.before_update), and the files are written later.
     m = CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job), micro_global_batch=2 * 64,
-                          grad_accum_steps=1, seed=0, faults=Faults("slow_write=0.3"))
+                          grad_accum_steps=1, seed=0, faults=Faults("slow_staging=0.3,slow_write=0.3"))
     try:
         expected = {k: v.full_tensor().clone() if isinstance(v, DTensor) else v.clone()
                     for k, v in strategy.model.state_dict().items()}
-        m.save(TrainState(step=1))  # returns at once; written during the next 0.3 s and more
+        m.save(TrainState(step=1))  # returns at once
+        assert not m._pending.staged.is_set()
+        strategy.before_update()  # what Strategy.step does first
+        assert m._pending.staged.is_set()
         with torch.no_grad():
             for p in strategy.model.parameters():
                 p.add_(1.0)  # training goes on
@@ -306,3 +311,82 @@ def _fsdp_async_save_stages_dtensors(rank: int, world: int, run_dir: str) -> Non
 
 def test_fsdp_async_save_keeps_the_values_of_its_step(tmp_path):
     spawn(_fsdp_async_save_stages_dtensors, 2, str(tmp_path / "run"))
+
+
+def test_async_save_copies_buffers_at_once_and_waits_before_the_next_update(tmp_path):
+    """An async save copies module buffers (BatchNorm's running statistics change in the forward)
+    at once, and parameters and optimizer state on the writer thread while the next forward and
+    backward run; the next optimizer step waits for that copy. Here the copy is held back until
+    the step has started waiting: the checkpoint must still hold the values of the save's step."""
+    import threading
+
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config import load_config, to_dict
+    from dist_train.env.cluster import detect
+    from dist_train.strategy import build_strategy
+    from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+    from dist_train.train.state import TrainState
+
+    job = load_config(None, ["strategy.name=single", "checkpoint.async_save=true", "train.lr=0.1"])
+    run_dir = str(tmp_path / "run")
+
+    def built():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 3))
+        strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32")
+        strategy.setup(model, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+        manager = CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job), micro_global_batch=32,
+                                    grad_accum_steps=1, seed=0)
+        return model, strategy, manager
+
+    def optimizer_state(strategy):
+        return [{k: v.clone() for k, v in strategy.optimizer.state[p].items()} for p in strategy.model.parameters()]
+
+    model, strategy, m = built()
+
+    def forward_backward():
+        batch = torch.randn(32, 8)
+        strategy.backward(torch.nn.functional.cross_entropy(strategy.model(batch), torch.randint(0, 3, (32,))))
+
+    forward_backward()
+    strategy.step(0.0)  # AdamW state exists
+    waiting = threading.Event()
+    finish, gate = m._stager.finish, strategy.before_update
+
+    def held_finish():
+        assert waiting.wait(60), "the optimizer step never reached its wait"
+        finish()
+
+    def observed_gate():
+        waiting.set()  # the step has reached its wait: only now may the copy go ahead
+        gate()
+
+    m._stager.finish, strategy.before_update = held_finish, observed_gate
+    try:
+        expected_model = {k: v.clone() for k, v in model.state_dict().items()}
+        expected_optim = optimizer_state(strategy)
+        m.save(TrainState(step=1))
+        assert m._stager.deferred > 0 and not m._pending.staged.is_set()
+        forward_backward()  # changes the running statistics: those were copied already
+        assert not torch.equal(model[1].running_mean, expected_model["1.running_mean"])
+        assert not m._pending.staged.is_set()  # the parameters' copy is still held back
+        strategy.step(0.0)  # waits for the copy, then changes parameters and moments
+        assert m._pending.staged.is_set()
+        assert not torch.equal(model[0].weight, expected_model["0.weight"])
+        m.wait()
+        assert m.stats["saves"] == 1 and m.stats["blocking_s"] > 0
+    finally:
+        m.close()
+    model2, strategy2, m2 = built()
+    try:
+        m2.resume(TrainState())
+        assert model2.state_dict().keys() == expected_model.keys()
+        for key, value in model2.state_dict().items():
+            assert torch.equal(value, expected_model[key]), key
+        got = optimizer_state(strategy2)
+        assert len(got) == len(expected_optim) == 6  # two Linear and the BatchNorm, weight and bias each
+        for mine, theirs in zip(got, expected_optim):
+            assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    finally:
+        m2.close()

@@ -237,10 +237,11 @@ def test_corrupt_checkpoints_and_a_crash_before_commit_fall_back_to_a_good_one(r
 
 def test_async_save_snapshots_exactly_while_training_continues(reference, tmp_path, ok):
     run = tmp_path / "async"
-    # Each write is held back 0.5 s: training must run on meanwhile, and what is written must
-    # still be the state of the step the save was taken at.
-    ok(run_cli([*DDP2, f"run.dir={run}", "checkpoint.async=true", "debug.faults=slow_write=0.5"], nproc=2,
-               timeout=300))
+    # Each copy of the parameters and optimizer state is held back 0.2 s (the next optimizer step
+    # must wait for it) and each write 0.5 s more: training must run on meanwhile, and what is
+    # written must still be the state of the step the save was taken at.
+    ok(run_cli([*DDP2, f"run.dir={run}", "checkpoint.async=true", "debug.faults=slow_staging=0.2,slow_write=0.5"],
+               nproc=2, timeout=300))
     stats = read_summary(run)["checkpoint"]
     assert stats["async"] is True and stats["saves"] == 4 and stats["steps_during_writes"] >= 5, stats
     assert_bitwise(train_losses(reference), train_losses(run), range(1, STEPS + 1))

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from dist_train.checkpoint import layout, storage
+
+#: ``defer(path in the state dict, tensor)``: may this tensor be copied after ``stage`` returns?
+Defer = Callable[[Tuple[Any, ...], torch.Tensor], bool]
 
 
 class CheckpointFiles:
@@ -48,12 +51,14 @@ class CheckpointFiles:
         """``{name: (shape, dtype)}`` of the stored model tensors."""
         return storage.tensor_shapes(self.dcp_dir)
 
-    def stage(self, state: Dict[str, Any]) -> Dict[str, Any]:
+    def stage(self, state: Dict[str, Any], defer: Optional[Defer] = None) -> Dict[str, Any]:
         """A host-memory copy of ``state`` (DTensors stay DTensors), so training may change the
-        originals while the copy is written; the stager reuses its buffers for the next save."""
+        originals while the copy is written; the stager reuses its buffers for the next save.
+        ``defer(path, tensor)``: tensors that stay unchanged until the next optimizer step are
+        copied later, by the stager's ``finish`` (see ``Stager``)."""
         if self._stager is None:
             return state
-        return self._stager.stage(state)
+        return self._stager.stage(state, defer)
 
 
 class Stager:
@@ -61,9 +66,19 @@ class Stager:
     into a (contiguous) buffer kept from the previous save (same place in the state dict, same
     shape and dtype), so a save after the first costs one memory copy per tensor and no
     allocation (fresh pages cost a page fault each: a first-touch copy here is 3-4x slower).
-    Buffers are pinned when the tensors come from a GPU, where the device-to-host copies are
-    issued without blocking and waited for once. DTensors (FSDP shards) stay DTensors around a
-    staged local shard. Non-tensor leaves are immutable numbers and strings, or are deep-copied.
+    Buffers are pinned when the tensors come from a GPU. DTensors (FSDP shards) stay DTensors
+    around a staged local shard. Non-tensor leaves are immutable numbers and strings, or are
+    deep-copied.
+
+    Two kinds of copies. Tensors that change in the forward pass (module buffers: BatchNorm's
+    running statistics) are copied in ``stage``, on the training thread (from a GPU: issued without
+    blocking, waited for once). Tensors that ``defer(path, tensor)`` names (parameters and
+    optimizer state: only an optimizer step changes them) are copied by ``finish``, which the
+    writer thread runs while the next forward and backward go on; the strategy waits for it
+    before its next optimizer step (``Strategy.before_update``). From a GPU those copies run on a
+    side stream that first waits for an event recorded on the training stream in ``stage`` (after
+    the last update's kernels), so the copy engine works while the GPU computes; the sources stay
+    alive (this stager holds them) until the side stream is synchronised.
 
     A staged state dict is valid until the next ``stage`` (the manager waits for the previous write
     before it stages again)."""
@@ -71,13 +86,46 @@ class Stager:
     def __init__(self):
         self._buffers: Dict[Tuple[Any, ...], torch.Tensor] = {}
         self._pending_device_copies = False
+        self._defer: Optional[Defer] = None
+        self._deferred: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, source)
+        self._ready: Dict[torch.device, Any] = {}  # device -> CUDA event after the last update
 
-    def stage(self, state: Dict[str, Any]) -> Dict[str, Any]:
+    def stage(self, state: Dict[str, Any], defer: Optional[Defer] = None) -> Dict[str, Any]:
         self._pending_device_copies = False
-        staged = self._copy(state, ())
+        self._deferred, self._ready, self._defer = [], {}, defer
+        try:
+            staged = self._copy(state, ())
+        finally:
+            self._defer = None
         if self._pending_device_copies:
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         return staged
+
+    @property
+    def deferred(self) -> int:
+        """How many copies ``finish`` has still to make."""
+        return len(self._deferred)
+
+    def finish(self) -> None:
+        """Make the deferred copies (any thread); afterwards the staged state dict is complete."""
+        copies, ready = self._deferred, self._ready
+        on_device: Dict[torch.device, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        try:
+            for buf, src in copies:
+                if src.device.type == "cuda":
+                    on_device.setdefault(src.device, []).append((buf, src))
+                else:
+                    buf.copy_(src)
+            for device, pairs in on_device.items():
+                with torch.cuda.device(device):
+                    stream = torch.cuda.Stream(device)
+                    stream.wait_event(ready[device])
+                    with torch.cuda.stream(stream):
+                        for buf, src in pairs:
+                            buf.copy_(src, non_blocking=buf.is_pinned())
+                    stream.synchronize()
+        finally:
+            self._deferred, self._ready = [], {}
 
     def _copy(self, obj: Any, path: Tuple[Any, ...]) -> Any:
         if type(obj) is dict:
@@ -108,6 +156,13 @@ class Stager:
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
             self._buffers[path] = buf
+        if self._defer is not None and self._defer(path, t):
+            if t.device.type == "cuda" and t.device not in self._ready:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(t.device))
+                self._ready[t.device] = event
+            self._deferred.append((buf, t))
+            return buf
         non_blocking = t.device.type == "cuda" and buf.is_pinned()
         buf.copy_(t, non_blocking=non_blocking)
         self._pending_device_copies |= non_blocking

@@ -39,11 +39,13 @@ log = logging.getLogger("dist_train.checkpoint")
 
 
 class _Pending:
-    """One save handed to the background writer: done once committed or failed."""
+    """One save handed to the background writer: ``staged`` once its copy of the state is
+    complete (``fn`` sets it), ``done`` once committed or failed."""
 
-    def __init__(self, step: int, fn: Callable[[], None]):
-        self.step, self.fn, self.error, self.seconds = step, fn, None, 0.0
-        self.done = threading.Event()
+    def __init__(self, step: int):
+        self.step, self.error, self.seconds = step, None, 0.0
+        self.fn: Optional[Callable[[], None]] = None
+        self.staged, self.done = threading.Event(), threading.Event()
 
     def run(self) -> None:
         t0 = time.perf_counter()
@@ -55,6 +57,7 @@ class _Pending:
         finally:
             self.seconds = time.perf_counter() - t0
             self.fn = None  # (the staged state it holds)
+            self.staged.set()  # (already, unless fn failed before it got there)
             self.done.set()
 
 
@@ -112,6 +115,8 @@ class CheckpointManager:
         # steps_during_writes: optimizer steps trained while a save was being written.
         self.stats = {"saves": 0, "blocking_s": 0.0, "final_s": 0.0, "write_s": 0.0, "steps_during_writes": 0,
                       "async": bool(cfg.async_save) and strategy.async_checkpoint}
+        if self.stats["async"]:
+            strategy.before_update = self._wait_staged
         if cfg.async_save and not strategy.async_checkpoint:
             log.warning("checkpoint.async_save: %s writes its own checkpoint synchronously; saving in the foreground",
                         strategy.name)
@@ -189,6 +194,17 @@ class CheckpointManager:
         if pending.error is not None:
             raise CheckpointError(f"checkpoint of step {pending.step} failed: {pending.error}") from pending.error
 
+    def _wait_staged(self) -> None:
+        """The strategy's ``before_update`` under async saves: the step about to change the
+        parameters and the optimizer state waits until the save in flight has copied them (made
+        on the writer thread while this step's forward and backward ran)."""
+        pending = self._pending
+        if pending is None or pending.staged.is_set():
+            return
+        t0 = time.perf_counter()
+        pending.staged.wait()
+        self.stats["blocking_s"] += time.perf_counter() - t0
+
     def save(self, state, blocking: bool = False) -> None:
         """Collective: checkpoint ``state`` and the strategy at this step.
 
@@ -220,7 +236,7 @@ class CheckpointManager:
         if background:  # (a failure, this rank's or another's, is raised by the next wait())
             if self._writer is None:
                 self._writer = _Writer()
-            self._pending = self._writer.submit(_Pending(step, commit))
+            self._pending = self._writer.submit(self._background(step, staging, write, rng, meta, error))
         else:
             t1 = time.perf_counter()
             try:
@@ -232,6 +248,28 @@ class CheckpointManager:
         self.stats["saves"] += 1
         if background:
             self.stats["blocking_s"] += time.perf_counter() - t0
+
+    def _background(self, step: int, staging: str, write: Optional[Callable[[], None]], rng: Any,
+                    meta: Optional[str], error: Optional[BaseException]) -> _Pending:
+        """The writer thread's job for an async save: first the copies ``stage`` deferred (then the
+        next optimizer step may go ahead), then the commit protocol. A failed copy is this rank's
+        failure to prepare: every rank still meets in the commit and aborts the save alike."""
+        pending = _Pending(step)
+
+        def job() -> None:
+            failed = error
+            if failed is None:
+                try:
+                    self.faults.delay("slow_staging")
+                    self._stager.finish()
+                except Exception as exc:  # noqa: BLE001
+                    failed = exc
+                    log.error("rank %d could not copy checkpoint step %d to host memory: %s", self.rank, step, exc)
+            pending.staged.set()
+            self._committer.run(step, staging, write, rng, meta, failed)
+
+        pending.fn = job
+        return pending
 
     def _meta(self, state, small: Dict[str, Any]) -> Dict[str, Any]:
         return {

@@ -19,7 +19,7 @@ INIT_SCHEMES = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform",
 # Image augmentations by name (dist_train/data/transforms.py builds each with fixed parameters).
 AUGMENTATIONS = ("random_crop", "random_resized_crop", "hflip", "vflip", "rotation", "color_jitter",
                  "gaussian_blur", "random_erasing")
-FAULTS = ("after_shards", "slow_write", "step_sleep", "nan", "stall", "crash")
+FAULTS = ("after_shards", "slow_write", "slow_staging", "step_sleep", "nan", "stall", "crash")
 NONFINITE = ("skip", "abort", "rollback")
 # Checkpoint directories are named step_XXXXXXXX (8 digits): a step count past this would make
 # checkpoints that resume cannot find.
@@ -325,8 +325,8 @@ class LoggingConfig:
 @dataclass
 class DebugConfig:
     faults: str = doc("", "fault injection for tests of recovery paths, comma-separated: after_shards[@STEP] (exit "
-                      "before a checkpoint commit), slow_write=SECONDS, step_sleep=SECONDS, nan@STEP[:RANK] (NaN "
-                      "inputs), stall@STEP[:RANK]=SECONDS, crash@STEP[:RANK]; '' in production")
+                      "before a checkpoint commit), slow_write=SECONDS, slow_staging=SECONDS, step_sleep=SECONDS, "
+                      "nan@STEP[:RANK] (NaN inputs), stall@STEP[:RANK]=SECONDS, crash@STEP[:RANK]; '' in production")
     record_sample_ids: bool = doc(False, "each rank appends the dataset indices of every micro-batch to "
                                   "<run.dir>/sample_ids.rank<r>.jsonl (proves a resume neither replays nor skips)")
 

@@ -5,6 +5,8 @@
     after_shards[@STEP]        every rank exits (os._exit(FAULT_EXIT)) after writing its checkpoint
                                files and before the commit (at every save, or only at STEP)
     slow_write=SECONDS         sleep before writing a checkpoint's shards (makes async saves observable)
+    slow_staging=SECONDS       an async save's writer thread sleeps before it copies the parameters and
+                               optimizer state (the next optimizer step must wait for that copy)
     step_sleep=SECONDS         sleep after each optimizer step (gives a test time to send a signal)
     nan@STEP[:RANK]            the inputs of the batch feeding optimizer step STEP become NaN (on
                                RANK only; default every rank); repeatable: nan@5:1,nan@6:1

@@ -30,6 +30,12 @@ from torch import nn
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.collectives import all_reduce
 
+def _storage_ptr(t: torch.Tensor) -> int:
+    """Where a tensor's (or a DTensor's local shard's) memory starts: equal for a parameter and
+    the detached tensor a state dict holds of it."""
+    return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
+
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 Writer = Callable[[], None]
@@ -112,6 +118,12 @@ class Strategy(ABC):
     #: non-finite one can veto the update without another collective.
     global_grad_norm: bool = True
 
+    @staticmethod
+    def before_update() -> None:
+        """Called first thing in ``step``, before anything changes a parameter or the optimizer
+        state. The checkpoint manager of an async save replaces it on the instance with a wait
+        for the save's copy of that state, made while this step's forward and backward ran."""
+
     def __init__(self, cfg, cluster: ClusterEnv, device: torch.device, precision: str,
                  plan: Optional[StepPlan] = None):
         self.cfg = cfg
@@ -161,6 +173,7 @@ class Strategy(ABC):
         (a collective under sharding: every rank must ask alike). ``finite_grads``: also drop the
         update when the global gradient norm is not finite (every rank sees the same global norm;
         under fp16 the gradient scaler decides instead)."""
+        self.before_update()
         self.precision.unscale(self.optimizer)
         per_module = self.module_grad_norms(grad_norms) if grad_norms else None
         norm = self._clip_grad_norm(max_norm)
@@ -235,7 +248,10 @@ class Strategy(ABC):
 
         state = dcp_state.full_state(self.model, self.optimizer)
         if stage:
-            state = files.stage(state)
+            # Parameters and optimizer state are copied while the next forward and backward run
+            # (``before_update`` holds the next optimizer step until they are); buffers at once.
+            params = {_storage_ptr(p) for p in self.model.parameters()}
+            state = files.stage(state, defer=lambda path, t: path[0] == "optim" or _storage_ptr(t) in params)
         return self._small_state(), lambda: files.write_state(state)
 
     def check_checkpoint(self, files, meta: Dict[str, Any], load_optimizer: bool) -> Optional[str]:
