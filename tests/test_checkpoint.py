@@ -294,8 +294,9 @@ def _fsdp_async_save_stages_dtensors(rank: int, world: int, run_dir: str) -> Non
                     for k, v in strategy.model.state_dict().items()}
         m.save(TrainState(step=1))  # returns at once
         assert not m._pending.staged.is_set()
+        strategy.model(torch.randn(4, 1, 8, 8)).sum().backward()  # FSDP's forward and backward meanwhile
         strategy.before_update()  # what Strategy.step does first
-        assert m._pending.staged.is_set()
+        assert m._pending.staged.is_set() and m._pending.dropped is None  # FSDP changed no shard in place
         with torch.no_grad():
             for p in strategy.model.parameters():
                 p.add_(1.0)  # training goes on
@@ -390,3 +391,70 @@ def test_async_save_copies_buffers_at_once_and_waits_before_the_next_update(tmp_
             assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     finally:
         m2.close()
+
+
+def test_an_async_save_whose_copy_was_changed_in_place_is_dropped_and_later_saves_copy_at_once(tmp_path):
+    """A task that clips weights in place (outside the optimizer step) while an async save copies
+    them: the save is dropped (not committed, not an error), training goes on, and the next save
+    copies everything when it is taken, so its checkpoint holds exactly the values of its step.
+    Embeddings with max_norm (renormalised by their forward) are copied at once from the start."""
+    import logging
+
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config import load_config, to_dict
+    from dist_train.env.cluster import detect
+    from dist_train.env.faults import Faults
+    from dist_train.strategy import build_strategy
+    from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+    from dist_train.train.state import TrainState
+    from dist_train.train.step import train_step
+
+    job = load_config(None, ["strategy.name=single", "checkpoint.async_save=true", "train.lr=0.1"])
+    torch.manual_seed(0)
+
+    class Clipped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(8, 4, max_norm=0.5)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.fc.weight.clamp_(-0.3, 0.3)  # WGAN-style clipping, in the forward
+            return self.fc(self.embed(x))
+
+    model = Clipped()
+    strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32")
+    strategy.setup(model, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+    m = CheckpointManager(job.checkpoint, str(tmp_path / "run"), strategy, config=to_dict(job), micro_global_batch=16,
+                          grad_accum_steps=1, seed=0, faults=Faults("slow_staging=0.2"))
+    data = iter(lambda: (torch.randint(0, 8, (16,)), torch.randint(0, 3, (16,))), None)
+    try:
+        train_step(strategy, data, job.train)
+        m.save(TrainState(step=1))
+        deferred = {"/".join(map(str, src[0])) for src in m._stager._versions}
+        assert "model/fc.weight" in deferred and "model/embed.weight" not in deferred  # max_norm: at once
+        warnings = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: warnings.append(record.getMessage())
+        logging.getLogger("dist_train.checkpoint").addHandler(handler)
+        try:
+            train_step(strategy, data, job.train)  # the forward clips fc.weight while it is being copied
+        finally:
+            logging.getLogger("dist_train.checkpoint").removeHandler(handler)
+        assert any("checkpoint of step 1 is dropped: model/fc.weight changed in place" in w for w in warnings), warnings
+        m.save(TrainState(step=2))  # waits for (and forgives) the dropped one; copies everything now
+        assert m._stager.eager and m._stager.deferred == 0
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        train_step(strategy, data, job.train)
+        m.wait()
+        assert m.stats["dropped_saves"] == 1 and "failed_saves" not in m.stats
+        ckpts = tmp_path / "run" / "checkpoints"
+        assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_00000002"]
+        assert not [p for p in ckpts.iterdir() if p.name.startswith(".staging")]
+        saved = storage.load_full_model(str(ckpts / "step_00000002" / "dcp"))
+        assert all(torch.equal(saved[k], v) for k, v in expected.items())
+        assert m.last_step == 2
+    finally:
+        m.close()
+    assert "before_update" not in strategy.__dict__  # close() takes its hook back

@@ -244,6 +244,7 @@ def test_async_save_snapshots_exactly_while_training_continues(reference, tmp_pa
                nproc=2, timeout=300))
     stats = read_summary(run)["checkpoint"]
     assert stats["async"] is True and stats["saves"] == 4 and stats["steps_during_writes"] >= 5, stats
+    assert "dropped_saves" not in stats and "failed_saves" not in stats, stats
     assert_bitwise(train_losses(reference), train_losses(run), range(1, STEPS + 1))
     assert latest(run) == "step_00000060"  # the final save was waited for before exit
     for step in (30, 45, 60):

@@ -125,6 +125,16 @@ def test_an_optimizer_without_state_is_initialised_by_get_state_dict():
     assert dcp_state._replays.get(opt) is not None
 
 
+def test_a_first_call_that_leaves_the_optimizer_without_state_learns_later():
+    model = nn.Linear(3, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()  # gradients exist: get_state_dict does not step
+    assert dcp_state.full_state(model, opt)["optim"]["state"] == {}
+    assert opt not in dcp_state._replays  # not judged yet
+    opt.step()
+    _check(model, opt)
+
+
 def _distributed(rank: int, world: int, kind: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor

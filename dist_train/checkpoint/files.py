@@ -70,15 +70,22 @@ class Stager:
     around a staged local shard. Non-tensor leaves are immutable numbers and strings, or are
     deep-copied.
 
-    Two kinds of copies. Tensors that change in the forward pass (module buffers: BatchNorm's
-    running statistics) are copied in ``stage``, on the training thread (from a GPU: issued without
-    blocking, waited for once). Tensors that ``defer(path, tensor)`` names (parameters and
-    optimizer state: only an optimizer step changes them) are copied by ``finish``, which the
-    writer thread runs while the next forward and backward go on; the strategy waits for it
-    before its next optimizer step (``Strategy.before_update``). From a GPU those copies run on a
-    side stream that first waits for an event recorded on the training stream in ``stage`` (after
-    the last update's kernels), so the copy engine works while the GPU computes; the sources stay
-    alive (this stager holds them) until the side stream is synchronised.
+    Two kinds of copies. Most tensors are copied in ``stage``, on the training thread (from a GPU:
+    issued without blocking, waited for once). Tensors that ``defer(path, tensor)`` names (the
+    strategy names its trainable parameters and the optimizer state: only an optimizer step should
+    change them) are copied by ``finish``, which the writer thread runs while the next forward and
+    backward go on; the strategy waits for it before its next optimizer step
+    (``Strategy.before_update``). From a GPU those copies run on a side stream that first waits for
+    an event recorded on the training stream in ``stage`` (after the last update's kernels), so the
+    copy engine works while the GPU computes; the sources stay alive (this stager holds them) until
+    the side stream is synchronised.
+
+    Code that changes a parameter in place outside the optimizer step (a task that clips weights,
+    an ``Embedding`` with ``max_norm`` the strategy did not name) would race that copy: each
+    deferred source's version counter is taken in ``stage``, and ``changed`` (on the training
+    thread, at the wait) names those that moved. The manager then drops the save and sets
+    ``eager``: every later save copies everything in ``stage``. (A change through ``.data`` moves
+    no version counter: it cannot be seen.)
 
     A staged state dict is valid until the next ``stage`` (the manager waits for the previous write
     before it stages again)."""
@@ -88,13 +95,19 @@ class Stager:
         self._pending_device_copies = False
         self._defer: Optional[Defer] = None
         self._deferred: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, source)
+        self._versions: List[Tuple[Tuple[Any, ...], torch.Tensor, int]] = []  # (path, source, version)
         self._ready: Dict[torch.device, Any] = {}  # device -> CUDA event after the last update
+        self.eager = False  # copy everything in stage (set after a deferred source changed)
 
     def stage(self, state: Dict[str, Any], defer: Optional[Defer] = None) -> Dict[str, Any]:
         self._pending_device_copies = False
-        self._deferred, self._ready, self._defer = [], {}, defer
+        self._deferred, self._versions, self._ready = [], [], {}
+        self._defer = None if self.eager else defer
         try:
             staged = self._copy(state, ())
+        except BaseException:
+            self.discard()
+            raise
         finally:
             self._defer = None
         if self._pending_device_copies:
@@ -110,22 +123,33 @@ class Stager:
         """Make the deferred copies (any thread); afterwards the staged state dict is complete."""
         copies, ready = self._deferred, self._ready
         on_device: Dict[torch.device, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
-        try:
-            for buf, src in copies:
-                if src.device.type == "cuda":
-                    on_device.setdefault(src.device, []).append((buf, src))
-                else:
-                    buf.copy_(src)
-            for device, pairs in on_device.items():
-                with torch.cuda.device(device):
-                    stream = torch.cuda.Stream(device)
-                    stream.wait_event(ready[device])
+        for buf, src in copies:
+            if src.device.type == "cuda":
+                on_device.setdefault(src.device, []).append((buf, src))
+            else:
+                buf.copy_(src)
+        for device, pairs in on_device.items():
+            with torch.cuda.device(device):
+                stream = torch.cuda.Stream(device)
+                stream.wait_event(ready[device])
+                try:
                     with torch.cuda.stream(stream):
                         for buf, src in pairs:
                             buf.copy_(src, non_blocking=buf.is_pinned())
-                    stream.synchronize()
-        finally:
-            self._deferred, self._ready = [], {}
+                finally:
+                    stream.synchronize()  # (also after a failure: no copy still reads a source)
+        self._deferred, self._ready = [], {}
+
+    def changed(self) -> List[str]:
+        """The deferred sources changed in place since ``stage`` (as ``model/0.weight``); call on
+        the training thread, once the copies are made and before the optimizer step."""
+        moved = ["/".join(str(k) for k in path) for path, src, version in self._versions if src._version != version]
+        self._versions = []
+        return moved
+
+    def discard(self) -> None:
+        """Forget the deferred copies (their save failed before the writer took them)."""
+        self._deferred, self._versions, self._ready = [], [], {}
 
     def _copy(self, obj: Any, path: Tuple[Any, ...]) -> Any:
         if type(obj) is dict:
@@ -162,6 +186,7 @@ class Stager:
                 event.record(torch.cuda.current_stream(t.device))
                 self._ready[t.device] = event
             self._deferred.append((buf, t))
+            self._versions.append((path, t, t._version))
             return buf
         non_blocking = t.device.type == "cuda" and buf.is_pinned()
         buf.copy_(t, non_blocking=non_blocking)
@@ -169,4 +194,5 @@ class Stager:
         return buf
 
     def close(self) -> None:
+        self.discard()
         self._buffers.clear()

@@ -10,7 +10,9 @@ meta.json) and a function that writes the rest into a ``CheckpointFiles`` (``fil
 
 Every public method is called on every rank: the collectives inside never depend on the rank.
 Checkpoint collectives run on their own gloo group, so an async save's background thread never
-interleaves with the training collectives on the default group.
+interleaves with the training collectives on the default group. The one collective of an async
+save on the training thread (the ranks' verdict on its deferred copy, ``_wait_staged``) runs on the
+default group, at the next optimizer step or ``wait``, alike on every rank.
 
 A save, on every rank: take what must be taken at this step (RNG states, meta.json's contents, the
 strategy's state, copied to host memory when written in the background), then hand the writing to
@@ -32,6 +34,7 @@ from dist_train.checkpoint import layout
 from dist_train.checkpoint.commit import CheckpointGroup, Committer
 from dist_train.checkpoint.files import CheckpointFiles, Stager
 from dist_train.checkpoint.restore import CheckpointError, CheckpointRefused, Restorer
+from dist_train.env import collectives
 from dist_train.env.faults import NO_FAULTS, Faults
 from dist_train.env.seed import rng_state
 
@@ -40,12 +43,15 @@ log = logging.getLogger("dist_train.checkpoint")
 
 class _Pending:
     """One save handed to the background writer: ``staged`` once its copy of the state is
-    complete (``fn`` sets it), ``done`` once committed or failed."""
+    complete (``fn`` sets it); ``checked`` once the training thread has seen whether anything
+    changed what was copied (then ``dropped`` says why the save must not be committed); ``done``
+    once committed, failed or dropped."""
 
     def __init__(self, step: int):
         self.step, self.error, self.seconds = step, None, 0.0
         self.fn: Optional[Callable[[], None]] = None
-        self.staged, self.done = threading.Event(), threading.Event()
+        self.staged, self.checked, self.done = threading.Event(), threading.Event(), threading.Event()
+        self.dropped: Optional[str] = None
 
     def run(self) -> None:
         t0 = time.perf_counter()
@@ -53,7 +59,8 @@ class _Pending:
             self.fn()
         except BaseException as exc:  # noqa: BLE001  (raised on the main thread by wait())
             self.error = exc
-            log.error("background checkpoint of step %d failed: %s", self.step, exc)
+            if self.dropped is None:
+                log.error("background checkpoint of step %d failed: %s", self.step, exc)
         finally:
             self.seconds = time.perf_counter() - t0
             self.fn = None  # (the staged state it holds)
@@ -183,27 +190,52 @@ class CheckpointManager:
             self.stats["blocking_s"] = blocked
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is committed; raise if it failed."""
-        pending, self._pending = self._pending, None
+        """Block until the save in flight (if any) is committed; raise if it failed. Collective
+        while that save's copy is unchecked (see ``_wait_staged``)."""
+        pending = self._pending
         if pending is None:
             return
+        self._wait_staged()
+        self._pending = None
         t0 = time.perf_counter()
         pending.done.wait()
         self.stats["blocking_s"] += time.perf_counter() - t0
         self.stats["write_s"] += pending.seconds
+        if pending.dropped is not None:
+            self.stats["dropped_saves"] = self.stats.get("dropped_saves", 0) + 1
+            if self.last_step == pending.step:
+                self.last_step = None  # so the end of the run saves again
+            return
         if pending.error is not None:
             raise CheckpointError(f"checkpoint of step {pending.step} failed: {pending.error}") from pending.error
 
     def _wait_staged(self) -> None:
-        """The strategy's ``before_update`` under async saves: the step about to change the
-        parameters and the optimizer state waits until the save in flight has copied them (made
-        on the writer thread while this step's forward and backward ran)."""
+        """The strategy's ``before_update`` under async saves, and the first part of ``wait``: the
+        step about to change the parameters and the optimizer state waits until the save in
+        flight has copied them (on the writer thread, while this step's forward and backward ran).
+        Then, once per save and alike on every rank (a collective on the training group), whether
+        any rank saw a copied tensor change in place meanwhile (``Stager.changed``): if so, the
+        save is dropped instead of committed (its copy may mix two steps) and every later save
+        copies everything at once."""
         pending = self._pending
-        if pending is None or pending.staged.is_set():
+        if pending is None or pending.checked.is_set():
             return
         t0 = time.perf_counter()
-        pending.staged.wait()
-        self.stats["blocking_s"] += time.perf_counter() - t0
+        try:
+            pending.staged.wait()
+            moved = self._stager.changed()
+            if collectives.any_true(bool(moved), device=self.strategy.device):
+                self._stager.eager = True
+                pending.dropped = (f"a tensor it was copying changed outside the optimizer step "
+                                   f"({', '.join(moved[:3]) or 'on another rank'}); dropped, not committed")
+                log.warning("rank %d: checkpoint of step %d is dropped: %s changed in place between the save and "
+                            "the next optimizer step (in the forward, or in the task: weight clipping, a "
+                            "max_norm embedding?), while the background save was copying it. From now on async "
+                            "saves copy all state when they are taken (training waits for that copy)",
+                            self.rank, pending.step, ", ".join(moved[:5]) or "a parameter on another rank")
+        finally:
+            pending.checked.set()
+            self.stats["blocking_s"] += time.perf_counter() - t0
 
     def save(self, state, blocking: bool = False) -> None:
         """Collective: checkpoint ``state`` and the strategy at this step.
@@ -252,9 +284,17 @@ class CheckpointManager:
     def _background(self, step: int, staging: str, write: Optional[Callable[[], None]], rng: Any,
                     meta: Optional[str], error: Optional[BaseException]) -> _Pending:
         """The writer thread's job for an async save: first the copies ``stage`` deferred (then the
-        next optimizer step may go ahead), then the commit protocol. A failed copy is this rank's
-        failure to prepare: every rank still meets in the commit and aborts the save alike."""
+        next optimizer step may go ahead), then the commit protocol, whose write also waits for the
+        training thread's verdict on those copies (a dropped save fails its write on every rank,
+        so all abort it alike). A failed copy is this rank's failure to prepare: every rank still
+        meets in the commit and aborts the save alike."""
         pending = _Pending(step)
+
+        def checked_write() -> None:
+            write()
+            pending.checked.wait()  # the training thread's verdict on the copy (_wait_staged)
+            if pending.dropped is not None:
+                raise RuntimeError(pending.dropped)
 
         def job() -> None:
             failed = error
@@ -265,8 +305,10 @@ class CheckpointManager:
                 except Exception as exc:  # noqa: BLE001
                     failed = exc
                     log.error("rank %d could not copy checkpoint step %d to host memory: %s", self.rank, step, exc)
+            else:
+                self._stager.discard()
             pending.staged.set()
-            self._committer.run(step, staging, write, rng, meta, failed)
+            self._committer.run(step, staging, checked_write if write is not None else None, rng, meta, failed)
 
         pending.fn = job
         return pending
@@ -291,6 +333,11 @@ class CheckpointManager:
     def close(self) -> None:
         """Release the staging buffers. A save still in flight here means the run failed: it is
         not waited for (peers may be gone); its staging dir is removed at the next start."""
+        pending = self._pending
+        if pending is not None and not pending.checked.is_set():
+            pending.dropped = "the run stopped before the save's copy was checked"
+            pending.checked.set()  # (its writer, blocked on the verdict, aborts the save)
+        self.strategy.__dict__.pop("before_update", None)
         if self._writer is not None:
             self._writer.stop()
             self._writer = None

@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.collectives import all_reduce
+
 
 def _storage_ptr(t: torch.Tensor) -> int:
     """Where a tensor's (or a DTensor's local shard's) memory starts: equal for a parameter and
@@ -248,11 +249,22 @@ class Strategy(ABC):
 
         state = dcp_state.full_state(self.model, self.optimizer)
         if stage:
-            # Parameters and optimizer state are copied while the next forward and backward run
-            # (``before_update`` holds the next optimizer step until they are); buffers at once.
-            params = {_storage_ptr(p) for p in self.model.parameters()}
-            state = files.stage(state, defer=lambda path, t: path[0] == "optim" or _storage_ptr(t) in params)
+            # The optimizer's state and the parameters only its step changes are copied while the
+            # next forward and backward run (``before_update`` holds that step until they are);
+            # buffers, frozen parameters and the rest at once.
+            stepped = self._changed_only_by_step()
+            state = files.stage(state, defer=lambda path, t: path[0] == "optim" or _storage_ptr(t) in stepped)
         return self._small_state(), lambda: files.write_state(state)
+
+    def _changed_only_by_step(self) -> Set[int]:
+        """The memory (``_storage_ptr``) of the parameters that only the optimizer step changes:
+        trainable ones the optimizer holds, except the weights of embeddings with ``max_norm``
+        (renormalised in place by their forward)."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        renormed = {id(m.weight) for m in self.model.modules()
+                    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None}
+        return {_storage_ptr(p) for p in self.model.parameters()
+                if p.requires_grad and id(p) in held and id(p) not in renormed}
 
     def check_checkpoint(self, files, meta: Dict[str, Any], load_optimizer: bool) -> Optional[str]:
         """Why this strategy cannot load the checkpoint described by ``meta`` (None: it can)."""

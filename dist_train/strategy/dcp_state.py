@@ -44,7 +44,9 @@ def full_state(model: nn.Module, optimizer) -> Dict[str, Any]:
     if state is None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        if replay is not None:  # first seen, or changed since: learn (again); None: not replayable
+        # First seen, or changed since: learn (again); None: not replayable. Not while the
+        # optimizer has no state (get_state_dict leaves it empty when gradients exist): later.
+        if replay is not None and optimizer.state:
             _replays[optimizer] = _Replay.learn(model, optimizer, state)
     return state
 

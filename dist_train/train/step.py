@@ -49,6 +49,8 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
             for key, value in extra.items():
                 metrics[key] = metrics.get(key, 0) + value.float() / accum
     mean = total / accum
+    with clock("checkpoint"):
+        strategy.before_update()  # an async save's copy of what the step changes (else nothing)
     with clock("optimizer"):
         apply = veto is None or not veto(mean)
         result = strategy.step(train_cfg.grad_clip, apply, grad_norms, finite_grads=finite_grads)
