@@ -145,8 +145,8 @@ def _distributed(rank: int, world: int, kind: str) -> None:
         model = nn.parallel.DistributedDataParallel(model)
     else:
         for layer in (model[0], model[2]):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, reshard_after_forward=False)
+        fully_shard(model, reshard_after_forward=False)
     opt = torch.optim.AdamW(model.parameters())
     for _ in range(2):
         _trained(model, opt, torch.randn(4, 8))
@@ -154,6 +154,14 @@ def _distributed(rank: int, world: int, kind: str) -> None:
     assert list(got["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
     if kind == "fsdp":
         assert all(isinstance(v, DTensor) for v in got["model"].values())
+        # An evaluation forward that leaves the unsharded parameters registered: still replayed.
+        replay = dcp_state._replays[opt]
+        with torch.no_grad():
+            model(torch.randn(4, 8))
+        got = dcp_state.full_state(model, opt)
+        assert dcp_state._replays[opt] is replay and all(isinstance(v, DTensor) for v in got["model"].values())
+        model_sd, optim_sd = get_state_dict(model, opt)
+        assert dcp_state._same(got, {"model": model_sd, "optim": optim_sd})
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

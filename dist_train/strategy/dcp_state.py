@@ -84,11 +84,13 @@ class _Replay:
         params = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
             return None
-        named = list(model.named_parameters())
-        if len(named) != len(self.named) or any(a[0] != b[0] or a[1] is not b[1] for a, b in zip(named, self.named)):
-            return None
+        # state_dict() first: FSDP2's pre-hook registers the sharded parameters again (after a
+        # forward without resharding the module holds the unsharded ones).
         model_sd = model.state_dict()
         if tuple(model_sd.keys()) != self.keys:
+            return None
+        named = list(model.named_parameters())
+        if len(named) != len(self.named) or any(a[0] != b[0] or a[1] is not b[1] for a, b in zip(named, self.named)):
             return None
         for key in self.keys:
             if key in self.renames:
