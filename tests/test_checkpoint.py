@@ -306,6 +306,20 @@ def _fsdp_async_save_stages_dtensors(rank: int, world: int, run_dir: str) -> Non
         assert set(saved) == set(expected)
         for key, value in expected.items():
             assert torch.equal(saved[key], value), key
+        # Rank 1 alone changes a sharded parameter in place before the next update (through the
+        # DTensor, as a task's weight clipping would): both ranks drop that save alike.
+        m.save(TrainState(step=2))
+        if rank == 1:
+            with torch.no_grad():
+                next(strategy.model.parameters()).clamp_(-0.01, 0.01)
+        strategy.before_update()
+        assert m._pending.dropped is not None, rank
+        m.wait()
+        m.group.barrier()
+        assert m.stats["dropped_saves"] == 1 and "failed_saves" not in m.stats and m._stager.eager
+        assert sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith("step_")) \
+            == ["step_00000001"]
+        assert m.last_step is None  # the end of the run saves again
     finally:
         m.close()
 
@@ -458,3 +472,62 @@ def test_an_async_save_whose_copy_was_changed_in_place_is_dropped_and_later_save
     finally:
         m.close()
     assert "before_update" not in strategy.__dict__  # close() takes its hook back
+
+
+def _clipping_run(tmp_path, faults=""):
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config import load_config, to_dict
+    from dist_train.env.cluster import detect
+    from dist_train.env.faults import Faults
+    from dist_train.strategy import build_strategy
+    from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+
+    job = load_config(None, ["strategy.name=single", "checkpoint.async_save=true", "train.lr=0.1"])
+    torch.manual_seed(0)
+
+    class Clipping(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.fc.weight.clamp_(-0.3, 0.3)
+            return self.fc(x)
+
+    strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32")
+    strategy.setup(Clipping(), make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+    m = CheckpointManager(job.checkpoint, str(tmp_path / "run"), strategy, config=to_dict(job), micro_global_batch=16,
+                          grad_accum_steps=1, seed=0, faults=Faults(faults))
+    data = iter(lambda: (torch.randn(16, 4), torch.randint(0, 3, (16,))), None)
+    return job, strategy, m, data
+
+
+def test_a_dropped_last_save_is_saved_again_at_the_end_and_close_drops_an_unchecked_one(tmp_path):
+    from dist_train.train.state import TrainState
+    from dist_train.train.step import train_step
+
+    job, strategy, m, data = _clipping_run(tmp_path)
+    try:
+        train_step(strategy, data, job.train)
+        m.save(TrainState(step=1))
+        train_step(strategy, data, job.train)  # clips while the copy is made: dropped
+        expected = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+        m.finalize(TrainState(step=2))  # the dropped save was the last one: saved again, at once
+        assert m.stats["dropped_saves"] == 1 and m.last_step == 2
+        ckpts = tmp_path / "run" / "checkpoints"
+        assert layout.read_latest(str(ckpts)) == "step_00000002"
+        assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(("step_", ".staging"))) == ["step_00000002"]
+        saved = storage.load_full_model(str(ckpts / "step_00000002" / "dcp"))
+        assert all(torch.equal(saved[k], v) for k, v in expected.items())
+    finally:
+        m.close()
+
+    job, strategy, m, data = _clipping_run(tmp_path / "closed")
+    train_step(strategy, data, job.train)
+    m.save(TrainState(step=1))
+    pending = m._pending
+    m.close()  # (a run that failed before its next step): the unchecked save is never committed
+    assert pending.done.wait(60) and pending.dropped is not None
+    assert not (tmp_path / "closed" / "run" / "checkpoints" / "step_00000001").exists()
+    assert "before_update" not in strategy.__dict__

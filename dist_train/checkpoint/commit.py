@@ -30,6 +30,11 @@ from dist_train.env.faults import Faults
 log = logging.getLogger("dist_train.checkpoint")
 
 
+class SaveDropped(RuntimeError):
+    """Raised by an async save's write when the ranks agreed not to commit it (see
+    ``CheckpointManager._wait_staged``): every rank aborts the save without calling it a failure."""
+
+
 class CheckpointGroup:
     """The collectives a checkpoint needs, on its own gloo group (identity without a process group)."""
 
@@ -85,7 +90,9 @@ class Committer:
                 layout.write_staged(os.path.join(staging, layout.META), layout.json_bytes(json.loads(meta)))
         except Exception as exc:  # noqa: BLE001
             error = error or exc
-        if error is not None:
+        if isinstance(error, SaveDropped):
+            pass  # (the manager has said why, on the training thread)
+        elif error is not None:
             log.error("rank %d could not write checkpoint step %d: %s", self.rank, step, error)
         self.faults.crash_point("after_shards", step)
         if not self.group.all_ok(error is None):

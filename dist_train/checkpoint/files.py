@@ -145,7 +145,7 @@ class Stager:
         the training thread, once the copies are made and before the optimizer step."""
         moved = ["/".join(str(k) for k in path) for path, src, version in self._versions if src._version != version]
         self._versions = []
-        return moved
+        return list(dict.fromkeys(moved))
 
     def discard(self) -> None:
         """Forget the deferred copies (their save failed before the writer took them)."""
@@ -166,13 +166,15 @@ class Stager:
             if isinstance(obj, DTensor):
                 # Built around the host copy directly: DTensor.from_local would move it back to
                 # the mesh's device (a second copy of every shard on the GPU during the write).
-                return DTensor(self._tensor(obj.to_local(), path), obj._spec, requires_grad=False)
+                # Watched for changes through the DTensor itself: in-place ops on the parameter
+                # move its version counter, not the local shard's.
+                return DTensor(self._tensor(obj.to_local(), path, watch=obj), obj._spec, requires_grad=False)
             return self._tensor(obj, path)
         if obj is None or isinstance(obj, (int, float, str, bytes, bool, torch.dtype, torch.device)):
             return obj
         return copy.deepcopy(obj)
 
-    def _tensor(self, t: torch.Tensor, path: Tuple[Any, ...]) -> torch.Tensor:
+    def _tensor(self, t: torch.Tensor, path: Tuple[Any, ...], watch: Optional[torch.Tensor] = None) -> torch.Tensor:
         t = t.detach()
         buf = self._buffers.get(path)
         # Contiguous buffers: a broadcast or overlapping view (stride 0) could not be written into
@@ -187,6 +189,8 @@ class Stager:
                 self._ready[t.device] = event
             self._deferred.append((buf, t))
             self._versions.append((path, t, t._version))
+            if watch is not None:
+                self._versions.append((path, watch, watch._version))
             return buf
         non_blocking = t.device.type == "cuda" and buf.is_pinned()
         buf.copy_(t, non_blocking=non_blocking)

@@ -11,8 +11,8 @@ meta.json) and a function that writes the rest into a ``CheckpointFiles`` (``fil
 Every public method is called on every rank: the collectives inside never depend on the rank.
 Checkpoint collectives run on their own gloo group, so an async save's background thread never
 interleaves with the training collectives on the default group. The one collective of an async
-save on the training thread (the ranks' verdict on its deferred copy, ``_wait_staged``) runs on the
-default group, at the next optimizer step or ``wait``, alike on every rank.
+save on the training thread (the ranks' verdict on its deferred copy, ``_wait_staged``) runs on a
+third gloo group, at the next optimizer step, ``settle`` or ``wait``, alike on every rank.
 
 A save, on every rank: take what must be taken at this step (RNG states, meta.json's contents, the
 strategy's state, copied to host memory when written in the background), then hand the writing to
@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from dist_train.checkpoint import layout
-from dist_train.checkpoint.commit import CheckpointGroup, Committer
+from dist_train.checkpoint.commit import CheckpointGroup, Committer, SaveDropped
 from dist_train.checkpoint.files import CheckpointFiles, Stager
 from dist_train.checkpoint.restore import CheckpointError, CheckpointRefused, Restorer
 from dist_train.env import collectives
@@ -122,6 +122,9 @@ class CheckpointManager:
         # steps_during_writes: optimizer steps trained while a save was being written.
         self.stats = {"saves": 0, "blocking_s": 0.0, "final_s": 0.0, "write_s": 0.0, "steps_during_writes": 0,
                       "async": bool(cfg.async_save) and strategy.async_checkpoint}
+        # The ranks' verdict on an async save's deferred copy is taken on the training thread: on
+        # a group of its own (host-side gloo: no GPU sync, never interleaved with the writer's).
+        self._verdict_pg = collectives.new_gloo_group() if self.stats["async"] else None
         if self.stats["async"]:
             strategy.before_update = self._wait_staged
         if cfg.async_save and not strategy.async_checkpoint:
@@ -213,10 +216,11 @@ class CheckpointManager:
         """The strategy's ``before_update`` under async saves, and the first part of ``wait``: the
         step about to change the parameters and the optimizer state waits until the save in
         flight has copied them (on the writer thread, while this step's forward and backward ran).
-        Then, once per save and alike on every rank (a collective on the training group), whether
-        any rank saw a copied tensor change in place meanwhile (``Stager.changed``): if so, the
-        save is dropped instead of committed (its copy may mix two steps) and every later save
-        copies everything at once."""
+        Then, once per save and alike on every rank (a collective on a gloo group of its own),
+        whether any rank saw a copied tensor change in place meanwhile (``Stager.changed``): if so,
+        the save is dropped instead of committed (its copy may mix two steps; its writer waits for
+        this verdict before the commit's agreement) and every later save copies everything at once.
+        A verdict that cannot be reached (an interrupt, a timeout) drops the save too."""
         pending = self._pending
         if pending is None or pending.checked.is_set():
             return
@@ -224,18 +228,27 @@ class CheckpointManager:
         try:
             pending.staged.wait()
             moved = self._stager.changed()
-            if collectives.any_true(bool(moved), device=self.strategy.device):
+            if collectives.any_true(bool(moved), group=self._verdict_pg) if self.world > 1 else moved:
                 self._stager.eager = True
                 pending.dropped = (f"a tensor it was copying changed outside the optimizer step "
                                    f"({', '.join(moved[:3]) or 'on another rank'}); dropped, not committed")
-                log.warning("rank %d: checkpoint of step %d is dropped: %s changed in place between the save and "
+                (log.warning if moved or self.rank0 else log.debug)("rank %d: checkpoint of step %d is dropped: %s changed in place between the save and "
                             "the next optimizer step (in the forward, or in the task: weight clipping, a "
                             "max_norm embedding?), while the background save was copying it. From now on async "
                             "saves copy all state when they are taken (training waits for that copy)",
                             self.rank, pending.step, ", ".join(moved[:5]) or "a parameter on another rank")
+        except BaseException:
+            pending.dropped = pending.dropped or "its copy could not be checked"  # (never committed unchecked)
+            raise
         finally:
             pending.checked.set()
             self.stats["blocking_s"] += time.perf_counter() - t0
+
+    def settle(self) -> None:
+        """Give the save in flight its verdict now (see ``_wait_staged``), so that its writer can
+        commit it without waiting for another optimizer step (the loop calls this before the
+        final evaluation). Collective while that save's copy is unchecked."""
+        self._wait_staged()
 
     def save(self, state, blocking: bool = False) -> None:
         """Collective: checkpoint ``state`` and the strategy at this step.
@@ -294,7 +307,7 @@ class CheckpointManager:
             write()
             pending.checked.wait()  # the training thread's verdict on the copy (_wait_staged)
             if pending.dropped is not None:
-                raise RuntimeError(pending.dropped)
+                raise SaveDropped(pending.dropped)
 
         def job() -> None:
             failed = error
@@ -337,7 +350,8 @@ class CheckpointManager:
         if pending is not None and not pending.checked.is_set():
             pending.dropped = "the run stopped before the save's copy was checked"
             pending.checked.set()  # (its writer, blocked on the verdict, aborts the save)
-        self.strategy.__dict__.pop("before_update", None)
+        if self.strategy.__dict__.get("before_update") == self._wait_staged:
+            del self.strategy.before_update
         if self._writer is not None:
             self._writer.stop()
             self._writer = None

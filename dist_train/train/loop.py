@@ -73,6 +73,8 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         if state.step == first + 1 and timeout_s:
             set_collective_timeout(timeout_s)
     if not stopping:
+        with clock("checkpoint"):
+            checkpointer.settle()  # an async save of the last step commits during the final evaluation
         with clock("evaluation"):
             evaluator.final(state.step)
     return stopping
