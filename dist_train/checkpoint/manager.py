@@ -232,11 +232,12 @@ class CheckpointManager:
                 self._stager.eager = True
                 pending.dropped = (f"a tensor it was copying changed outside the optimizer step "
                                    f"({', '.join(moved[:3]) or 'on another rank'}); dropped, not committed")
-                (log.warning if moved or self.rank0 else log.debug)("rank %d: checkpoint of step %d is dropped: %s changed in place between the save and "
-                            "the next optimizer step (in the forward, or in the task: weight clipping, a "
-                            "max_norm embedding?), while the background save was copying it. From now on async "
-                            "saves copy all state when they are taken (training waits for that copy)",
-                            self.rank, pending.step, ", ".join(moved[:5]) or "a parameter on another rank")
+                say = log.warning if moved or self.rank0 else log.debug  # (the ranks that saw it, and rank 0)
+                say("rank %d: checkpoint of step %d is dropped: %s changed in place between the save and the next "
+                    "optimizer step (in the forward, or in the task: weight clipping, a max_norm embedding?), while "
+                    "the background save was copying it. From now on async saves copy all state when they are "
+                    "taken (training waits for that copy)",
+                    self.rank, pending.step, ", ".join(moved[:5]) or "a parameter on another rank")
         except BaseException:
             pending.dropped = pending.dropped or "its copy could not be checked"  # (never committed unchecked)
             raise
