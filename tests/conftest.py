@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,8 +18,35 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[1]
 
 
+_handed_out: set = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port for a server started later (torchrun, a store, the next job of a batch).
+
+    Taken below the kernel's ephemeral range: a port from ``bind(0)`` comes from that range, so
+    between now and its use any outgoing connection (gloo's, a store client's) may be given it as
+    its own local port, and the server then fails with EADDRINUSE (seen: a batch job's store in
+    test_parity). Ports below the range are only ever taken by an explicit bind. Never the same
+    port twice in one test session."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    rng = random.SystemRandom()
+    for _ in range(200 if ephemeral_low > 12000 else 0):
+        port = rng.randrange(10000, ephemeral_low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # (no room below the range: the kernel's choice)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
