@@ -12,7 +12,8 @@ fsync (a checkpoint that is not on disk is not one). Rounds alternate the two si
 - dist_train save: everything a real checkpoint does: staging dir, RNG and meta files, DCP shards,
   checksums, manifest, fsyncs, rename, ``latest``, retention.
 - plain load: ``torch.load(weights_only=True)`` + ``load_state_dict`` of model and optimizer.
-- dist_train load: what a resume does: choose the newest checkpoint, verify every checksum, DCP
+- dist_train load: what a resume does: choose the newest checkpoint, verify every checksum (the DCP
+  shards while they are read), DCP
   load, set model/optimizer/scheduler state, RNG, train state.
 - async: the time training is blocked: ``save()`` (RNG states, meta.json's contents, the buffers'
   host copy) plus the wait before the next optimizer step for the copy of parameters and optimizer
@@ -162,7 +163,7 @@ def print_size(m: Dict[str, float], repeats: int) -> None:
           f"{m['dt_save'] * 1e3:9.1f} ms {rate(m['dt_save'])} | ratio {m['dt_save'] / m['plain_save']:.2f}x")
     print(f"  load   plain torch.load       {m['plain_load'] * 1e3:9.1f} ms {rate(m['plain_load'])} | dist_train "
           f"{m['dt_load'] * 1e3:9.1f} ms {rate(m['dt_load'])} | ratio {m['dt_load'] / m['plain_load']:.2f}x"
-          "  (dist_train verifies every checksum first)")
+          "  (dist_train verifies every checksum)")
     print(f"  async  blocks training {m['async_block'] * 1e3:9.1f} ms (in save() and waiting before the next update), "
           f"committed after {m['async_total'] * 1e3:9.1f} ms "
           f"| blocking / dist_train sync save {m['async_block'] / m['dt_save']:.2f}x, "

@@ -94,8 +94,18 @@ def check_file(path: str, entry: dict) -> Optional[str]:
     algorithm = algorithm_of(entry)
     if algorithm is None:
         return f"no checksum in the manifest (expected one of {', '.join(_ALGORITHMS)})"
-    digest = hash_file(path, algorithm)[algorithm]
-    expected = str(entry[algorithm])
+    return mismatch(hash_file(path, algorithm), entry)
+
+
+def mismatch(found: dict, entry: dict) -> Optional[str]:
+    """None when ``found`` (``{"size", algorithm: digest}`` of a file as read) is what the manifest
+    ``entry`` records, else what is wrong."""
+    algorithm = algorithm_of(entry)
+    if algorithm is None:
+        return f"no checksum in the manifest (expected one of {', '.join(_ALGORITHMS)})"
+    if found.get("size") != entry.get("size"):
+        return f"size {found.get('size')} != {entry.get('size')} in the manifest (truncated or overwritten)"
+    digest, expected = str(found.get(algorithm)), str(entry[algorithm])
     if digest != expected:
         return f"{algorithm} {digest[:12]}... != {expected[:12]}... in the manifest (corrupt)"
     return None
@@ -259,3 +269,66 @@ class HashingFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class HashingReader:
+    """A binary file read from start to end, every byte hashed on the way (``finish`` reads what
+    is left and gives the file's ``{"size", algorithm: digest}``).
+
+    A checkpoint's DCP shard files are read through this while they are loaded, so a resume reads
+    each of them once instead of hashing it before the load and reading it again for it. Reads
+    are sequential only; ``skip_to`` reads (and hashes) the bytes up to an offset. A short read (the
+    file ended early) raises ``EOFError``."""
+
+    def __init__(self, stream: Any, algorithm: str = ALGORITHM):
+        self.stream = stream
+        self.algorithm = algorithm
+        self.hasher = _ALGORITHMS[algorithm]()
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        if len(data) != n:
+            raise EOFError(f"the file ends at byte {self.pos + len(data)}, {n - len(data)} bytes early")
+        self.hasher.update(data)
+        self.pos += n
+        return data
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill all of ``view`` (bytes) from the file, hashing each chunk while it is in cache."""
+        done, total = 0, len(view)
+        while done < total:
+            chunk = view[done:min(total, done + _CHUNK)]
+            n = self.stream.readinto(chunk)
+            if not n:
+                raise EOFError(f"the file ends at byte {self.pos}, {total - done} bytes early")
+            self.hasher.update(chunk[:n])
+            self.pos += n
+            done += n
+
+    def peek(self, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset``, read out of order (not hashed; the file position stays)."""
+        data = os.pread(self.stream.fileno(), n, offset)
+        if len(data) != n:
+            raise EOFError(f"the file ends before byte {offset + n}")
+        return data
+
+    def skip_to(self, offset: int) -> None:
+        """Read (and hash) the bytes up to ``offset`` (no further than the end of the file)."""
+        if offset < self.pos:
+            raise ValueError(f"cannot read back to byte {offset} (at {self.pos}): reads are sequential")
+        buf = getattr(_read_buffer, "buf", None)
+        if buf is None:
+            buf = _read_buffer.buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while self.pos < offset:
+            n = self.stream.readinto(view[:min(_CHUNK, offset - self.pos)])
+            if not n:
+                return
+            self.hasher.update(view[:n])
+            self.pos += n
+
+    def finish(self) -> dict:
+        """Read (and hash) the rest of the file: the whole file's ``{"size", algorithm: digest}``."""
+        self.skip_to(1 << 62)
+        return {"size": self.pos, self.algorithm: self.hasher.hexdigest()}

@@ -11,11 +11,13 @@ anything else. A crafted checkpoint cannot run code when it is loaded.
 from __future__ import annotations
 
 import collections
+import ctypes
 import io
 import os
 import pickle
+import struct
 import sys
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
@@ -135,9 +137,9 @@ class _TensorUnpickler(pickle.Unpickler):
     weights-only unpickler is written in Python: about 0.1-0.25 ms per tensor here, most of the
     load time of a checkpoint of small tensors)."""
 
-    def __init__(self, data: bytes, archive: Any):
+    def __init__(self, data: bytes, fetch: Callable[[str, int], Any]):
         super().__init__(io.BytesIO(data))
-        self.archive = archive
+        self.fetch = fetch  # (record key, bytes) -> the record's UntypedStorage
         self.storages: Dict[str, Any] = {}  # by record key: tensors that share a storage share it here too
 
     def find_class(self, module: str, name: str) -> Any:
@@ -156,9 +158,7 @@ class _TensorUnpickler(pickle.Unpickler):
         _tag, storage_type, key, _location, numel = saved_id
         dtype = storage_type.dtype
         if key not in self.storages:
-            nbytes = numel * torch._utils._element_size(dtype)
-            record = self.archive.get_storage_from_record(f"data/{key}", nbytes, torch.UntypedStorage)
-            self.storages[key] = record.untyped_storage()
+            self.storages[key] = self.fetch(key, numel * torch._utils._element_size(dtype))
         return _Loaded(self.storages[key], dtype)
 
 
@@ -180,7 +180,9 @@ def load_item(stream: Any) -> Any:
         if sys.byteorder != "little" or (archive.has_record("byteorder")
                                          and archive.get_record("byteorder") != b"little"):
             raise _NotPlain("byte order")
-        obj = _TensorUnpickler(archive.get_record("data.pkl"), archive).load()
+        fetch = lambda key, nbytes: archive.get_storage_from_record(  # noqa: E731
+            f"data/{key}", nbytes, torch.UntypedStorage).untyped_storage()
+        obj = _TensorUnpickler(archive.get_record("data.pkl"), fetch).load()
         _check_plain(obj)
         return obj
     except Exception:  # noqa: BLE001  (not plain, or malformed: torch.load decides, and names the problem)
@@ -194,3 +196,106 @@ def load_tensor_item(stream: Any) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise RuntimeError(f"a DCP tensor item holds a {type(tensor).__name__}, not a tensor")
     return tensor
+
+
+class NotPlain(Exception):
+    """``read_sequential``: the item is not a plain tensor archive of the expected form."""
+
+
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip local file header (30 bytes)
+_CENTRAL_ENTRY = struct.Struct("<IHHHHHHIIIHHHHHII")  # a central directory entry (46 bytes)
+_END = struct.Struct("<IHHHHIIH")  # the end of central directory record (22 bytes)
+_SIGNATURES = {"local": 0x04034B50, "central": 0x02014B50, "end": 0x06054B50}
+_TAIL = 1 << 16  # the end of an archive read first (its central directory is a few hundred bytes)
+_MAX_RECORD = 1 << 16  # an archive's records other than tensor data are tens of bytes
+
+
+def _records(tail: bytes, length: int) -> Tuple[Dict[str, Tuple[int, int]], int]:
+    """``{record name: (offset of its local header, size)}`` from the central directory in the
+    last bytes (``tail``) of an archive of ``length`` bytes, and the directory's offset; NotPlain
+    for anything unusual."""
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _END.size > len(tail):
+        raise NotPlain("no end of central directory")
+    _sig, disk, cd_disk, here, total, cd_size, cd_offset, comment = _END.unpack_from(tail, at)
+    pos = len(tail) - (length - cd_offset)  # where the central directory starts in ``tail``
+    if disk or cd_disk or here != total or at + _END.size + comment != len(tail) or pos < 0 \
+            or pos + cd_size > at or cd_offset == 0xFFFFFFFF:
+        raise NotPlain("a central directory this reader does not follow")
+    out = {}
+    for _ in range(total):
+        if pos + _CENTRAL_ENTRY.size > at:
+            raise NotPlain("a short central directory")
+        (sig, _made, _need, _flags, method, _time, _date, _crc, packed, size, name_len, extra_len, comment_len,
+         _disk, _internal, _external, offset) = _CENTRAL_ENTRY.unpack_from(tail, pos)
+        if sig != _SIGNATURES["central"] or method != 0 or packed != size or 0xFFFFFFFF in (size, offset) \
+                or offset >= cd_offset:
+            raise NotPlain("a compressed, zip64 or misplaced record")
+        name = tail[pos + _CENTRAL_ENTRY.size:pos + _CENTRAL_ENTRY.size + name_len].decode("utf-8", "replace")
+        out[name.split("/", 1)[-1]] = (offset, size)  # (without the archive's "archive/" prefix)
+        pos += _CENTRAL_ENTRY.size + name_len + extra_len + comment_len
+    return out, cd_offset
+
+
+def read_sequential(reader: Any, length: int, into: Any = None) -> torch.Tensor:
+    """The tensor of one DCP item, a ``torch.save`` archive of ``length`` bytes, read from start to
+    end from ``reader`` (a ``checksum.HashingReader``): each record in file order, the tensor's
+    bytes straight into its storage, so that every byte is read once and hashed on the way.
+
+    The records' places and sizes come from the archive's central directory, at its end, read
+    ahead of the rest (``reader.peek``) and compared with the same bytes when the sequential read
+    reaches them. Only the plain form is decoded here: stored (uncompressed) records, little-endian,
+    one plain tensor built by ``_TensorUnpickler`` (no code from the file runs). Anything else
+    raises ``NotPlain`` (the reader is then somewhere inside the item: the caller decodes it
+    another way and reads on to its end).
+
+    ``into``: an ``UntypedStorage`` to read the tensor's bytes into, instead of a new one, when
+    the archive holds exactly one storage of that many bytes (the caller checks that the tensor
+    it gets back is laid out as it expects)."""
+    start = reader.pos
+    end = start + length
+    tail = reader.peek(end - min(length, _TAIL), min(length, _TAIL))
+    records, directory = _records(tail, length)
+    small: Dict[str, bytes] = {}
+    storages: Dict[str, Any] = {}
+    if sum(name.startswith("data/") for name in records) != 1:
+        into = None
+    for name, (offset, size) in sorted(records.items(), key=lambda kv: kv[1][0]):
+        if start + offset < reader.pos:
+            raise NotPlain("overlapping records")
+        reader.skip_to(start + offset)
+        signature, *_rest, name_len, extra_len = _LOCAL_HEADER.unpack(reader.read(_LOCAL_HEADER.size))
+        if signature != _SIGNATURES["local"] or reader.pos + name_len + extra_len + size > start + directory:
+            raise NotPlain("a local header out of place")
+        reader.skip_to(reader.pos + name_len + extra_len)
+        if name.startswith("data/"):
+            storage = into if into is not None and into.nbytes() == size else torch.UntypedStorage(size)
+            if size:
+                reader.readinto(memoryview((ctypes.c_char * size).from_address(storage.data_ptr())).cast("B"))
+            storages[name[len("data/"):]] = storage
+        elif size <= _MAX_RECORD:
+            small[name] = reader.read(size)
+        else:
+            raise NotPlain(f"a {size}-byte record {name!r}")
+    reader.skip_to(start + directory)
+    if reader.read(length - directory) != tail[len(tail) - (length - directory):]:
+        raise NotPlain("the end of the archive changed while it was read")
+    if sys.byteorder != "little" or small.get("byteorder", b"little") != b"little" or "data.pkl" not in small:
+        raise NotPlain("byte order, or no data.pkl")
+
+    def fetch(key: str, nbytes: int) -> Any:
+        storage = storages.get(key)
+        if storage is None or storage.nbytes() != nbytes:
+            raise NotPlain(f"storage {key!r}")
+        return storage
+
+    try:
+        obj = _TensorUnpickler(small["data.pkl"], fetch).load()
+        _check_plain(obj)
+    except NotPlain:
+        raise
+    except Exception as exc:  # noqa: BLE001  (not plain, or malformed: the caller's other way names the problem)
+        raise NotPlain(f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, torch.Tensor):
+        raise NotPlain(f"a {type(obj).__name__}, not a tensor")
+    return obj

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -21,10 +21,14 @@ Defer = Callable[[Tuple[Any, ...], torch.Tensor], bool]
 
 
 class CheckpointFiles:
-    def __init__(self, path: str, group=None, stager=None):
+    def __init__(self, path: str, group=None, stager=None, expected: Optional[Dict[str, dict]] = None):
         self.path = path
         self.group = group  # the checkpoint layer's own process group (None: the default one / none)
         self._stager = stager
+        # Shard files (by name in dcp/) whose checksums are taken while ``read_state`` reads them
+        # (a resume verifies the rest before loading): ``hashed`` names those this rank read whole.
+        self.expected = expected or {}
+        self.hashed: Set[str] = set()
 
     @property
     def dcp_dir(self) -> str:
@@ -41,7 +45,7 @@ class CheckpointFiles:
 
     def read_state(self, state: Dict[str, Any]) -> None:
         """Collective: fill a DCP state dict (tensors allocated, sharded or not) in place."""
-        storage.load(state, self.dcp_dir, self.group)
+        self.hashed |= storage.load(state, self.dcp_dir, self.group, self.expected)
 
     def read_model(self) -> Dict[str, torch.Tensor]:
         """The consolidated model weights, on the CPU (no collective)."""

@@ -1,11 +1,17 @@
 """Resume: choose a checkpoint all ranks agree on, check it fits this run, and load it.
 
 Choice (``checkpoint.resume``): ``auto`` takes the newest ``step_XXXXXXXX`` of the run dir whose
-manifest verifies (every file's size and SHA-256; the ranks hash a share each), reporting each
+manifest verifies (every file's size and checksum; the ranks hash a share each), reporting each
 corrupt or partial one by name and falling back to the previous; ``never`` starts fresh; a path
 (a checkpoint dir, or a run/checkpoints dir meaning its newest) must verify, else the run stops
 with a clear error. Rank 0 reads the directory and the manifest and broadcasts, so all ranks
 decide alike.
+
+The DCP shard files, nearly all of a checkpoint's bytes, are hashed while the load reads them
+rather than before (each byte read once: ``verify(defer=True)``, ``storage.SafeReader``); the
+other files (meta, RNG states, DCP's index) before. A shard that fails its checksum during the load
+fails it on every rank (``CorruptCheckpoint``): ``auto`` then loads the newest older checkpoint
+that verifies wholly beforehand (``after_corrupt_load``).
 
 Loading is refused, with the mismatch named, when the checkpoint belongs to another model or
 dataset, when its data position does not fit this run's global batch, or when the strategy says it
@@ -17,10 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
-from dist_train.checkpoint import decode, layout, retention
+from dist_train.checkpoint import checksum, decode, layout, retention
 from dist_train.checkpoint.files import CheckpointFiles
+from dist_train.checkpoint.storage import CorruptCheckpoint
 from dist_train.env.seed import seed_everything, set_rng_state
 
 log = logging.getLogger("dist_train.checkpoint")
@@ -28,6 +35,15 @@ log = logging.getLogger("dist_train.checkpoint")
 # Config entries that define the model's function and shapes, or the data it was trained on.
 # (model.dropout may change on resume; train.* may change too, e.g. a longer schedule.)
 IDENTITY_SKIP = {"model.dropout"}
+
+
+def _is_shard(rel: str) -> bool:
+    """A DCP shard file of a checkpoint (manifest path): hashed while it is loaded."""
+    return rel.startswith(layout.DCP_DIR + "/") and rel.endswith(".distcp") and rel.count("/") == 1
+
+
+def _shard_name(rel: str) -> str:
+    return rel[len(layout.DCP_DIR) + 1:]
 
 
 class CheckpointError(RuntimeError):
@@ -92,11 +108,16 @@ class Restorer:
         self.m = manager
         self.seed = seed
         self.unusable: Dict[str, List[str]] = {}
+        self.deferred: Dict[str, Dict[str, dict]] = {}  # checkpoint -> shard files to hash while loading
 
     # --- choosing ----------------------------------------------------------------------------
 
-    def verify(self, path: str) -> List[str]:
-        """Collective: every problem of checkpoint ``path`` ([] = verified), the same on all ranks."""
+    def verify(self, path: str, defer: bool = False) -> List[str]:
+        """Collective: every problem of checkpoint ``path`` ([] = verified), the same on all ranks.
+
+        ``defer``: the DCP shard files (nearly all of a checkpoint's bytes) are only checked for
+        size here; their checksums are taken while the load reads them (``load``), so a resume
+        reads each byte once. Kept in ``deferred`` until then."""
         g = self.m.group
         head = None
         if g.rank == 0:
@@ -108,12 +129,16 @@ class Restorer:
         files, errors = g.broadcast(head)
         if errors:
             return errors
-        names = sorted(files)
+        later = {rel: files[rel] for rel in files if _is_shard(rel) and checksum.algorithm_of(files[rel])} if defer else {}
+        names = sorted(rel for rel in files if rel not in later)
         try:
             mine = layout.check_hashes(path, files, names[g.rank::g.world])
         except OSError as exc:
             mine = [f"unreadable: {exc}"]
-        return [e for errs in g.all_gather(mine) for e in errs]
+        errors = [e for errs in g.all_gather(mine) for e in errs]
+        if not errors and later:
+            self.deferred[path] = later
+        return errors
 
     def choose(self) -> Optional[str]:
         mode, g = self.m.cfg.resume, self.m.group
@@ -129,35 +154,39 @@ class Restorer:
             status, value = g.broadcast(resolved)
             if status != "ok":
                 raise CheckpointRefused(value)
-            errors = self.verify(value)
+            errors = self.verify(value, defer=True)
             if errors:
                 raise CheckpointRefused(f"checkpoint.resume={mode}: {value} does not verify: " + "; ".join(errors[:5]))
             return value
-        return self.newest_verified()
+        return self.newest_verified(defer=True)
 
-    def newest_verified(self) -> Optional[str]:
-        """Collective: the newest checkpoint of the run dir that verifies (None: none does)."""
+    def newest_verified(self, defer: bool = False, below: Optional[int] = None) -> Optional[str]:
+        """Collective: the newest checkpoint of the run dir (older than step ``below``, if given)
+        that verifies (None: none does)."""
         g = self.m.group
         candidates = None
         if g.rank == 0:
             try:
-                candidates = [p for _s, p in layout.committed(self.m.dir)]
+                candidates = [p for s, p in layout.committed(self.m.dir) if below is None or s < below]
             except OSError as exc:
                 candidates = str(exc)
         candidates = g.broadcast(candidates)
         if isinstance(candidates, str):
             raise CheckpointError(f"cannot list checkpoints in {self.m.dir}: {candidates}")
         for path in candidates:
-            errors = self.verify(path)
+            errors = self.verify(path, defer)
             if not errors:
                 return path
-            self.unusable[path] = errors
-            if g.rank == 0:
-                log.warning("checkpoint %s is corrupt or incomplete, skipping it for an older one: %s",
-                            os.path.basename(path), "; ".join(errors[:5]))
-        if candidates and g.rank == 0:
+            self._skip(path, errors)
+        if candidates and g.rank == 0 and below is None:
             log.warning("no checkpoint under %s verifies: starting from scratch", self.m.dir)
         return None
+
+    def _skip(self, path: str, errors: List[str]) -> None:
+        self.unusable[path] = errors
+        if self.m.group.rank == 0:
+            log.warning("checkpoint %s is corrupt or incomplete, skipping it for an older one: %s",
+                        os.path.basename(path), "; ".join(errors[:5]))
 
     def tidy(self, chosen: Optional[str], step: int) -> None:
         """Rank 0: remove staging leftovers; move checkpoints newer than the resumed step (corrupt
@@ -179,23 +208,55 @@ class Restorer:
 
     def resume(self, state) -> Optional[str]:
         chosen = self.choose()
-        meta = None
-        if chosen:
-            meta = read_meta(chosen)
-            self.check_fits(chosen, meta)
-        if self.m.rank0:
+        while True:
+            meta = None
+            if chosen:
+                meta = read_meta(chosen)
+                self.check_fits(chosen, meta)
+            self._tidy(chosen, meta["step"] if meta else 0)
+            if not chosen:
+                break
             try:
-                self.tidy(chosen, meta["step"] if meta else 0)
-            except OSError as exc:  # housekeeping only: never leave the other ranks waiting in the load
-                log.warning("could not tidy %s: %s", self.m.dir, exc)
+                self.load(chosen, meta, state)
+                break
+            except CorruptCheckpoint as exc:  # (on every rank alike)
+                chosen = self.after_corrupt_load(chosen, exc.problems)
         if chosen:
-            self.load(chosen, meta, state)
             self.m.resumed_run_id = meta.get("mlflow_run_id")
             if self.m.rank0:
                 log.info("resumed from %s: step %d, epoch %d, sample position %d (%s, world size %d -> %s, %d)",
                          chosen, state.step, state.epoch, state.position, meta["strategy"], meta["world_size"],
                          self.m.strategy.name, self.m.world)
         return chosen
+
+    def _tidy(self, chosen: Optional[str], step: int) -> None:
+        if self.m.rank0:
+            try:
+                self.tidy(chosen, step)
+            except OSError as exc:  # housekeeping only: never leave the other ranks waiting in the load
+                log.warning("could not tidy %s: %s", self.m.dir, exc)
+
+    def after_corrupt_load(self, path: str, problems: List[str]) -> str:
+        """Collective: a checkpoint whose shard files failed their checksums while it was being
+        loaded. ``checkpoint.resume=PATH`` refuses it; ``auto`` goes on with the newest older
+        checkpoint that verifies, this time wholly before it is loaded. With none, the run stops:
+        the corrupt checkpoint's state may be partly in the model already (a GPU's or a shard's
+        tensors are filled in place), so it cannot start from scratch. The corrupt checkpoint
+        is moved aside either way (by the next ``tidy``)."""
+        mode = self.m.cfg.resume
+        name = os.path.basename(os.path.normpath(path))
+        if mode != "auto":
+            raise CheckpointRefused(f"checkpoint.resume={mode}: {path} does not verify: " + "; ".join(problems[:5]))
+        self._skip(path, problems)
+        older = self.newest_verified(below=layout.parse_step(path))
+        if older is None:
+            self._tidy(None, 0)
+            raise CheckpointError(
+                f"checkpoint {name} is corrupt ({'; '.join(problems[:5])}): found while it was being loaded, and no "
+                f"older checkpoint under {self.m.dir} verifies. Part of its state may have been loaded already, so "
+                f"this run stops instead of starting from scratch; {name} has been moved aside: run the same "
+                f"command again to start from scratch")
+        return older
 
     def check_fits(self, path: str, meta: Dict[str, Any]) -> None:
         """Refuse (same verdict on every rank) a checkpoint of another model, dataset or batch."""
@@ -241,11 +302,31 @@ class Restorer:
         return state.step
 
     def load(self, path: str, meta: Dict[str, Any], state) -> None:
-        files = CheckpointFiles(path, self.m.group.pg)
+        later = self.deferred.pop(path, {})
+        files = CheckpointFiles(path, self.m.group.pg, expected={_shard_name(rel): e for rel, e in later.items()})
         self.m.strategy.load_checkpoint(files, meta, self.m.cfg.load_optimizer)
+        if later:
+            self.check_rest(path, later, files.hashed)
         state.load_state_dict(meta["train_state"])
         state.resumed_from_step = meta["step"]
         self.restore_rng(path, meta)
+
+    def check_rest(self, path: str, later: Dict[str, dict], hashed: Set[str]) -> None:
+        """Collective, after the load: hash the deferred shard files no rank read whole (a strategy
+        that loads through its own reader, only the model's items of a file...); raises
+        ``CorruptCheckpoint`` on every rank when any file does not match."""
+        g = self.m.group
+        seen = set(hashed).union(*g.all_gather(sorted(hashed))) if g.world > 1 else set(hashed)
+        rest = sorted(rel for rel in later if _shard_name(rel) not in seen)
+        if not rest:
+            return
+        try:
+            mine = layout.check_hashes(path, later, rest[g.rank::g.world])
+        except OSError as exc:
+            mine = [f"unreadable: {exc}"]
+        errors = [e for errs in g.all_gather(mine) for e in errs]
+        if errors:
+            raise CorruptCheckpoint(f"the checkpoint's files do not match its manifest: {'; '.join(errors[:5])}", errors)
 
     def restore_rng(self, path: str, meta: Dict[str, Any]) -> None:
         """Each rank gets back its own RNG streams; at another world size they cannot correspond,

@@ -19,7 +19,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -37,12 +37,22 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from dist_train.checkpoint import checksum, encode, layout
-from dist_train.checkpoint.decode import load_item, load_tensor_item, read_metadata
+from dist_train.checkpoint.decode import NotPlain, load_item, load_tensor_item, read_metadata, read_sequential
 
 
 class SafeReader(dcp.FileSystemReader):
     """FileSystemReader whose ``.metadata`` is read by the allow-list unpickler, and which reads
-    each file's items in file order, handing whole tensors over instead of copying them."""
+    each file's items in file order, handing whole tensors over instead of copying them.
+
+    ``expected``: ``{file name: manifest entry}`` of shard files whose checksums were not verified
+    before the load. Each of them that this rank opens is read whole, from start to end, hashed on
+    the way (``checksum.HashingReader``), its items decoded from the bytes as they pass; a file that
+    does not match its entry raises ``CorruptFile``. ``hashed`` names the files that matched."""
+
+    def __init__(self, path: str, expected: Optional[Dict[str, dict]] = None):
+        super().__init__(path)
+        self.expected = expected or {}
+        self.hashed: Set[str] = set()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = read_metadata(str(self.path))
@@ -60,6 +70,9 @@ class SafeReader(dcp.FileSystemReader):
         lock = threading.Lock()  # the planner's state dict updates (set_element) are not thread-safe
 
         def read_file(relative_path: str) -> None:
+            if relative_path in self.expected:
+                self._read_hashed(relative_path, per_file[relative_path], planner, lock)
+                return
             items = sorted(per_file[relative_path], key=lambda it: self.storage_data[it.storage_index].offset)
             with open(Path(self.path) / relative_path, "rb") as stream:
                 for item in items:
@@ -81,16 +94,104 @@ class SafeReader(dcp.FileSystemReader):
         # A small item is read in one call (the zip reader then works on memory); a large one is
         # read by the zip reader straight from the file into the tensor (no second copy).
         source = view.read(info.length) if info.length < _SMALL_ITEM else view
-        tensor = narrow_tensor_by_index(load_tensor_item(source), item.storage_offsets, item.lengths)
+        self._place(item, load_tensor_item(source), planner, lock, adopt=True)
+
+    @staticmethod
+    def _place(item: ReadItem, tensor: torch.Tensor, planner: SafeLoadPlanner, lock: threading.Lock,
+               adopt: bool) -> None:
+        """A loaded tensor (a whole stored item) into the state dict: handed over (``adopt``), or
+        the piece ``item`` asks for copied into its destination."""
+        tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
         with lock:
-            if planner.adopt(item, tensor):
+            if adopt and planner.adopt(item, tensor):
                 return
             target = planner.resolve_tensor(item).detach()
         if target.size() != tensor.size():
             raise RuntimeError(f"{item.storage_index}: stored size {tuple(tensor.size())} != {tuple(target.size())}")
-        target.copy_(tensor)
+        if not _same_memory(target, tensor):  # (read into the destination already: see ``destination``)
+            target.copy_(tensor)
         with lock:
             planner.commit_tensor(item, target)
+
+    def _read_hashed(self, relative_path: str, items: list, planner: SafeLoadPlanner, lock: threading.Lock) -> None:
+        """Read a whole shard file once, hashing every byte, and load the items of ``items`` from
+        it on the way (several read items of one stored item share one decode)."""
+        entry = self.expected[relative_path]
+        stored: Dict[Tuple[int, int], list] = {}
+        for item in items:
+            info = self.storage_data[item.storage_index]
+            stored.setdefault((info.offset, info.length), []).append(item)
+        path = Path(self.path) / relative_path
+        with open(path, "rb") as stream:
+            reader = checksum.HashingReader(stream, checksum.algorithm_of(entry) or checksum.ALGORITHM)
+            try:
+                for offset, length in sorted(stored):
+                    reader.skip_to(offset)
+                    if reader.pos != offset:
+                        raise EOFError(f"the file ends before byte {offset}")
+                    readers = stored[(offset, length)]
+                    if readers[0].type == LoadItemType.BYTE_IO:
+                        value = load_item(reader.read(length))
+                        with lock:
+                            for item in readers:
+                                planner.load_value(item, value)
+                        continue
+                    with lock:
+                        into = planner.destination(readers[0]) if len(readers) == 1 and length >= _SMALL_ITEM else None
+                    tensor = self._hashed_tensor(reader, path, offset, length, into)
+                    for item in readers:
+                        self._place(item, tensor, planner, lock, adopt=len(readers) == 1)
+            except Exception as exc:
+                # A damaged file can fail to decode before its end is reached: its checksum names
+                # the cause (else the decoding error stands).
+                problem = checksum.mismatch(_finish(reader), entry)
+                if problem:
+                    raise CorruptFile(f"{layout.DCP_DIR}/{relative_path}: {problem}") from exc
+                raise
+            problem = checksum.mismatch(reader.finish(), entry)
+        if problem:
+            raise CorruptFile(f"{layout.DCP_DIR}/{relative_path}: {problem}")
+        with lock:
+            self.hashed.add(relative_path)
+
+    def _hashed_tensor(self, reader: checksum.HashingReader, path: Path, offset: int, length: int,
+                       into: Optional[torch.Tensor]) -> torch.Tensor:
+        """A stored tensor item; ``into``: the destination to read its bytes into (see
+        ``SafeLoadPlanner.destination``), when the item is large enough to take that way."""
+        if length < _SMALL_ITEM:
+            return load_tensor_item(reader.read(length))
+        try:
+            # Its bytes straight into the destination (or a new tensor), hashed on the way.
+            tensor = read_sequential(reader, length, into.untyped_storage() if into is not None else None)
+        except NotPlain:
+            # Not the plain form: the zip reader decodes it from a second handle; the hash reads on.
+            with open(path, "rb") as again:
+                tensor = load_tensor_item(self._slice_file(again, _StorageInfo(path.name, offset, length)))
+            reader.skip_to(offset + length)
+            return tensor
+        if into is not None and tensor.untyped_storage().data_ptr() == into.data_ptr() and (
+                tensor.dtype != into.dtype or tensor.shape != into.shape or tensor.stride() != into.stride()):
+            raise RuntimeError(f"{path.name}: an item at byte {offset} holds a {tensor.dtype} tensor of shape "
+                               f"{tuple(tensor.shape)}, where the checkpoint's index says {into.dtype} "
+                               f"{tuple(into.shape)}")
+        return tensor
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())
+
+
+def _finish(reader: checksum.HashingReader) -> dict:
+    """What a half-read file hashes to, whole (``{}`` when it cannot be read to its end)."""
+    try:
+        return reader.finish()
+    except OSError:
+        return {}
+
+
+class CorruptFile(Exception):
+    """A shard file read during a load does not match its manifest entry."""
 
 
 _SMALL_ITEM = 1 << 20  # DCP items smaller than this are read into memory in one call
@@ -112,6 +213,26 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+    def destination(self, read_item: ReadItem) -> Optional[torch.Tensor]:
+        """The tensor ``read_item`` is loaded into, when the stored item's bytes can be read into
+        its memory as they are: a whole plain contiguous CPU tensor (a parameter, an optimizer
+        state tensor, an FSDP shard's local tensor) that owns its storage, of the stored dtype and
+        shape, the item read whole. Reading there skips allocating a new tensor (fresh pages cost
+        a page fault each) and the copy into the destination afterwards. Else None."""
+        meta = self.metadata.state_dict_metadata.get(read_item.storage_index.fqn) if self.metadata else None
+        if not isinstance(meta, TensorStorageMetadata) or any(read_item.dest_offsets) or any(read_item.storage_offsets):
+            return None
+        dest = self.state_dict.get(read_item.dest_index.fqn)
+        if hasattr(dest, "__get_tensor_shard__"):  # a DTensor: its local shard (as DCP's lookup_tensor)
+            dest = dest.__get_tensor_shard__(read_item.dest_index)
+        # (a tensor with ``global_shape`` is a CheckpointableTensor, whose shards DCP maps itself)
+        if (type(dest) is not torch.Tensor or hasattr(dest, "global_shape") or dest.device.type != "cpu"
+                or dest.dtype != meta.properties.dtype or not dest.is_contiguous() or dest.storage_offset() != 0
+                or dest.untyped_storage().nbytes() != dest.nbytes or tuple(read_item.lengths) != tuple(dest.shape)):
+            return None
+        chunk = next((c for c in meta.chunks if tuple(c.offsets) == tuple(read_item.storage_index.offset or ())), None)
+        return dest if chunk is not None and tuple(chunk.sizes) == tuple(dest.shape) else None
 
     def adopt(self, read_item: ReadItem, tensor: torch.Tensor) -> bool:
         """Put ``tensor`` (just loaded, owned by nobody else) in the state dict in place of its
@@ -310,20 +431,33 @@ def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
                  no_dist=not _distributed())
 
 
-def load(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
+def load(state_dict: Dict[str, Any], dcp_dir: str, group=None, expected: Optional[Dict[str, dict]] = None) -> Set[str]:
     """Collective: fill ``state_dict`` (its tensors allocated, sharded or not) in place.
 
     The checkpoint may have been written at any world size and by any DCP strategy: DCP reads
-    exactly the pieces this rank's tensors need.
+    exactly the pieces this rank's tensors need. ``expected`` (``{file name: manifest entry}``):
+    shard files not verified yet, hashed while they are read (see ``SafeReader``); returns the
+    names of those this rank hashed. One that does not match raises ``CorruptCheckpoint`` on
+    every rank.
     """
+    reader = SafeReader(dcp_dir, expected)
     with _plain_errors("reading"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state_dict, storage_reader=SafeReader(dcp_dir), planner=SafeLoadPlanner(),
+        dcp.load(state_dict, storage_reader=reader, planner=SafeLoadPlanner(),
                  process_group=group, no_dist=not _distributed())
+    return reader.hashed
 
 
 class DCPError(RuntimeError):
     """A DCP read or write failed (on any rank: DCP reports every rank's failure to all)."""
+
+
+class CorruptCheckpoint(DCPError):
+    """Files of the checkpoint being loaded do not match its manifest (``problems``: one line each)."""
+
+    def __init__(self, message: str, problems: List[str]):
+        super().__init__(message)
+        self.problems = problems
 
 
 @contextlib.contextmanager
@@ -333,6 +467,10 @@ def _plain_errors(what: str, target: Optional[str] = None) -> Iterator[None]:
         yield
     except CheckpointException as exc:
         errors = {r: (e[0] if isinstance(e, tuple) else e) for r, e in getattr(exc, "failures", {}).items()}
+        corrupt = sorted({str(e) for e in errors.values() if isinstance(e, CorruptFile)})
+        if corrupt:
+            raise CorruptCheckpoint(f"the checkpoint's files do not match its manifest: {'; '.join(corrupt)}",
+                                    corrupt) from exc
         causes = "; ".join(f"rank {r}: {type(e).__name__}: {_gist(e)}" for r, e in sorted(errors.items()))
         hint = disk_trouble(target) if target else ""
         raise DCPError(f"torch.distributed.checkpoint failed {what}: {causes or exc}{hint}") from exc

@@ -1,0 +1,287 @@
+"""A resume hashes the DCP shard files while it loads them (each byte read once), not before:
+the archive reader that makes this possible, and what happens when a shard turns out corrupt
+only once it is being loaded (single process, and FSDP on 2 gloo ranks)."""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+
+import pytest
+import torch
+
+from conftest import spawn
+from dist_train.checkpoint import checksum, decode, layout, storage
+
+
+def _archive(tensor, crc):
+    buf = io.BytesIO()
+    if crc:
+        torch.save(tensor, buf)
+    else:
+        with storage._no_zip_crc():
+            torch.save(tensor, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("crc", [False, True], ids=["ours", "torch.save"])
+def test_sequential_reader_decodes_torch_save_archives_and_hashes_every_byte(tmp_path, crc):
+    tensors = [torch.randn(700, 500), torch.arange(5), torch.empty(0), torch.randn(300, 400).to(torch.bfloat16),
+               torch.randn(40, 30).t(), torch.tensor(3.5, dtype=torch.float64)]
+    for tensor in tensors:
+        raw = _archive(tensor, crc)
+        path = tmp_path / "f.bin"
+        path.write_bytes(b"head" + raw + b"tail")
+        with open(path, "rb") as stream:
+            reader = checksum.HashingReader(stream)
+            reader.skip_to(4)
+            got = decode.read_sequential(reader, len(raw))
+            assert reader.pos == 4 + len(raw)
+            whole = reader.finish()
+        assert whole == checksum.hash_file(str(path))
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape and got.stride() == tensor.stride()
+        assert torch.equal(got, tensor)
+
+
+def test_sequential_reader_refuses_what_is_not_a_plain_stored_archive(tmp_path):
+    raw = _archive(torch.randn(100, 100), crc=False)
+    # The same records, deflated: not the plain form (the caller then decodes it another way).
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(_archive(torch.randn(100, 100), crc=True))) as src, \
+            zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    broken_directory = bytearray(raw)
+    broken_directory[raw.rfind(b"PK\x01\x02") + 10] ^= 0xFF  # a central directory entry's method
+    pickled_code = io.BytesIO()
+    with storage._no_zip_crc():
+        torch.save({"not": "a tensor"}, pickled_code)
+    for bad in (deflated.getvalue(), bytes(broken_directory), raw[:-30], pickled_code.getvalue()):
+        path = tmp_path / "bad.bin"
+        path.write_bytes(bad)
+        with open(path, "rb") as stream:
+            with pytest.raises((decode.NotPlain, EOFError)):
+                decode.read_sequential(checksum.HashingReader(stream), len(bad))
+
+
+def _setup(run_dir, strategy_name="single", overrides=()):
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config import load_config, to_dict
+    from dist_train.data.registry import DataInfo
+    from dist_train.env.cluster import detect
+    from dist_train.train.build import build_training
+
+    # hidden 600: the largest items (600 x 600 floats) are over 1 MB and take the sequential reader
+    job = load_config(None, [f"strategy.name={strategy_name}", "model.name=mlp", "model.hidden=600",
+                             "data.name=digits", "checkpoint.keep_last=5", *overrides])
+    torch.manual_seed(0)
+    strategy = build_training(job, detect(), torch.device("cpu"), DataInfo("classification", (1, 8, 8), 10))
+    strategy.model(torch.randn(4, 1, 8, 8)).sum().backward()
+    strategy.step(1.0)  # the optimizer state exists
+    manager = CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job), micro_global_batch=64,
+                                grad_accum_steps=1, seed=0)
+    return strategy, manager
+
+
+def _weights(strategy):
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+            for k, v in strategy.model.state_dict().items()}
+
+
+def _save_two(strategy, manager):
+    """Checkpoints of steps 1 and 2 with different weights; the weights of each."""
+    from dist_train.train.state import TrainState
+
+    saved = {}
+    for step in (1, 2):
+        with torch.no_grad():
+            for p in strategy.model.parameters():
+                p.add_(step)
+        manager.save(TrainState(step=step))
+        saved[step] = _weights(strategy)
+    with torch.no_grad():
+        for p in strategy.model.parameters():
+            p.zero_()
+    return saved
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _ckpt(run_dir, step):
+    return os.path.join(run_dir, "checkpoints", layout.step_name(step))
+
+
+def test_a_shard_found_corrupt_while_loading_falls_back_to_the_previous_checkpoint(tmp_path, monkeypatch):
+    from dist_train.train.state import TrainState
+
+    run_dir = str(tmp_path / "run")
+    strategy, manager = _setup(run_dir)
+    try:
+        saved = _save_two(strategy, manager)
+        shard = os.path.join(_ckpt(run_dir, 2), "dcp", "__0_0.distcp")
+        _flip(shard, os.path.getsize(shard) // 2)  # inside a tensor's bytes: it decodes, the checksum fails
+        hashed_before = []
+        real = layout.check_hashes
+        monkeypatch.setattr(layout, "check_hashes",
+                            lambda ckpt, files, rels: hashed_before.extend((ckpt, r) for r in rels) or real(ckpt, files, rels))
+        state = TrainState()
+        assert manager.resume(state) == _ckpt(run_dir, 1) and state.step == 1
+        # Step 2's shard was never hashed before its load (the load hashed it); step 1, the
+        # fallback, was verified whole first.
+        assert (_ckpt(run_dir, 2), "dcp/__0_0.distcp") not in hashed_before
+        assert (_ckpt(run_dir, 2), "meta.json") in hashed_before
+        assert (_ckpt(run_dir, 1), "dcp/__0_0.distcp") in hashed_before
+        problems = manager.restorer.unusable[_ckpt(run_dir, 2)]
+        assert len(problems) == 1 and problems[0].startswith("dcp/__0_0.distcp: xxh3_128 ") and "corrupt" in problems[0]
+        got = _weights(strategy)
+        assert all(torch.equal(got[k], saved[1][k]) for k in saved[1])
+        names = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+        assert names == ["latest", "step_00000001", "step_00000002.corrupt"], names
+    finally:
+        manager.close()
+
+
+def test_an_intact_resume_reads_the_shards_once_and_loads_them_exactly(tmp_path, monkeypatch):
+    from dist_train.train.state import TrainState
+
+    run_dir = str(tmp_path / "run")
+    strategy, manager = _setup(run_dir)
+    try:
+        saved = _save_two(strategy, manager)
+        optim = {(i, k): v.clone() for i, st in strategy.optimizer.state_dict()["state"].items() for k, v in st.items()}
+        large = {(i, k): v.data_ptr() for i, st in strategy.optimizer.state_dict()["state"].items()
+                 for k, v in st.items() if v.nbytes >= 1 << 20}
+        opened = []
+        real_open = open
+
+        def counting_open(path, *args, **kwargs):
+            if str(path).endswith(".distcp"):
+                opened.append(os.path.basename(str(path)))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", counting_open)
+        assert manager.resume(TrainState()) == _ckpt(run_dir, 2)
+        monkeypatch.undo()
+        assert opened == ["__0_0.distcp"]  # one read of the shard: no verification pass before it
+        got = _weights(strategy)
+        assert all(torch.equal(got[k], saved[2][k]) for k in saved[2])
+        after = {(i, k): v for i, st in strategy.optimizer.state_dict()["state"].items() for k, v in st.items()}
+        assert after.keys() == optim.keys() and all(torch.equal(after[k], optim[k]) for k in optim)
+        # The large items were read straight into the tensors they load into (no new allocation).
+        assert len(large) == 2 and all(after[k].data_ptr() == ptr for k, ptr in large.items())
+    finally:
+        manager.close()
+
+
+def test_an_item_the_sequential_reader_refuses_is_decoded_another_way_and_still_hashed(tmp_path, monkeypatch):
+    from dist_train.train.state import TrainState
+
+    run_dir = str(tmp_path / "run")
+    strategy, manager = _setup(run_dir)
+    try:
+        saved = _save_two(strategy, manager)
+        refused = []
+
+        def refuse(reader, length, into=None):  # gives up part-way, as on an archive of another form
+            reader.read(100)
+            refused.append(length)
+            raise decode.NotPlain("not the plain form (test)")
+
+        monkeypatch.setattr(storage, "read_sequential", refuse)
+        assert manager.resume(TrainState()) == _ckpt(run_dir, 2)
+        assert len(refused) == 3 and not manager.restorer.unusable  # the three 600 x 600 items
+        got = _weights(strategy)
+        assert all(torch.equal(got[k], saved[2][k]) for k in saved[2])
+        # ... and a byte flipped after the point where it gave up is still caught.
+        _flip(os.path.join(_ckpt(run_dir, 2), "dcp", "__0_0.distcp"), 500_000)
+        assert manager.resume(TrainState()) == _ckpt(run_dir, 1)
+        assert "dcp/__0_0.distcp: xxh3_128" in manager.restorer.unusable[_ckpt(run_dir, 2)][0]
+    finally:
+        manager.close()
+
+
+def test_a_damaged_archive_header_is_reported_as_corruption_and_with_nothing_older_the_run_stops(tmp_path):
+    from dist_train.checkpoint.restore import CheckpointError, CheckpointRefused
+    from dist_train.train.state import TrainState
+
+    run_dir = str(tmp_path / "run")
+    strategy, manager = _setup(run_dir)
+    try:
+        _save_two(strategy, manager)
+        for step in (1, 2):
+            _flip(os.path.join(_ckpt(run_dir, step), "dcp", "__0_0.distcp"), 1)  # a zip signature: decoding fails
+    finally:
+        manager.close()
+    # Named explicitly: refused, as when the damage is found before loading.
+    strategy, manager = _setup(run_dir, overrides=[f"checkpoint.resume={_ckpt(run_dir, 2)}"])
+    try:
+        with pytest.raises(CheckpointRefused, match=r"does not verify: dcp/__0_0.distcp: xxh3_128 .*corrupt"):
+            manager.resume(TrainState())
+    finally:
+        manager.close()
+    # auto: step 2 fails while loading, step 1 fails its verification: the run stops (the model
+    # may hold part of step 2), both are moved aside, and the next run starts from scratch.
+    strategy, manager = _setup(run_dir)
+    try:
+        with pytest.raises(CheckpointError, match=r"step_00000002 is corrupt \(dcp/__0_0.distcp: xxh3_128 .*moved aside"):
+            manager.resume(TrainState())
+        assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000001.corrupt",
+                                                                           "step_00000002.corrupt"]
+        state = TrainState()
+        assert manager.resume(state) is None and state.step == 0
+    finally:
+        manager.close()
+
+
+def test_shard_files_the_load_did_not_read_whole_are_hashed_after_it(tmp_path, monkeypatch):
+    """A strategy may load through a reader that does not hash (DeepSpeed reads DCP weights with
+    its own call): the deferred shards it did not read whole are hashed after the load."""
+    from dist_train.checkpoint.files import CheckpointFiles
+    from dist_train.train.state import TrainState
+
+    run_dir = str(tmp_path / "run")
+    strategy, manager = _setup(run_dir)
+    try:
+        saved = _save_two(strategy, manager)
+        _flip(os.path.join(_ckpt(run_dir, 2), "dcp", "__0_0.distcp"), 100_000)
+        monkeypatch.setattr(CheckpointFiles, "read_state",
+                            lambda self, state: storage.load(state, self.dcp_dir, self.group))  # hashes nothing
+        assert manager.resume(TrainState()) == _ckpt(run_dir, 1)
+        assert "dcp/__0_0.distcp: xxh3_128" in manager.restorer.unusable[_ckpt(run_dir, 2)][0]
+        got = _weights(strategy)
+        assert all(torch.equal(got[k], saved[1][k]) for k in saved[1])
+    finally:
+        manager.close()
+
+
+def _fsdp_corrupt_shard_of_one_rank(rank: int, world: int, run_dir: str) -> None:
+    """FSDP2 on 2 ranks: rank 1's shard file of the newest checkpoint is damaged. Rank 1 finds it
+    while loading; both ranks fall back to the previous checkpoint alike and hold its values."""
+    from dist_train.train.state import TrainState
+
+    strategy, manager = _setup(run_dir, "fsdp")
+    try:
+        saved = _save_two(strategy, manager)
+        manager.group.barrier()
+        if rank == 0:
+            shard = os.path.join(_ckpt(run_dir, 2), "dcp", "__1_0.distcp")
+            _flip(shard, os.path.getsize(shard) // 2)
+        manager.group.barrier()
+        state = TrainState()
+        assert manager.resume(state) == _ckpt(run_dir, 1) and state.step == 1, rank
+        got = _weights(strategy)
+        assert all(torch.equal(got[k], saved[1][k]) for k in saved[1]), rank
+        assert "dcp/__1_0.distcp: xxh3_128" in manager.restorer.unusable[_ckpt(run_dir, 2)][0]
+        manager.group.barrier()
+    finally:
+        manager.close()
+
+
+def test_fsdp_ranks_agree_on_a_shard_found_corrupt_while_loading(tmp_path):
+    spawn(_fsdp_corrupt_shard_of_one_rank, 2, str(tmp_path / "run"))
