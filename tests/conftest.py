@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 _handed_out: set = set()
 
 
-def free_port() -> int:
-    """A free TCP port for a server started later (torchrun, a store, the next job of a batch).
+def free_port(count: int = 1) -> int:
+    """A free TCP port for a server started later (torchrun, a store, the next job of a batch),
+    or the first of ``count`` consecutive free ports (the slurmds of a local cluster).
 
     Taken below the kernel's ephemeral range: a port from ``bind(0)`` comes from that range, so
     between now and its use any outgoing connection (gloo's, a store client's) may be given it as
@@ -36,19 +37,28 @@ def free_port() -> int:
         ephemeral_low = 0
     rng = random.SystemRandom()
     for _ in range(200 if ephemeral_low > 12000 else 0):
-        port = rng.randrange(10000, ephemeral_low)
-        if port in _handed_out:
+        first = rng.randrange(10000, ephemeral_low - count)
+        ports = range(first, first + count)
+        if _handed_out.intersection(ports) or not all(_bindable(port) for port in ports):
             continue
+        _handed_out.update(ports)
+        return first
+    for _ in range(200):  # (no room below the range: the kernel's choice)
         with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    with socket.socket() as s:  # (no room below the range: the kernel's choice)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + count < 65535 and all(_bindable(port) for port in range(first, first + count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def clean_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:

@@ -64,6 +64,34 @@ def test_sequential_reader_refuses_what_is_not_a_plain_stored_archive(tmp_path):
                 decode.read_sequential(checksum.HashingReader(stream), len(bad))
 
 
+@pytest.mark.parametrize("case", ["channels_last", "transposed", "tied"])
+def test_items_laid_out_unlike_their_destination_load_through_a_copy(tmp_path, case):
+    """A large item is read straight into its destination only when its pickle describes exactly
+    that tensor: a stored layout other than the destination's (an async save's staged copy of a
+    channels_last 1x1 convolution has default strides; a stored transposed tensor), or a
+    destination two entries share (tied weights), take a new tensor and a copy."""
+    dcp_dir = str(tmp_path / "dcp")
+    if case == "channels_last":
+        stored = {"w": torch.randn(512, 512, 1, 1)}  # (strides 512, 1, 1, 1)
+        dest = {"w": torch.zeros(512, 512, 1, 1).to(memory_format=torch.channels_last)}
+    elif case == "transposed":
+        stored = {"w": torch.randn(600, 500).t()}
+        dest = {"w": torch.zeros(500, 600)}
+    else:
+        stored = {"a": torch.randn(600, 500), "b": torch.randn(600, 500)}  # (saved untied)
+        shared = torch.zeros(600, 500)
+        dest = {"a": shared, "b": shared}
+    storage.save(stored, dcp_dir)
+    names = [n for n in os.listdir(dcp_dir) if n.endswith(".distcp")]
+    hashed = storage.load(dest, dcp_dir, expected={n: checksum.hash_file(os.path.join(dcp_dir, n)) for n in names})
+    assert hashed == set(names)
+    if case == "tied":  # each entry loaded (handed over whole), nothing read into the shared memory
+        assert torch.equal(dest["a"], stored["a"]) and torch.equal(dest["b"], stored["b"])
+        assert not shared.any()
+    else:
+        assert torch.equal(dest["w"], stored["w"])
+
+
 def _setup(run_dir, strategy_name="single", overrides=()):
     from dist_train.checkpoint.manager import CheckpointManager
     from dist_train.config import load_config, to_dict

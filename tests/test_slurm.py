@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
-from conftest import REPO, clean_env, read_summary
+from conftest import REPO, clean_env, free_port, read_summary
 
 LOCAL_SLURM = REPO / "slurm" / "local_slurm.sh"
 SBATCH_SCRIPT = "slurm/train.sbatch"
@@ -35,28 +34,6 @@ def _skip_reason() -> Optional[str]:
     if os.geteuid() != 0 and shutil.which("sbatch") is None and not os.path.exists("/usr/bin/sbatch"):
         return "SLURM is not installed and installing it (apt-get) needs root"
     return None
-
-
-def _ports_free(first: int, count: int) -> bool:
-    for port in range(first, first + count):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def _free_port_block(count: int, avoid: Sequence[int] = ()) -> int:
-    """The first of ``count`` consecutive free ports (slurmd of node i of N listens on PORT+i)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        if first + count < 65535 and not set(range(first, first + count)) & set(avoid) \
-                and _ports_free(first, count):
-            return first
-    raise RuntimeError("no block of free ports found")
 
 
 @dataclass
@@ -98,11 +75,11 @@ def _start_cluster(nodes: int):
         pytest.skip(reason)
     cluster_dir = Path(tempfile.mkdtemp(prefix="dt-slurm-", dir="/tmp"))
     cluster_dir.chmod(0o755)  # munged refuses a socket whose parent dirs are not world-executable
-    ctld = _free_port_block(1)
+    ctld = free_port()  # (below the ephemeral range, never handed out twice: see conftest)
     env = clean_env({
         "LOCAL_SLURM_NODES": str(nodes),
         "LOCAL_SLURM_CTLD_PORT": str(ctld),
-        "LOCAL_SLURM_SLURMD_PORT": str(_free_port_block(nodes + 1, avoid=[ctld])),
+        "LOCAL_SLURM_SLURMD_PORT": str(free_port(nodes + 1)),
     })
     env["PATH"] = env.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
     try:

@@ -288,10 +288,10 @@ class HashingReader:
 
     def read(self, n: int) -> bytes:
         data = self.stream.read(n)
-        if len(data) != n:
-            raise EOFError(f"the file ends at byte {self.pos + len(data)}, {n - len(data)} bytes early")
         self.hasher.update(data)
-        self.pos += n
+        self.pos += len(data)
+        if len(data) != n:
+            raise EOFError(f"the file ends at byte {self.pos}, {n - len(data)} bytes early")
         return data
 
     def readinto(self, view: memoryview) -> None:

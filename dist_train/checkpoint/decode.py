@@ -17,7 +17,7 @@ import os
 import pickle
 import struct
 import sys
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
@@ -237,7 +237,26 @@ def _records(tail: bytes, length: int) -> Tuple[Dict[str, Tuple[int, int]], int]
     return out, cd_offset
 
 
-def read_sequential(reader: Any, length: int, into: Any = None) -> torch.Tensor:
+def _describes(records: Dict[str, bytes], key: str, tensor: torch.Tensor) -> bool:
+    """Whether the pickle among ``records`` (read so far) builds exactly ``tensor`` (same storage,
+    dtype, shape, strides and offset) from its storage record ``key``."""
+    storage = tensor.untyped_storage()
+
+    def fetch(k: str, nbytes: int) -> Any:
+        if k != key or nbytes != storage.nbytes():
+            raise NotPlain(f"storage {k!r}")
+        return storage
+
+    try:
+        built = _TensorUnpickler(records["data.pkl"], fetch).load()
+    except Exception:  # noqa: BLE001  (no pickle yet, or another one: a new storage it is)
+        return False
+    return (type(built) is torch.Tensor and built.dtype == tensor.dtype and built.shape == tensor.shape
+            and built.stride() == tensor.stride() and built.storage_offset() == tensor.storage_offset()
+            and built.untyped_storage().data_ptr() == storage.data_ptr())
+
+
+def read_sequential(reader: Any, length: int, into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The tensor of one DCP item, a ``torch.save`` archive of ``length`` bytes, read from start to
     end from ``reader`` (a ``checksum.HashingReader``): each record in file order, the tensor's
     bytes straight into its storage, so that every byte is read once and hashed on the way.
@@ -249,9 +268,10 @@ def read_sequential(reader: Any, length: int, into: Any = None) -> torch.Tensor:
     raises ``NotPlain`` (the reader is then somewhere inside the item: the caller decodes it
     another way and reads on to its end).
 
-    ``into``: an ``UntypedStorage`` to read the tensor's bytes into, instead of a new one, when
-    the archive holds exactly one storage of that many bytes (the caller checks that the tensor
-    it gets back is laid out as it expects)."""
+    ``into``: a tensor whose memory the bytes are read into, instead of a new storage, when the
+    archive's pickle (which ``torch.save`` writes before the data) describes exactly that tensor:
+    its one storage, dtype, shape, strides and offset (the tensor returned is then a view of
+    ``into``'s storage)."""
     start = reader.pos
     end = start + length
     tail = reader.peek(end - min(length, _TAIL), min(length, _TAIL))
@@ -261,7 +281,7 @@ def read_sequential(reader: Any, length: int, into: Any = None) -> torch.Tensor:
     if sum(name.startswith("data/") for name in records) != 1:
         into = None
     for name, (offset, size) in sorted(records.items(), key=lambda kv: kv[1][0]):
-        if start + offset < reader.pos:
+        if start + offset < reader.pos or offset + _LOCAL_HEADER.size > directory:
             raise NotPlain("overlapping records")
         reader.skip_to(start + offset)
         signature, *_rest, name_len, extra_len = _LOCAL_HEADER.unpack(reader.read(_LOCAL_HEADER.size))
@@ -269,10 +289,12 @@ def read_sequential(reader: Any, length: int, into: Any = None) -> torch.Tensor:
             raise NotPlain("a local header out of place")
         reader.skip_to(reader.pos + name_len + extra_len)
         if name.startswith("data/"):
-            storage = into if into is not None and into.nbytes() == size else torch.UntypedStorage(size)
+            key = name[len("data/"):]
+            storage = into.untyped_storage() if into is not None and _describes(small, key, into) else None
+            storage = storage if storage is not None else torch.UntypedStorage(size)
             if size:
                 reader.readinto(memoryview((ctypes.c_char * size).from_address(storage.data_ptr())).cast("B"))
-            storages[name[len("data/"):]] = storage
+            storages[key] = storage
         elif size <= _MAX_RECORD:
             small[name] = reader.read(size)
         else:

@@ -141,14 +141,15 @@ class SafeReader(dcp.FileSystemReader):
                     tensor = self._hashed_tensor(reader, path, offset, length, into)
                     for item in readers:
                         self._place(item, tensor, planner, lock, adopt=len(readers) == 1)
+                found = reader.finish()
             except Exception as exc:
                 # A damaged file can fail to decode before its end is reached: its checksum names
                 # the cause (else the decoding error stands).
-                problem = checksum.mismatch(_finish(reader), entry)
+                problem = _problem(reader, entry)
                 if problem:
                     raise CorruptFile(f"{layout.DCP_DIR}/{relative_path}: {problem}") from exc
                 raise
-            problem = checksum.mismatch(reader.finish(), entry)
+        problem = checksum.mismatch(found, entry)
         if problem:
             raise CorruptFile(f"{layout.DCP_DIR}/{relative_path}: {problem}")
         with lock:
@@ -161,20 +162,13 @@ class SafeReader(dcp.FileSystemReader):
         if length < _SMALL_ITEM:
             return load_tensor_item(reader.read(length))
         try:
-            # Its bytes straight into the destination (or a new tensor), hashed on the way.
-            tensor = read_sequential(reader, length, into.untyped_storage() if into is not None else None)
+            return read_sequential(reader, length, into)  # (into the destination or a new tensor, hashed)
         except NotPlain:
             # Not the plain form: the zip reader decodes it from a second handle; the hash reads on.
             with open(path, "rb") as again:
                 tensor = load_tensor_item(self._slice_file(again, _StorageInfo(path.name, offset, length)))
             reader.skip_to(offset + length)
             return tensor
-        if into is not None and tensor.untyped_storage().data_ptr() == into.data_ptr() and (
-                tensor.dtype != into.dtype or tensor.shape != into.shape or tensor.stride() != into.stride()):
-            raise RuntimeError(f"{path.name}: an item at byte {offset} holds a {tensor.dtype} tensor of shape "
-                               f"{tuple(tensor.shape)}, where the checkpoint's index says {into.dtype} "
-                               f"{tuple(into.shape)}")
-        return tensor
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -182,12 +176,13 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.stride() == b.stride())
 
 
-def _finish(reader: checksum.HashingReader) -> dict:
-    """What a half-read file hashes to, whole (``{}`` when it cannot be read to its end)."""
+def _problem(reader: checksum.HashingReader, entry: dict) -> Optional[str]:
+    """What is wrong with a file whose reading stopped part-way: its checksum read to the end
+    (None: it matches), or the read error."""
     try:
-        return reader.finish()
-    except OSError:
-        return {}
+        return checksum.mismatch(reader.finish(), entry)
+    except OSError as exc:
+        return f"unreadable: {exc}"
 
 
 class CorruptFile(Exception):
@@ -231,8 +226,24 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                 or dest.dtype != meta.properties.dtype or not dest.is_contiguous() or dest.storage_offset() != 0
                 or dest.untyped_storage().nbytes() != dest.nbytes or tuple(read_item.lengths) != tuple(dest.shape)):
             return None
+        if dest.untyped_storage().data_ptr() in self._shared_memory():
+            return None  # (tied weights: two items may be read into it at once)
         chunk = next((c for c in meta.chunks if tuple(c.offsets) == tuple(read_item.storage_index.offset or ())), None)
         return dest if chunk is not None and tuple(chunk.sizes) == tuple(dest.shape) else None
+
+    _shared: Optional[Set[int]] = None
+
+    def _shared_memory(self) -> Set[int]:
+        """The storages that more than one entry of the state dict lives in."""
+        if self._shared is None:
+            seen: Dict[int, int] = {}
+            for value in self.state_dict.values():
+                local = value.to_local() if isinstance(value, DTensor) else value
+                if isinstance(local, torch.Tensor) and local.device.type == "cpu":
+                    ptr = local.untyped_storage().data_ptr()
+                    seen[ptr] = seen.get(ptr, 0) + 1
+            self._shared = {ptr for ptr, n in seen.items() if n > 1}
+        return self._shared
 
     def adopt(self, read_item: ReadItem, tensor: torch.Tensor) -> bool:
         """Put ``tensor`` (just loaded, owned by nobody else) in the state dict in place of its
