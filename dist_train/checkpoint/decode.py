@@ -109,7 +109,7 @@ def _check_plain(obj: Any) -> None:
     seen, todo = set(), [obj]
     while todo:
         item = todo.pop()
-        if id(item) in seen:
+        if type(item) in _LEAVES or id(item) in seen:
             continue
         seen.add(id(item))
         if isinstance(item, torch.Tensor):
@@ -118,10 +118,16 @@ def _check_plain(obj: Any) -> None:
         elif isinstance(item, dict):
             if getattr(item, "__dict__", None):
                 raise _NotPlain("a mapping with attributes")
-            todo.extend(item.keys())
-            todo.extend(item.values())
+            for part in (item.keys(), item.values()):
+                if not _LEAVES.issuperset(map(type, part)):
+                    todo.extend(part)
         elif isinstance(item, (list, tuple, set, frozenset)):
-            todo.extend(item)
+            if not _LEAVES.issuperset(map(type, item)):  # (in C: the RNG states hold 625 ints)
+                todo.extend(item)
+
+
+#: What needs no look inside (the unpickler builds no subclasses of these).
+_LEAVES = frozenset({int, float, bool, complex, str, bytes, type(None)})
 
 
 _TENSOR_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_plain,
