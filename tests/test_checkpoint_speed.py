@@ -325,3 +325,36 @@ def test_item_decoder_hands_anything_unusual_to_torch_load(crafted):
     flat = lambda x: x if isinstance(x, list) else [x]  # noqa: E731
     for a, b in zip(flat(got), flat(want)):
         assert type(a) is type(b) and a.requires_grad == b.requires_grad and torch.equal(a.detach(), b.detach())
+
+
+def test_the_fast_checkpointable_tensor_test_answers_as_dcp_own(tmp_path):
+    """protocol_check replaces DCP's per-value ``isinstance(obj, CheckpointableTensor)`` (slow on
+    Python 3.11) where it is installed; its answers are DCP's for every kind of value."""
+    import sys
+
+    from torch.distributed.checkpoint import default_planner, planner_helpers, protocol
+
+    from dist_train.checkpoint import protocol_check
+
+    installed = protocol_check.install()
+    assert installed == (sys.version_info < (3, 12))
+    if not installed:
+        return
+    for module in (protocol, default_planner, planner_helpers):
+        assert module._is_checkpointable_tensor is protocol_check.is_checkpointable_tensor
+    original = protocol_check._original
+
+    class Sub(torch.Tensor):
+        pass
+
+    marked = torch.zeros(4)
+    for name, value in (("global_shape", (8,)), ("global_offsets", ((4,),)), ("local_offsets", ((0,),)),
+                        ("local_sizes", ((4,),))):
+        setattr(marked, name, value)
+    half = torch.zeros(4)
+    half.global_shape = (8,)  # (one attribute of four: not one)
+    values = [torch.zeros(3), torch.nn.Parameter(torch.zeros(3)), torch.zeros(3).as_subclass(Sub), marked, half,
+              3, "x", None, [torch.zeros(1)], {"a": 1}]
+    for value in values:
+        assert protocol_check.is_checkpointable_tensor(value) == original(value), value
+    assert protocol_check.is_checkpointable_tensor(marked) and not protocol_check.is_checkpointable_tensor(half)

@@ -36,8 +36,11 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
-from dist_train.checkpoint import checksum, encode, layout
+from dist_train.checkpoint import checksum, encode, layout, protocol_check
 from dist_train.checkpoint.decode import NotPlain, load_item, load_tensor_item, read_metadata, read_sequential
+
+
+protocol_check.install()  # (DCP's per-value protocol test, without typing's slow path on Python 3.11)
 
 
 class SafeReader(dcp.FileSystemReader):
