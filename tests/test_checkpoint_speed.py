@@ -358,3 +358,38 @@ def test_the_fast_checkpointable_tensor_test_answers_as_dcp_own(tmp_path):
     for value in values:
         assert protocol_check.is_checkpointable_tensor(value) == original(value), value
     assert protocol_check.is_checkpointable_tensor(marked) and not protocol_check.is_checkpointable_tensor(half)
+
+
+def test_a_virtual_subclass_of_the_protocol_sends_every_value_to_dcp_own_test():
+    import abc
+    import sys
+
+    from torch.distributed.checkpoint import protocol
+
+    from dist_train.checkpoint import protocol_check
+
+    if not protocol_check.install():
+        assert sys.version_info >= (3, 12)
+        return
+
+    class Marker(torch.Tensor):
+        pass
+
+    assert not protocol_check.is_checkpointable_tensor(torch.zeros(2))
+    protocol.CheckpointableTensor.register(Marker)  # (a registration: every plain value is asked again)
+    try:
+        value = torch.zeros(2)
+        assert protocol_check.is_checkpointable_tensor(value) == protocol_check._original(value)
+        assert abc._get_dump(protocol.CheckpointableTensor)[0]
+        asked = []
+        real = protocol_check._original
+        protocol_check._original = lambda obj: asked.append(obj) or real(obj)
+        try:
+            protocol_check.is_checkpointable_tensor(value)
+        finally:
+            protocol_check._original = real
+        assert asked == [value]
+    finally:
+        abc._reset_registry(protocol.CheckpointableTensor)
+        abc._reset_caches(protocol.CheckpointableTensor)
+    assert not protocol_check.is_checkpointable_tensor(torch.zeros(2))

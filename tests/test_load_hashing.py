@@ -92,6 +92,33 @@ def test_items_laid_out_unlike_their_destination_load_through_a_copy(tmp_path, c
         assert torch.equal(dest["w"], stored["w"])
 
 
+@pytest.mark.parametrize("extra", [4096, -8])
+def test_a_data_record_of_another_size_than_its_pickle_says_is_never_read_into_the_destination(tmp_path, extra):
+    """A crafted (or damaged) archive whose tensor record is longer or shorter than the tensor its
+    pickle describes: nothing is written into (or past) the destination's memory."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    torch.save(torch.zeros(4), buf)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, b"\x41" * (16 + extra) if info.filename.endswith("/data/0")
+                         else src.read(info.filename))
+    raw = out.getvalue()
+    path = tmp_path / "item.bin"
+    path.write_bytes(raw)
+    memory = np.full(2048, 7.0, dtype=np.float32)  # the destination, and what lies after it
+    into = torch.from_numpy(memory[:4])
+    into.fill_(-1.0)
+    with open(path, "rb") as stream:
+        try:
+            decode.read_sequential(checksum.HashingReader(stream), len(raw), into)
+        except (decode.NotPlain, EOFError):
+            pass
+    assert (memory[:4] == -1.0).all() and (memory[4:] == 7.0).all()
+
+
 def _setup(run_dir, strategy_name="single", overrides=()):
     from dist_train.checkpoint.manager import CheckpointManager
     from dist_train.config import load_config, to_dict

@@ -103,9 +103,11 @@ def _rebuild_plain(storage: Any, storage_offset: int, size: Any, stride: Any,
 
 
 def _check_plain(obj: Any) -> None:
-    """Every tensor in ``obj`` is a plain tensor without grad or hooks (a pickle's BUILD opcode can
-    set those on a tensor it built: torch's weights-only unpickler refuses that, and so does this
-    path, by handing the item to it)."""
+    """``obj`` is plain data: numbers, strings, bytes, None, plain tensors without grad or hooks
+    (a pickle's BUILD opcode can set those on a tensor it built: torch's weights-only unpickler
+    refuses that, and so does this path, by handing the item to it), and dicts, ordered dicts,
+    lists, tuples and sets of these. Anything else the unpickler could hand out (a class, a
+    storage tag, a bare storage) is refused too."""
     seen, todo = set(), [obj]
     while todo:
         item = todo.pop()
@@ -115,19 +117,21 @@ def _check_plain(obj: Any) -> None:
         if isinstance(item, torch.Tensor):
             if type(item) is not torch.Tensor or item.requires_grad or item._backward_hooks:
                 raise _NotPlain("a tensor with grad or hooks")
-        elif isinstance(item, dict):
+        elif type(item) in (dict, collections.OrderedDict):
             if getattr(item, "__dict__", None):
                 raise _NotPlain("a mapping with attributes")
             for part in (item.keys(), item.values()):
                 if not _LEAVES.issuperset(map(type, part)):
                     todo.extend(part)
-        elif isinstance(item, (list, tuple, set, frozenset)):
+        elif type(item) in (list, tuple, set, frozenset):
             if not _LEAVES.issuperset(map(type, item)):  # (in C: the RNG states hold 625 ints)
                 todo.extend(item)
+        else:  # (what else the unpickler can hand out: a class, a storage tag, a bare storage)
+            raise _NotPlain(f"a {type(item).__name__}")
 
 
 #: What needs no look inside (the unpickler builds no subclasses of these).
-_LEAVES = frozenset({int, float, bool, complex, str, bytes, type(None)})
+_LEAVES = frozenset({int, float, bool, complex, str, bytes, bytearray, type(None)})
 
 
 _TENSOR_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_plain,
@@ -296,8 +300,9 @@ def read_sequential(reader: Any, length: int, into: Optional[torch.Tensor] = Non
         reader.skip_to(reader.pos + name_len + extra_len)
         if name.startswith("data/"):
             key = name[len("data/"):]
-            storage = into.untyped_storage() if into is not None and _describes(small, key, into) else None
-            storage = storage if storage is not None else torch.UntypedStorage(size)
+            storage = into.untyped_storage() if into is not None else None
+            if storage is None or size != storage.nbytes() or not _describes(small, key, into):
+                storage = torch.UntypedStorage(size)
             if size:
                 reader.readinto(memoryview((ctypes.c_char * size).from_address(storage.data_ptr())).cast("B"))
             storages[key] = storage

@@ -29,8 +29,6 @@ from torch import nn
 
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.collectives import all_reduce
-# (imported here, not at the first save: importing DCP's state_dict module cost that save 4 ms)
-from dist_train.strategy import dcp_state
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -247,6 +245,8 @@ class Strategy(ABC):
         """Collective. Capture this rank's state now; return (small state for meta.json, a function
         that writes the rest into ``files``, perhaps later on another thread). ``stage``: copy the
         tensors to host memory first, so that training may change them during the write."""
+        from dist_train.strategy import dcp_state
+
         state = dcp_state.full_state(self.model, self.optimizer)
         if stage:
             # The optimizer's state and the parameters only its step changes are copied while the
@@ -268,6 +268,8 @@ class Strategy(ABC):
 
     def check_checkpoint(self, files, meta: Dict[str, Any], load_optimizer: bool) -> Optional[str]:
         """Why this strategy cannot load the checkpoint described by ``meta`` (None: it can)."""
+        from dist_train.strategy import dcp_state
+
         problem = dcp_state.shape_mismatches(files.stored_shapes(), self.model_shapes())
         if problem:
             return f"it does not fit this model: {problem}"
@@ -278,6 +280,8 @@ class Strategy(ABC):
     def load_checkpoint(self, files, meta: Dict[str, Any], load_optimizer: bool) -> None:
         """Collective: weights (and, when ``load_optimizer``, the optimizer) from ``files``, and
         the small state from ``meta``."""
+        from dist_train.strategy import dcp_state
+
         if load_optimizer:
             dcp_state.load_full_state(files, self.model, self.optimizer)
         else:
@@ -286,6 +290,8 @@ class Strategy(ABC):
 
     def model_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """``{name: global shape}`` of the model's state, as a checkpoint stores it."""
+        from dist_train.strategy import dcp_state
+
         return dcp_state.model_shapes(self.model)
 
     def _small_state(self) -> Dict[str, Any]:
