@@ -315,6 +315,31 @@ def test_shard_files_the_load_did_not_read_whole_are_hashed_after_it(tmp_path, m
         manager.close()
 
 
+def test_a_resume_that_needs_little_of_a_shard_hashes_it_after_the_load(tmp_path, monkeypatch):
+    """checkpoint.load_optimizer=false reads the model's items only (a third of the shard): the
+    shard is not read whole during the load but hashed after it, and its damage still found."""
+    from dist_train.train.state import TrainState
+
+    run_dir = str(tmp_path / "run")
+    strategy, manager = _setup(run_dir)
+    try:
+        _save_two(strategy, manager)
+    finally:
+        manager.close()
+    _flip(os.path.join(_ckpt(run_dir, 2), "dcp", "__0_0.distcp"), 10_000)
+    strategy, manager = _setup(run_dir, overrides=["checkpoint.load_optimizer=false"])
+    hashed_after = []
+    real = layout.check_hashes
+    monkeypatch.setattr(layout, "check_hashes",
+                        lambda ckpt, files, rels: hashed_after.extend((ckpt, r) for r in rels) or real(ckpt, files, rels))
+    try:
+        assert manager.resume(TrainState()) == _ckpt(run_dir, 1)
+        assert (_ckpt(run_dir, 2), "dcp/__0_0.distcp") in hashed_after  # (by check_rest, after the load)
+        assert "dcp/__0_0.distcp: xxh3_128" in manager.restorer.unusable[_ckpt(run_dir, 2)][0]
+    finally:
+        manager.close()
+
+
 def _fsdp_corrupt_shard_of_one_rank(rank: int, world: int, run_dir: str) -> None:
     """FSDP2 on 2 ranks: rank 1's shard file of the newest checkpoint is damaged. Rank 1 finds it
     while loading; both ranks fall back to the previous checkpoint alike and hold its values."""

@@ -48,9 +48,10 @@ class SafeReader(dcp.FileSystemReader):
     each file's items in file order, handing whole tensors over instead of copying them.
 
     ``expected``: ``{file name: manifest entry}`` of shard files whose checksums were not verified
-    before the load. Each of them that this rank opens is read whole, from start to end, hashed on
-    the way (``checksum.HashingReader``), its items decoded from the bytes as they pass; a file that
-    does not match its entry raises ``CorruptFile``. ``hashed`` names the files that matched."""
+    before the load. Each of them that this rank needs at least half of is read whole, from start
+    to end, hashed on the way (``checksum.HashingReader``), its items decoded from the bytes as they
+    pass; a file that does not match its entry raises ``CorruptFile``. ``hashed`` names the files
+    that matched (the others are hashed after the load: ``Restorer.check_rest``)."""
 
     def __init__(self, path: str, expected: Optional[Dict[str, dict]] = None):
         super().__init__(path)
@@ -73,9 +74,12 @@ class SafeReader(dcp.FileSystemReader):
         lock = threading.Lock()  # the planner's state dict updates (set_element) are not thread-safe
 
         def read_file(relative_path: str) -> None:
-            if relative_path in self.expected:
+            if relative_path in self.expected and 2 * self._wanted(per_file[relative_path]) >= \
+                    self.expected[relative_path].get("size", 0):
                 self._read_hashed(relative_path, per_file[relative_path], planner, lock)
                 return
+            # (this rank needs less than half of the file, e.g. the model's items only: reading it
+            # whole to hash it here would cost more than the ranks' share of ``check_rest``)
             items = sorted(per_file[relative_path], key=lambda it: self.storage_data[it.storage_index].offset)
             with open(Path(self.path) / relative_path, "rb") as stream:
                 for item in items:
@@ -85,6 +89,11 @@ class SafeReader(dcp.FileSystemReader):
         fut: Future = Future()
         fut.set_result(None)
         return fut
+
+    def _wanted(self, items: list) -> int:
+        """Bytes of a file that ``items`` read (each stored item once)."""
+        return sum(length for _offset, length in {(self.storage_data[it.storage_index].offset,
+                                                   self.storage_data[it.storage_index].length) for it in items})
 
     def _read_item(self, stream: Any, item: ReadItem, planner: SafeLoadPlanner, lock: threading.Lock) -> None:
         view = self._slice_file(stream, self.storage_data[item.storage_index])
