@@ -160,6 +160,27 @@ def _save_two(strategy, manager):
     return saved
 
 
+def _record_hashing(monkeypatch):
+    """[(checkpoint, manifest path)] of every file hashed by a verification pass from now on."""
+    hashed = []
+    real = layout.check_hashes
+    monkeypatch.setattr(layout, "check_hashes",
+                        lambda ckpt, files, rels: hashed.extend((ckpt, r) for r in rels) or real(ckpt, files, rels))
+    return hashed
+
+
+def _saved_run(tmp_path):
+    """A single-process run dir with checkpoints of steps 1 and 2: (run dir, strategy, manager,
+    the weights of each step)."""
+    run_dir = str(tmp_path / "run")
+    strategy, manager = _setup(run_dir)
+    try:
+        return run_dir, strategy, manager, _save_two(strategy, manager)
+    except BaseException:
+        manager.close()
+        raise
+
+
 def _flip(path, offset):
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -175,16 +196,11 @@ def _ckpt(run_dir, step):
 def test_a_shard_found_corrupt_while_loading_falls_back_to_the_previous_checkpoint(tmp_path, monkeypatch):
     from dist_train.train.state import TrainState
 
-    run_dir = str(tmp_path / "run")
-    strategy, manager = _setup(run_dir)
+    run_dir, strategy, manager, saved = _saved_run(tmp_path)
     try:
-        saved = _save_two(strategy, manager)
         shard = os.path.join(_ckpt(run_dir, 2), "dcp", "__0_0.distcp")
         _flip(shard, os.path.getsize(shard) // 2)  # inside a tensor's bytes: it decodes, the checksum fails
-        hashed_before = []
-        real = layout.check_hashes
-        monkeypatch.setattr(layout, "check_hashes",
-                            lambda ckpt, files, rels: hashed_before.extend((ckpt, r) for r in rels) or real(ckpt, files, rels))
+        hashed_before = _record_hashing(monkeypatch)
         state = TrainState()
         assert manager.resume(state) == _ckpt(run_dir, 1) and state.step == 1
         # Step 2's shard was never hashed before its load (the load hashed it); step 1, the
@@ -205,10 +221,8 @@ def test_a_shard_found_corrupt_while_loading_falls_back_to_the_previous_checkpoi
 def test_an_intact_resume_reads_the_shards_once_and_loads_them_exactly(tmp_path, monkeypatch):
     from dist_train.train.state import TrainState
 
-    run_dir = str(tmp_path / "run")
-    strategy, manager = _setup(run_dir)
+    run_dir, strategy, manager, saved = _saved_run(tmp_path)
     try:
-        saved = _save_two(strategy, manager)
         optim = {(i, k): v.clone() for i, st in strategy.optimizer.state_dict()["state"].items() for k, v in st.items()}
         large = {(i, k): v.data_ptr() for i, st in strategy.optimizer.state_dict()["state"].items()
                  for k, v in st.items() if v.nbytes >= 1 << 20}
@@ -237,10 +251,8 @@ def test_an_intact_resume_reads_the_shards_once_and_loads_them_exactly(tmp_path,
 def test_an_item_the_sequential_reader_refuses_is_decoded_another_way_and_still_hashed(tmp_path, monkeypatch):
     from dist_train.train.state import TrainState
 
-    run_dir = str(tmp_path / "run")
-    strategy, manager = _setup(run_dir)
+    run_dir, strategy, manager, saved = _saved_run(tmp_path)
     try:
-        saved = _save_two(strategy, manager)
         refused = []
 
         def refuse(reader, length, into=None):  # gives up part-way, as on an archive of another form
@@ -300,10 +312,8 @@ def test_shard_files_the_load_did_not_read_whole_are_hashed_after_it(tmp_path, m
     from dist_train.checkpoint.files import CheckpointFiles
     from dist_train.train.state import TrainState
 
-    run_dir = str(tmp_path / "run")
-    strategy, manager = _setup(run_dir)
+    run_dir, strategy, manager, saved = _saved_run(tmp_path)
     try:
-        saved = _save_two(strategy, manager)
         _flip(os.path.join(_ckpt(run_dir, 2), "dcp", "__0_0.distcp"), 100_000)
         monkeypatch.setattr(CheckpointFiles, "read_state",
                             lambda self, state: storage.load(state, self.dcp_dir, self.group))  # hashes nothing
@@ -328,10 +338,7 @@ def test_a_resume_that_needs_little_of_a_shard_hashes_it_after_the_load(tmp_path
         manager.close()
     _flip(os.path.join(_ckpt(run_dir, 2), "dcp", "__0_0.distcp"), 10_000)
     strategy, manager = _setup(run_dir, overrides=["checkpoint.load_optimizer=false"])
-    hashed_after = []
-    real = layout.check_hashes
-    monkeypatch.setattr(layout, "check_hashes",
-                        lambda ckpt, files, rels: hashed_after.extend((ckpt, r) for r in rels) or real(ckpt, files, rels))
+    hashed_after = _record_hashing(monkeypatch)
     try:
         assert manager.resume(TrainState()) == _ckpt(run_dir, 1)
         assert (_ckpt(run_dir, 2), "dcp/__0_0.distcp") in hashed_after  # (by check_rest, after the load)
