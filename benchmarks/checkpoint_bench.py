@@ -15,6 +15,9 @@ fsync (a checkpoint that is not on disk is not one). Rounds alternate the two si
 - dist_train load: what a resume does: choose the newest checkpoint, verify every checksum (the DCP
   shards while they are read), DCP
   load, set model/optimizer/scheduler state, RNG, train state.
+- first load: the same two, into a freshly built model and an optimizer that has no state yet, as
+  in a process that has just started to resume (what a user's resume is); the load above goes
+  into a model and optimizer that already hold state (a rollback, or a repeated load).
 - async: the time training is blocked: ``save()`` (RNG states, meta.json's contents, the buffers'
   host copy) plus the wait before the next optimizer step for the copy of parameters and optimizer
   state that the writer thread makes during one forward and backward; how much longer that step
@@ -63,12 +66,16 @@ def hidden_for(megabytes: float) -> int:
     return max(8, int((-76 + math.sqrt(76 ** 2 + 4 * params)) / 2))
 
 
-def build(overrides):
+def build(overrides, trained: bool = True):
+    """The job and its strategy; ``trained``: one optimizer step taken (AdamW state allocated),
+    else a fresh model and an optimizer without state (a process about to resume)."""
     job = load_config(None, overrides)
     torch.manual_seed(0)
     _, _, info = build_datasets(job.data)
     strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32")
     strategy.setup(build_model(job.model, info), make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+    if not trained:
+        return job, strategy
     x = torch.randn(8, *info.input_shape)
     torch.nn.functional.cross_entropy(strategy.model(x), torch.randint(0, info.num_classes, (8,))).backward()
     strategy.step(1.0)  # AdamW state allocated
@@ -112,13 +119,33 @@ def plain_load(strategy, path: str) -> None:
     strategy.optimizer.load_state_dict(sd["optim"])
 
 
+def plain_first_load(overrides, path: str) -> float:
+    """Seconds of ``plain_load`` into a freshly built model and optimizer (no state yet)."""
+    _job, fresh = build(overrides, trained=False)
+    try:
+        return timed(lambda: plain_load(fresh, path))
+    finally:
+        fresh.teardown()
+
+
+def dt_first_load(overrides, run_dir: str) -> float:
+    """Seconds of a resume from ``run_dir`` into a freshly built model and optimizer (no state yet)."""
+    job, fresh = build(overrides, trained=False)
+    m = manager(job, fresh, run_dir)
+    try:
+        return timed(lambda: m.resume(TrainState()))
+    finally:
+        m.close()
+        fresh.teardown()
+
+
 def bench_size(megabytes: float, repeats: int, where: str) -> Dict[str, float]:
     hidden = hidden_for(megabytes)
     overrides = ["model.name=mlp", "data.name=digits", f"model.hidden={hidden}", "strategy.name=single",
                  "checkpoint.keep_last=2", "logging.mlflow.enabled=false"]
     job, strategy = build(overrides)
-    res: Dict[str, List[float]] = {k: [] for k in ("plain_save", "dt_save", "plain_load", "dt_load", "fwd_bwd",
-                                                   "async_block", "async_step", "async_total")}
+    res: Dict[str, List[float]] = {k: [] for k in ("plain_save", "dt_save", "plain_load", "dt_load", "plain_first",
+                                                   "dt_first", "fwd_bwd", "async_block", "async_step", "async_total")}
     batch = torch.randn(BATCH, 64), torch.randint(0, 10, (BATCH,))
     with tempfile.TemporaryDirectory(dir=where) as tmp:
         plain = os.path.join(tmp, "plain.pt")
@@ -130,6 +157,8 @@ def bench_size(megabytes: float, repeats: int, where: str) -> Dict[str, float]:
                 res["dt_save"].append(timed(lambda: sync.save(TrainState(step=i))))
                 res["plain_load"].append(timed(lambda: plain_load(strategy, plain)))
                 res["dt_load"].append(timed(lambda: sync.resume(TrainState())))
+                res["plain_first"].append(plain_first_load(overrides, plain))
+                res["dt_first"].append(dt_first_load(overrides, os.path.join(tmp, "sync")))
                 res["fwd_bwd"].append(timed(lambda: forward_backward(strategy, batch)))
                 # An async save as the loop makes one: save() returns after the buffers are copied;
                 # the parameters and optimizer state are copied while the next forward and backward
@@ -164,6 +193,8 @@ def print_size(m: Dict[str, float], repeats: int) -> None:
     print(f"  load   plain torch.load       {m['plain_load'] * 1e3:9.1f} ms {rate(m['plain_load'])} | dist_train "
           f"{m['dt_load'] * 1e3:9.1f} ms {rate(m['dt_load'])} | ratio {m['dt_load'] / m['plain_load']:.2f}x"
           "  (dist_train verifies every checksum)")
+    print(f"  first  load into a fresh model and optimizer: plain {m['plain_first'] * 1e3:9.1f} ms | dist_train "
+          f"{m['dt_first'] * 1e3:9.1f} ms | ratio {m['dt_first'] / m['plain_first']:.2f}x  (a process's resume)")
     print(f"  async  blocks training {m['async_block'] * 1e3:9.1f} ms (in save() and waiting before the next update), "
           f"committed after {m['async_total'] * 1e3:9.1f} ms "
           f"| blocking / dist_train sync save {m['async_block'] / m['dt_save']:.2f}x, "

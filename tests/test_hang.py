@@ -28,7 +28,7 @@ def _processes_mentioning(text: str):
 @pytest.mark.slow
 def test_a_stalled_rank_is_diagnosed_and_the_job_ends_cleanly(tmp_path):
     run = tmp_path / "hang"
-    args = ["model.name=mlp", "data.name=digits", "data.batch_size=16", "data.num_workers=0", "train.max_steps=30",
+    args = ["model.name=mlp", "data.name=digits", "data.batch_size=16", "data.num_workers=1", "train.max_steps=30",
             "train.warmup_steps=0", "logging.every_steps=1", "logging.mlflow.enabled=false",
             "logging.progress_bar=off", "checkpoint.resume=never", "debug.faults=stall@8:1=25",
             "dist.watchdog_floor_s=2", "dist.watchdog_factor=5", "dist.timeout_s=10", f"run.dir={run}"]
@@ -43,6 +43,9 @@ def test_a_stalled_rank_is_diagnosed_and_the_job_ends_cleanly(tmp_path):
     assert any(d.startswith("rank00000-step00000008-") for d in dumps), dumps  # its peer, waiting in a collective
     text = (run / "hangs" / "rank00001-step00000008-data.txt").read_text()
     assert "rank 1, step 8, phase data" in text and "File " in text  # faulthandler's stacks
+    # Its DataLoader worker (what a rank waiting for data waits on): state, and its stacks by py-spy.
+    assert "--- child process " in text and "waiting in " in text, text[-3000:]
+    assert "_worker_loop" in text, text[-3000:]
     assert "rank 1 seems hung: step 8 has been in phase data" in proc.stderr
     assert "rank 0 seems hung: step 8" in proc.stderr
     assert read_summary(run)["status"] == "failed"

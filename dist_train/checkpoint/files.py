@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import torch
 from torch.distributed.tensor import DTensor
 
-from dist_train.checkpoint import layout, storage
+from dist_train.checkpoint import decode, layout, storage
 
 #: ``defer(path in the state dict, tensor)``: may this tensor be copied after ``stage`` returns?
 Defer = Callable[[Tuple[Any, ...], torch.Tensor], bool]
@@ -50,6 +50,10 @@ class CheckpointFiles:
     def read_model(self) -> Dict[str, torch.Tensor]:
         """The consolidated model weights, on the CPU (no collective)."""
         return storage.load_full_model(self.dcp_dir)
+
+    def metadata(self) -> Any:
+        """DCP's index of the checkpoint (``Metadata``: every stored entry's shape, dtype, key path)."""
+        return decode.read_metadata(self.dcp_dir)
 
     def stored_shapes(self) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
         """``{name: (shape, dtype)}`` of the stored model tensors."""

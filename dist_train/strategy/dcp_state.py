@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -138,9 +139,87 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def load_full_state(files, model: nn.Module, optimizer) -> None:
-    state = full_state(model, optimizer)
-    files.read_state(state)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    seeded = not optimizer.state and seed_optimizer_state(model, optimizer, files.metadata())
+    try:
+        state = full_state(model, optimizer)
+        files.read_state(state)
+        # Not strict: a trainable parameter that never had a gradient (an unused head) has no
+        # optimizer state in the checkpoint, and gets none, as with optimizer.load_state_dict. (The
+        # model's keys are its own: the read above fails on any the checkpoint lacks.)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=_NOT_STRICT)
+    except BaseException:
+        if seeded:  # (back to the fresh optimizer it was: no half-loaded or unfilled state stays)
+            optimizer.state.clear()
+        raise
+
+
+_NOT_STRICT = StateDictOptions(strict=False)
+
+
+def seed_optimizer_state(model: nn.Module, optimizer, metadata: Any) -> bool:
+    """Give a fresh optimizer (no state yet: a process about to resume) the state tensors its
+    checkpoint holds, uninitialised, for the load to read into. Returns whether it did.
+
+    Without state, DCP's ``get_state_dict`` and ``set_state_dict`` create it by running an
+    optimizer step with zero gradients and a learning rate of 0 (``_init_optim_state``): for AdamW
+    that zero-fills two tensors per parameter and runs a full step over them, only for the load to
+    overwrite every value (a 1 GB checkpoint's first resume: 640 ms of its 830, against 590 ms for
+    ``torch.load`` of the same state). Here the state is built the way ``torch.load`` +
+    ``optimizer.load_state_dict`` builds it: exactly the entries the checkpoint stores (its DCP
+    index names them), each a tensor of the stored dtype laid out as its parameter (on its device,
+    sharded as it is: a DTensor for an FSDP parameter), or a 0-d tensor (a ``step``), or a
+    placeholder for a non-tensor entry; ``optimizer.load_state_dict`` then casts and places them
+    as it does any loaded state. All or nothing: any stored entry this cannot place (an unknown
+    parameter name, nested state, a tensor shaped unlike its parameter, an index without DCP's key
+    paths) leaves the optimizer untouched, and DCP initialises it its own way."""
+    try:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        from torch.distributed.checkpoint.state_dict import _get_fqns  # (DCP's own parameter names)
+    except ImportError:
+        return False
+    paths = getattr(metadata, "planner_data", None)
+    if optimizer.state or not isinstance(paths, dict):
+        return False
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    by_name: Dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if id(param) in held:
+            fqns = _get_fqns(model, name)
+            if len(fqns) != 1:
+                return False
+            by_name[next(iter(fqns))] = param
+    if len(by_name) != len(held):
+        return False  # (an optimized tensor that is not one of the model's parameters)
+    stored: Dict[str, Dict[str, Any]] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        path = paths.get(key)
+        if path is None:
+            if key.startswith("optim.state."):
+                return False
+            continue
+        if tuple(path[:2]) != ("optim", "state"):
+            continue
+        if len(path) != 4 or path[2] not in by_name or not isinstance(path[3], str):
+            return False
+        stored.setdefault(path[2], {})[path[3]] = meta
+    seeds: Dict[torch.Tensor, Dict[str, Any]] = {}
+    for name, entries in stored.items():
+        param, values = by_name[name], {}
+        for key, meta in entries.items():
+            if not isinstance(meta, TensorStorageMetadata):
+                values[key] = None  # (a number or the like: the load puts the stored value here)
+            elif tuple(meta.size) == tuple(param.shape):
+                values[key] = torch.empty_like(param, dtype=meta.properties.dtype, requires_grad=False)
+            elif len(meta.size) == 0:
+                values[key] = torch.empty((), dtype=meta.properties.dtype)
+            else:
+                return False
+        seeds[param] = values
+    if not seeds:
+        return False
+    optimizer.state.update(seeds)
+    return True
 
 
 def load_model_state(files, model: nn.Module) -> None:

@@ -8,7 +8,8 @@ watchdog that explains a hang before the collective timeout does.
 The watchdog thread reads only ``clock.phase`` / ``clock.entered``: when one phase has lasted far
 longer than the recent median iteration (``dist.watchdog_factor`` x median, at least
 ``dist.watchdog_floor_s``), it writes every thread's Python stack of this rank (faulthandler;
-plus ``py-spy dump`` when installed) to ``<run.dir>/hangs/`` and logs which rank, step and phase.
+plus ``py-spy dump`` when installed), and the state and stacks of its child processes (DataLoader
+workers), to ``<run.dir>/hangs/`` and logs which rank, step and phase.
 """
 from __future__ import annotations
 
@@ -23,25 +24,65 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
-from typing import Deque, Dict, Iterator, Optional
+from typing import Deque, Dict, Iterator, List, Optional
 
 log = logging.getLogger("dist_train")
 
 PHASES = ("data", "forward_backward", "optimizer", "checkpoint", "evaluation", "other")
+_MAX_CHILDREN = 8  # child processes whose stacks a hang dump includes
 
 
-def py_spy_dump(pid: int) -> Optional[str]:
-    """Every thread's Python (and native) stack of process ``pid`` by ``py-spy dump``; None when
-    py-spy is not installed (on PATH or next to this interpreter, as in a virtualenv)."""
+def py_spy_dump(pid: int, native: bool = False) -> Optional[str]:
+    """Every thread's Python stack of process ``pid`` by ``py-spy dump`` (``native``: with the C
+    frames between them, where a lock wait shows); None when py-spy is not installed (on PATH or
+    next to this interpreter, as in a virtualenv)."""
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if spy is None:
         return None
     try:
-        out = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30,
-                             stdin=subprocess.DEVNULL)
+        out = subprocess.run([spy, "dump", "--pid", str(pid), *(["--native"] if native else [])],
+                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if native and out.returncode != 0:  # (no native unwinding here: the Python stacks at least)
+            return py_spy_dump(pid)
         return out.stdout + out.stderr
     except (OSError, subprocess.SubprocessError) as exc:
         return f"(py-spy dump failed: {exc})\n"
+
+
+def child_processes(pid: int) -> List[int]:
+    """The live child processes of ``pid`` (a rank's DataLoader workers, its helpers), from /proc."""
+    children = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return children
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # (the name may hold spaces and parentheses)
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            children.append(int(entry))
+    return sorted(children)
+
+
+def describe_process(pid: int) -> str:
+    """One line on process ``pid``: its command line, scheduler state and the kernel function it
+    sleeps in (``futex_wait...``: a lock or condition; ``pipe_read``: waiting on a pipe)."""
+    def read(name: str) -> str:
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return "?"
+
+    state = read("stat").rsplit(")", 1)[-1].split()[:1]
+    cmdline = read("cmdline").replace("\0", " ").strip()
+    return (f"process {pid}: state {state[0] if state else '?'}, waiting in {read('wchan') or '-'}; "
+            f"{cmdline[:300]}")
 
 
 class PhaseClock:
@@ -123,6 +164,14 @@ class Watchdog:
             dump = py_spy_dump(os.getpid())
             if dump is not None:
                 f.write("\n--- py-spy dump ---\n" + dump)
+            # What this rank may be waiting for: its DataLoader workers (a worker stuck before
+            # its first batch shows only here), with their C frames where py-spy can.
+            for child in child_processes(os.getpid())[:_MAX_CHILDREN]:
+                f.write(f"\n--- child {describe_process(child)} ---\n")
+                f.flush()
+                dump = py_spy_dump(child, native=True)
+                if dump is not None:
+                    f.write(dump)
         self.dumps += 1
         log.error("rank %d seems hung: step %d has been in phase %s for %.0f s (recent median iteration %s s); "
                   "Python stacks of every thread in %s", self.rank, step, phase, stalled,
