@@ -5,7 +5,8 @@ in the same run, at several state sizes; and the time a save blocks a real train
     .venv/bin/python benchmarks/checkpoint_bench.py --smoke      # CI: smallest size, one round
 
 One process, the single strategy, an ``mlp`` whose width gives about the requested MB of state
-(model + AdamW moments, one optimizer step taken). Both sides write to the same filesystem and
+(model + AdamW moments, one optimizer step taken), and built-in models of many small tensors
+(``--models``, default ``resnet18``: 122 model entries, 134 MB with its AdamW state). Both sides write to the same filesystem and
 fsync (a checkpoint that is not on disk is not one). Rounds alternate the two sides; medians.
 
 - plain save: ``torch.save({"model", "optim"})`` to one file, then fsync.
@@ -57,6 +58,7 @@ from dist_train.train.state import TrainState  # noqa: E402
 
 MB = 1e6
 BATCH = 64  # the forward and backward an async save's copy overlaps: digits' default batch
+MODEL_BATCH = 8  # the same for the vision models (a ResNet-18's at 64 takes 3 s on 2 cores)
 
 
 def hidden_for(megabytes: float) -> int:
@@ -71,7 +73,7 @@ def build(overrides, trained: bool = True):
     else a fresh model and an optimizer without state (a process about to resume)."""
     job = load_config(None, overrides)
     torch.manual_seed(0)
-    _, _, info = build_datasets(job.data)
+    info = data_info(job)
     strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32")
     strategy.setup(build_model(job.model, info), make_optimizer_factory(job.train), make_scheduler_factory(job.train))
     if not trained:
@@ -80,6 +82,22 @@ def build(overrides, trained: bool = True):
     torch.nn.functional.cross_entropy(strategy.model(x), torch.randint(0, info.num_classes, (8,))).backward()
     strategy.step(1.0)  # AdamW state allocated
     return job, strategy
+
+
+def data_info(job):
+    return build_datasets(job.data)[2]
+
+
+def mlp_case(megabytes: float):
+    """(label, overrides) of the ``mlp`` with about ``megabytes`` of model + AdamW state."""
+    hidden = hidden_for(megabytes)
+    return f"mlp hidden {hidden}", ["model.name=mlp", "data.name=digits", f"model.hidden={hidden}"]
+
+
+def model_case(name: str):
+    """(label, overrides) of a built-in vision model on 32x32 images: many tensors (a ResNet-18's
+    state is 62 parameters, 60 BatchNorm buffers and their AdamW state), most of them small."""
+    return name, [f"model.name={name}", "data.name=synthetic_images", "data.synthetic_samples=256"]
 
 
 def forward_backward(strategy, batch) -> None:
@@ -139,14 +157,14 @@ def dt_first_load(overrides, run_dir: str) -> float:
         fresh.teardown()
 
 
-def bench_size(megabytes: float, repeats: int, where: str) -> Dict[str, float]:
-    hidden = hidden_for(megabytes)
-    overrides = ["model.name=mlp", "data.name=digits", f"model.hidden={hidden}", "strategy.name=single",
-                 "checkpoint.keep_last=2", "logging.mlflow.enabled=false"]
+def bench_case(label: str, model_overrides: List[str], repeats: int, where: str) -> Dict[str, float]:
+    overrides = [*model_overrides, "strategy.name=single", "checkpoint.keep_last=2", "logging.mlflow.enabled=false"]
     job, strategy = build(overrides)
     res: Dict[str, List[float]] = {k: [] for k in ("plain_save", "dt_save", "plain_load", "dt_load", "plain_first",
                                                    "dt_first", "fwd_bwd", "async_block", "async_step", "async_total")}
-    batch = torch.randn(BATCH, 64), torch.randint(0, 10, (BATCH,))
+    info = data_info(job)
+    size = BATCH if job.model.name == "mlp" else MODEL_BATCH
+    batch = torch.randn(size, *info.input_shape), torch.randint(0, info.num_classes, (size,))
     with tempfile.TemporaryDirectory(dir=where) as tmp:
         plain = os.path.join(tmp, "plain.pt")
         sync = manager(job, strategy, os.path.join(tmp, "sync"))
@@ -179,7 +197,8 @@ def bench_size(megabytes: float, repeats: int, where: str) -> Dict[str, float]:
             asyn.close()
     med = {k: statistics.median(v) for k, v in res.items()}
     med["bytes"] = state_bytes(strategy)
-    med["hidden"] = hidden
+    med["label"] = label
+    med["batch"] = size
     med["spread"] = {k: (min(v), max(v)) for k, v in res.items()}
     return med
 
@@ -187,7 +206,7 @@ def bench_size(megabytes: float, repeats: int, where: str) -> Dict[str, float]:
 def print_size(m: Dict[str, float], repeats: int) -> None:
     size = m["bytes"] / MB
     rate = lambda s: f"{size / s:7.0f} MB/s"  # noqa: E731
-    print(f"state {size:8.1f} MB (mlp hidden {m['hidden']}, AdamW), median of {repeats}")
+    print(f"state {size:8.1f} MB ({m['label']}, AdamW), median of {repeats}")
     print(f"  save   plain torch.save+fsync {m['plain_save'] * 1e3:9.1f} ms {rate(m['plain_save'])} | dist_train "
           f"{m['dt_save'] * 1e3:9.1f} ms {rate(m['dt_save'])} | ratio {m['dt_save'] / m['plain_save']:.2f}x")
     print(f"  load   plain torch.load       {m['plain_load'] * 1e3:9.1f} ms {rate(m['plain_load'])} | dist_train "
@@ -200,7 +219,7 @@ def print_size(m: Dict[str, float], repeats: int) -> None:
           f"| blocking / dist_train sync save {m['async_block'] / m['dt_save']:.2f}x, "
           f"/ plain save {m['async_block'] / m['plain_save']:.2f}x")
     extra = m["async_step"] - m["fwd_bwd"]
-    print(f"         the step carrying it: forward+backward (batch {BATCH}) {m['fwd_bwd'] * 1e3:.1f} ms alone, "
+    print(f"         the step carrying it: forward+backward (batch {m['batch']}) {m['fwd_bwd'] * 1e3:.1f} ms alone, "
           f"{m['async_step'] * 1e3:.1f} ms with the save: +{extra * 1e3:.1f} ms "
           f"({extra / m['dt_save']:.2f}x the sync save: the writer thread's copy and write share the cores)")
     lo_hi = ", ".join(f"{k} {lo * 1e3:.0f}-{hi * 1e3:.0f}" for k, (lo, hi) in m["spread"].items())
@@ -246,7 +265,9 @@ def bench_training(where: str, hidden: int, repeats: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="5,100,1000", help="state sizes in MB, comma-separated")
+    p.add_argument("--sizes", default="5,100,1000", help="state sizes in MB, comma-separated (the mlp)")
+    p.add_argument("--models", default="resnet18",
+                   help="built-in models to measure as well, comma-separated ('' for none): many small tensors")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: a temporary dir)")
     p.add_argument("--smoke", action="store_true", help="smallest size, one round, no training run (CI)")
@@ -263,12 +284,13 @@ def main() -> None:
         p.error("--sizes needs at least one size > 0")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.smoke:
-        sizes, args.repeats = sizes[:1], 1
+        sizes, args.repeats, models = sizes[:1], 1, []
     train = (not args.smoke) if args.train is None else args.train
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    for megabytes in sizes:
-        print_size(bench_size(megabytes, args.repeats, args.dir), args.repeats)
+    for label, overrides in [mlp_case(mb) for mb in sizes] + [model_case(name) for name in models]:
+        print_size(bench_case(label, overrides, args.repeats, args.dir), args.repeats)
     if train:
         bench_training(args.dir, args.train_hidden, args.repeats)
 

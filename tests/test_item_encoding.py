@@ -51,6 +51,50 @@ def test_tensor_items_are_byte_for_byte_torch_save_and_load_back():
     assert encode._templates, "no tensor took the template way"
 
 
+def test_a_small_item_in_a_templates_bytes_reads_back_without_the_zip_reader():
+    contiguous = [t for t in _tensors() if t.is_contiguous() and t.numel()]
+    for tensor in contiguous:
+        with storage._no_zip_crc():
+            data = bytearray(_encoded(tensor))
+        back = encode.archived_tensor(data, tensor.dtype, tuple(tensor.shape))
+        assert back is not None, (tensor.dtype, tuple(tensor.shape))
+        assert back.dtype == tensor.dtype and back.shape == tensor.shape and torch.equal(back, tensor)
+        assert torch.equal(torch.load(io.BytesIO(bytes(data)), weights_only=True), back)
+    # Anything else is left to the general decoder: another layout expected than the one stored,
+    # a stored non-contiguous tensor, an empty one, an archive with CRC32s (written by torch.save).
+    x = torch.randn(3, 4)
+    with storage._no_zip_crc():
+        data = bytearray(_encoded(x))
+        transposed = bytearray(_encoded(torch.randn(4, 3).t()))
+    assert encode.archived_tensor(data, torch.float32, (4, 3)) is None
+    assert encode.archived_tensor(data, torch.float64, (3, 2)) is None
+    assert encode.archived_tensor(data, torch.int32, (3, 4)) is None  # (same byte count, other pickle)
+    assert encode.archived_tensor(transposed, torch.float32, (3, 4)) is None
+    assert encode.archived_tensor(bytearray(_encoded(torch.empty(0))), torch.float32, (0,)) is None
+    assert encode.archived_tensor(bytearray(_torch_save(x)), torch.float32, (3, 4)) is None  # CRC32s on
+
+
+def test_every_byte_of_a_templated_item_outside_its_data_is_checked():
+    """A changed byte in the archive's head or tail (pickle, record names, sizes, directory) sends
+    the item to the general decoder; a changed data byte changes that element only."""
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    with storage._no_zip_crc():
+        data = _encoded(x)
+    head, tail, nbytes = encode._templates[(torch.float32, (2, 3), (3, 1), encode.config.save.storage_alignment)]
+    assert len(data) == len(head) + nbytes + len(tail)
+    for at in range(len(data)):
+        flipped = bytearray(data)
+        flipped[at] ^= 0x01
+        back = encode.archived_tensor(flipped, torch.float32, (2, 3))
+        if len(head) <= at < len(head) + nbytes:
+            assert back is not None and (back != x).sum() == 1
+        else:
+            assert back is None, at
+    for cut in (1, 8, len(tail)):  # shorter or longer archives
+        assert encode.archived_tensor(bytearray(data[:-cut]), torch.float32, (2, 3)) is None
+        assert encode.archived_tensor(bytearray(data + b"\0" * cut), torch.float32, (2, 3)) is None
+
+
 def test_unusual_tensors_are_written_by_torch_save_itself(monkeypatch):
     base = torch.randn(4, 4)
     param = torch.nn.Parameter(torch.randn(3))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import spawn
-from dist_train.checkpoint import checksum, decode, layout, storage
+from dist_train.checkpoint import checksum, decode, encode, layout, storage
 
 
 def _archive(tensor, crc):
@@ -230,14 +230,21 @@ def test_an_intact_resume_reads_the_shards_once_and_loads_them_exactly(tmp_path,
         real_open = open
 
         def counting_open(path, *args, **kwargs):
-            if str(path).endswith(".distcp"):
+            if str(path).endswith((".distcp", ".metadata")):
                 opened.append(os.path.basename(str(path)))
             return real_open(path, *args, **kwargs)
 
+        templated = []
+        real_archived = encode.archived_tensor
+        monkeypatch.setattr(encode, "archived_tensor",
+                            lambda *a: templated.append(real_archived(*a) is not None) or real_archived(*a))
         monkeypatch.setattr("builtins.open", counting_open)
         assert manager.resume(TrainState()) == _ckpt(run_dir, 2)
         monkeypatch.undo()
-        assert opened == ["__0_0.distcp"]  # one read of the shard: no verification pass before it
+        assert templated and all(templated)  # every small tensor item read the template way
+        assert opened.count("__0_0.distcp") == 1  # one read of the shard: no verification pass before it
+        # DCP's index: hashed by the verification, then parsed once (the checks and the load share it).
+        assert opened.count(".metadata") == 2 and len(opened) == 3
         got = _weights(strategy)
         assert all(torch.equal(got[k], saved[2][k]) for k in saved[2])
         after = {(i, k): v for i, st in strategy.optimizer.state_dict()["state"].items() for k, v in st.items()}

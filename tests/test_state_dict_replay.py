@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.utils._pytree import tree_map_only
 
 from conftest import spawn
 from dist_train.strategy import dcp_state
@@ -52,6 +53,89 @@ def _check(model, optimizer, replayed=True):
         assert dcp_state._same(got, {"model": model_sd, "optim": optim_sd})
         assert dcp_state._same(first, got)
     return got
+
+
+def _loads_as_set_state_dict(build):
+    """The replay's ``load`` sets model and optimizer exactly as ``set_state_dict`` (non-strict) does."""
+    def trained(seed):  # (``build``: a model, its optimizer, an input, and the model whose state is taken)
+        torch.manual_seed(seed)
+        model, opt, x, *outer = build()
+        _trained(model, opt, x)
+        return (outer[0] if outer else model), opt
+
+    src, src_opt = trained(0)
+    for i, group in enumerate(src_opt.param_groups):
+        group["lr"] = 0.0123 * (i + 1)  # hyperparameters come back from the checkpoint too
+    saved = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), dcp_state.full_state(src, src_opt))
+    (a, a_opt), (b, b_opt) = trained(1), trained(1)
+    dcp_state.full_state(a, a_opt)
+    replay = dcp_state._replays[a_opt]
+    assert replay is not None and replay.current(a, a_opt) is not None
+    copy = lambda: tree_map_only(torch.Tensor, lambda t: t.clone(), saved)  # noqa: E731
+    replay.load(a, a_opt, copy())
+    state = copy()
+    set_state_dict(b, b_opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
+    assert dcp_state._same(dcp_state.full_state(a, a_opt), dcp_state.full_state(a, a_opt))
+    ga, gb = get_state_dict(a, a_opt), get_state_dict(b, b_opt)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    flat_a, flat_b = [], []
+    for tree, out in ((ga, flat_a), (gb, flat_b)):
+        tree_map_only(torch.Tensor, lambda t, out=out: out.append(local(t)), tree)
+    assert len(flat_a) == len(flat_b) and all(torch.equal(x, y) for x, y in zip(flat_a, flat_b))
+    assert ga[1]["param_groups"] == gb[1]["param_groups"]
+    assert [g["lr"] for g in a_opt.param_groups] == [0.0123 * (i + 1) for i in range(len(a_opt.param_groups))]
+    return a, a_opt
+
+
+def _shapes_as_dcp_names_them(model):
+    expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items() if isinstance(v, torch.Tensor)}
+    assert dcp_state.model_shapes(model) == expected
+    return expected
+
+
+def _tied():
+    model = Tied()
+    model.body[0].bias.requires_grad_(False)
+    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if n.startswith("embed")]},
+                             {"params": [p for n, p in model.named_parameters()
+                                         if not n.startswith("embed") and p.requires_grad], "lr": 0.1}])
+    return model, opt, torch.randint(0, 10, (4,))
+
+
+class WithExtraState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def get_extra_state(self):
+        return {"note": "not a tensor"}
+
+    def set_extra_state(self, state):
+        self.note = state
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_replayed_load_sets_what_set_state_dict_sets():
+    _loads_as_set_state_dict(_tied)
+    def compiled():  # (trained uncompiled: the wrapper's names are what matter, nothing compiles)
+        inner = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        return inner, torch.optim.SGD(inner.parameters(), lr=0.1, momentum=0.9), torch.randn(3, 4), torch.compile(inner)
+
+    assert next(iter(_loads_as_set_state_dict(compiled)[0].state_dict())).startswith("_orig_mod.")
+
+
+def test_model_shapes_name_the_tensors_as_get_model_state_dict_does():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    assert "head.weight" in _shapes_as_dcp_names_them(Tied())
+    assert list(_shapes_as_dcp_names_them(NamedModule())) == ["module.weight", "module.bias"]  # a user's name
+    assert list(_shapes_as_dcp_names_them(torch.compile(NamedModule()))) == ["module.weight", "module.bias"]
+    wrapped = nn.Sequential(checkpoint_wrapper(nn.Linear(4, 4)), nn.ReLU())
+    assert list(_shapes_as_dcp_names_them(wrapped)) == ["0.weight", "0.bias"]
+    assert list(_shapes_as_dcp_names_them(WithExtraState())) == ["lin.weight", "lin.bias"]  # (not its extra state)
 
 
 def test_plain_tied_frozen_and_grouped_parameters_replay_exactly():
@@ -152,6 +236,7 @@ def _distributed(rank: int, world: int, kind: str) -> None:
         _trained(model, opt, torch.randn(4, 8))
     got = _check(model, opt)
     assert list(got["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert list(_shapes_as_dcp_names_them(model)) == ["0.weight", "0.bias", "2.weight", "2.bias"]
     if kind == "fsdp":
         assert all(isinstance(v, DTensor) for v in got["model"].values())
         # An evaluation forward that leaves the unsharded parameters registered: still replayed.
@@ -162,6 +247,22 @@ def _distributed(rank: int, world: int, kind: str) -> None:
         assert dcp_state._replays[opt] is replay and all(isinstance(v, DTensor) for v in got["model"].values())
         model_sd, optim_sd = get_state_dict(model, opt)
         assert dcp_state._same(got, {"model": model_sd, "optim": optim_sd})
+
+
+    def wrapped():
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        if kind == "ddp":
+            model = nn.parallel.DistributedDataParallel(model)
+        else:
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+            fully_shard(model)
+        return model, torch.optim.AdamW([{"params": model[0].parameters() if kind == "fsdp" else
+                                          model.module[0].parameters()},
+                                         {"params": model[2].parameters() if kind == "fsdp" else
+                                          model.module[2].parameters(), "lr": 0.5}]), torch.randn(4, 8)
+
+    _loads_as_set_state_dict(wrapped)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

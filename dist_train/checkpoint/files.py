@@ -29,6 +29,7 @@ class CheckpointFiles:
         # (a resume verifies the rest before loading): ``hashed`` names those this rank read whole.
         self.expected = expected or {}
         self.hashed: Set[str] = set()
+        self._metadata: Any = None  # DCP's index, parsed once (a ResNet-18's: 3.5 ms)
 
     @property
     def dcp_dir(self) -> str:
@@ -45,19 +46,22 @@ class CheckpointFiles:
 
     def read_state(self, state: Dict[str, Any]) -> None:
         """Collective: fill a DCP state dict (tensors allocated, sharded or not) in place."""
-        self.hashed |= storage.load(state, self.dcp_dir, self.group, self.expected)
+        self.hashed |= storage.load(state, self.dcp_dir, self.group, self.expected, self._metadata)
 
     def read_model(self) -> Dict[str, torch.Tensor]:
         """The consolidated model weights, on the CPU (no collective)."""
         return storage.load_full_model(self.dcp_dir)
 
     def metadata(self) -> Any:
-        """DCP's index of the checkpoint (``Metadata``: every stored entry's shape, dtype, key path)."""
-        return decode.read_metadata(self.dcp_dir)
+        """DCP's index of the checkpoint (``Metadata``: every stored entry's shape, dtype, key
+        path), read once for this object (the checks before a load and the load share it)."""
+        if self._metadata is None:
+            self._metadata = decode.read_metadata(self.dcp_dir)
+        return self._metadata
 
     def stored_shapes(self) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
         """``{name: (shape, dtype)}`` of the stored model tensors."""
-        return storage.tensor_shapes(self.dcp_dir)
+        return storage.tensor_shapes(self.dcp_dir, metadata=self.metadata())
 
     def stage(self, state: Dict[str, Any], defer: Optional[Defer] = None) -> Dict[str, Any]:
         """A host-memory copy of ``state`` (DTensors stay DTensors), so training may change the

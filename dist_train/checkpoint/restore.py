@@ -212,12 +212,13 @@ class Restorer:
             meta = None
             if chosen:
                 meta = read_meta(chosen)
-                self.check_fits(chosen, meta)
+                files = CheckpointFiles(chosen, self.m.group.pg)  # (the check and the load share its index)
+                self.check_fits(chosen, meta, files)
             self._tidy(chosen, meta["step"] if meta else 0)
             if not chosen:
                 break
             try:
-                self.load(chosen, meta, state)
+                self.load(chosen, meta, state, files)
                 break
             except CorruptCheckpoint as exc:  # (on every rank alike)
                 chosen = self.after_corrupt_load(chosen, exc.problems)
@@ -258,7 +259,7 @@ class Restorer:
                 f"command again to start from scratch")
         return older
 
-    def check_fits(self, path: str, meta: Dict[str, Any]) -> None:
+    def check_fits(self, path: str, meta: Dict[str, Any], files: Optional[CheckpointFiles] = None) -> None:
         """Refuse (same verdict on every rank) a checkpoint of another model, dataset or batch."""
         name = os.path.basename(os.path.normpath(path))
         stored, current = identity(meta.get("config", {})), identity(self.m.config)
@@ -279,7 +280,7 @@ class Restorer:
             log.warning("checkpoint %s was trained with %d samples per optimizer step, this run uses %d",
                         name, meta["micro_global_batch"] * meta["grad_accum_steps"], gbs * self.m.grad_accum_steps)
         try:
-            problem = self.m.strategy.check_checkpoint(CheckpointFiles(path), meta, self.m.cfg.load_optimizer)
+            problem = self.m.strategy.check_checkpoint(files or CheckpointFiles(path), meta, self.m.cfg.load_optimizer)
         except Exception as exc:  # noqa: BLE001  (an index that does not unpickle, or lies)
             raise CheckpointRefused(f"checkpoint {name}: its model index cannot be read: {type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
@@ -301,9 +302,10 @@ class Restorer:
                         os.path.basename(chosen), state.step, state.position, state.epoch)
         return state.step
 
-    def load(self, path: str, meta: Dict[str, Any], state) -> None:
+    def load(self, path: str, meta: Dict[str, Any], state, files: Optional[CheckpointFiles] = None) -> None:
         later = self.deferred.pop(path, {})
-        files = CheckpointFiles(path, self.m.group.pg, expected={_shard_name(rel): e for rel, e in later.items()})
+        files = files or CheckpointFiles(path, self.m.group.pg)
+        files.expected = {_shard_name(rel): e for rel, e in later.items()}
         self.m.strategy.load_checkpoint(files, meta, self.m.cfg.load_optimizer)
         if later:
             self.check_rest(path, later, files.hashed)

@@ -53,13 +53,14 @@ class SafeReader(dcp.FileSystemReader):
     pass; a file that does not match its entry raises ``CorruptFile``. ``hashed`` names the files
     that matched (the others are hashed after the load: ``Restorer.check_rest``)."""
 
-    def __init__(self, path: str, expected: Optional[Dict[str, dict]] = None):
+    def __init__(self, path: str, expected: Optional[Dict[str, dict]] = None, metadata: Optional[Metadata] = None):
         super().__init__(path)
         self.expected = expected or {}
         self.hashed: Set[str] = set()
+        self._metadata = metadata  # (already read by the caller, through ``read_metadata``)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(str(self.path))
+        metadata = self._metadata if self._metadata is not None else read_metadata(str(self.path))
         if getattr(metadata, "storage_meta", None) is not None:
             metadata.storage_meta.load_id = self.load_id
         return metadata
@@ -103,10 +104,16 @@ class SafeReader(dcp.FileSystemReader):
                 planner.load_value(item, value)
             return
         info = self.storage_data[item.storage_index]
-        # A small item is read in one call (the zip reader then works on memory); a large one is
-        # read by the zip reader straight from the file into the tensor (no second copy).
-        source = view.read(info.length) if info.length < _SMALL_ITEM else view
-        self._place(item, load_tensor_item(source), planner, lock, adopt=True)
+        # A small item is read in one call (then decoded from memory); a large one is read by the
+        # zip reader straight from the file into the tensor (no second copy).
+        if info.length < _SMALL_ITEM:
+            data = bytearray(info.length)
+            if view.readinto(data) != info.length:
+                raise EOFError(f"{info.relative_path}: the item at byte {info.offset} ends early")
+            tensor, adopt = _small_tensor(data, planner.stored_layout(item))
+        else:
+            tensor, adopt = load_tensor_item(view), True
+        self._place(item, tensor, planner, lock, adopt=adopt)
 
     @staticmethod
     def _place(item: ReadItem, tensor: torch.Tensor, planner: SafeLoadPlanner, lock: threading.Lock,
@@ -148,11 +155,16 @@ class SafeReader(dcp.FileSystemReader):
                             for item in readers:
                                 planner.load_value(item, value)
                         continue
-                    with lock:
-                        into = planner.destination(readers[0]) if len(readers) == 1 and length >= _SMALL_ITEM else None
-                    tensor = self._hashed_tensor(reader, path, offset, length, into)
+                    if length < _SMALL_ITEM:
+                        data = bytearray(length)
+                        reader.readinto(memoryview(data))
+                        tensor, adopt = _small_tensor(data, planner.stored_layout(readers[0]))
+                    else:
+                        with lock:
+                            into = planner.destination(readers[0]) if len(readers) == 1 else None
+                        tensor, adopt = self._hashed_tensor(reader, path, offset, length, into), True
                     for item in readers:
-                        self._place(item, tensor, planner, lock, adopt=len(readers) == 1)
+                        self._place(item, tensor, planner, lock, adopt=adopt and len(readers) == 1)
                 found = reader.finish()
             except Exception as exc:
                 # A damaged file can fail to decode before its end is reached: its checksum names
@@ -169,10 +181,8 @@ class SafeReader(dcp.FileSystemReader):
 
     def _hashed_tensor(self, reader: checksum.HashingReader, path: Path, offset: int, length: int,
                        into: Optional[torch.Tensor]) -> torch.Tensor:
-        """A stored tensor item; ``into``: the destination to read its bytes into (see
-        ``SafeLoadPlanner.destination``), when the item is large enough to take that way."""
-        if length < _SMALL_ITEM:
-            return load_tensor_item(reader.read(length))
+        """A large stored tensor item; ``into``: the destination to read its bytes into (see
+        ``SafeLoadPlanner.destination``)."""
         try:
             return read_sequential(reader, length, into)  # (into the destination or a new tensor, hashed)
         except NotPlain:
@@ -181,6 +191,16 @@ class SafeReader(dcp.FileSystemReader):
                 tensor = load_tensor_item(self._slice_file(again, _StorageInfo(path.name, offset, length)))
             reader.skip_to(offset + length)
             return tensor
+
+
+def _small_tensor(data: bytearray, stored: Optional[Tuple[torch.dtype, Tuple[int, ...]]]) -> Tuple[torch.Tensor, bool]:
+    """A small tensor item read into memory, and whether it may be handed over (``adopt``): the
+    template way when its bytes are a template's around the stored layout (a view of ``data``,
+    copied into its destination), else decoded by ``load_tensor_item`` (a tensor of its own)."""
+    tensor = encode.archived_tensor(data, *stored) if stored is not None else None
+    if tensor is not None:
+        return tensor, False
+    return load_tensor_item(bytes(data)), True
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -242,6 +262,18 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             return None  # (tied weights: two items may be read into it at once)
         chunk = next((c for c in meta.chunks if tuple(c.offsets) == tuple(read_item.storage_index.offset or ())), None)
         return dest if chunk is not None and tuple(chunk.sizes) == tuple(dest.shape) else None
+
+    def stored_layout(self, read_item: ReadItem) -> Optional[Tuple[torch.dtype, Tuple[int, ...]]]:
+        """(dtype, shape) of the stored item ``read_item`` reads from (a whole tensor, or the
+        chunk of one that was saved as an item), from the checkpoint's index; None if unknown."""
+        meta = self.metadata.state_dict_metadata.get(read_item.storage_index.fqn) if self.metadata else None
+        if not isinstance(meta, TensorStorageMetadata):
+            return None
+        index, offset = read_item.storage_index.index, tuple(read_item.storage_index.offset or ())
+        chunks = meta.chunks
+        chunk = chunks[index] if index is not None and 0 <= index < len(chunks) and \
+            tuple(chunks[index].offsets) == offset else next((c for c in chunks if tuple(c.offsets) == offset), None)
+        return (meta.properties.dtype, tuple(chunk.sizes)) if chunk is not None else None
 
     _shared: Optional[Set[int]] = None
 
@@ -389,18 +421,7 @@ class FastSavePlanner(DefaultSavePlanner):
         return super().transform_object(write_item, object)
 
 
-@contextlib.contextmanager
-def _no_zip_crc() -> Iterator[None]:
-    """``torch.save``'s zip CRC32s off on this thread (torch's serialization settings are per
-    thread: each thread that writes shards switches them off for itself)."""
-    from torch.utils.serialization import config
-
-    before = config.save.compute_crc32
-    config.save.compute_crc32 = False
-    try:
-        yield
-    finally:
-        config.save.compute_crc32 = before
+_no_zip_crc = encode.no_zip_crc
 
 
 _FILE_BYTES = 32 << 20  # a rank's share is split into files of at least this size ...
@@ -454,16 +475,17 @@ def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
                  no_dist=not _distributed())
 
 
-def load(state_dict: Dict[str, Any], dcp_dir: str, group=None, expected: Optional[Dict[str, dict]] = None) -> Set[str]:
+def load(state_dict: Dict[str, Any], dcp_dir: str, group=None, expected: Optional[Dict[str, dict]] = None,
+         metadata: Optional[Metadata] = None) -> Set[str]:
     """Collective: fill ``state_dict`` (its tensors allocated, sharded or not) in place.
 
     The checkpoint may have been written at any world size and by any DCP strategy: DCP reads
     exactly the pieces this rank's tensors need. ``expected`` (``{file name: manifest entry}``):
     shard files not verified yet, hashed while they are read (see ``SafeReader``); returns the
     names of those this rank hashed. One that does not match raises ``CorruptCheckpoint`` on
-    every rank.
+    every rank. ``metadata``: the checkpoint's ``.metadata`` if the caller has read it already.
     """
-    reader = SafeReader(dcp_dir, expected)
+    reader = SafeReader(dcp_dir, expected, metadata)
     with _plain_errors("reading"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state_dict, storage_reader=reader, planner=SafeLoadPlanner(),
@@ -533,10 +555,11 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def tensor_shapes(dcp_dir: str, prefix: str = "model.") -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+def tensor_shapes(dcp_dir: str, prefix: str = "model.",
+                  metadata: Optional[Metadata] = None) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     """``{name: (global shape, dtype)}`` of the tensors under ``prefix`` (prefix stripped)."""
     out = {}
-    for key, meta in read_metadata(dcp_dir).state_dict_metadata.items():
+    for key, meta in (metadata or read_metadata(dcp_dir)).state_dict_metadata.items():
         if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
             out[key[len(prefix):]] = (tuple(meta.size), meta.properties.dtype)
     return out
