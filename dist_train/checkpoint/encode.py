@@ -172,7 +172,10 @@ def _cached(key: Tuple[Any, ...], make: Callable[[], Optional[Tuple[bytes, bytes
 def _make_template(tensor: torch.Tensor) -> Optional[Tuple[bytes, bytes, int]]:
     """(head, tail, storage bytes) of the archive of a blank tensor of ``tensor``'s layout; None
     while torch.save computes CRC32s (the data's would be the blank tensor's)."""
-    blank = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+    # Zeros, not whatever the allocator hands out: torch writes a serialization id whose digits
+    # can depend on the data even with CRC32s off (seen with a freed archive's bytes, "PK\x07\x08",
+    # at the start of the storage), and a template's bytes must be the same in every process.
+    blank = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype).zero_()
     buf = io.BytesIO()
     torch.save(blank, buf)
     raw = buf.getvalue()

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from dist_train.checkpoint import checksum, encode, layout, protocol_check
-from dist_train.checkpoint.decode import NotPlain, load_item, load_tensor_item, read_metadata, read_sequential
+from dist_train.checkpoint.decode import NotPlain, load_leaf, load_tensor_item, read_metadata, read_sequential
 
 
 protocol_check.install()  # (DCP's per-value protocol test, without typing's slow path on Python 3.11)
@@ -99,7 +99,7 @@ class SafeReader(dcp.FileSystemReader):
     def _read_item(self, stream: Any, item: ReadItem, planner: SafeLoadPlanner, lock: threading.Lock) -> None:
         view = self._slice_file(stream, self.storage_data[item.storage_index])
         if item.type == LoadItemType.BYTE_IO:
-            value = load_item(io.BytesIO(view.read(-1)))
+            value = load_leaf(view.read(-1))
             with lock:
                 planner.load_value(item, value)
             return
@@ -150,7 +150,7 @@ class SafeReader(dcp.FileSystemReader):
                         raise EOFError(f"the file ends before byte {offset}")
                     readers = stored[(offset, length)]
                     if readers[0].type == LoadItemType.BYTE_IO:
-                        value = load_item(reader.read(length))
+                        value = load_leaf(reader.read(length))
                         with lock:
                             for item in readers:
                                 planner.load_value(item, value)
@@ -225,14 +225,14 @@ _SMALL_ITEM = 1 << 20  # DCP items smaller than this are read into memory in one
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that reads non-tensor leaves with ``load_item`` (no code runs), and that can take
+    """DefaultLoadPlanner that reads non-tensor leaves with ``load_leaf`` (no code runs), and that can take
     a loaded tensor over whole instead of copying it into the destination (``adopt``)."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        self.load_value(read_item, load_item(value))
+        self.load_value(read_item, load_leaf(value.getvalue()))
 
     def load_value(self, read_item: ReadItem, obj: Any) -> None:
-        """A non-tensor leaf, already decoded by ``load_item``, into the state dict."""
+        """A non-tensor leaf, already decoded by ``load_leaf``, into the state dict."""
         self._replace(read_item, obj)
 
     def _replace(self, read_item: ReadItem, obj: Any) -> None:
