@@ -393,3 +393,66 @@ def test_a_virtual_subclass_of_the_protocol_sends_every_value_to_dcp_own_test():
         abc._reset_registry(protocol.CheckpointableTensor)
         abc._reset_caches(protocol.CheckpointableTensor)
     assert not protocol_check.is_checkpointable_tensor(torch.zeros(2))
+
+
+def _plans(state_dict, metadata):
+    """(SafeLoadPlanner's local plan, DefaultLoadPlanner's) of ``state_dict`` against ``metadata``;
+    an exception either raises is returned in its place."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    out = []
+    for planner in (storage.SafeLoadPlanner(), DefaultLoadPlanner()):
+        planner.set_up_planner(state_dict, metadata, True)
+        try:
+            out.append(planner.create_local_plan().items)
+        except Exception as exc:  # noqa: BLE001  (compared below)
+            out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+def _indices(items):
+    return [(i.dest_index.index, i.storage_index.index) for i in items] if isinstance(items, list) else items
+
+
+def test_the_direct_local_load_plan_is_dcp_own(tmp_path, monkeypatch):
+    """``SafeLoadPlanner.create_local_plan`` builds the read items of whole plain tensors and of
+    non-tensor leaves itself: the plan equals DefaultLoadPlanner's item for item (indices too) for
+    a state dict with 0-d, empty, bf16, int64 and Parameter entries and optimizer leaves; for a
+    checkpoint chunked in two; and it fails as DCP does on a size mismatch or a key the
+    checkpoint lacks. A checkpoint with keys the state dict lacks is planned by DCP whole."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+
+    model, _opt, sd = _state()
+    sd["extra"] = {"empty": torch.zeros(0, 3), "bf16": torch.randn(3, 2).bfloat16(), "count": torch.tensor(7),
+                   "param": torch.nn.Parameter(torch.randn(2)), "note": "x"}
+    storage.save(sd, str(tmp_path / "dcp"))
+    metadata = decode.read_metadata(str(tmp_path / "dcp"))
+    general = []
+    real = storage.create_default_local_load_plan
+    monkeypatch.setattr(storage, "create_default_local_load_plan", lambda sd, *a: general.extend(sd) or real(sd, *a))
+
+    ours, dcp_own = _plans(sd, metadata)
+    assert isinstance(ours, list) and ours == dcp_own and _indices(ours) == _indices(dcp_own)
+    assert sorted(general) == ["extra.empty", "extra.param"]  # (everything else built directly)
+
+    wrong = {**sd, "extra": {**sd["extra"], "bf16": torch.randn(2, 3).bfloat16()}}
+    ours, dcp_own = _plans(wrong, metadata)
+    assert isinstance(ours, str) and ours == dcp_own and "Size mismatch" in ours
+    extra_key = {**sd, "new": torch.zeros(2)}
+    ours, dcp_own = _plans(extra_key, metadata)
+    assert isinstance(ours, str) and ours == dcp_own and "Missing key" in ours
+
+    general.clear()
+    ours, dcp_own = _plans({"model": sd["model"]}, metadata)  # (load_optimizer=false: fewer keys)
+    assert ours == dcp_own and _indices(ours) == _indices(dcp_own) and len(ours) == len(sd["model"])
+
+    # A weight stored in two row chunks (as two FSDP ranks save it), loaded whole by one process.
+    key = "model.0.weight"
+    whole = metadata.state_dict_metadata[key]
+    rows = whole.size[0] // 2
+    chunks = [ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([rows, whole.size[1]])),
+              ChunkStorageMetadata(offsets=torch.Size([rows, 0]), sizes=torch.Size([whole.size[0] - rows, whole.size[1]]))]
+    metadata.state_dict_metadata[key] = TensorStorageMetadata(whole.properties, whole.size, chunks)
+    ours, dcp_own = _plans(sd, metadata)
+    assert ours == dcp_own and _indices(ours) == _indices(dcp_own)
+    assert [i.storage_index.index for i in ours if i.dest_index.fqn == key] == [0, 1]
