@@ -401,7 +401,8 @@ def _plans(state_dict, metadata):
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     out = []
-    for planner in (storage.SafeLoadPlanner(), DefaultLoadPlanner()):
+    ours = storage.SafeLoadPlanner(flatten_sharded_tensors=storage._holds_sharded_tensor(state_dict))
+    for planner in (ours, DefaultLoadPlanner()):
         planner.set_up_planner(state_dict, metadata, True)
         try:
             out.append(planner.create_local_plan().items)
@@ -456,3 +457,19 @@ def test_the_direct_local_load_plan_is_dcp_own(tmp_path, monkeypatch):
     ours, dcp_own = _plans(sd, metadata)
     assert ours == dcp_own and _indices(ours) == _indices(dcp_own)
     assert [i.storage_index.index for i in ours if i.dest_index.fqn == key] == [0, 1]
+
+
+def test_the_sharded_tensor_pass_is_skipped_only_without_sharded_tensors(monkeypatch):
+    """``storage.load`` skips DCP's ShardedTensor rewriting pass (a copy of the state dict) when
+    none is nested anywhere in it; the test plans above show the plan is DCP's either way."""
+    class Sharded(torch.Tensor):
+        pass
+
+    monkeypatch.setattr(storage, "ShardedTensor", Sharded)
+    deep = torch.randn(2).as_subclass(Sharded)
+    plain = {"model": {"w": torch.randn(2)}, "optim": {"state": {0: {"step": torch.tensor(1.0)}},
+                                                       "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    assert not storage._holds_sharded_tensor(plain)
+    assert storage._holds_sharded_tensor({**plain, "model": {"w": deep}})
+    assert storage._holds_sharded_tensor({"optim": {"state": {0: {"exp_avg": deep}}}})
+    assert storage._holds_sharded_tensor({"a": [({"b": deep},)]})
