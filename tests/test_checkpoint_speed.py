@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -473,3 +474,4 @@ def test_the_sharded_tensor_pass_is_skipped_only_without_sharded_tensors(monkeyp
     assert storage._holds_sharded_tensor({**plain, "model": {"w": deep}})
     assert storage._holds_sharded_tensor({"optim": {"state": {0: {"exp_avg": deep}}}})
     assert storage._holds_sharded_tensor({"a": [({"b": deep},)]})
+    assert storage._holds_sharded_tensor({"a": types.MappingProxyType({"b": deep})})  # (any mapping, as DCP's)

@@ -8,9 +8,11 @@ against it by the tests), so the stock ``dcp.load`` / ``torch.load`` read them a
 
 - a tensor's archive is the same for every tensor of the same dtype, shape and strides except for
   the tensor's bytes (with the zip CRC32s off, as the shard writer has them: ``storage.
-  _no_zip_crc``). The archive of an uninitialised tensor of that layout is made once
-  (``torch.save``), cut around its data, and each item is then that head, the tensor's own
-  storage bytes (no copy), and that tail. Only plain dense CPU tensors up to ``_TEMPLATE_BYTES``
+  _no_zip_crc``). The archive of a zero tensor of that layout is made once (``torch.save``),
+  cut around its data, and each item is then that head, the tensor's own storage bytes (no
+  copy), and that tail. (One exception to "byte for byte": torch's serialization id, 40 digits
+  in the last record, differs when a storage starts with the bytes ``PK\x07\x08``; the
+  template's is that of zeros. Readers do not look at it.) Only plain dense CPU tensors up to ``_TEMPLATE_BYTES``
   take this way (a larger one's fixed cost is small next to its bytes, and making its template
   would cost a save); anything else (a subclass, a conjugate view, a tensor with Python
   attributes) is written by ``torch.save``.

@@ -18,6 +18,7 @@ import io
 import os
 import threading
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
@@ -199,7 +200,7 @@ def _holds_sharded_tensor(obj: Any, depth: int = 0) -> bool:
     """Whether a (nested) state dict holds a ``ShardedTensor`` (or is too deep to tell)."""
     if isinstance(obj, ShardedTensor) or depth > 32:
         return True
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # (DCP's traversal enters any mapping)
         obj = obj.values()
     elif not isinstance(obj, (list, tuple)):
         return False
@@ -210,7 +211,7 @@ def _holds_sharded_tensor(obj: Any, depth: int = 0) -> bool:
 def _whole_read_item(fqn: str, stored: Any, obj: Any) -> Optional[ReadItem]:
     """The read item DCP's planner makes for ``obj`` at ``fqn`` when it is a non-tensor leaf, or a
     whole plain tensor (not empty) stored as one chunk of its very shape; else None."""
-    if isinstance(stored, BytesStorageMetadata):
+    if isinstance(stored, BytesStorageMetadata) and not isinstance(obj, DTensor):  # (DCP skips a DTensor off its mesh)
         none = torch.Size((0,))
         return ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(fqn), dest_offsets=none,
                         storage_index=MetadataIndex(fqn), storage_offsets=none, lengths=none)
@@ -325,7 +326,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         chunks = meta.chunks
         chunk = chunks[index] if index is not None and 0 <= index < len(chunks) and \
             tuple(chunks[index].offsets) == offset else next((c for c in chunks if tuple(c.offsets) == offset), None)
-        return (meta.properties.dtype, tuple(chunk.sizes)) if chunk is not None else None
+        dtype = meta.properties.dtype  # (a crafted index may hold a layout there: the general decoder then)
+        return (dtype, tuple(chunk.sizes)) if chunk is not None and isinstance(dtype, torch.dtype) else None
 
     _shared: Optional[Set[int]] = None
 

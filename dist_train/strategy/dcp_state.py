@@ -114,6 +114,23 @@ class _Replay:
             group["params"] = [self.names[pid] for pid in group["params"]]
         return {"model": model_sd, "optim": {"state": states, "param_groups": osd["param_groups"]}}
 
+    def same_groups(self, optimizer, optim_state: Dict[str, Any]) -> bool:
+        """Whether the loaded optimizer state's groups name exactly this optimizer's parameters,
+        group by group and in order (its ``param_groups`` come from the checkpoint: a run saved
+        with other groups, another weight-decay split or other trainable parameters, differs).
+        Only then is ``optimizer.load_state_dict``'s mapping by position ``set_state_dict``'s
+        mapping by name."""
+        groups = optim_state.get("param_groups") if isinstance(optim_state, dict) else None
+        if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+            return False
+        start = 0
+        for loaded, group in zip(groups, optimizer.param_groups):
+            names = self.names[start:start + len(group["params"])]
+            start += len(group["params"])
+            if not isinstance(loaded, dict) or list(loaded.get("params", ())) != names:
+                return False
+        return True
+
     def load(self, model: nn.Module, optimizer, state: Dict[str, Any]) -> None:
         """``set_state_dict`` of ``state`` (in ``get_state_dict``'s form, as ``state`` gives it):
         the model's keys renamed back, then what ``set_state_dict`` ends with for a model that is
@@ -161,7 +178,8 @@ def load_full_state(files, model: nn.Module, optimizer) -> None:
         state = full_state(model, optimizer)
         files.read_state(state)
         replay = _replays.get(optimizer)
-        if isinstance(replay, _Replay) and replay.current(model, optimizer) is not None:
+        if (isinstance(replay, _Replay) and replay.current(model, optimizer) is not None
+                and replay.same_groups(optimizer, state["optim"])):
             replay.load(model, optimizer, state)  # (set_state_dict rebuilds its name maps: 10 ms for a ResNet-18)
         else:
             # Not strict: a trainable parameter that never had a gradient (an unused head) has no
