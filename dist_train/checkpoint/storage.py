@@ -300,21 +300,21 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         state tensor, an FSDP shard's local tensor) that owns its storage, of the stored dtype and
         shape, the item read whole. Reading there skips allocating a new tensor (fresh pages cost
         a page fault each) and the copy into the destination afterwards. Else None."""
-        meta = self.metadata.state_dict_metadata.get(read_item.storage_index.fqn) if self.metadata else None
-        if not isinstance(meta, TensorStorageMetadata) or any(read_item.dest_offsets) or any(read_item.storage_offsets):
+        stored = self.stored_layout(read_item)
+        if stored is None or any(read_item.dest_offsets) or any(read_item.storage_offsets):
             return None
+        dtype, shape = stored
         dest = self.state_dict.get(read_item.dest_index.fqn)
         if hasattr(dest, "__get_tensor_shard__"):  # a DTensor: its local shard (as DCP's lookup_tensor)
             dest = dest.__get_tensor_shard__(read_item.dest_index)
         # (a tensor with ``global_shape`` is a CheckpointableTensor, whose shards DCP maps itself)
         if (type(dest) is not torch.Tensor or hasattr(dest, "global_shape") or dest.device.type != "cpu"
-                or dest.dtype != meta.properties.dtype or not dest.is_contiguous() or dest.storage_offset() != 0
+                or dest.dtype != dtype or not dest.is_contiguous() or dest.storage_offset() != 0
                 or dest.untyped_storage().nbytes() != dest.nbytes or tuple(read_item.lengths) != tuple(dest.shape)):
             return None
         if dest.untyped_storage().data_ptr() in self._shared_memory():
             return None  # (tied weights: two items may be read into it at once)
-        chunk = next((c for c in meta.chunks if tuple(c.offsets) == tuple(read_item.storage_index.offset or ())), None)
-        return dest if chunk is not None and tuple(chunk.sizes) == tuple(dest.shape) else None
+        return dest if shape == tuple(dest.shape) else None
 
     def stored_layout(self, read_item: ReadItem) -> Optional[Tuple[torch.dtype, Tuple[int, ...]]]:
         """(dtype, shape) of the stored item ``read_item`` reads from (a whole tensor, or the

@@ -40,16 +40,24 @@ _WRAPPERS = ("module", "_orig_mod", "_checkpoint_wrapped_module")
 def full_state(model: nn.Module, optimizer) -> Dict[str, Any]:
     """Model and optimizer state in the form torch.distributed.checkpoint saves: exactly what
     ``get_state_dict(model, optimizer)`` returns (see the module docstring)."""
+    return _full_state(model, optimizer)[0]
+
+
+def _full_state(model: nn.Module, optimizer) -> Tuple[Dict[str, Any], Optional[_Replay]]:
+    """``full_state``, and the replay that reproduces it for this very model and optimizer (None:
+    ``get_state_dict``'s own result, not replayed)."""
     replay = _replays.get(optimizer, _UNSEEN)
     state = replay.state(model, optimizer) if isinstance(replay, _Replay) else None
-    if state is None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        # First seen, or changed since: learn (again); None: not replayable. Not while the
-        # optimizer has no state (get_state_dict leaves it empty when gradients exist): later.
-        if replay is not None and optimizer.state:
-            _replays[optimizer] = _Replay.learn(model, optimizer, state)
-    return state
+    if state is not None:
+        return state, replay
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    # First seen, or changed since: learn (again); None: not replayable. Not while the optimizer
+    # has no state (get_state_dict leaves it empty when gradients exist): later.
+    learned = None
+    if replay is not None and optimizer.state:
+        learned = _replays[optimizer] = _Replay.learn(model, optimizer, state)
+    return state, learned
 
 
 class _Replay:
@@ -175,11 +183,9 @@ def _same(a: Any, b: Any) -> bool:
 def load_full_state(files, model: nn.Module, optimizer) -> None:
     seeded = not optimizer.state and seed_optimizer_state(model, optimizer, files.metadata())
     try:
-        state = full_state(model, optimizer)
+        state, replay = _full_state(model, optimizer)
         files.read_state(state)
-        replay = _replays.get(optimizer)
-        if (isinstance(replay, _Replay) and replay.current(model, optimizer) is not None
-                and replay.same_groups(optimizer, state["optim"])):
+        if replay is not None and replay.same_groups(optimizer, state["optim"]):
             replay.load(model, optimizer, state)  # (set_state_dict rebuilds its name maps: 10 ms for a ResNet-18)
         else:
             # Not strict: a trainable parameter that never had a gradient (an unused head) has no
