@@ -1,6 +1,9 @@
 """What dist_train's optimizer step costs over a hand-written one, on the very same wrapped model.
 
-    PYTHONPATH=. torchrun --nproc_per_node=2 benchmarks/step_overhead.py --workload lm-fsdp
+    PYTHONPATH=. torchrun --nproc_per_node=2 benchmarks/step_overhead.py --workload lm-fsdp [--precision bf16]
+
+On a GPU machine each rank takes its GPU (NCCL) and the timings wait for the GPU's queue to
+drain, so a host synchronisation inside a step shows as the GPU time it no longer overlaps.
 
 Between processes, a 2-core machine's noise (10-20% between runs) hides a few percent of overhead.
 Here one process builds the job with dist_train's builder (strategy, data, task) and then
@@ -51,21 +54,38 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=6, help="blocks per variant (alternating)")
     p.add_argument("--steps", type=int, default=5, help="steps per block")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     args = p.parse_args()
-    job = wk.load_job(wk.workload(args.workload, args.smoke), 10 ** 6)
+    from dist_train.config import load_config
+
+    wl = wk.workload(args.workload, args.smoke)
+    job = load_config(None, [*wk.train_overrides(wl, 10 ** 6), f"train.precision={args.precision}"])
     cluster = detect()
-    dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", cluster.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
     set_cpu_threads(cluster)
-    parts = build_parts(job, cluster, torch.device("cpu"))
+    parts = build_parts(job, cluster, device)
     strategy, task = parts.strategy, parts.task
     data = micro_batches(parts.loader, parts.sampler, TrainState())
     clock = PhaseClock()
 
     engine = strategy.model if strategy.name == "deepspeed" else None
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def plain() -> None:
         x, y = split_batch(to_device(next(data), strategy.device))
-        loss = wk.loss_of(strategy.model(x), y)
+        with autocast:
+            loss = wk.loss_of(strategy.model(x), y)
         if engine is not None:  # what a hand-written DeepSpeed loop does
             engine.backward(loss)
             engine.step()
@@ -99,14 +119,17 @@ def main() -> None:
     names = list(variants)
     for block in range(args.blocks):
         for name in names[block % len(names):] + names[:block % len(names)]:
+            sync()
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 variants[name]()
+            sync()
             times[name].append((time.perf_counter() - t0) / args.steps)
     if cluster.is_rank0:
         base = statistics.median(times["plain"])
-        print(f"{args.workload}: {args.blocks} blocks x {args.steps} steps, {torch.get_num_threads()} thread(s)")
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} thread(s)"
+        print(f"{args.workload} ({args.precision}, {strategy.name}): {args.blocks} blocks x {args.steps} steps, {where}")
         for name, ts in times.items():
             med = statistics.median(ts)
             print(f"  {name:32s} {med * 1e3:8.1f} ms/step  x{med / base:.3f}  (blocks {min(ts) * 1e3:.0f}-"

@@ -1,9 +1,10 @@
 """Training throughput of dist_train against a plain PyTorch loop, measured in the same run.
 
-    .venv/bin/python benchmarks/throughput.py [--steps 300] [--model cnn] [--data fashion_mnist]
+    .venv/bin/python benchmarks/throughput.py [--steps 300] [--model cnn] [--data fashion_mnist] [--precision bf16]
 
 Both loops train the same model on the same in-memory dataset with the same micro-batch, AdamW
-and thread count; the plain loop has no framework at all (no sampler, no metrics, no progress).
+and thread count, on the GPU when there is one; the plain loop has no framework at all (no
+sampler, no metrics, no progress).
 Both leave out their first 5 steps as warm-up. Prints samples/s of each and the ratio.
 """
 from __future__ import annotations
@@ -29,13 +30,19 @@ from dist_train.train.job import run_job  # noqa: E402
 WARMUP = 5
 
 
-def plain_loop(job, steps: int) -> float:
+def plain_loop(job, steps: int, device: torch.device) -> float:
+    """What a user writes: the model on the device, a DataLoader of CPU tensors copied over per
+    step (pinned, non-blocking on a GPU), autocast for bf16/fp16 (with a GradScaler for fp16)."""
     torch.manual_seed(0)
     train_ds, _, info = build_datasets(job.data)
-    model = build_model(job.model, info)
+    model = build_model(job.model, info).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=job.train.lr)
+    cuda = device.type == "cuda"
     plain_ds = torch.utils.data.TensorDataset(train_ds.x, train_ds.y)  # what a plain script would use
-    loader = torch.utils.data.DataLoader(plain_ds, batch_size=job.data.batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(plain_ds, batch_size=job.data.batch_size, shuffle=True, drop_last=True,
+                                         pin_memory=cuda)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.train.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     it, done, t0 = iter(loader), 0, None
     while done < steps:
         try:
@@ -43,23 +50,31 @@ def plain_loop(job, steps: int) -> float:
         except StopIteration:
             it = iter(loader)
             continue
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         done += 1
         if done == WARMUP:
+            if cuda:
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
+    if cuda:
+        torch.cuda.synchronize(device)
     return (steps - WARMUP) * job.data.batch_size / (time.perf_counter() - t0)
 
 
-def framework_loop(overrides, steps: int) -> float:
+def framework_loop(overrides, steps: int) -> tuple:
     with tempfile.TemporaryDirectory() as tmp:
         job = load_config(None, [*overrides, f"train.max_steps={steps}", f"run.dir={tmp}", "eval.max_batches=1",
                                  "checkpoint.resume=never", "logging.mlflow.enabled=false", "logging.progress_bar=off"])
         assert run_job(job, detect()) == 0
         with open(os.path.join(tmp, "summary.json")) as f:
-            return json.load(f)["samples_per_s"]
+            summary = json.load(f)
+        return summary["samples_per_s"], summary.get("time_breakdown", {})
 
 
 def main() -> None:
@@ -69,24 +84,33 @@ def main() -> None:
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (fp16: GPU only)")
     args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what dist_train picks too
     overrides = [f"model.name={args.model}", f"data.name={args.data}", f"data.batch_size={args.batch_size}",
-                 "data.num_workers=0", "train.grad_clip=0"]
+                 "data.num_workers=0", "train.grad_clip=0", f"train.precision={args.precision}"]
     job = load_config(None, overrides)
     torch.set_num_threads(os.cpu_count() or 1)
     # Alternate the two loops so that load from anything else on the machine hits both alike.
-    plains, ours_all = [], []
+    plains, ours_all, breakdowns = [], [], []
     for _ in range(args.repeats):
-        plains.append(plain_loop(job, args.steps))
+        plains.append(plain_loop(job, args.steps, device))
         torch.set_num_threads(os.cpu_count() or 1)
-        ours_all.append(framework_loop(overrides, args.steps))
+        sps, breakdown = framework_loop(overrides, args.steps)
+        ours_all.append(sps)
+        breakdowns.append(breakdown)
         torch.set_num_threads(os.cpu_count() or 1)
     plain, ours = statistics.median(plains), statistics.median(ours_all)
-    print(f"model={args.model} data={args.data} batch={args.batch_size} steps={args.steps} "
-          f"threads={torch.get_num_threads()} repeats={args.repeats}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"model={args.model} data={args.data} batch={args.batch_size} precision={args.precision} steps={args.steps} "
+          f"device={where} repeats={args.repeats}")
     print(f"plain PyTorch loop : {plain:10.1f} samples/s  (rounds: {', '.join(f'{v:.0f}' for v in plains)})")
     print(f"dist_train single  : {ours:10.1f} samples/s  (rounds: {', '.join(f'{v:.0f}' for v in ours_all)})")
     print(f"ratio dist_train/plain: {ours / plain:.3f}")
+    last = breakdowns[-1]
+    total = sum(last.values()) or 1.0
+    print("dist_train's time by phase (last round, whole run): " +
+          ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in sorted(last.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":

@@ -235,6 +235,44 @@ def test_zip_crc_setting_is_restored_after_a_dcp_write(tmp_path):
     assert config.save.compute_crc32 is True
 
 
+def test_overlapping_writers_leave_the_crc_setting_as_they_found_it(monkeypatch):
+    """Older torch (2.11) has one serialization setting for the whole process: writer threads
+    that overlap (A in, B in, A out, B out) must not leave CRC32s off for the user's own saves.
+    Here a shared stand-in plays torch's setting (torch 2.14's is per thread)."""
+    import threading
+    import types
+
+    from dist_train.checkpoint import encode
+
+    shared = types.SimpleNamespace(save=types.SimpleNamespace(compute_crc32=True))
+    monkeypatch.setattr(encode, "config", shared)
+    monkeypatch.setattr(encode, "_PER_THREAD", False)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    inside = []
+
+    def writer_a():
+        with encode.no_zip_crc():
+            a_in.set()
+            b_in.wait(5)
+            inside.append(shared.save.compute_crc32)
+        a_out.set()
+
+    def writer_b():
+        a_in.wait(5)
+        with encode.no_zip_crc():
+            b_in.set()
+            a_out.wait(5)
+            inside.append(shared.save.compute_crc32)
+
+    threads = [threading.Thread(target=writer_a), threading.Thread(target=writer_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert inside == [False, False]
+    assert shared.save.compute_crc32 is True  # (each thread restoring what it saw on entry: False)
+
+
 @pytest.mark.slow
 def test_benchmark_smoke_mode_runs():
     out = subprocess.run([sys.executable, "benchmarks/checkpoint_bench.py", "--smoke"], cwd=ROOT, capture_output=True,
@@ -333,10 +371,12 @@ def test_the_fast_checkpointable_tensor_test_answers_as_dcp_own(tmp_path):
     Python 3.11) where it is installed; its answers are DCP's for every kind of value."""
     import sys
 
-    from torch.distributed.checkpoint import default_planner, planner_helpers, protocol
+    from torch.distributed.checkpoint import default_planner, planner_helpers
 
     from dist_train.checkpoint import protocol_check
 
+    protocol = pytest.importorskip("torch.distributed.checkpoint.protocol", reason="a torch without DCP's "
+                                   "CheckpointableTensor protocol (older than the pinned 2.14): nothing to replace")
     installed = protocol_check.install()
     assert installed == (sys.version_info < (3, 12))
     if not installed:
@@ -365,9 +405,10 @@ def test_a_virtual_subclass_of_the_protocol_sends_every_value_to_dcp_own_test():
     import abc
     import sys
 
-    from torch.distributed.checkpoint import protocol
-
     from dist_train.checkpoint import protocol_check
+
+    protocol = pytest.importorskip("torch.distributed.checkpoint.protocol", reason="a torch without DCP's "
+                                   "CheckpointableTensor protocol (older than the pinned 2.14): nothing to replace")
 
     if not protocol_check.install():
         assert sys.version_info >= (3, 12)

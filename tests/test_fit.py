@@ -3,6 +3,7 @@ init_from and freeze, all through real runs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,38 @@ def test_fit_rejects_bad_input_before_any_process_group(tmp_path):
         dist_train.fit(torch.nn.Linear(2, 2), Stream(), overrides=[f"run.dir={tmp_path}", *FIT])
     with pytest.raises(dist_train.ConfigError, match="nn.Module"):
         dist_train.fit(lambda: "not a model", data, overrides=[f"run.dir={tmp_path / 'b'}", *FIT, "data.batch_size=4"])
+
+
+def test_train_deterministic_holds_during_the_job_and_is_undone_after(tmp_path, monkeypatch):
+    """train.deterministic=true: the model's forward passes run with deterministic kernels and a
+    fixed cuBLAS workspace; when fit returns, the caller's settings are back."""
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    seen = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            seen.append((torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled(),
+                         torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+            return super().forward(x)
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    data = TensorDataset(torch.randn(32, 2), torch.randint(0, 2, (32,)))
+    summary = dist_train.fit(Probe(2, 2), data, overrides=[f"run.dir={tmp_path}", *FIT, "data.batch_size=8",
+                                                           "train.max_steps=2", "train.deterministic=true"])
+    assert summary["status"] == "completed"
+    assert seen and all(s == (True, True, True, ":4096:8") for s in seen), seen[:3]
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark) == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    seen.clear()
+    dist_train.fit(Probe(2, 2), data, overrides=[f"run.dir={tmp_path / 'off'}", *FIT, "data.batch_size=8",
+                                                 "train.max_steps=1"])
+    assert seen and not any(s[0] for s in seen)
 
 
 def test_import_path_model_dataset_and_task_from_the_cli(tmp_path, monkeypatch):

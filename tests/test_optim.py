@@ -266,6 +266,25 @@ def _fused_and_foreach_on_fsdp_shards(rank: int, world_size: int) -> None:
             opt.step()
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
             assert torch.allclose(p.full_tensor(), q, atol=1e-6), (fused_devices, name)
+    # fp16 under FSDP: ShardedGradScaler's found-inf flag has shape [1], which the fused step
+    # subtracts from its 0-d step counters and fails (seen on an H200): foreach even on a fused
+    # device, and the scaled steps run.
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    optim.FUSED_DEVICES = ("cpu",)
+    assert make_optimizer_factory(cfg)(model.parameters()).defaults.get("fused")  # bf16/fp32: fused
+    opt = make_optimizer_factory(train_cfg("train.precision=fp16"))(model.parameters())
+    assert opt.defaults.get("foreach") and not opt.defaults.get("fused"), opt.defaults
+    optim.FUSED_DEVICES = ("cuda",)
+    scaler = ShardedGradScaler("cpu")
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    for _ in range(2):
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        scaler.unscale_(opt)  # as Strategy.step does, for clipping
+        scaler.step(opt)
+        scaler.update()
+    assert all(not torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
 
 
 def test_fused_and_foreach_adamw_on_fsdp_shards():

@@ -26,6 +26,7 @@ those bytes, no zip reader or unpickler needed.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import io
 import math
@@ -97,16 +98,46 @@ def archived_tensor(data: bytearray, dtype: torch.dtype, shape: Sequence[int]) -
     return torch.frombuffer(data, dtype=dtype, count=numel, offset=len(head)).view(tuple(shape))
 
 
+def _settings_per_thread() -> bool:
+    """Whether torch's serialization settings are per thread (a ContextVar behind each; torch
+    2.14) or one for the whole process (torch 2.11 and older)."""
+    entry = getattr(config, "_config", {}).get("save.compute_crc32")
+    return isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
+
+
+_PER_THREAD = _settings_per_thread()
+_crc_lock = threading.Lock()
+_crc_writers = 0              # (process-wide settings) threads inside no_zip_crc now
+_crc_outside: bool = True     # (process-wide settings) the setting before the first of them entered
+
+
 @contextlib.contextmanager
 def no_zip_crc() -> Iterator[None]:
-    """``torch.save``'s zip CRC32s off on this thread (torch's serialization settings are per
-    thread: each thread that writes shards switches them off for itself)."""
-    before = config.save.compute_crc32
-    config.save.compute_crc32 = False
+    """``torch.save``'s zip CRC32s off while this thread writes. Where torch's settings are per
+    thread, each writer thread switches its own off and back. Where they are one for the process
+    (older torch), writer threads overlap: the first to enter keeps the caller's setting and the
+    last to leave puts it back, so that a user's own ``torch.save`` never keeps CRC32s off."""
+    global _crc_writers, _crc_outside
+    if _PER_THREAD:
+        before = config.save.compute_crc32
+        config.save.compute_crc32 = False
+        try:
+            yield
+        finally:
+            config.save.compute_crc32 = before
+        return
+    with _crc_lock:
+        if _crc_writers == 0:
+            _crc_outside = config.save.compute_crc32
+        _crc_writers += 1
+        config.save.compute_crc32 = False
     try:
         yield
     finally:
-        config.save.compute_crc32 = before
+        with _crc_lock:
+            _crc_writers -= 1
+            if _crc_writers == 0:
+                config.save.compute_crc32 = _crc_outside
 
 
 def object_archive(obj: Any) -> io.BytesIO:

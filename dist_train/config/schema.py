@@ -215,6 +215,10 @@ class TrainConfig:
                          "and continue past the bad batches); fp16 overflow is the gradient scaler's business")
     nonfinite_patience: int = doc(3, "rollback: consecutive non-finite steps before rolling back")
     compile: bool = doc(False, "torch.compile the model, in place (parameter names unchanged); under fsdp each block")
+    deterministic: bool = doc(False, "reproducible kernels for the whole job: torch.use_deterministic_algorithms "
+                              "(a warning where an op has no deterministic kernel), cuDNN deterministic without "
+                              "autotuning, CUBLAS_WORKSPACE_CONFIG=:4096:8; slower on GPUs, where a resumed run "
+                              "then matches an uninterrupted one bit for bit (CPU kernels are already)")
     peak_tflops: float = doc(0.0, "peak TFLOP/s of one device at train.precision, for MFU (0: from the table of "
                              "known GPUs; on CPU MFU is reported only when set)")
 

@@ -85,7 +85,10 @@ def set_collective_timeout(seconds: float, group=None) -> None:
     if initialized():
         import datetime
 
-        dist.distributed_c10d.set_timeout(datetime.timedelta(seconds=seconds), group)
+        c10d = dist.distributed_c10d
+        # set_timeout is public in recent torch (2.14); older releases (2.11) have it as _set_pg_timeout.
+        setter = getattr(c10d, "set_timeout", None) or c10d._set_pg_timeout
+        setter(datetime.timedelta(seconds=seconds), group)
 
 
 def broadcast_module(module, src: int = 0) -> None:

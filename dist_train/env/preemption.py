@@ -2,9 +2,9 @@
 
 SLURM sends SIGTERM (or, with ``--signal=USR1@SECONDS``, SIGUSR1) some time before it kills a
 job; torchrun forwards SIGTERM to its workers and waits 30 s before SIGKILL. The handler only sets
-a flag: the ranks agree on it at each step boundary with one all-reduce (a rank that got the
-signal late still stops at the same step as the others), then every rank joins one last
-checkpoint and the run exits with EXIT_PREEMPTED so that a requeued job resumes from it.
+a flag: the ranks agree on it at step boundaries with an all-reduce (a rank that got the signal
+late still stops at the same step as the others), then every rank joins one last checkpoint and
+the run exits with EXIT_PREEMPTED so that a requeued job resumes from it.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import functools
 import logging
 import signal
 import threading
+import time
 from typing import Callable, Dict, Optional
 
 import datetime
@@ -30,19 +31,31 @@ SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "S
 class PreemptionWatcher:
     """Installs the signal handlers (main thread only) and answers "stop now?" collectively.
 
-    The ranks agree on the flag without stalling a step: each step boundary starts an
-    asynchronous all-reduce of this rank's flag on a gloo group of its own (host memory: no device
-    sync) and reads the one started at the previous boundary. So every rank stops at the same
-    step, one step after the first rank got its signal.
+    The ranks agree on the flag without stalling a step: an asynchronous all-reduce of this rank's
+    flag on a gloo group of its own (host memory: no device sync) is started at one boundary and
+    read ``interval`` boundaries later, when it has long finished, and the next one started. Each
+    exchange also carries every rank's proposal for the next interval (as many steps as take
+    about ``AGREE_EVERY_S`` on that rank, 1 to ``MAX_INTERVAL``; the largest wins), so every rank
+    counts the same boundaries and stops at the same step: at most two intervals (about
+    2 x ``AGREE_EVERY_S``, or two steps when steps are slower than that) after the first rank got
+    its signal. A job of one process needs no exchange at all.
     """
+
+    AGREE_EVERY_S = 0.25
+    MAX_INTERVAL = 100
 
     def __init__(self, device: torch.device):
         self.device = device
         self.signal_name = None
         self._previous: Dict[int, object] = {}
         self._group = new_gloo_group()  # collective: every rank builds its watcher at the same point
+        self._alone = not initialized() or dist.get_world_size() == 1
         self._flag: Optional[torch.Tensor] = None
         self._work = None
+        self._countdown = 1            # boundaries until the pending exchange is read (alike on every rank)
+        self._span = 1                 # boundaries between the last exchange and the next one
+        self._started = time.perf_counter()
+        self.exchanges = 0             # all-reduces started
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -55,15 +68,26 @@ class PreemptionWatcher:
     def requested(self) -> bool:
         """At every step boundary, on every rank: True on every rank (at the same step) once any
         rank got a signal."""
-        if not initialized():
+        if self._alone:
             return self.signal_name is not None
+        self._countdown -= 1
+        if self._countdown > 0:
+            return False
+        now, interval = time.perf_counter(), 1
         if self._work is not None:
             self._work.wait()
             self._work = None
-            if int(self._flag.item()) > 0:
+            flag, interval = self._flag.tolist()
+            if flag > 0:
                 return True
-        self._flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        # This rank's proposal for the interval after the next, from its steps since the last exchange.
+        per_step = (now - self._started) / self._span
+        proposal = min(self.MAX_INTERVAL, max(1, int(self.AGREE_EVERY_S / per_step))) if per_step > 0 else 1
+        self._flag = torch.tensor([1 if self.signal_name else 0, proposal], dtype=torch.int64)
         self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._countdown = self._span = int(interval)
+        self._started = now
+        self.exchanges += 1
         return False
 
     def close(self) -> None:

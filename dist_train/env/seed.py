@@ -10,11 +10,15 @@ index) per sample to keep that property.) The data order itself comes from a gen
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import random
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import numpy as np
 import torch
+
+_CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 
 
 def seed_everything(seed: int) -> None:
@@ -24,6 +28,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(on: bool) -> Iterator[None]:
+    """``train.deterministic``: inside, torch picks deterministic kernels (cuDNN without autotuning,
+    cuBLAS with a fixed workspace) and warns where an op has none; on leaving, the caller's
+    settings are back (``dist_train.fit`` may run inside a user's process)."""
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, os.environ.get(_CUBLAS_WORKSPACE))
+    # cuBLAS reads it when a device's handle is made: before the job's first matrix product.
+    os.environ.setdefault(_CUBLAS_WORKSPACE, ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        enabled, warn_only, cudnn_det, cudnn_bench, workspace = before
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_det, cudnn_bench
+        if workspace is None:
+            os.environ.pop(_CUBLAS_WORKSPACE, None)
 
 
 def rng_state() -> Dict[str, Any]:

@@ -218,10 +218,18 @@ class Strategy(ABC):
         largest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
         return {f"grad_norm/{m}": v ** 0.5 for m, v in largest}
 
+    def _parameters(self) -> List[nn.Parameter]:
+        """The wrapped model's parameters, listed once per model (the module walk is ~20-40 us of
+        Python a step; wrapping and loading keep the same parameter objects)."""
+        cached = getattr(self, "_params_of", None)
+        if cached is None or cached[0] is not self.model:
+            cached = self._params_of = (self.model, list(self.model.parameters()))
+        return cached[1]
+
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip to ``max_norm`` (0: only measure, the gradients are not touched) and return the
         global pre-clip norm, the same on every rank (every rank then scales by the same factor)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self._parameters() if p.grad is not None]
         norm = global_grad_norm([p.grad for p in params], self.device)
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)

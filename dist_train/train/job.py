@@ -22,6 +22,7 @@ from dist_train.env.cluster import ClusterEnv
 from dist_train.env.faults import Faults
 from dist_train.env.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from dist_train.env.process_group import group_restarts, process_group
+from dist_train.env.seed import deterministic_kernels
 from dist_train.logging.console import setup_console
 from dist_train.logging.jsonl import last_step
 from dist_train.logging.metrics import build_metric_logger
@@ -103,8 +104,9 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
     state, code, error = TrainState(), 1, None
     try:
-        with process_group(cluster, always=strategy_class(name).needs_process_group,
-                           init_timeout_s=job.dist.init_timeout_s) as device:
+        with deterministic_kernels(job.train.deterministic), \
+                process_group(cluster, always=strategy_class(name).needs_process_group,
+                              init_timeout_s=job.dist.init_timeout_s) as device:
             # The same count on every rank, whichever node's worker failed (torchrun's own is per node).
             restarts = group_restarts()
             summary.update(restarts=cluster.elastic_restarts if restarts is None else restarts,

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def param_groups(params: Iterable[nn.Parameter], cfg) -> List[Dict[str, Any]]:
@@ -48,18 +49,22 @@ def param_groups(params: Iterable[nn.Parameter], cfg) -> List[Dict[str, Any]]:
 FUSED_DEVICES = ("cuda",)
 
 
-def implementation(groups: List[Dict[str, Any]], optimizer: str) -> Dict[str, bool]:
+def implementation(groups: List[Dict[str, Any]], optimizer: str, precision: str = "fp32") -> Dict[str, bool]:
     """How torch.optim runs the update over the parameters of ``groups``.
 
     ``fused=True`` (one kernel for all the parameters of a step) for adam/adamw when every
     parameter is a floating-point tensor on a CUDA device; else ``foreach=True`` (one
     multi-tensor op per update term, instead of a Python loop over the parameters; the CPU
     default is that loop). FSDP's DTensor shards qualify by their local device (DTensor
-    implements both the fused and the foreach ops); DeepSpeed later swaps in its own flat
-    partitions, on the same device.
+    implements both the fused and the foreach ops), except under fp16: FSDP's
+    ``ShardedGradScaler`` hands the optimizer a found-inf flag of shape [1], which the fused
+    step subtracts from its 0-d step counters ("output with shape [] doesn't match the broadcast
+    shape [1]", seen on an H200 with torch 2.11 and on CPU with 2.14). DeepSpeed later swaps in
+    its own flat partitions, on the same device.
     """
     params = [p for g in groups for p in g["params"]]
-    if optimizer in ("adam", "adamw") and params and all(
+    sharded_fp16 = precision == "fp16" and any(isinstance(p, DTensor) for p in params)
+    if optimizer in ("adam", "adamw") and params and not sharded_fp16 and all(
             p.device.type in FUSED_DEVICES and torch.is_floating_point(p) for p in params):
         return {"fused": True}
     return {"foreach": True}
@@ -70,7 +75,7 @@ def make_optimizer_factory(cfg) -> Callable[[Iterable[nn.Parameter]], torch.opti
 
     def make(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         groups = param_groups(params, cfg)
-        impl = implementation(groups, cfg.optimizer)
+        impl = implementation(groups, cfg.optimizer, cfg.precision)
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                    weight_decay=cfg.weight_decay, **impl)

@@ -13,7 +13,6 @@ workers), to ``<run.dir>/hangs/`` and logs which rank, step and phase.
 """
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import logging
 import os
@@ -24,7 +23,7 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
-from typing import Deque, Dict, Iterator, List, Optional
+from typing import Deque, Dict, List, Optional
 
 log = logging.getLogger("dist_train")
 
@@ -102,14 +101,10 @@ class PhaseClock:
         self.totals[self.phase] += spent
         self.phase, self.entered = name, now
 
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        previous = self.phase
-        self._switch(name)
-        try:
-            yield
-        finally:
-            self._switch(previous)
+    def __call__(self, name: str) -> "_Phase":
+        """``with clock(name):`` the time inside counts as phase ``name`` (a dozen a step: a plain
+        context object, a few times cheaper than a generator's)."""
+        return _Phase(self, name)
 
     def iteration_done(self, step: int) -> None:
         now = time.perf_counter()
@@ -125,6 +120,20 @@ class PhaseClock:
 
     def median_iteration(self) -> Optional[float]:
         return statistics.median(self.iterations) if len(self.iterations) >= 3 else None
+
+
+class _Phase:
+    __slots__ = ("clock", "name", "previous")
+
+    def __init__(self, clock: PhaseClock, name: str) -> None:
+        self.clock, self.name = clock, name
+
+    def __enter__(self) -> None:
+        self.previous = self.clock.phase
+        self.clock._switch(self.name)
+
+    def __exit__(self, *exc) -> None:
+        self.clock._switch(self.previous)
 
 
 class Watchdog:

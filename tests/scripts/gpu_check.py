@@ -1,7 +1,7 @@
 """The one script a session lent a GPU machine runs: the GPU paths this CPU-only project can only
 build "correct by construction", exercised for real in a few minutes.
 
-    python tests/scripts/gpu_check.py [--out DIR] [--steps 30] [--only single-bf16,fsdp-fp16]
+    python tests/scripts/gpu_check.py [--out DIR] [--steps 30] [--only single-bf16,fsdp-fp16] [--jobs 5]
 
 On this machine's GPUs (``torchrun --nproc_per_node=<GPUs>``, NCCL; ``single`` runs one process),
 for each case (strategy x precision: single, ddp and fsdp; bf16, and fp16 with the gradient
@@ -12,8 +12,9 @@ scaler), the ``cnn`` model (BatchNorm buffers) on ``synthetic_images``:
   (a side CUDA stream into pinned buffers) runs while the next steps compute, and the next
   optimizer step must wait for it;
 - the same job stopped at two thirds (``train.max_steps``) and resumed in the same run dir to the
-  end: the resumed steps' losses must equal the reference's bit for bit, every checkpoint must
-  verify, and no save may be dropped or failed.
+  end: the resumed steps' losses must equal the reference's bit for bit (``train.deterministic``
+  on: cuDNN and cuBLAS pick reproducible kernels), every checkpoint must verify, and no save may
+  be dropped or failed.
 
 Prints one line per case (pass/fail, wall time, blocking per save) and exits 1 if any failed.
 Needs torch with CUDA and this project's dependencies importable (``python -c "import dist_train"``).
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Dict, List, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -65,7 +67,8 @@ def check(strategy: str, precision: str, steps: int, gpus: int, out: str) -> Tup
     common = ["model.name=cnn", "data.name=synthetic_images", "data.synthetic_samples=4096", "data.batch_size=32",
               f"strategy.name={strategy}", f"train.precision={precision}", f"checkpoint.every_steps={every}",
               "checkpoint.async=true", "debug.faults=slow_staging=0.2", "eval.every_steps=0",
-              "logging.every_steps=1", "logging.mlflow.enabled=false", "logging.progress_bar=off"]
+              "logging.every_steps=1", "logging.mlflow.enabled=false", "logging.progress_bar=off",
+              "train.deterministic=true"]
     name = f"{strategy}-{precision}"
     log = os.path.join(out, f"{name}.log")
     ref, resumed = os.path.join(out, name, "reference"), os.path.join(out, name, "resumed")
@@ -84,8 +87,9 @@ def check(strategy: str, precision: str, steps: int, gpus: int, out: str) -> Tup
     a, b = losses(ref), losses(resumed)
     differ = [k for k in range(stop + 1, steps + 1) if a.get(k) != b.get(k)]
     if differ:
-        problems.append(f"losses differ after the resume at steps {differ[:5]} (e.g. {a.get(differ[0])} vs "
-                        f"{b.get(differ[0])})")
+        worst = max((abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for k in differ if k in a and k in b), default=None)
+        problems.append(f"losses differ after the resume at {len(differ)} of {steps - stop} steps {differ[:5]} "
+                        f"(e.g. {a.get(differ[0])} vs {b.get(differ[0])}; worst relative difference {worst})")
     for s in (s_ref, s_res):
         ckpt = s.get("checkpoint", {})
         if ckpt.get("dropped_saves") or ckpt.get("failed_saves"):
@@ -109,6 +113,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--only", default="", help="comma-separated cases, e.g. single-bf16,fsdp-fp16")
     p.add_argument("--cpu", action="store_true", help="check this script itself on a CPU machine (fp32, 2 ranks)")
+    p.add_argument("--jobs", type=int, default=1, help="cases run at once (they share the GPUs; wall times and "
+                   "blocking then include the others' load)")
     args = p.parse_args()
     import torch
 
@@ -125,15 +131,20 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="gpu_check_")
     os.makedirs(out, exist_ok=True)
     wanted = {c for c in args.only.split(",") if c}
+    todo = [(s, p) for s, p in cases if not wanted or f"{s}-{p}" in wanted]
+    for strategy, precision in todo:
+        shutil.rmtree(os.path.join(out, f"{strategy}-{precision}"), ignore_errors=True)
     failed = 0
-    for strategy, precision in cases:
-        name = f"{strategy}-{precision}"
-        if wanted and name not in wanted:
-            continue
-        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-        ok, what = check(strategy, precision, args.steps, gpus, out)
-        failed += not ok
-        print(f"{'PASS' if ok else 'FAIL'} {name:12s} {what}", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(check, strategy, precision, args.steps, gpus, out): f"{strategy}-{precision}"
+                   for strategy, precision in todo}
+        for future in as_completed(futures):
+            try:
+                ok, what = future.result()
+            except Exception as exc:  # a run that hung past its timeout, unreadable outputs: a failure
+                ok, what = False, f"{type(exc).__name__}: {exc}"
+            failed += not ok
+            print(f"{'PASS' if ok else 'FAIL'} {futures[future]:12s} {what}", flush=True)
     print(f"{'all passed' if not failed else f'{failed} failed'}; runs and logs in {out}")
     sys.exit(1 if failed else 0)
 
