@@ -35,7 +35,7 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
     task = task or Classification()
     clock = clock or PhaseClock()
     accum = train_cfg.grad_accum_steps
-    total = torch.zeros((), dtype=torch.float32, device=strategy.device)
+    total: Optional[torch.Tensor] = None  # (no zeros to start from: each kernel launch counts on a GPU)
     metrics: Dict[str, torch.Tensor] = {}
     for micro in range(accum):
         with clock("data"):
@@ -45,10 +45,12 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
                 with strategy.autocast():
                     loss, extra = task.loss(strategy.model, batch)
                 strategy.backward(loss / accum)
-            total += loss.detach().float()
+            micro_loss = loss.detach().float()
+            total = micro_loss if total is None else total + micro_loss
             for key, value in extra.items():
-                metrics[key] = metrics.get(key, 0) + value.float() / accum
-    mean = total / accum
+                share = value.float() if accum == 1 else value.float() / accum
+                metrics[key] = share if key not in metrics else metrics[key] + share
+    mean = total if accum == 1 else total / accum
     with clock("checkpoint"):
         strategy.before_update()  # an async save's copy of what the step changes (else nothing)
     with clock("optimizer"):
