@@ -109,6 +109,20 @@ def test_train_deterministic_holds_during_the_job_and_is_undone_after(tmp_path, 
     assert seen and not any(s[0] for s in seen)
 
 
+def test_train_deterministic_keeps_a_callers_strict_mode():
+    from dist_train.env.seed import deterministic_kernels
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True)  # strict: an op without a deterministic kernel raises
+        with deterministic_kernels(True):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def test_import_path_model_dataset_and_task_from_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(SCRIPTS)  # the working directory is importable
     run = tmp_path / "run"

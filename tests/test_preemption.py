@@ -25,6 +25,7 @@ def _agree(rank: int, world_size: int, signal_rank: int, signal_at: int, step_s:
                 watcher._handle(signal.SIGTERM, None)
             if watcher.requested():
                 stopped = step
+                assert watcher.requested() and watcher.requested()  # and it stays so
                 break
     finally:
         watcher.close()

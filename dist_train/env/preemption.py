@@ -52,6 +52,7 @@ class PreemptionWatcher:
         self._alone = not initialized() or dist.get_world_size() == 1
         self._flag: Optional[torch.Tensor] = None
         self._work = None
+        self._agreed = False           # the ranks agreed to stop
         self._countdown = 1            # boundaries until the pending exchange is read (alike on every rank)
         self._span = 1                 # boundaries between the last exchange and the next one
         self._started = time.perf_counter()
@@ -68,8 +69,8 @@ class PreemptionWatcher:
     def requested(self) -> bool:
         """At every step boundary, on every rank: True on every rank (at the same step) once any
         rank got a signal."""
-        if self._alone:
-            return self.signal_name is not None
+        if self._alone or self._agreed:
+            return self._agreed or self.signal_name is not None
         self._countdown -= 1
         if self._countdown > 0:
             return False
@@ -79,6 +80,7 @@ class PreemptionWatcher:
             self._work = None
             flag, interval = self._flag.tolist()
             if flag > 0:
+                self._agreed = True  # (and stays so: a later call answers alike on every rank)
                 return True
         # This rank's proposal for the interval after the next, from its steps since the last exchange.
         per_step = (now - self._started) / self._span

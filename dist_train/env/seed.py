@@ -11,12 +11,15 @@ index) per sample to keep that property.) The data order itself comes from a gen
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 from typing import Any, Dict, Iterator
 
 import numpy as np
 import torch
+
+log = logging.getLogger("dist_train")
 
 _CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 
@@ -41,8 +44,13 @@ def deterministic_kernels(on: bool) -> Iterator[None]:
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, os.environ.get(_CUBLAS_WORKSPACE))
     # cuBLAS reads it when a device's handle is made: before the job's first matrix product.
+    if _CUBLAS_WORKSPACE not in os.environ and torch.cuda.is_available() and torch.cuda.is_initialized():
+        log.warning("train.deterministic: CUDA was already in use in this process before the job, so cuBLAS may "
+                    "keep its workspace size; for bit-exact GPU runs set %s=:4096:8 before anything touches the "
+                    "GPU (or run the job in a fresh process)", _CUBLAS_WORKSPACE)
     os.environ.setdefault(_CUBLAS_WORKSPACE, ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # A caller's strict mode (errors, not warnings, where an op has no deterministic kernel) stays strict.
+    torch.use_deterministic_algorithms(True, warn_only=before[1] if before[0] else True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield

@@ -45,7 +45,7 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
                 with strategy.autocast():
                     loss, extra = task.loss(strategy.model, batch)
                 strategy.backward(loss / accum)
-            micro_loss = loss.detach().float()
+            micro_loss = loss.detach().float().to(strategy.device)  # (a task's loss may sit elsewhere)
             total = micro_loss if total is None else total + micro_loss
             for key, value in extra.items():
                 share = value.float() if accum == 1 else value.float() / accum
