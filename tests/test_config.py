@@ -45,6 +45,7 @@ def test_merge_order_defaults_then_yaml_then_overrides(tmp_path):
     ("model.name=gpt", "model.name"),                  # gpt cannot classify images
     ("checkpoint.resume=/no/such/ckpt", "checkpoint.resume"),
     ("train.max_steps", "train.max_steps"),            # not key=value
+    ("[=nan", "["),                                    # OmegaConf's key parser: IndexError (found by fuzzing)
 ])
 def test_bad_config_exits_2_naming_the_key(override, key, capsys):
     assert cli.main([override]) == 2

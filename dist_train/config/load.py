@@ -138,6 +138,9 @@ def _read_override(item: str) -> Tuple[str, Dict[str, Any]]:
         raise ConfigError(key, f"cannot read the value {value!r} as YAML: {_one_line(exc, 160)}") from None
     except OmegaConfBaseException as exc:
         raise _explain(exc, key) from None
+    except Exception as exc:  # OmegaConf's key-path parser fails on some keys with plain errors ("[=1": IndexError)
+        raise ConfigError(key, f"not a key path OmegaConf can read ({type(exc).__name__}: {_one_line(exc, 120)}); "
+                          "keys are dotted names such as train.max_steps") from None
     return key, _check_shape(tree)
 
 
