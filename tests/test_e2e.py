@@ -66,3 +66,19 @@ def test_failure_writes_summary_and_names_the_rank(tmp_path):
     assert "[rank0] ERROR" in proc.stderr
     missing = run_cli([f"data.root={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'nodata'}", *QUICK], timeout=120)
     assert missing.returncode == 2 and "data.root" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_progress_bar_shows_each_logging_steps_metrics(capsys):
+    """The bar advances every step and shows the newest logged loss (its text is rebuilt only
+    when the reporter hands it a new metrics dict, at logging steps)."""
+    from dist_train.logging.progress import Progress
+
+    bar = Progress(total=4, start=0, mode="on", every=2, enabled=True)
+    first, second = {"loss": 1.5, "samples_per_s": 10.0}, {"loss": 0.25, "samples_per_s": 20.0}
+    bar.update(1, {})
+    bar.update(2, first)
+    bar.update(3, first)
+    assert bar.bar.n == 3 and bar.bar.postfix == "loss=1.5000, samples/s=10"
+    bar.update(4, second)
+    assert bar.bar.n == 4 and bar.bar.postfix == "loss=0.2500, samples/s=20"
+    bar.close()

@@ -68,3 +68,23 @@ def test_rollback_reloads_the_last_checkpoint_and_continues_past_the_bad_batches
     assert s["samples_seen"] == (10 + 3) * 32  # 6 steps, back to 3, 7 more
     meta = json.loads((run / "checkpoints/step_00000006/meta.json").read_text())
     assert meta["train_state"]["position"] > 6 * 32 or meta["train_state"]["epoch"] > 0
+
+
+@pytest.mark.parametrize("dtypes", [("float32",) * 3, ("bfloat16",) * 3, ("float32", "bfloat16", "float32")])
+def test_total_norm_equals_torch_get_total_norm_bit_for_bit(dtypes):
+    """The norm the non-finite check and the logs read: torch's value, through the one-group fast
+    path (one dtype, one device) and through torch's own grouping (mixed dtypes)."""
+    import torch
+
+    from dist_train.strategy.base import total_norm
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=gen).to(getattr(torch, d))
+               for shape, d in zip([(7, 5), (5,), (3, 2, 4)], dtypes)]
+    expected = torch.nn.utils.get_total_norm(tensors, norm_type=2.0)
+    got = total_norm(tensors)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    tensors[1][2] = float("nan")
+    assert math.isnan(total_norm(tensors).item())
+    tensors[1][2] = float("inf")
+    assert math.isinf(total_norm(tensors).item())

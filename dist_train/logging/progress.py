@@ -30,6 +30,7 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
         self.lines = enabled and self.bar is None and mode != "off"
         self.t0 = time.perf_counter()
+        self._posted = None  # the metrics the bar's postfix shows
 
     def eta(self, step: int) -> float:
         done = step - self.start
@@ -43,6 +44,9 @@ class Progress:
         loss, sps = metrics.get("loss"), metrics.get("samples_per_s")
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
+            if metrics is self._posted:  # the reporter's dict is new at each logging step only
+                return
+            self._posted = metrics
             post = {"loss": f"{loss:.4f}" if loss is not None else "-"}
             if sps:
                 post["samples/s"] = f"{sps:.0f}"

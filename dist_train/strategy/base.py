@@ -20,6 +20,7 @@ Preflight calls ``check_config`` (a classmethod) before any process group starts
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Set, Tuple
@@ -179,7 +180,8 @@ class Strategy(ABC):
         per_module = self.module_grad_norms(grad_norms) if grad_norms else None
         norm = self._clip_grad_norm(max_norm)
         nonfinite = not apply
-        if apply and finite_grads and self.precision.scaler is None and not bool(torch.isfinite(norm)):
+        # (one host read of the norm: a sync, and no isfinite kernel to launch before it)
+        if apply and finite_grads and self.precision.scaler is None and not math.isfinite(norm.item()):
             apply, nonfinite = False, True
         skipped, scale = (True, None)
         if apply:
@@ -329,8 +331,21 @@ def global_grad_norm(grads: List[torch.Tensor], device: torch.device) -> torch.T
     mesh = getattr(grads[0], "device_mesh", None)
     if mesh is not None and mesh.ndim == 1 and all(
             getattr(g, "device_mesh", None) is mesh and all(pl.is_shard() for pl in g.placements) for g in grads):
-        local = torch.nn.utils.get_total_norm([g.to_local() for g in grads], norm_type=2.0).float()
+        local = total_norm([g.to_local() for g in grads]).float()
         squares = all_reduce(local * local, group=mesh.get_group())
         return squares.sqrt()
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    norm = total_norm(grads)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def total_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """``torch.nn.utils.get_total_norm(tensors)`` (2-norm), the same kernels and result. When all
+    are plain tensors of one dtype on one CPU or CUDA device (nearly every model) it skips that
+    function's grouping by device and dtype and its ``.to()`` per tensor: host time that a
+    launch-bound GPU step waits for (~150 us a step for ResNet-18's 62 gradients)."""
+    first = tensors[0]
+    dtype, device = first.dtype, first.device
+    if device.type in ("cpu", "cuda") and all(
+            type(t) is torch.Tensor and t.dtype is dtype and t.device == device for t in tensors):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2.0)), 2.0)
+    return torch.nn.utils.get_total_norm(tensors, norm_type=2.0)

@@ -44,7 +44,7 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
             with strategy.accumulate(sync=micro == accum - 1):
                 with strategy.autocast():
                     loss, extra = task.loss(strategy.model, batch)
-                strategy.backward(loss / accum)
+                strategy.backward(loss if accum == 1 else loss / accum)  # (a division is two kernels)
             micro_loss = loss.detach().float().to(strategy.device)  # (a task's loss may sit elsewhere)
             total = micro_loss if total is None else total + micro_loss
             for key, value in extra.items():
