@@ -1,6 +1,7 @@
 """Training throughput of dist_train against a plain PyTorch loop, measured in the same run.
 
     .venv/bin/python benchmarks/throughput.py [--steps 300] [--model cnn] [--data fashion_mnist] [--precision bf16]
+                                              [--explain]
 
 Both loops train the same model on the same in-memory dataset with the same micro-batch, AdamW
 and thread count, on the GPU when there is one; the plain loop has no framework at all (no
@@ -10,6 +11,8 @@ Both leave out their first 5 steps as warm-up. Prints samples/s of each and the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
@@ -67,13 +70,84 @@ def plain_loop(job, steps: int, device: torch.device) -> float:
     return (steps - WARMUP) * job.data.batch_size / (time.perf_counter() - t0)
 
 
-def framework_loop(overrides, steps: int) -> tuple:
-    with tempfile.TemporaryDirectory() as tmp:
+# What the loop calls around each optimizer step (``--explain`` times each of them, host time).
+LOOP_PARTS = (
+    ("dist_train.train.step", "train_step"),  # data, forward, backward, optimizer (its own phases)
+    ("dist_train.train.nonfinite", "NonFiniteGuard.after_step"),
+    ("dist_train.train.reporting", "Reporter.maybe_log"),       # metrics at logging steps, progress
+    ("dist_train.train.evaluate", "Evaluator.maybe_run"),
+    ("dist_train.checkpoint.manager", "CheckpointManager.maybe_save"),
+    ("dist_train.env.preemption", "PreemptionWatcher.requested"),
+    ("dist_train.train.phases", "PhaseClock.iteration_done"),
+    ("dist_train.train.goodput", "GoodputLedger.maybe_update"),
+    ("dist_train.train.loop", "train"),  # the whole loop: what is left is the loop's own lines
+)
+
+
+@contextlib.contextmanager
+def explained(totals: dict):
+    """Wrap each of LOOP_PARTS with a host timer for the duration (a diagnosis of where a step's
+    time goes beyond the phases, e.g. the "other" of the step-time breakdown): ``totals[name] =
+    [calls, seconds]``. ``train_step`` is wrapped where the loop looks it up."""
+    import importlib
+
+    import dist_train.train.job as job
+    import dist_train.train.loop as loop
+
+    undo = []
+
+    def timer(name, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                entry = totals.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - t0
+        return timed
+
+    for module_name, name in LOOP_PARTS:
+        owner = importlib.import_module(module_name)
+        *path, attr = name.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        if name == "train_step":
+            owner = loop  # (the names the loop and the job call them by)
+        elif name == "train":
+            owner = job
+        original = getattr(owner, attr)
+        setattr(owner, attr, timer(name, original))
+        undo.append((owner, attr, original))
+    try:
+        yield totals
+    finally:
+        for owner, attr, original in reversed(undo):
+            setattr(owner, attr, original)
+
+
+def print_explained(totals: dict, steps: int) -> None:
+    loop_calls, loop_s = totals.pop("train", [1, 0.0])
+    print(f"where dist_train's loop spends host time ({steps} steps, us per step; a GPU's work shows only where "
+          f"the host waits for it):")
+    inside = 0.0
+    for name, (calls, seconds) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        inside += seconds
+        print(f"  {name:34s} {seconds / steps * 1e6:9.1f}   ({calls} calls)")
+    print(f"  {'the loop body itself':34s} {(loop_s - inside) / steps * 1e6:9.1f}")
+    print(f"  {'whole loop':34s} {loop_s / steps * 1e6:9.1f}")
+
+
+def framework_loop(overrides, steps: int, explain: bool = False) -> tuple:
+    with tempfile.TemporaryDirectory() as tmp, (explained({}) if explain else contextlib.nullcontext()) as totals:
         job = load_config(None, [*overrides, f"train.max_steps={steps}", f"run.dir={tmp}", "eval.max_batches=1",
                                  "checkpoint.resume=never", "logging.mlflow.enabled=false", "logging.progress_bar=off"])
         assert run_job(job, detect()) == 0
         with open(os.path.join(tmp, "summary.json")) as f:
             summary = json.load(f)
+        if totals is not None:
+            print_explained(totals, steps)
         return summary["samples_per_s"], summary.get("time_breakdown", {})
 
 
@@ -85,6 +159,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (fp16: GPU only)")
+    p.add_argument("--explain", action="store_true",
+                   help="also time each part of dist_train's loop per step (the last round; host time)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what dist_train picks too
     overrides = [f"model.name={args.model}", f"data.name={args.data}", f"data.batch_size={args.batch_size}",
@@ -93,10 +169,10 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     # Alternate the two loops so that load from anything else on the machine hits both alike.
     plains, ours_all, breakdowns = [], [], []
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         plains.append(plain_loop(job, args.steps, device))
         torch.set_num_threads(os.cpu_count() or 1)
-        sps, breakdown = framework_loop(overrides, args.steps)
+        sps, breakdown = framework_loop(overrides, args.steps, explain=args.explain and r == args.repeats - 1)
         ours_all.append(sps)
         breakdowns.append(breakdown)
         torch.set_num_threads(os.cpu_count() or 1)

@@ -141,3 +141,20 @@ def test_a_job_slowed_by_the_hypervisor_is_run_again_a_bounded_number_of_times()
     assert "retaken" not in failed  # a failure is reported, not retried
     unknown = compare.run_steady(lambda: {"ok": True, "steal": None}, 0.1, 2, lambda r: None)
     assert "retaken" not in unknown  # off Linux: nothing to go by
+
+
+def test_throughput_explain_times_each_part_of_the_loop():
+    """benchmarks/throughput.py --explain (the diagnosis of a step's "other" time): every part it
+    wraps still exists under its name, is called once per step, and the parts fit in the loop."""
+    script = REPO / "benchmarks" / "throughput.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", "mlp", "--data", "digits", "--steps", "12",
+                           "--repeats", "1", "--explain"], cwd=REPO, env=clean_env(), capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    for part in ("train_step", "Reporter.maybe_log", "NonFiniteGuard.after_step", "Evaluator.maybe_run",
+                 "CheckpointManager.maybe_save", "PreemptionWatcher.requested", "PhaseClock.iteration_done",
+                 "GoodputLedger.maybe_update"):
+        assert f"  {part} " in proc.stdout and "(12 calls)" in proc.stdout.split(f"  {part} ")[1].splitlines()[0], part
+    whole = float(proc.stdout.split("whole loop")[1].split()[0])
+    step = float(proc.stdout.split("  train_step ")[1].split()[0])
+    assert 0 < step <= whole and "ratio dist_train/plain:" in proc.stdout
