@@ -84,6 +84,34 @@ def test_a_fresh_optimizer_resumes_exactly_without_an_optimizer_step(tmp_path, m
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
 
 
+def _adamw_with(**kernels):
+    return lambda m: torch.optim.AdamW([{"params": m.body.parameters()}, {"params": m.head.parameters(), "lr": 0.1}],
+                                       **kernels)
+
+
+@pytest.mark.parametrize("written,resumed", [({"foreach": True}, {"fused": True}), ({"fused": True}, {"foreach": True})],
+                         ids=["foreach-to-fused", "fused-to-foreach"])
+def test_a_resume_keeps_this_runs_kernels_not_the_checkpoints(tmp_path, written, resumed):
+    """optimizer.load_state_dict takes every group setting from the checkpoint, fused/foreach
+    too: a run resumed on another device or strategy (a GPU's fused checkpoint into CPU FSDP
+    shards, an older foreach checkpoint into a fused run) keeps the kernels it chose; the state
+    and the training that follows are the same up to the kernels' rounding."""
+    model, opt, files = _saved(tmp_path, _adamw_with(**written))
+    fresh, fresh_opt, _ = _fresh(_adamw_with(**resumed))
+    dcp_state.load_full_state(files, fresh, fresh_opt)
+    for group in fresh_opt.param_groups:
+        assert bool(group.get("fused")) == bool(resumed.get("fused"))
+        assert bool(group.get("foreach")) == bool(resumed.get("foreach"))
+    for p, state in fresh_opt.state.items():
+        assert state["step"].device == p.device and float(state["step"]) == 3.0
+        assert torch.equal(state["exp_avg"], opt.state[dict(zip(fresh.parameters(), model.parameters()))[p]]["exp_avg"])
+    x = torch.randn(5, 6)
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        m(x).pow(2).mean().backward()
+        o.step()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
 class Unused(nn.Module):
     """A trainable head the loss never reaches: AdamW gives it no state."""
 

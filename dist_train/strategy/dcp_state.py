@@ -180,8 +180,30 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+# Optimizer settings that choose kernels, not state: those of this run, whatever the checkpoint says.
+_KERNEL_FLAGS = ("fused", "foreach")
+
+
+def keep_kernels(optimizer, chosen: List[Dict[str, Any]]) -> None:
+    """After ``optimizer.load_state_dict`` (which takes every group setting from the checkpoint):
+    each group runs the kernels this run chose (``chosen``: its groups' flags before the load),
+    not those of the run that wrote the checkpoint on another device or strategy (a GPU's fused
+    kernel on CPU shards, or a CPU run's loop on a GPU); Adam's ``step`` counters go where the
+    kernel wants them (the parameter's device when fused or capturable, else the host)."""
+    for group, flags in zip(optimizer.param_groups, chosen):
+        if all(group.get(k) == v for k, v in flags.items()):
+            continue
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(p.device if on_device else torch.device("cpu"))
+
+
 def load_full_state(files, model: nn.Module, optimizer) -> None:
     seeded = not optimizer.state and seed_optimizer_state(model, optimizer, files.metadata())
+    chosen = [{k: g.get(k) for k in _KERNEL_FLAGS} for g in optimizer.param_groups]
     try:
         state, replay = _full_state(model, optimizer)
         files.read_state(state)
@@ -193,6 +215,7 @@ def load_full_state(files, model: nn.Module, optimizer) -> None:
             # (The model's keys are its own: the read above fails on any the checkpoint lacks.)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                            options=_NOT_STRICT)
+        keep_kernels(optimizer, chosen)
     except BaseException:
         if seeded:  # (back to the fresh optimizer it was: no half-loaded or unfilled state stays)
             optimizer.state.clear()
