@@ -133,6 +133,15 @@ def test_optimizer_kinds(name, cls):
         assert group["betas"] == (0.8, 0.95)
 
 
+def train_side_by_side(pairs, x: torch.Tensor, steps: int) -> None:
+    """``steps`` optimizer steps of each (model, optimizer) pair on the same batch."""
+    for _ in range(steps):
+        for model, opt in pairs:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+
 def test_sgd_nesterov_matches_torch():
     cfg = train_cfg("train.optimizer=sgd", "train.nesterov=true", "train.momentum=0.8", "train.weight_decay=0")
     torch.manual_seed(0)
@@ -141,12 +150,7 @@ def test_sgd_nesterov_matches_torch():
     b.load_state_dict(a.state_dict())
     ours = make_optimizer_factory(cfg)(a.parameters())
     ref = torch.optim.SGD(b.parameters(), lr=LR, momentum=0.8, nesterov=True)
-    x = torch.randn(8, 4)
-    for _ in range(3):
-        for m, o in ((a, ours), (b, ref)):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
+    train_side_by_side(((a, ours), (b, ref)), torch.randn(8, 4), steps=3)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
 
 
@@ -228,12 +232,7 @@ def test_cpu_optimizers_run_fused(name):
     kinds = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     extra = {"momentum": cfg.momentum} if name == "sgd" else {}
     ref = kinds[name](b.parameters(), lr=LR, weight_decay=0.05, foreach=False, **extra)
-    x = torch.randn(8, 5)
-    for _ in range(4):
-        for m, o in ((a, opt), (b, ref)):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
+    train_side_by_side(((a, opt), (b, ref)), torch.randn(8, 5), steps=4)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (name, (p - q).abs().max())
 
