@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dist_train.env.ports import free_port  # noqa: E402  (below the ephemeral range: no race with clients)
 # Launcher variables of an enclosing job (SLURM, an outer torchrun) would confuse the inner one.
 PROGRESS = re.compile(r"\[rank0\].*\bstep (\d+)/(\d+)\b")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -107,12 +109,6 @@ def tree_cpu_s(pid: int) -> float:
         except (OSError, IndexError, ValueError):  # gone meanwhile: counts nothing
             continue
     return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_env(nproc: int) -> Dict[str, str]:

@@ -22,7 +22,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,15 +36,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from dist_train.env.ports import free_port  # noqa: E402
 from dist_train.logging.metrics import build_metric_logger  # noqa: E402
 
 FEATURES, HIDDEN, CLASSES, BATCH = 784, 512, 10, 128
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(root: str) -> subprocess.Popen:
