@@ -24,9 +24,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dist_train.env.ports import free_port  # noqa: E402  (below the ephemeral range: no race with clients)
 # Launcher variables of an enclosing job (SLURM, an outer torchrun) would confuse the inner one.
 PROGRESS = re.compile(r"\[rank0\].*\bstep (\d+)/(\d+)\b")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -134,6 +131,10 @@ def torchrun(args: Sequence[str], nproc: int, timeout_s: float, cwd: Optional[Pa
     Past ``timeout_s`` (or if this process is interrupted) torchrun and every process under it
     are killed.
     """
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from dist_train.env.ports import free_port  # (below the ephemeral range: no race with clients; imports torch)
+
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
     t0 = time.perf_counter()

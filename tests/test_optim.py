@@ -220,15 +220,17 @@ def test_decay_groups_on_fsdp_shards():
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
-def test_cpu_optimizers_run_fused(name):
-    """torch's fused CPU kernels (3-4x faster than foreach), and the same updates as torch's
-    default per-parameter loop (up to rounding: the fused kernel may contract to FMAs)."""
+def test_cpu_optimizers_run_fused_adam_and_foreach_sgd(name):
+    """torch's fused CPU kernel for adam/adamw (3-4x faster than foreach), foreach for sgd; the
+    same updates as torch's default per-parameter loop (up to rounding: a fused kernel may
+    contract to FMAs)."""
     cfg = train_cfg(f"train.optimizer={name}", "train.weight_decay=0.05")
     torch.manual_seed(0)
     a, b = nn.Linear(5, 3), nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
     opt = make_optimizer_factory(cfg)(a.parameters())
-    assert opt.defaults["fused"] is True and not opt.defaults.get("foreach")
+    fused = name != "sgd"
+    assert bool(opt.defaults.get("fused")) == fused and bool(opt.defaults.get("foreach")) != fused
     kinds = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     extra = {"momentum": cfg.momentum} if name == "sgd" else {}
     ref = kinds[name](b.parameters(), lr=LR, weight_decay=0.05, foreach=False, **extra)
@@ -237,24 +239,28 @@ def test_cpu_optimizers_run_fused(name):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (name, (p - q).abs().max())
 
 
-def test_a_torch_without_the_fused_kernel_falls_back_to_foreach(monkeypatch):
-    """A fused kernel torch lacks for these tensors (older torch, another device): foreach, and
-    the groups the failed attempt filled in do not leak into the second one."""
-    calls = []
-    real = torch.optim.AdamW
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_a_skipped_first_step_and_a_late_first_gradient_keep_the_weights_finite(name):
+    """What torch's fused SGD gets wrong (why sgd stays on foreach): a first step skipped by the
+    fp16 scaler's found-inf flag left its momentum buffers uninitialised (NaN weights next), and a
+    parameter whose first gradient comes after the others' made it fail."""
+    from dist_train.strategy.base import Precision
 
-    def picky(groups, **kwargs):
-        calls.append(kwargs.get("fused"))
-        if kwargs.get("fused"):
-            for g in groups:
-                g.setdefault("fused", True)  # what torch's add_param_group does before it checks
-            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
-        return real(groups, **kwargs)
-
-    monkeypatch.setattr(torch.optim, "AdamW", picky)
-    opt = make_optimizer_factory(train_cfg())(nn.Linear(3, 2).parameters())
-    assert calls == [True, None] and opt.defaults["foreach"] is True
-    assert not opt.param_groups[0].get("fused")
+    cfg = train_cfg(f"train.optimizer={name}")
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(4, 4), "late": nn.Linear(4, 1)})
+    opt = make_optimizer_factory(cfg)(model.parameters())
+    precision = Precision("fp16", torch.device("cpu"))
+    x = torch.randn(6, 4)
+    for step in range(4):
+        opt.zero_grad()
+        out = model["body"](x).sum() * (float("inf") if step == 0 else 1.0)  # step 0 overflows
+        if step >= 2:  # the head joins late
+            out = out + model["late"](x).sum()
+        precision.scale(out).backward()
+        precision.unscale(opt)
+        precision.optimizer_step(opt)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), (name, step)
 
 
 def test_fused_only_on_a_fused_device(monkeypatch):
@@ -265,8 +271,7 @@ def test_fused_only_on_a_fused_device(monkeypatch):
     monkeypatch.setattr(optim, "FUSED_DEVICES", ("meta",))
     assert optim.implementation([{"params": params[:1]}, {"params": params[1:]}], "adamw") == {"fused": True}
     assert optim.implementation([{"params": params}], "adam") == {"fused": True}
-    assert optim.implementation([{"params": params}], "sgd") == {"fused": True}
-    assert optim.implementation([{"params": params}], "rmsprop") == {"foreach": True}
+    assert optim.implementation([{"params": params}], "sgd") == {"foreach": True}
     ints = [nn.Parameter(torch.zeros(2, device="meta", dtype=torch.int64), requires_grad=False)]
     assert optim.implementation([{"params": params + ints}], "adamw") == {"foreach": True}
     assert optim.implementation([{"params": []}], "adamw") == {"foreach": True}

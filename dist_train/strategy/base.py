@@ -338,6 +338,7 @@ def global_grad_norm(grads: List[torch.Tensor], device: torch.device) -> torch.T
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+@torch.no_grad()
 def total_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
     """``torch.nn.utils.get_total_norm(tensors)`` (2-norm), the same kernels and result. When all
     are plain tensors of one dtype on one CPU or CUDA device (nearly every model) it skips that

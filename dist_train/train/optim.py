@@ -21,15 +21,12 @@ restarts its second scheduler there).
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 from typing import Any, Callable, Dict, Iterable, List
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-
-log = logging.getLogger("dist_train")
 
 
 def param_groups(params: Iterable[nn.Parameter], cfg) -> List[Dict[str, Any]]:
@@ -48,9 +45,9 @@ def param_groups(params: Iterable[nn.Parameter], cfg) -> List[Dict[str, Any]]:
     return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-# Devices whose optimizers get torch's fused kernel (one kernel for every parameter of a step).
-# CPU included: there it is 3-4x faster than foreach (ResNet-18's AdamW step: 26 -> 7 ms on 2 cores;
-# SGD with momentum 9.4 -> 3.6 ms) and 5x faster than the loop torch runs by default.
+# Devices whose Adam/AdamW get torch's fused kernel (one kernel for every parameter of a step).
+# CPU included: there it is 3-4x faster than foreach (a ResNet-18's AdamW step: 26 -> 7 ms on 2
+# cores) and 5x faster than the loop torch runs by default. (torch >= 2.4 has both.)
 FUSED_DEVICES = ("cuda", "cpu")
 # FSDP's DTensor shards: DTensor implements the fused Adam/AdamW ops; on the CPU they stay on
 # foreach (the fused CPU kernel on DTensor shards aborted a test worker once in two full runs).
@@ -60,25 +57,27 @@ FUSED_SHARDED_DEVICES = ("cuda",)
 def implementation(groups: List[Dict[str, Any]], optimizer: str, precision: str = "fp32") -> Dict[str, bool]:
     """How torch.optim runs the update over the parameters of ``groups``.
 
-    ``fused=True`` (one kernel for all the parameters of a step) when every parameter is a
-    floating-point tensor on a device of ``FUSED_DEVICES``: adam, adamw and sgd on plain tensors,
-    adam and adamw on FSDP's DTensor shards of a ``FUSED_SHARDED_DEVICES`` device (by their local
-    device) except under fp16: FSDP's ``ShardedGradScaler`` hands the optimizer a found-inf flag
-    of shape [1], which the fused step subtracts from its 0-d step counters ("output with shape []
-    doesn't match the broadcast shape [1]", seen on an H200 with torch 2.11 and on CPU with 2.14).
-    Else ``foreach=True`` (one multi-tensor op per update term, instead of a Python loop over the
-    parameters, torch's CPU default). DeepSpeed later swaps in its own flat partitions (plain
-    tensors), on the same device.
+    ``fused=True`` (one kernel for all the parameters of a step) for adam/adamw when every
+    parameter is a floating-point tensor on a device of ``FUSED_DEVICES``; for FSDP's DTensor
+    shards, by their local device, on ``FUSED_SHARDED_DEVICES`` and not under fp16: FSDP's
+    ``ShardedGradScaler`` hands the optimizer a found-inf flag of shape [1], which the fused step
+    subtracts from its 0-d step counters ("output with shape [] doesn't match the broadcast shape
+    [1]", seen on an H200 with torch 2.11 and on CPU with 2.14). Else ``foreach=True`` (one
+    multi-tensor op per update term, instead of a Python loop over the parameters, torch's CPU
+    default). sgd stays on foreach: torch's fused SGD leaves its momentum buffers uninitialised
+    when the first step is skipped by an fp16 scaler's found-inf flag (NaN weights after it), and
+    fails when a parameter gets its first gradient after the others (unused parameters, a late
+    head), and sparse gradients. DeepSpeed later swaps in its own flat partitions (plain tensors),
+    on the same device.
     """
     params = [p for g in groups for p in g["params"]]
-    if not params or not all(p.device.type in FUSED_DEVICES and torch.is_floating_point(p) for p in params):
+    if optimizer not in ("adam", "adamw") or not params or not all(
+            p.device.type in FUSED_DEVICES and torch.is_floating_point(p) for p in params):
         return {"foreach": True}
-    if any(isinstance(p, DTensor) for p in params):
-        if optimizer in ("adam", "adamw") and precision != "fp16" and all(
-                p.device.type in FUSED_SHARDED_DEVICES for p in params):
-            return {"fused": True}
+    if any(isinstance(p, DTensor) for p in params) and (
+            precision == "fp16" or not all(p.device.type in FUSED_SHARDED_DEVICES for p in params)):
         return {"foreach": True}
-    return {"fused": True} if optimizer in ("adam", "adamw", "sgd") else {"foreach": True}
+    return {"fused": True}
 
 
 def make_optimizer_factory(cfg) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
@@ -87,17 +86,6 @@ def make_optimizer_factory(cfg) -> Callable[[Iterable[nn.Parameter]], torch.opti
     def make(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         groups = param_groups(params, cfg)
         impl = implementation(groups, cfg.optimizer, cfg.precision)
-        if impl.get("fused"):
-            try:
-                return build(groups, impl)
-            except RuntimeError as exc:  # a torch without this fused kernel for these tensors
-                log.info("train.optimizer=%s: torch's fused kernel is not available here (%s); using foreach",
-                         cfg.optimizer, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-                impl = {"foreach": True}
-        return build(groups, impl)
-
-    def build(groups: List[Dict[str, Any]], impl: Dict[str, bool]) -> torch.optim.Optimizer:
-        groups = [dict(g) for g in groups]  # (an optimizer fills its defaults into the group dicts)
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                    weight_decay=cfg.weight_decay, **impl)
