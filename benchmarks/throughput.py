@@ -70,9 +70,10 @@ def plain_loop(job, steps: int, device: torch.device) -> float:
     return (steps - WARMUP) * job.data.batch_size / (time.perf_counter() - t0)
 
 
-# What the loop calls around each optimizer step (``--explain`` times each of them, host time).
+# What the loop calls around each optimizer step (``--explain`` times each of them, host time),
+# by the module and name its caller looks it up under.
 LOOP_PARTS = (
-    ("dist_train.train.step", "train_step"),  # data, forward, backward, optimizer (its own phases)
+    ("dist_train.train.loop", "train_step"),  # data, forward, backward, optimizer (its own phases)
     ("dist_train.train.nonfinite", "NonFiniteGuard.after_step"),
     ("dist_train.train.reporting", "Reporter.maybe_log"),       # metrics at logging steps, progress
     ("dist_train.train.evaluate", "Evaluator.maybe_run"),
@@ -80,7 +81,7 @@ LOOP_PARTS = (
     ("dist_train.env.preemption", "PreemptionWatcher.requested"),
     ("dist_train.train.phases", "PhaseClock.iteration_done"),
     ("dist_train.train.goodput", "GoodputLedger.maybe_update"),
-    ("dist_train.train.loop", "train"),  # the whole loop: what is left is the loop's own lines
+    ("dist_train.train.job", "train"),  # the whole loop: what is left is the loop's own lines
 )
 
 
@@ -88,11 +89,8 @@ LOOP_PARTS = (
 def explained(totals: dict):
     """Wrap each of LOOP_PARTS with a host timer for the duration (a diagnosis of where a step's
     time goes beyond the phases, e.g. the "other" of the step-time breakdown): ``totals[name] =
-    [calls, seconds]``. ``train_step`` is wrapped where the loop looks it up."""
+    [calls, seconds]``."""
     import importlib
-
-    import dist_train.train.job as job
-    import dist_train.train.loop as loop
 
     undo = []
 
@@ -113,10 +111,6 @@ def explained(totals: dict):
         *path, attr = name.split(".")
         for part in path:
             owner = getattr(owner, part)
-        if name == "train_step":
-            owner = loop  # (the names the loop and the job call them by)
-        elif name == "train":
-            owner = job
         original = getattr(owner, attr)
         setattr(owner, attr, timer(name, original))
         undo.append((owner, attr, original))
@@ -128,7 +122,7 @@ def explained(totals: dict):
 
 
 def print_explained(totals: dict, steps: int) -> None:
-    loop_calls, loop_s = totals.pop("train", [1, 0.0])
+    _, loop_s = totals.pop("train", [1, 0.0])
     print(f"where dist_train's loop spends host time ({steps} steps, us per step; a GPU's work shows only where "
           f"the host waits for it):")
     inside = 0.0

@@ -182,9 +182,15 @@ def _same(a: Any, b: Any) -> bool:
 
 # Optimizer settings that choose kernels, not state: those of this run, whatever the checkpoint says.
 _KERNEL_FLAGS = ("fused", "foreach")
-# Each optimizer's flags as built, taken at its first load (a later load, e.g. a rollback after a
-# load that failed half-way, must not take the checkpoint's flags for the run's).
 _built_kernels: "weakref.WeakKeyDictionary[Any, List[Dict[str, Any]]]" = weakref.WeakKeyDictionary()
+
+
+def kernels_as_built(optimizer) -> List[Dict[str, Any]]:
+    """Each group's kernel flags as the optimizer was built, taken before its first load (a later
+    load, e.g. a rollback after a load that failed half-way, must not take the checkpoint's)."""
+    if optimizer not in _built_kernels:
+        _built_kernels[optimizer] = [{k: g.get(k) for k in _KERNEL_FLAGS} for g in optimizer.param_groups]
+    return _built_kernels[optimizer]
 
 
 def keep_kernels(optimizer, chosen: List[Dict[str, Any]]) -> None:
@@ -206,9 +212,7 @@ def keep_kernels(optimizer, chosen: List[Dict[str, Any]]) -> None:
 
 def load_full_state(files, model: nn.Module, optimizer) -> None:
     seeded = not optimizer.state and seed_optimizer_state(model, optimizer, files.metadata())
-    chosen = _built_kernels.get(optimizer)
-    if chosen is None:
-        chosen = _built_kernels[optimizer] = [{k: g.get(k) for k in _KERNEL_FLAGS} for g in optimizer.param_groups]
+    chosen = kernels_as_built(optimizer)
     try:
         state, replay = _full_state(model, optimizer)
         files.read_state(state)
