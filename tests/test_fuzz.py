@@ -478,6 +478,21 @@ def test_manifest_entry_through_a_symlinked_directory_is_refused(source_ckpt, tm
     assert "resolves outside the checkpoint" in layout.verify(str(ckpt))[0]
 
 
+@pytest.mark.parametrize("target", ["inside", "outside"])
+def test_manifest_entry_that_is_a_symlink_is_judged_by_where_it_points(source_ckpt, tmp_path, target):
+    ckpt = tmp_path / "step_00000002"
+    shutil.copytree(source_ckpt, ckpt)
+    where = (ckpt / "rng" / "moved.pt") if target == "inside" else (tmp_path / "moved.pt")
+    rng = next((ckpt / "rng").iterdir())
+    shutil.move(str(rng), str(where))
+    os.symlink(where, rng)
+    problems = layout.verify(str(ckpt))
+    if target == "inside":
+        assert problems == []
+    else:
+        assert len(problems) == 1 and "resolves outside the checkpoint" in problems[0], problems
+
+
 @pytest.mark.parametrize("value", [{"size": -1, "sha256": "0" * 64}, {"size": True, "sha256": "0" * 64},
                                    {"size": 1, "sha256": "xyz"}, {"size": 1}, [1, 2], None])
 def test_manifest_entries_must_be_size_and_sha256(source_ckpt, tmp_path, value):

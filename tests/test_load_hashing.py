@@ -3,6 +3,7 @@ the archive reader that makes this possible, and what happens when a shard turns
 only once it is being loaded (single process, and FSDP on 2 gloo ranks)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import zipfile
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import spawn
-from dist_train.checkpoint import checksum, decode, encode, layout, storage
+from dist_train.checkpoint import checksum, decode, layout, storage
 
 
 def _archive(tensor, crc):
@@ -119,6 +120,42 @@ def test_a_data_record_of_another_size_than_its_pickle_says_is_never_read_into_t
     assert (memory[:4] == -1.0).all() and (memory[4:] == 7.0).all()
 
 
+@pytest.mark.parametrize("form", ["ours", "torch.save", "serialization id"])
+def test_small_items_are_read_into_their_destinations_and_items_of_other_forms_still_load(tmp_path, form,
+                                                                                          monkeypatch):
+    """A small tensor item in the template form of its destination's layout is read straight into
+    it; one that is not (a stock DCP writer's, with zip CRC32s: another head; a tensor whose bytes
+    start with ``PK\\x07\\x08``: torch writes another serialization id, another tail) is decoded
+    from its bytes and still loads exactly, hashed all the same."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp_dir = str(tmp_path / "dcp")
+    stored = {"w": torch.randn(30, 20), "b": torch.randn(20).to(torch.bfloat16), "n": torch.tensor(7)}
+    if form == "serialization id":
+        stored["w"].view(-1).view(torch.uint8)[:4] = torch.tensor(list(b"PK\x07\x08"), dtype=torch.uint8)
+    if form == "ours":
+        storage.save(stored, dcp_dir)
+    else:  # (DCP's own writer: torch.save per item, with CRC32s, or without them as ours writes)
+        with contextlib.nullcontext() if form == "torch.save" else storage._no_zip_crc():
+            dcp.save(stored, storage_writer=dcp.FileSystemWriter(dcp_dir, sync_files=False, thread_count=1),
+                     no_dist=True)
+    dest = {k: torch.zeros_like(v) for k, v in stored.items()}
+    places = {k: v.data_ptr() for k, v in dest.items()}
+    names = [n for n in os.listdir(dcp_dir) if n.endswith(".distcp")]
+    decoded = []
+    real_small = storage._small_tensor
+    monkeypatch.setattr(storage, "_small_tensor", lambda data, stored: decoded.append(stored) or real_small(data, stored))
+    hashed = storage.load(dest, dcp_dir, expected={n: checksum.hash_file(os.path.join(dcp_dir, n)) for n in names})
+    assert hashed == set(names)
+    assert all(torch.equal(dest[k], stored[k]) and dest[k].dtype == stored[k].dtype for k in stored)
+    if form == "ours":
+        assert not decoded and {k: v.data_ptr() for k, v in dest.items()} == places
+    elif form == "torch.save":
+        assert len(decoded) == 3  # (every head differs: CRC32s)
+    else:
+        assert decoded == [(torch.float32, (30, 20))]  # (read into its destination, then its tail differed)
+
+
 def _setup(run_dir, strategy_name="single", overrides=()):
     from dist_train.checkpoint.manager import CheckpointManager
     from dist_train.config import load_config, to_dict
@@ -224,8 +261,8 @@ def test_an_intact_resume_reads_the_shards_once_and_loads_them_exactly(tmp_path,
     run_dir, strategy, manager, saved = _saved_run(tmp_path)
     try:
         optim = {(i, k): v.clone() for i, st in strategy.optimizer.state_dict()["state"].items() for k, v in st.items()}
-        large = {(i, k): v.data_ptr() for i, st in strategy.optimizer.state_dict()["state"].items()
-                 for k, v in st.items() if v.nbytes >= 1 << 20}
+        places = {(i, k): v.data_ptr() for i, st in strategy.optimizer.state_dict()["state"].items()
+                  for k, v in st.items()}
         opened = []
         real_open = open
 
@@ -234,14 +271,13 @@ def test_an_intact_resume_reads_the_shards_once_and_loads_them_exactly(tmp_path,
                 opened.append(os.path.basename(str(path)))
             return real_open(path, *args, **kwargs)
 
-        templated = []
-        real_archived = encode.archived_tensor
-        monkeypatch.setattr(encode, "archived_tensor",
-                            lambda *a: templated.append(real_archived(*a) is not None) or real_archived(*a))
+        decoded = []
+        real_small = storage._small_tensor
+        monkeypatch.setattr(storage, "_small_tensor", lambda *a: decoded.append(a[1]) or real_small(*a))
         monkeypatch.setattr("builtins.open", counting_open)
         assert manager.resume(TrainState()) == _ckpt(run_dir, 2)
         monkeypatch.undo()
-        assert templated and all(templated)  # every small tensor item read the template way
+        assert not decoded  # every small tensor item read the template way, into its destination
         assert opened.count("__0_0.distcp") == 1  # one read of the shard: no verification pass before it
         # DCP's index: hashed by the verification, then parsed once (the checks and the load share it).
         assert opened.count(".metadata") == 2 and len(opened) == 3
@@ -249,8 +285,9 @@ def test_an_intact_resume_reads_the_shards_once_and_loads_them_exactly(tmp_path,
         assert all(torch.equal(got[k], saved[2][k]) for k in saved[2])
         after = {(i, k): v for i, st in strategy.optimizer.state_dict()["state"].items() for k, v in st.items()}
         assert after.keys() == optim.keys() and all(torch.equal(after[k], optim[k]) for k in optim)
-        # The large items were read straight into the tensors they load into (no new allocation).
-        assert len(large) == 2 and all(after[k].data_ptr() == ptr for k, ptr in large.items())
+        # Every item, small or large, was read straight into the tensor it loads into (no new
+        # allocation, no copy).
+        assert len(places) == 18 and all(after[k].data_ptr() == ptr for k, ptr in places.items())
     finally:
         manager.close()
 

@@ -11,7 +11,6 @@ anything else. A crafted checkpoint cannot run code when it is loaded.
 from __future__ import annotations
 
 import collections
-import ctypes
 import io
 import os
 import pickle
@@ -21,6 +20,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
+
+from dist_train.checkpoint.encode import memory
 
 _ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata"}
 _ALLOWED = {
@@ -353,7 +354,7 @@ def read_sequential(reader: Any, length: int, into: Optional[torch.Tensor] = Non
             if storage is None or size != storage.nbytes() or not _describes(small, key, into):
                 storage = torch.UntypedStorage(size)
             if size:
-                reader.readinto(memoryview((ctypes.c_char * size).from_address(storage.data_ptr())).cast("B"))
+                reader.readinto(memory(storage))
             storages[key] = storage
         elif size <= _MAX_RECORD:
             small[name] = reader.read(size)

@@ -21,7 +21,9 @@ against it by the tests), so the stock ``dcp.load`` / ``torch.load`` read them a
 
 Reading uses the same templates the other way (``archived_tensor``): a small item whose bytes are
 exactly a template's head and tail around the right number of bytes is that layout's tensor with
-those bytes, no zip reader or unpickler needed.
+those bytes, no zip reader or unpickler needed. Where the tensor an item loads into is known (a
+resume into a built model and optimizer), the reader compares the head, reads the tensor's bytes
+straight into that tensor's memory and compares the tail (``storage.SafeReader``).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def write_tensor(stream: Any, tensor: torch.Tensor) -> None:
     stream.write(head)
     storage = tensor.untyped_storage()
     if storage.nbytes():
-        stream.write((ctypes.c_char * storage.nbytes()).from_address(storage.data_ptr()))
+        stream.write(memory(storage))
     stream.write(tail)
 
 
@@ -74,8 +76,20 @@ def archived_tensor(data: bytearray, dtype: torch.dtype, shape: Sequence[int]) -
     tensor of that layout (its pickle, record names and sizes), so it decodes to that layout with
     these bytes; the zip reader and the unpickler (40-70 us per item, most of a small tensor's
     load) are not needed. None for any other archive (the caller decodes it the general way)."""
-    numel = math.prod(shape)
-    nbytes = numel * dtype.itemsize
+    template = tensor_template(dtype, shape)
+    if template is None:
+        return None
+    head, tail, nbytes = template
+    if len(data) != len(head) + nbytes + len(tail) or not data.startswith(head) or not data.endswith(tail):
+        return None
+    return torch.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=len(head)).view(tuple(shape))
+
+
+def tensor_template(dtype: torch.dtype, shape: Sequence[int]) -> Optional[Tuple[bytes, bytes, int]]:
+    """(head, tail, data bytes) of the archive ``write_tensor`` writes for a contiguous ``dtype``
+    tensor of ``shape`` the template way (see ``archived_tensor``); None where that way does not
+    apply (empty, larger than ``_TEMPLATE_BYTES``, a dtype ``torch.save`` does not write plainly)."""
+    nbytes = math.prod(shape) * dtype.itemsize
     if not 0 < nbytes <= _TEMPLATE_BYTES:
         return None
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
@@ -89,13 +103,12 @@ def archived_tensor(data: bytearray, dtype: torch.dtype, shape: Sequence[int]) -
             return None
 
     template = _cached(key, make)
-    if template is None:
-        return None
-    head, tail, size = template
-    if (size != nbytes or len(data) != len(head) + nbytes + len(tail)
-            or not data.startswith(head) or not data.endswith(tail)):
-        return None
-    return torch.frombuffer(data, dtype=dtype, count=numel, offset=len(head)).view(tuple(shape))
+    return template if template is not None and template[2] == nbytes else None
+
+
+def memory(storage: torch.UntypedStorage) -> memoryview:
+    """The bytes of a CPU storage, as a writable byte view of its memory (no copy)."""
+    return memoryview((ctypes.c_char * storage.nbytes()).from_address(storage.data_ptr())).cast("B")
 
 
 def _settings_per_thread() -> bool:

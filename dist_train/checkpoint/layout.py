@@ -33,10 +33,11 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from dist_train.checkpoint import checksum
 
@@ -254,8 +255,9 @@ def read_manifest(ckpt: str) -> dict:
             or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"manifest.json is not a {FORMAT} manifest")
     root = os.path.realpath(ckpt)
+    plain_dirs: Set[str] = set()
     for rel, entry in manifest["files"].items():
-        problem = _bad_entry(root, rel, entry)
+        problem = _bad_entry(root, rel, entry, plain_dirs)
         if problem:
             raise ValueError(f"manifest.json lists {rel!r}, {problem}: refusing the whole checkpoint")
     return manifest
@@ -265,18 +267,41 @@ def read_manifest(ckpt: str) -> dict:
 _DIGEST_RE = {"xxh3_128": re.compile(r"^[0-9a-f]{32}$"), "sha256": re.compile(r"^[0-9a-f]{64}$")}
 
 
-def _bad_entry(root: str, rel: str, entry: object) -> Optional[str]:
+def _bad_entry(root: str, rel: str, entry: object, plain_dirs: Set[str]) -> Optional[str]:
     """Why one manifest entry cannot be trusted, else None. Every listed file is later stat-ed and
     hashed: a path that leaves the checkpoint directory (``../``, absolute, or through a symbolic
-    link) would make verification read files outside it."""
+    link) would make verification read files outside it. ``root``: the checkpoint's real path;
+    ``plain_dirs``: directories under it already found not to be links (shared by the entries)."""
     if not rel or "\0" in rel or os.path.isabs(rel) or os.path.normpath(rel) != rel or rel.split(os.sep)[0] == "..":
         return "which is not a plain relative path inside the checkpoint"
     if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
             and any(isinstance(entry.get(a), str) and rx.match(entry[a]) for a, rx in _DIGEST_RE.items())):
         return "whose entry is not {\"size\": bytes, \"xxh3_128\": 32 hex digits} (or a format-1 \"sha256\")"
-    if not os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep):
+    if not _stays_inside(root, rel, plain_dirs):
         return "which resolves outside the checkpoint directory (a symbolic link)"
     return None
+
+
+def _stays_inside(root: str, rel: str, plain_dirs: Set[str]) -> bool:
+    """Whether ``root/rel`` (``rel`` normalised, not absolute, no ``..``) resolves inside ``root``
+    (a real path): so it does when none of its components is a symbolic link (one ``lstat`` each,
+    where ``os.path.realpath`` would look at every component from ``/`` again, per entry), else
+    the link is resolved. A missing component stays inside (the size check names it)."""
+    path = root
+    parts = rel.split(os.sep)
+    for i, part in enumerate(parts):
+        path = os.path.join(path, part)
+        if path in plain_dirs:
+            continue
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return True
+        if stat.S_ISLNK(mode):
+            return os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep)
+        if i < len(parts) - 1:
+            plain_dirs.add(path)
+    return True
 
 
 def check_sizes(ckpt: str, files: Dict[str, dict]) -> List[str]:

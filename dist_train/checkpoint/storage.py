@@ -158,14 +158,21 @@ class SafeReader(dcp.FileSystemReader):
                             for item in readers:
                                 planner.load_value(item, value)
                         continue
+                    with lock:
+                        into = planner.destination(readers[0]) if len(readers) == 1 else None
                     if length < _SMALL_ITEM:
-                        data = bytearray(length)
-                        reader.readinto(memoryview(data))
+                        data = _read_small(reader, length, into)
+                        if data is None:  # (read into its destination: nothing left to place)
+                            with lock:
+                                planner.commit_tensor(readers[0], into)
+                            continue
                         tensor, adopt = _small_tensor(data, planner.stored_layout(readers[0]))
                     else:
-                        with lock:
-                            into = planner.destination(readers[0]) if len(readers) == 1 else None
                         tensor, adopt = self._hashed_tensor(reader, path, offset, length, into), True
+                        if into is not None and _same_memory(into, tensor):
+                            with lock:
+                                planner.commit_tensor(readers[0], into)
+                            continue
                     for item in readers:
                         self._place(item, tensor, planner, lock, adopt=adopt and len(readers) == 1)
                 found = reader.finish()
@@ -223,6 +230,27 @@ def _whole_read_item(fqn: str, stored: Any, obj: Any) -> Optional[ReadItem]:
     zeros = torch.Size((0,) * len(size))
     return ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(fqn, zeros, 0), dest_offsets=zeros,
                     storage_index=MetadataIndex(fqn, chunk.offsets, 0), storage_offsets=zeros, lengths=size)
+
+
+def _read_small(reader: checksum.HashingReader, length: int, into: Optional[torch.Tensor]) -> Optional[bytearray]:
+    """Read a small tensor item of ``length`` bytes: straight into ``into`` (its destination, see
+    ``SafeLoadPlanner.destination``) when the item is in the template form of that tensor's layout
+    (``encode.tensor_template``: the head compared, the tensor's bytes read into its memory, the
+    tail compared; returns None), else its bytes, for ``_small_tensor`` (an item of another form
+    read part-way into ``into`` is then decoded from the bytes as usual and placed after)."""
+    template = encode.tensor_template(into.dtype, tuple(into.shape)) if into is not None else None
+    if template is None or len(template[0]) + template[2] + len(template[1]) != length:
+        data = bytearray(length)
+        reader.readinto(memoryview(data))
+        return data
+    head, tail, _nbytes = template
+    got = reader.read(len(head))
+    if got != head:
+        return bytearray(got) + reader.read(length - len(head))
+    view = encode.memory(into.untyped_storage())
+    reader.readinto(view)
+    end = reader.read(len(tail))
+    return None if end == tail else bytearray(got) + view.tobytes() + end
 
 
 def _small_tensor(data: bytearray, stored: Optional[Tuple[torch.dtype, Tuple[int, ...]]]) -> Tuple[torch.Tensor, bool]:
