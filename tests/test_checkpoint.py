@@ -118,6 +118,14 @@ def test_dcp_loading_never_unpickles_arbitrary_objects(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_the_index_decoder_maps_every_tensor_layout_as_torch_does():
+    """``.metadata`` names tensor layouts through ``torch.serialization._get_layout``; the decoder's
+    own table (without that function's first-call scan of all of torch) has every one of them."""
+    every = {str(v): v for v in torch.__dict__.values() if isinstance(v, torch.layout)}
+    assert every and decode._LAYOUTS == every
+    assert all(decode._get_layout(name) is torch.serialization._get_layout(name) for name in every)
+
+
 def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     from dist_train.env.seed import rng_state, seed_everything, set_rng_state
 

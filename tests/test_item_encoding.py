@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import xxhash
 
-from dist_train.checkpoint import checksum, encode, layout, storage
+from dist_train.checkpoint import checksum, decode, encode, layout, storage
 
 
 def _torch_save(obj) -> bytes:
@@ -53,48 +53,58 @@ def test_tensor_items_are_byte_for_byte_torch_save_and_load_back():
     assert encode._templates, "no tensor took the template way"
 
 
-def test_a_small_item_in_a_templates_bytes_reads_back_without_the_zip_reader():
-    contiguous = [t for t in _tensors() if t.is_contiguous() and t.numel()]
-    for tensor in contiguous:
+def test_a_small_item_decoded_from_memory_is_what_torch_load_gives(monkeypatch):
+    """``decode.small_item`` over every kind of small tensor archive, ours and torch.save's
+    (CRC32s): non-contiguous, empty, 0-d, every dtype; and the bytes around the data it learns
+    (plain contiguous tensors only) are exactly the archive's."""
+    monkeypatch.setattr(decode, "_layouts", {})
+    for tensor in _tensors():
         with storage._no_zip_crc():
-            data = bytearray(_encoded(tensor))
-        back = encode.archived_tensor(data, tensor.dtype, tuple(tensor.shape))
-        assert back is not None, (tensor.dtype, tuple(tensor.shape))
-        assert back.dtype == tensor.dtype and back.shape == tensor.shape and torch.equal(back, tensor)
-        assert torch.equal(torch.load(io.BytesIO(bytes(data)), weights_only=True), back)
-    # Anything else is left to the general decoder: another layout expected than the one stored,
-    # a stored non-contiguous tensor, an empty one, an archive with CRC32s (written by torch.save).
-    x = torch.randn(3, 4)
-    with storage._no_zip_crc():
-        data = bytearray(_encoded(x))
-        transposed = bytearray(_encoded(torch.randn(4, 3).t()))
-    assert encode.archived_tensor(data, torch.float32, (4, 3)) is None
-    assert encode.archived_tensor(data, torch.float64, (3, 2)) is None
-    assert encode.archived_tensor(data, torch.int32, (3, 4)) is None  # (same byte count, other pickle)
-    assert encode.archived_tensor(transposed, torch.float32, (3, 4)) is None
-    assert encode.archived_tensor(bytearray(_encoded(torch.empty(0))), torch.float32, (0,)) is None
-    assert encode.archived_tensor(bytearray(_torch_save(x)), torch.float32, (3, 4)) is None  # CRC32s on
+            ours = _encoded(tensor)
+        for raw in (ours, _torch_save(tensor)):
+            back = decode.small_item(bytearray(raw))
+            want = torch.load(io.BytesIO(raw), weights_only=True)
+            assert back.dtype == want.dtype and back.shape == want.shape and back.stride() == want.stride()
+            assert torch.equal(back, want)
+            learned = decode._layouts.get((tensor.dtype, tuple(tensor.shape)))
+            if tensor.is_contiguous() and tensor.numel():
+                head, tail = learned
+                assert raw == head + encode.memory(tensor.untyped_storage()).tobytes() + tail
+            elif not tensor.numel():
+                assert learned is None
 
 
-def test_every_byte_of_a_templated_item_outside_its_data_is_checked():
-    """A changed byte in the archive's head or tail (pickle, record names, sizes, directory) sends
-    the item to the general decoder; a changed data byte changes that element only."""
+def test_every_byte_of_a_learned_layout_outside_the_data_is_compared(tmp_path, monkeypatch):
+    """A changed byte in a small item's archive outside its data (pickle, record names, sizes,
+    directory) sends the item to the decoder, which decodes it as it is or refuses it; a changed
+    data byte is read straight into the destination and changes that element only."""
+    monkeypatch.setattr(decode, "_layouts", {})
+    decoded = []
+    real = decode.small_item
+    monkeypatch.setattr(decode, "small_item", lambda data, into=None: decoded.append(1) or real(data, into))
     x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     with storage._no_zip_crc():
-        data = _encoded(x)
-    head, tail, nbytes = encode._templates[(torch.float32, (2, 3), (3, 1), encode.config.save.storage_alignment)]
-    assert len(data) == len(head) + nbytes + len(tail)
-    for at in range(len(data)):
-        flipped = bytearray(data)
+        raw = _encoded(x)
+    real(bytearray(raw))  # learned
+    head, tail = decode._layouts[(torch.float32, (2, 3))]
+    assert len(head) + x.nbytes + len(tail) == len(raw)
+    path = tmp_path / "item.bin"
+    for at in range(len(raw)):
+        flipped = bytearray(raw)
         flipped[at] ^= 0x01
-        back = encode.archived_tensor(flipped, torch.float32, (2, 3))
-        if len(head) <= at < len(head) + nbytes:
-            assert back is not None and (back != x).sum() == 1
+        path.write_bytes(bytes(flipped))
+        into = torch.zeros(2, 3)
+        decoded.clear()
+        with open(path, "rb") as stream:
+            try:
+                back = decode.read_small_item(checksum.HashingReader(stream), len(raw), into)
+            except Exception:  # noqa: BLE001  (refused by the decoder)
+                back = None
+        if len(head) <= at < len(head) + x.nbytes:
+            assert back is into and not decoded and (into != x).sum() == 1
         else:
-            assert back is None, at
-    for cut in (1, 8, len(tail)):  # shorter or longer archives
-        assert encode.archived_tensor(bytearray(data[:-cut]), torch.float32, (2, 3)) is None
-        assert encode.archived_tensor(bytearray(data + b"\0" * cut), torch.float32, (2, 3)) is None
+            assert decoded, at
+        decode._layouts[(torch.float32, (2, 3))] = (head, tail)  # (a damaged item that decodes teaches its own)
 
 
 def test_a_template_does_not_depend_on_what_the_allocator_hands_out(monkeypatch):

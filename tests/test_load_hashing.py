@@ -120,40 +120,69 @@ def test_a_data_record_of_another_size_than_its_pickle_says_is_never_read_into_t
     assert (memory[:4] == -1.0).all() and (memory[4:] == 7.0).all()
 
 
+def _counting_small_items(monkeypatch):
+    """Start with no learned layouts; returns the list of (dtype, shape) of every small item that
+    is decoded from memory (not read straight into its destination)."""
+    monkeypatch.setattr(decode, "_layouts", {})
+    decoded = []
+    real = decode.small_item
+
+    def counting(data, into=None):
+        tensor = real(data, into)
+        decoded.append((tensor.dtype, tuple(tensor.shape)))
+        return tensor
+
+    monkeypatch.setattr(decode, "small_item", counting)
+    monkeypatch.setattr(storage, "small_item", counting)
+    return decoded
+
+
 @pytest.mark.parametrize("form", ["ours", "torch.save", "serialization id"])
 def test_small_items_are_read_into_their_destinations_and_items_of_other_forms_still_load(tmp_path, form,
                                                                                           monkeypatch):
-    """A small tensor item in the template form of its destination's layout is read straight into
-    it; one that is not (a stock DCP writer's, with zip CRC32s: another head; a tensor whose bytes
-    start with ``PK\\x07\\x08``: torch writes another serialization id, another tail) is decoded
-    from its bytes and still loads exactly, hashed all the same."""
+    """The first small item of each layout is decoded from memory, and its archive's bytes around
+    the data are learned; a later item of that layout with the same bytes there is read straight
+    into its destination. One that differs (a stock DCP writer's, with zip CRC32s: another head;
+    a tensor whose bytes start with ``PK\\x07\\x08``: torch writes another serialization id, another
+    tail) is decoded from its bytes and still loads exactly, hashed all the same."""
     import torch.distributed.checkpoint as dcp
 
-    dcp_dir = str(tmp_path / "dcp")
-    stored = {"w": torch.randn(30, 20), "b": torch.randn(20).to(torch.bfloat16), "n": torch.tensor(7)}
+    decoded = _counting_small_items(monkeypatch)
+
+    def load(dcp_dir, stored):
+        dest = {k: torch.zeros_like(v) for k, v in stored.items()}
+        places = {k: v.data_ptr() for k, v in dest.items()}
+        names = [n for n in os.listdir(dcp_dir) if n.endswith(".distcp")]
+        decoded.clear()
+        hashed = storage.load(dest, dcp_dir, expected={n: checksum.hash_file(os.path.join(dcp_dir, n)) for n in names})
+        assert hashed == set(names)
+        assert all(torch.equal(dest[k], stored[k]) and dest[k].dtype == stored[k].dtype for k in stored)
+        assert {k: v.data_ptr() for k, v in dest.items()} == places  # (read into the destinations)
+        return list(decoded)
+
+    def state():
+        return {"w": torch.randn(30, 20), "b": torch.randn(20).to(torch.bfloat16), "n": torch.tensor(7)}
+
+    first = state()
+    storage.save(first, str(tmp_path / "first"))
+    assert sorted(load(str(tmp_path / "first"), first), key=str) == sorted(
+        [(torch.float32, (30, 20)), (torch.bfloat16, (20,)), (torch.int64, ())], key=str)
+    second, dcp_dir = state(), str(tmp_path / "second")
     if form == "serialization id":
-        stored["w"].view(-1).view(torch.uint8)[:4] = torch.tensor(list(b"PK\x07\x08"), dtype=torch.uint8)
+        second["w"].view(-1).view(torch.uint8)[:4] = torch.tensor(list(b"PK\x07\x08"), dtype=torch.uint8)
     if form == "ours":
-        storage.save(stored, dcp_dir)
+        storage.save(second, dcp_dir)
     else:  # (DCP's own writer: torch.save per item, with CRC32s, or without them as ours writes)
         with contextlib.nullcontext() if form == "torch.save" else storage._no_zip_crc():
-            dcp.save(stored, storage_writer=dcp.FileSystemWriter(dcp_dir, sync_files=False, thread_count=1),
+            dcp.save(second, storage_writer=dcp.FileSystemWriter(dcp_dir, sync_files=False, thread_count=1),
                      no_dist=True)
-    dest = {k: torch.zeros_like(v) for k, v in stored.items()}
-    places = {k: v.data_ptr() for k, v in dest.items()}
-    names = [n for n in os.listdir(dcp_dir) if n.endswith(".distcp")]
-    decoded = []
-    real_small = storage._small_tensor
-    monkeypatch.setattr(storage, "_small_tensor", lambda data, stored: decoded.append(stored) or real_small(data, stored))
-    hashed = storage.load(dest, dcp_dir, expected={n: checksum.hash_file(os.path.join(dcp_dir, n)) for n in names})
-    assert hashed == set(names)
-    assert all(torch.equal(dest[k], stored[k]) and dest[k].dtype == stored[k].dtype for k in stored)
+    again = load(dcp_dir, second)
     if form == "ours":
-        assert not decoded and {k: v.data_ptr() for k, v in dest.items()} == places
+        assert again == []
     elif form == "torch.save":
-        assert len(decoded) == 3  # (every head differs: CRC32s)
+        assert len(again) == 3  # (every head differs: CRC32s)
     else:
-        assert decoded == [(torch.float32, (30, 20))]  # (read into its destination, then its tail differed)
+        assert again == [(torch.float32, (30, 20))]  # (read into its destination, then its tail differed)
 
 
 def _setup(run_dir, strategy_name="single", overrides=()):
@@ -271,13 +300,13 @@ def test_an_intact_resume_reads_the_shards_once_and_loads_them_exactly(tmp_path,
                 opened.append(os.path.basename(str(path)))
             return real_open(path, *args, **kwargs)
 
-        decoded = []
-        real_small = storage._small_tensor
-        monkeypatch.setattr(storage, "_small_tensor", lambda *a: decoded.append(a[1]) or real_small(*a))
+        decoded = _counting_small_items(monkeypatch)
         monkeypatch.setattr("builtins.open", counting_open)
         assert manager.resume(TrainState()) == _ckpt(run_dir, 2)
         monkeypatch.undo()
-        assert not decoded  # every small tensor item read the template way, into its destination
+        # The first small item of each layout is decoded from memory; the others are read straight
+        # into their destinations (see the test above).
+        assert len(decoded) == len(set(decoded)) == 5, decoded
         assert opened.count("__0_0.distcp") == 1  # one read of the shard: no verification pass before it
         # DCP's index: hashed by the verification, then parsed once (the checks and the load share it).
         assert opened.count(".metadata") == 2 and len(opened) == 3

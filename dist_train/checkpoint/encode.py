@@ -19,11 +19,9 @@ against it by the tests), so the stock ``dcp.load`` / ``torch.load`` read them a
 - a non-tensor leaf of plain Python values (numbers, strings, booleans, None, tuples and lists of
   them) has the same archive whenever its pickle is the same: archives are kept by pickle.
 
-Reading uses the same templates the other way (``archived_tensor``): a small item whose bytes are
-exactly a template's head and tail around the right number of bytes is that layout's tensor with
-those bytes, no zip reader or unpickler needed. Where the tensor an item loads into is known (a
-resume into a built model and optimizer), the reader compares the head, reads the tensor's bytes
-straight into that tensor's memory and compares the tail (``storage.SafeReader``).
+Reading needs no ``torch.save``: ``decode.py`` learns the bytes around a small item's data from
+the items it decodes, by layout, and reads later items of that layout straight into their
+destinations when those bytes are equal (``decode.read_small_item``).
 """
 from __future__ import annotations
 
@@ -31,13 +29,12 @@ import contextlib
 import contextvars
 import ctypes
 import io
-import math
 import os
 import pickle
 import struct
 import threading
 import zipfile
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch.utils.serialization import config
@@ -66,44 +63,6 @@ def write_tensor(stream: Any, tensor: torch.Tensor) -> None:
     if storage.nbytes():
         stream.write(memory(storage))
     stream.write(tail)
-
-
-def archived_tensor(data: bytearray, dtype: torch.dtype, shape: Sequence[int]) -> Optional[torch.Tensor]:
-    """The tensor of ``data`` (one DCP item, whole) when its bytes are exactly what ``write_tensor``
-    writes for a contiguous ``dtype`` tensor of ``shape`` (the template's head, the tensor's bytes,
-    the template's tail: CRC32s off, this machine's byte order and storage alignment), as a view
-    of ``data``. Every byte but the tensor's is then the archive ``torch.save`` writes for a blank
-    tensor of that layout (its pickle, record names and sizes), so it decodes to that layout with
-    these bytes; the zip reader and the unpickler (40-70 us per item, most of a small tensor's
-    load) are not needed. None for any other archive (the caller decodes it the general way)."""
-    template = tensor_template(dtype, shape)
-    if template is None:
-        return None
-    head, tail, nbytes = template
-    if len(data) != len(head) + nbytes + len(tail) or not data.startswith(head) or not data.endswith(tail):
-        return None
-    return torch.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=len(head)).view(tuple(shape))
-
-
-def tensor_template(dtype: torch.dtype, shape: Sequence[int]) -> Optional[Tuple[bytes, bytes, int]]:
-    """(head, tail, data bytes) of the archive ``write_tensor`` writes for a contiguous ``dtype``
-    tensor of ``shape`` the template way (see ``archived_tensor``); None where that way does not
-    apply (empty, larger than ``_TEMPLATE_BYTES``, a dtype ``torch.save`` does not write plainly)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if not 0 < nbytes <= _TEMPLATE_BYTES:
-        return None
-    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    key = (dtype, tuple(shape), stride, config.save.storage_alignment)
-
-    def make() -> Optional[Tuple[bytes, bytes, int]]:
-        try:
-            with no_zip_crc():  # (the templates of files written with CRC32s off, whatever this thread's setting)
-                return _make_template(torch.empty(tuple(shape), dtype=dtype))
-        except Exception:  # noqa: BLE001  (a dtype torch.empty or torch.save does not make plainly)
-            return None
-
-    template = _cached(key, make)
-    return template if template is not None and template[2] == nbytes else None
 
 
 def memory(storage: torch.UntypedStorage) -> memoryview:

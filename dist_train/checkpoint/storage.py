@@ -40,7 +40,8 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from dist_train.checkpoint import checksum, encode, layout, protocol_check
-from dist_train.checkpoint.decode import NotPlain, load_leaf, load_tensor_item, read_metadata, read_sequential
+from dist_train.checkpoint.decode import (NotPlain, load_leaf, load_tensor_item, read_metadata, read_sequential,
+                                          read_small_item, small_item)
 
 
 protocol_check.install()  # (DCP's per-value protocol test, without typing's slow path on Python 3.11)
@@ -113,10 +114,10 @@ class SafeReader(dcp.FileSystemReader):
             data = bytearray(info.length)
             if view.readinto(data) != info.length:
                 raise EOFError(f"{info.relative_path}: the item at byte {info.offset} ends early")
-            tensor, adopt = _small_tensor(data, planner.stored_layout(item))
+            tensor = small_item(data)
         else:
-            tensor, adopt = load_tensor_item(view), True
-        self._place(item, tensor, planner, lock, adopt=adopt)
+            tensor = load_tensor_item(view)
+        self._place(item, tensor, planner, lock, adopt=True)
 
     @staticmethod
     def _place(item: ReadItem, tensor: torch.Tensor, planner: SafeLoadPlanner, lock: threading.Lock,
@@ -161,20 +162,15 @@ class SafeReader(dcp.FileSystemReader):
                     with lock:
                         into = planner.destination(readers[0]) if len(readers) == 1 else None
                     if length < _SMALL_ITEM:
-                        data = _read_small(reader, length, into)
-                        if data is None:  # (read into its destination: nothing left to place)
-                            with lock:
-                                planner.commit_tensor(readers[0], into)
-                            continue
-                        tensor, adopt = _small_tensor(data, planner.stored_layout(readers[0]))
+                        tensor = read_small_item(reader, length, into)
                     else:
-                        tensor, adopt = self._hashed_tensor(reader, path, offset, length, into), True
-                        if into is not None and _same_memory(into, tensor):
-                            with lock:
-                                planner.commit_tensor(readers[0], into)
-                            continue
+                        tensor = self._hashed_tensor(reader, path, offset, length, into)
+                    if into is not None and _same_memory(into, tensor):  # (read into its destination)
+                        with lock:
+                            planner.commit_tensor(readers[0], into)
+                        continue
                     for item in readers:
-                        self._place(item, tensor, planner, lock, adopt=adopt and len(readers) == 1)
+                        self._place(item, tensor, planner, lock, adopt=len(readers) == 1)
                 found = reader.finish()
             except Exception as exc:
                 # A damaged file can fail to decode before its end is reached: its checksum names
@@ -230,37 +226,6 @@ def _whole_read_item(fqn: str, stored: Any, obj: Any) -> Optional[ReadItem]:
     zeros = torch.Size((0,) * len(size))
     return ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(fqn, zeros, 0), dest_offsets=zeros,
                     storage_index=MetadataIndex(fqn, chunk.offsets, 0), storage_offsets=zeros, lengths=size)
-
-
-def _read_small(reader: checksum.HashingReader, length: int, into: Optional[torch.Tensor]) -> Optional[bytearray]:
-    """Read a small tensor item of ``length`` bytes: straight into ``into`` (its destination, see
-    ``SafeLoadPlanner.destination``) when the item is in the template form of that tensor's layout
-    (``encode.tensor_template``: the head compared, the tensor's bytes read into its memory, the
-    tail compared; returns None), else its bytes, for ``_small_tensor`` (an item of another form
-    read part-way into ``into`` is then decoded from the bytes as usual and placed after)."""
-    template = encode.tensor_template(into.dtype, tuple(into.shape)) if into is not None else None
-    if template is None or len(template[0]) + template[2] + len(template[1]) != length:
-        data = bytearray(length)
-        reader.readinto(memoryview(data))
-        return data
-    head, tail, _nbytes = template
-    got = reader.read(len(head))
-    if got != head:
-        return bytearray(got) + reader.read(length - len(head))
-    view = encode.memory(into.untyped_storage())
-    reader.readinto(view)
-    end = reader.read(len(tail))
-    return None if end == tail else bytearray(got) + view.tobytes() + end
-
-
-def _small_tensor(data: bytearray, stored: Optional[Tuple[torch.dtype, Tuple[int, ...]]]) -> Tuple[torch.Tensor, bool]:
-    """A small tensor item read into memory, and whether it may be handed over (``adopt``): the
-    template way when its bytes are a template's around the stored layout (a view of ``data``,
-    copied into its destination), else decoded by ``load_tensor_item`` (a tensor of its own)."""
-    tensor = encode.archived_tensor(data, *stored) if stored is not None else None
-    if tensor is not None:
-        return tensor, False
-    return load_tensor_item(bytes(data)), True
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
