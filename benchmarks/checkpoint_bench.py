@@ -17,8 +17,12 @@ fsync (a checkpoint that is not on disk is not one). Rounds alternate the two si
   shards while they are read), DCP
   load, set model/optimizer/scheduler state, RNG, train state.
 - first load: the same two, into a freshly built model and an optimizer that has no state yet, as
-  in a process that has just started to resume (what a user's resume is); the load above goes
-  into a model and optimizer that already hold state (a rollback, or a repeated load).
+  in a process that has just started to resume; the load above goes into a model and optimizer
+  that already hold state (a rollback, or a repeated load).
+- new process (``--fresh N``, default 5; 1 with ``--smoke``): a user's resume, each side in a
+  process of its own that builds the model and loads once (the first call of everything: torch's
+  and dist_train's own caches are empty); the processes alternate, N of each; only the load is
+  timed.
 - async: the time training is blocked: ``save()`` (RNG states, meta.json's contents, the buffers'
   host copy) plus the wait before the next optimizer step for the copy of parameters and optimizer
   state that the writer thread makes during one forward and backward; how much longer that step
@@ -157,7 +161,31 @@ def dt_first_load(overrides, run_dir: str) -> float:
         fresh.teardown()
 
 
-def bench_case(label: str, model_overrides: List[str], repeats: int, where: str) -> Dict[str, float]:
+def fresh_resume(kind: str, overrides: List[str], path: str) -> float:
+    """Seconds of one load in a new process (``kind``: ``dist_train`` from the run dir ``path``, or
+    ``plain`` from the file ``path``), into a model and optimizer that process has just built."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--resume-once", kind, path, json.dumps(overrides)]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"the {kind} resume in a new process failed ({out.returncode}): {out.stderr[-2000:]}")
+    return float(out.stdout.split()[-1])
+
+
+def resume_once(kind: str, path: str, overrides: List[str]) -> None:
+    """The body of ``fresh_resume``'s process: prints the seconds its one load took."""
+    job, fresh = build(overrides, trained=False)
+    if kind == "plain":
+        print(timed(lambda: plain_load(fresh, path)))
+        return
+    m = manager(job, fresh, path)
+    try:
+        print(timed(lambda: m.resume(TrainState())))
+    finally:
+        m.close()
+
+
+def bench_case(label: str, model_overrides: List[str], repeats: int, where: str, fresh: int = 0) -> Dict[str, float]:
     overrides = [*model_overrides, "strategy.name=single", "checkpoint.keep_last=2", "logging.mlflow.enabled=false"]
     job, strategy = build(overrides)
     res: Dict[str, List[float]] = {k: [] for k in ("plain_save", "dt_save", "plain_load", "dt_load", "plain_first",
@@ -192,6 +220,9 @@ def bench_case(label: str, model_overrides: List[str], repeats: int, where: str)
                 res["async_step"].append(done - t0)
                 asyn.wait()
                 res["async_total"].append(time.perf_counter() - t0)
+            for _ in range(fresh):
+                res.setdefault("dt_process", []).append(fresh_resume("dist_train", overrides, os.path.join(tmp, "sync")))
+                res.setdefault("plain_process", []).append(fresh_resume("plain", overrides, plain))
         finally:
             sync.close()
             asyn.close()
@@ -199,6 +230,7 @@ def bench_case(label: str, model_overrides: List[str], repeats: int, where: str)
     med["bytes"] = state_bytes(strategy)
     med["label"] = label
     med["batch"] = size
+    med["fresh"] = fresh
     med["spread"] = {k: (min(v), max(v)) for k, v in res.items()}
     return med
 
@@ -213,7 +245,11 @@ def print_size(m: Dict[str, float], repeats: int) -> None:
           f"{m['dt_load'] * 1e3:9.1f} ms {rate(m['dt_load'])} | ratio {m['dt_load'] / m['plain_load']:.2f}x"
           "  (dist_train verifies every checksum)")
     print(f"  first  load into a fresh model and optimizer: plain {m['plain_first'] * 1e3:9.1f} ms | dist_train "
-          f"{m['dt_first'] * 1e3:9.1f} ms | ratio {m['dt_first'] / m['plain_first']:.2f}x  (a process's resume)")
+          f"{m['dt_first'] * 1e3:9.1f} ms | ratio {m['dt_first'] / m['plain_first']:.2f}x  (both just built, in this process)")
+    if "dt_process" in m:
+        print(f"  new process: one load after building the model: plain {m['plain_process'] * 1e3:9.1f} ms | "
+              f"dist_train {m['dt_process'] * 1e3:9.1f} ms | ratio {m['dt_process'] / m['plain_process']:.2f}x  "
+              f"(a user's resume; median of {m['fresh']} each)")
     print(f"  async  blocks training {m['async_block'] * 1e3:9.1f} ms (in save() and waiting before the next update), "
           f"committed after {m['async_total'] * 1e3:9.1f} ms "
           f"| blocking / dist_train sync save {m['async_block'] / m['dt_save']:.2f}x, "
@@ -264,6 +300,9 @@ def bench_training(where: str, hidden: int, repeats: int) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--resume-once"]:  # (fresh_resume's process)
+        resume_once(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="5,100,1000", help="state sizes in MB, comma-separated (the mlp)")
     p.add_argument("--models", default="resnet18",
@@ -275,6 +314,8 @@ def main() -> None:
                    help="also measure the blocking time in a real training run (default unless --smoke)")
     p.add_argument("--no-train", dest="train", action="store_false")
     p.add_argument("--train-hidden", type=int, default=2048)
+    p.add_argument("--fresh", type=int, default=None,
+                   help="resumes in new processes per size, each side (default 5; 1 with --smoke; 0: none)")
     args = p.parse_args()
     try:
         sizes = sorted(float(s) for s in args.sizes.split(",") if s.strip())
@@ -287,10 +328,13 @@ def main() -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.smoke:
         sizes, args.repeats, models = sizes[:1], 1, []
+    fresh = (1 if args.smoke else 5) if args.fresh is None else args.fresh
+    if fresh < 0:
+        p.error("--fresh must be >= 0")
     train = (not args.smoke) if args.train is None else args.train
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     for label, overrides in [mlp_case(mb) for mb in sizes] + [model_case(name) for name in models]:
-        print_size(bench_case(label, overrides, args.repeats, args.dir), args.repeats)
+        print_size(bench_case(label, overrides, args.repeats, args.dir, fresh), args.repeats)
     if train:
         bench_training(args.dir, args.train_hidden, args.repeats)
 

@@ -282,6 +282,7 @@ def test_benchmark_smoke_mode_runs():
     assert any(line.lstrip().startswith("save ") and "MB/s" in line and "ratio" in line for line in lines), out.stdout
     assert any(line.lstrip().startswith("load ") and "MB/s" in line and "ratio" in line for line in lines), out.stdout
     assert any(line.lstrip().startswith("async ") for line in lines), out.stdout
+    assert any(line.lstrip().startswith("new process:") and "ratio" in line for line in lines), out.stdout
 
 
 class _Evil:
