@@ -458,7 +458,7 @@ def test_manifest_listing_a_file_outside_the_checkpoint_is_refused(source_ckpt, 
     assert code == 2 and "Traceback" not in err and "../../secret" in err, err[-2000:]
 
 
-@pytest.mark.parametrize("entry", ["/etc/passwd", "dcp/../../x", "./meta.json", "", "a\x00b"])
+@pytest.mark.parametrize("entry", ["/etc/passwd", "dcp/../../x", "./meta.json", "", "a\x00b", "."])
 def test_manifest_entries_must_be_plain_paths_inside(source_ckpt, tmp_path, entry):
     ckpt = tmp_path / "step_00000002"
     shutil.copytree(source_ckpt, ckpt)

@@ -102,9 +102,53 @@ def test_every_byte_of_a_learned_layout_outside_the_data_is_compared(tmp_path, m
                 back = None
         if len(head) <= at < len(head) + x.nbytes:
             assert back is into and not decoded and (into != x).sum() == 1
-        else:
-            assert decoded, at
+            continue
+        assert decoded, at
+        if back is not None:  # decoded as it is: what torch.load makes of it, or (a field neither reads) the item
+            try:
+                want = torch.load(io.BytesIO(bytes(flipped)), weights_only=True)
+            except Exception:  # noqa: BLE001
+                want = None
+            assert any(w is not None and back.dtype == w.dtype and back.shape == w.shape and back.stride() == w.stride()
+                       and torch.equal(back, w) for w in (want, x)), at
         decode._layouts[(torch.float32, (2, 3))] = (head, tail)  # (a damaged item that decodes teaches its own)
+
+
+def test_a_small_item_reaching_outside_its_storage_record_is_refused_and_moves_nothing(monkeypatch):
+    """A crafted pickle whose tensor reaches past its storage record (offset 1 of a 6-element
+    record): refused as torch.load refuses it, in place or not; the destination's memory is
+    neither grown nor moved (storages read here are resizable: ``set_`` alone would grow them,
+    taking uninitialised memory)."""
+    monkeypatch.setattr(decode, "_layouts", {})
+    with storage._no_zip_crc():
+        raw = bytearray(_encoded(torch.arange(6.).reshape(2, 3)))
+    at = raw.find(b"K\x00K\x02K\x03\x86")  # the pickle's storage offset 0, then the size (2, 3)
+    assert at > 0 and raw.find(b"K\x00K\x02K\x03\x86", at + 1) < 0
+    raw[at + 1] = 1
+    with pytest.raises(Exception):
+        torch.load(io.BytesIO(bytes(raw)), weights_only=True)
+    for into in (None, torch.full((2, 3), -1.0)):
+        before = None if into is None else (into.data_ptr(), into.untyped_storage().nbytes())
+        with pytest.raises(RuntimeError, match="not resizable"):
+            decode.small_item(raw, into)
+        if into is not None:
+            assert (into.data_ptr(), into.untyped_storage().nbytes()) == before
+
+
+def test_a_non_contiguous_small_item_never_teaches_its_layout(tmp_path, monkeypatch):
+    """A stored transposed tensor decodes right, and a later one of the same shape is decoded again
+    (its archive bytes are not learned: read straight into a contiguous destination, its values
+    would land in the wrong places)."""
+    monkeypatch.setattr(decode, "_layouts", {})
+    for round_ in range(2):
+        dcp_dir = str(tmp_path / str(round_))
+        src = {"w": torch.randn(5, 3).t()}
+        storage.save(src, dcp_dir)
+        names = [n for n in os.listdir(dcp_dir) if n.endswith(".distcp")]
+        dst = {"w": torch.zeros(3, 5)}
+        storage.load(dst, dcp_dir, expected={n: checksum.hash_file(os.path.join(dcp_dir, n)) for n in names})
+        assert torch.equal(dst["w"], src["w"]), round_
+        assert (torch.float32, (3, 5)) not in decode._layouts
 
 
 def test_a_template_does_not_depend_on_what_the_allocator_hands_out(monkeypatch):

@@ -110,11 +110,25 @@ class _Loaded:
 
 def _rebuild_plain(storage: Any, storage_offset: int, size: Any, stride: Any,
                    requires_grad: bool, hooks: Any, metadata: Any = None) -> torch.Tensor:
-    """What ``torch._utils._rebuild_tensor_v2`` builds, for a plain tensor only (``set_`` checks
-    that size, stride and offset lie within the storage)."""
+    """What ``torch._utils._rebuild_tensor_v2`` builds, for a plain tensor only, lying within its
+    storage record (``set_`` would instead grow a resizable storage, as the ones read here are:
+    a crafted pickle's tensor would take uninitialised memory, or move the memory of a
+    destination tensor its bytes are read into)."""
     if requires_grad or hooks or metadata or not isinstance(storage, _Loaded):
         raise _NotPlain("a tensor with grad, hooks or metadata")
+    if not _within(storage.storage.nbytes() // storage.dtype.itemsize, storage_offset, size, stride):
+        raise _NotPlain("a tensor reaching outside its storage record")
     return torch.empty(0, dtype=storage.dtype).set_(storage.storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _within(numel: int, offset: Any, size: Any, stride: Any) -> bool:
+    """Whether a tensor of ``size``, ``stride`` at element ``offset`` lies within ``numel``
+    elements of storage (all of them plain non-negative ints; an empty tensor anywhere)."""
+    if type(offset) is not int or offset < 0 or not isinstance(size, (tuple, list)) \
+            or not isinstance(stride, (tuple, list)) or len(size) != len(stride) \
+            or any(type(v) is not int or v < 0 for v in (*size, *stride)):
+        return False
+    return 0 in size or offset + sum((n - 1) * s for n, s in zip(size, stride)) < numel
 
 
 def _check_plain(obj: Any) -> None:

@@ -272,7 +272,8 @@ def _bad_entry(root: str, rel: str, entry: object, plain_dirs: Set[str]) -> Opti
     hashed: a path that leaves the checkpoint directory (``../``, absolute, or through a symbolic
     link) would make verification read files outside it. ``root``: the checkpoint's real path;
     ``plain_dirs``: directories under it already found not to be links (shared by the entries)."""
-    if not rel or "\0" in rel or os.path.isabs(rel) or os.path.normpath(rel) != rel or rel.split(os.sep)[0] == "..":
+    if not rel or rel == "." or "\0" in rel or os.path.isabs(rel) or os.path.normpath(rel) != rel \
+            or rel.split(os.sep)[0] == "..":
         return "which is not a plain relative path inside the checkpoint"
     if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
             and any(isinstance(entry.get(a), str) and rx.match(entry[a]) for a, rx in _DIGEST_RE.items())):
