@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import pickle
+import random
 import threading
 import time
 
@@ -369,3 +370,81 @@ def test_a_state_on_a_gpu_goes_through_dcp_own_loop(tmp_path, monkeypatch):
             return torch.empty(0, device=self.device)
 
     assert not storage._device_state(_Plan(), _Planner("cpu")) and storage._device_state(_Plan(), _Planner("meta"))
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool, torch.complex64)
+
+
+def _stored_form(rng, dtypes, shapes):
+    """A random small tensor as stored, and its writer (our encoder, or torch.save with CRC32s):
+    of one of ``dtypes`` and ``shapes``, and of a stored form of that very shape that is plain
+    contiguous, or not a plain contiguous tensor owning its storage: transposed, a slice at an
+    offset or at the start of a larger storage, a step, an expanded stride-0 view."""
+    dtype, shape = rng.choice(dtypes), rng.choice(shapes)
+    gen = torch.Generator().manual_seed(rng.randrange(2 ** 32))
+    values = lambda *size: (torch.randn(size, generator=gen) * 50).to(dtype)  # noqa: E731
+    form = rng.choice(["plain", "plain", "transposed", "offset", "prefix", "step", "expanded"])
+    if not shape or form == "plain" or (form == "transposed" and len(shape) < 2):
+        tensor = values(*shape)
+    elif form == "transposed":
+        tensor = values(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    elif form == "offset":
+        tensor = values(shape[0] + 1, *shape[1:])[1:]
+    elif form == "prefix":
+        tensor = values(shape[0] + 1, *shape[1:])[:-1]
+    elif form == "step":
+        tensor = values(shape[0] * 2, *shape[1:])[::2]
+    else:
+        tensor = values(1, *shape[1:]).expand(*shape)
+    return tensor, rng.choice(["ours", "ours", "torch.save"]), rng.random() < 0.8
+
+
+def test_random_small_items_read_like_torch_load_with_every_byte_hashed(tmp_path, monkeypatch):
+    """Property (hypothesis): a sequence of random small items, each read by ``read_small_item``
+    the way a load reads it (into a plain destination of its dtype and shape, or with none),
+    gives exactly ``torch.load``'s tensor (dtype, shape, every value; its strides and offset when
+    there is no destination) and hashes exactly the item's bytes, whatever layouts earlier items
+    taught the fast path (one cache over all sequences: items of a learned layout with other data,
+    from another writer, or stored in another form of the same shape). Without the head compare,
+    or with transposed items allowed to teach their layout, it fails."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.setattr(decode, "_layouts", {})
+    path = tmp_path / "item.bin"
+    in_place = []
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None, print_blob=False,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(st.integers(0, 2 ** 32 - 1))
+    def check(seed):
+        # (a few layouts per sequence, drawn uniformly: items of one layout recur in other forms)
+        rng = random.Random(seed)
+        dtypes = rng.sample(_DTYPES, 2)
+        shapes = rng.sample([(), (1,), (0,), (3,), (2, 3), (3, 2), (1, 3), (3, 3), (2, 0), (2, 2, 2), (4, 1, 3)], 3)
+        items = [_stored_form(rng, dtypes, shapes) for _ in range(10)]
+        for tensor, writer, with_destination in items:
+            if writer == "ours":
+                with storage._no_zip_crc():
+                    raw = _encoded(tensor)
+            else:
+                raw = _torch_save(tensor)
+            want = torch.load(io.BytesIO(raw), weights_only=True)
+            into = torch.full(want.shape, 7, dtype=want.dtype) if with_destination else None
+            path.write_bytes(raw)
+            with open(path, "rb") as stream:
+                reader = checksum.HashingReader(stream)
+                back = decode.read_small_item(reader, len(raw), into)
+                assert reader.pos == len(raw)
+                assert reader.finish() == checksum.HashingReader(io.BytesIO(raw)).finish()  # (every byte, once)
+            assert back.dtype == want.dtype and back.shape == want.shape, (tensor.dtype, tensor.shape, writer)
+            assert torch.equal(back, want), (tensor.dtype, tensor.shape, tensor.stride(), writer)  # (no NaNs drawn)
+            if into is None:
+                assert back.stride() == want.stride() and back.storage_offset() == want.storage_offset()
+            elif back is into:  # read in place: only a plain item whose layout was learned
+                assert want.is_contiguous() and want.storage_offset() == 0
+                in_place.append(1)
+
+    check()
+    assert len(in_place) > 20, "the fast path was hardly taken: the property says little about it"
