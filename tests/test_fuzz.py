@@ -438,7 +438,7 @@ def test_resume_paths_that_are_no_checkpoint(source_ckpt, tmp_path, make, expect
     ckpt = tmp_path / "ckpt" / "step_00000002"
     shutil.copytree(source_ckpt, ckpt)
     code, err = resume(make(ckpt), tmp_path / "run")
-    assert code == 2 and "Traceback" not in err and f"bad config: checkpoint.resume:" in err and expect in err, err
+    assert code == 2 and "Traceback" not in err and "bad config: checkpoint.resume:" in err and expect in err, err
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -491,6 +491,51 @@ def test_manifest_entry_that_is_a_symlink_is_judged_by_where_it_points(source_ck
         assert problems == []
     else:
         assert len(problems) == 1 and "resolves outside the checkpoint" in problems[0], problems
+
+
+# Link targets for the property below (relative ones from the link's own directory, at any depth):
+# inside the checkpoint, the checkpoint itself, outside it, other links (chains, loops), nothing.
+_LINK_TARGETS = ["f", "d", "d/f", "d/e", "d/e/f", "../out", "../out/f", "../../out", "../../../out/f", "..", ".",
+                 "l0", "l1", "l2", "d/l0", "missing", "/ROOT/d", "/ROOT/d/f", "/ROOT", "/OUT/f", "../ckpt/d",
+                 "../ckpt2"]
+_COMPONENTS = ["f", "d", "e", "l0", "l1", "l2", "missing", "x"]
+
+
+@fuzz_settings(200)
+@given(links=st.lists(st.tuples(st.sampled_from(["l0", "l1", "l2", "d/l0", "d/e/l1"]), st.sampled_from(_LINK_TARGETS)),
+                      max_size=4, unique_by=lambda t: t[0]),
+       entries=st.lists(st.lists(st.sampled_from(_COMPONENTS), min_size=1, max_size=4).map("/".join),
+                        min_size=1, max_size=6))
+def test_manifest_entries_stay_inside_exactly_when_their_real_path_does(tmp_path_factory, links, entries):
+    """Property (hypothesis): over random trees of files, directories and symbolic links (into the
+    checkpoint, relative or absolute, to it, out of it, to a sibling directory whose name starts
+    like it, chains, loops, dangling), ``layout._stays_inside`` (one lstat per component, realpath
+    only at a link; directories it found plain shared across entries) says "inside" exactly when
+    ``os.path.realpath`` of the entry lies under the checkpoint, or a component is missing."""
+    base = tmp_path_factory.mktemp("tree")
+    root, out = base / "ckpt", base / "out"
+    for d in (root / "d" / "e", out, base / "ckpt2"):
+        d.mkdir(parents=True)
+    for f in (root / "f", root / "d" / "f", root / "d" / "e" / "f", out / "f"):
+        f.write_text("x")
+    for name, target in links:
+        target = target.replace("/ROOT", str(root)).replace("/OUT", str(out))
+        if (root / name).parent.is_dir() and not os.path.lexists(root / name):
+            os.symlink(target, root / name)
+    real = os.path.realpath(root)
+    plain_dirs: set = set()
+    for rel in entries:
+        full = os.path.join(real, rel)
+        try:
+            missing = not all(os.path.lexists(os.path.join(real, *rel.split("/")[:i + 1]))
+                              for i in range(len(rel.split("/"))))
+        except OSError:
+            missing = True
+        expected = os.path.realpath(full).startswith(real + os.sep)
+        got = layout._stays_inside(real, rel, plain_dirs)
+        if missing and got:  # (a missing component: the size check names the entry instead)
+            continue
+        assert got == expected, (rel, links)
 
 
 @pytest.mark.parametrize("value", [{"size": -1, "sha256": "0" * 64}, {"size": True, "sha256": "0" * 64},
