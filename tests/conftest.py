@@ -12,10 +12,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 import torch.multiprocessing as mp
+from hypothesis import HealthCheck, settings
 
 from dist_train.env.ports import free_port  # noqa: F401  (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def fuzz_settings(n: int) -> settings:
+    """Hypothesis settings of every property test: ``n`` examples, derandomized (the same on every
+    machine), no example database, no deadline."""
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=False,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 def clean_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:

@@ -14,7 +14,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import xxhash
+from hypothesis import given
+from hypothesis import strategies as st
 
+from conftest import fuzz_settings
 from dist_train.checkpoint import checksum, decode, encode, layout, storage
 
 
@@ -408,15 +411,11 @@ def test_random_small_items_read_like_torch_load_with_every_byte_hashed(tmp_path
     taught the fast path (one cache over all sequences: items of a learned layout with other data,
     from another writer, or stored in another form of the same shape). Without the head compare,
     or with transposed items allowed to teach their layout, it fails."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
     monkeypatch.setattr(decode, "_layouts", {})
     path = tmp_path / "item.bin"
     in_place = []
 
-    @settings(max_examples=100, deadline=None, derandomize=True, database=None, print_blob=False,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @fuzz_settings(100)
     @given(st.integers(0, 2 ** 32 - 1))
     def check(seed):
         # (a few layouts per sequence, drawn uniformly: items of one layout recur in other forms)
