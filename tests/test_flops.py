@@ -146,3 +146,114 @@ def test_gpu_peak_comes_from_the_table_or_the_config(monkeypatch):
     own = StepFlops.build(model, batch, task, _train("train.precision=bf16", "train.peak_tflops=700"), cuda, 8,
                           verbose=False)
     assert own.peak == 700.0
+
+
+def test_frozen_gpt_layers_are_counted_not_assumed_trained():
+    """The formula assumes every weight gets a gradient; with frozen blocks (``model.freeze``) the
+    backward is smaller, and FlopCounterMode's count is used."""
+    from dist_train.train.sources import freeze
+    task = make_task("language_model", bytes_per_token=1)
+    model = GPT(256, 64, 4, 4, 128, 0.0, True)
+    batch = _lm_batch(2, 64)
+    freeze(model, ["blocks.0.*", "blocks.1.*", "blocks.2.*", "wte.*", "wpe.*"], verbose=False)
+    per_sample, conv_share, how = flops.flops_per_sample(model, batch, task, samples=2)
+    assert how == "counted by FlopCounterMode" and conv_share == 0.0
+    assert per_sample == count_flops(model, batch, task) / 2 < gpt_flops(model, 1, 64) * 0.75
+
+
+def test_samples_come_from_the_caller_for_batches_without_a_usable_target():
+    """A dict batch with no target key (a callable task computes its own labels) and a batch whose
+    target is not a tensor are counted per the sampler's micro-batch size."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(64, 32), nn.Linear(32, 64)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    def shifted(model, batch):
+        ids = batch["input_ids"]
+        return nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 64), ids[:, 1:].reshape(-1))
+
+    model, task = LM(), make_task(shifted)
+    batch = {"input_ids": torch.randint(0, 64, (8, 17))}
+    built = StepFlops.build(model, batch, task, _train(), CPU, 1, verbose=False, samples=8)
+    # the head's forward and both of its gradients per token (the embedding is a lookup): 3 x 2*32*64, 16 tokens
+    assert built.per_sample == 16 * 3 * 2 * 32 * 64
+
+    def strings(model, batch):  # the target is a list of strings: one sample per string, not 1
+        return model(batch[0]).sum()
+
+    lin = nn.Linear(8, 4)
+    built = StepFlops.build(lin, (torch.randn(5, 8), ["a"] * 5), make_task(strings), _train(), CPU, 1,
+                            verbose=False, samples=5)
+    assert built.per_sample == 2 * 2 * 8 * 4
+
+
+def test_a_task_may_call_a_method_or_a_submodule_of_the_model():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+        def compute_loss(self, batch):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1]) + self.head(batch[0]).sum() * 0
+
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = (torch.randn(8, 16), torch.randint(0, 4, (8,)))
+    built = StepFlops.build(model, batch, make_task(lambda m, b: m.compute_loss(b)), _train(), CPU, 1, verbose=False)
+    assert built is not None and built.per_sample > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.device.type == "cpu" and p.grad is None for p in model.parameters())
+
+
+def test_tf32_settings_are_read_through_either_api(monkeypatch):
+    """torch raises when a legacy TF32 flag is read after the new ``fp32_precision`` API was used;
+    the peak lookup reads the new one first (and never fails the job)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    cuda = torch.device("cuda", 0)
+    saved = (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+             torch.backends.cudnn.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    try:
+        assert flops.device_peak(cuda, "fp32") == (19.5, "NVIDIA A100-SXM4-80GB")  # torch's default: no TF32 matmuls
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert flops.tf32_enabled("matmul") and flops.device_peak(cuda, "fp32")[0] == 156.0
+        torch.backends.fp32_precision = "tf32"  # the global switch: reading allow_tf32 now raises in torch
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        assert flops.tf32_enabled("matmul") and flops.tf32_enabled("conv")
+        torch.backends.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "none"
+        assert not flops.tf32_enabled("matmul") and not flops.tf32_enabled("conv")
+    finally:
+        (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+         torch.backends.cudnn.fp32_precision, torch.backends.cudnn.conv.fp32_precision) = saved
+
+
+def test_fp32_peak_weighs_convolutions_at_cudnn_tf32(monkeypatch):
+    """cuDNN runs fp32 convolutions on TF32 tensor cores by default while matmuls stay fp32: a CNN's
+    peak is the time-weighted mean of the two peaks by its FLOPs' conv share."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(flops, "tf32_enabled", lambda ops: ops == "conv")
+    cuda = torch.device("cuda", 0)
+    assert flops.device_peak(cuda, "fp32", conv_share=0.0)[0] == 19.5
+    assert flops.device_peak(cuda, "fp32", conv_share=1.0)[0] == pytest.approx(156.0)
+    assert flops.device_peak(cuda, "fp32", conv_share=0.9)[0] == pytest.approx(1 / (0.1 / 19.5 + 0.9 / 156.0))
+    assert flops.device_peak(cuda, "bf16", conv_share=0.9)[0] == 312.0
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    batch = (torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
+    _, share, _ = flops.flops_per_sample(model, batch, make_task("classification"), samples=4)
+    assert 0.5 < share < 1
+    built = StepFlops.build(model, batch, make_task("classification"), _train(), cuda, 1, verbose=False)
+    assert 19.5 < built.peak < 156.0
+
+
+def test_mi250_peaks_are_per_die():
+    """PyTorch sees each of an MI250(X)'s two dies as a device: the table holds half the package."""
+    assert table_peak("AMD Instinct MI250X", "bf16") == 191.5
+    assert table_peak("AMD Instinct MI250X / MI250", "bf16") == 191.5
+    assert table_peak("AMD Instinct MI250", "fp16") == 181.0

@@ -111,10 +111,11 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
     counted: list = []
 
     def count_flops(module: nn.Module) -> None:
-        batch = train_ds.__getitems__(next(iter(sampler))) if hasattr(train_ds, "__getitems__") else None
+        indices = next(iter(sampler))  # (samples counted from the sampler: a batch may hold no target)
+        batch = train_ds.__getitems__(indices) if hasattr(train_ds, "__getitems__") else None
         if batch is not None:
             counted.append(StepFlops.build(module, batch, task, job.train, device, cluster.world_size,
-                                           verbose=cluster.is_rank0))
+                                           verbose=cluster.is_rank0, samples=len(indices)))
 
     strategy = build_training(job, cluster, device, info, user.model, before_setup=count_flops)
     eval_loader = None  # no held-out data: no evaluation

@@ -8,7 +8,7 @@ only (linear layers, convolutions, attention; elementwise ops and the optimizer 
 in every MFU figure), and no activation recompute (MFU, not hardware FLOPs utilisation). They
 are counted once, before training:
 
-- ``gpt``: analytically (:func:`gpt_flops`), from its shape;
+- ``gpt``: analytically (:func:`gpt_flops`), from its shape (counted as below when layers are frozen);
 - any other model, a user's included: ``torch.utils.flop_counter.FlopCounterMode`` over one
   forward and backward of one micro-batch through the task's loss, run on the meta device (the
   module's weights swapped for meta tensors for the call): no memory, no compute, no random
@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -63,7 +63,9 @@ PEAKS: Tuple[Tuple[str, Dict[str, Optional[float]]], ...] = (
     (r"\bV100\b", {"bf16": None, "fp16": 125.0, "tf32": None, "fp32": 15.7}),  # SXM2
     (r"\bT4\b", {"bf16": None, "fp16": 65.0, "tf32": None, "fp32": 8.1}),
     (r"\bMI300X\b", {"bf16": 1307.4, "fp16": 1307.4, "tf32": 653.7, "fp32": 163.4}),
-    (r"\bMI250X?\b", {"bf16": 383.0, "fp16": 383.0, "tf32": None, "fp32": 95.7}),
+    # MI250X and MI250: per die (GCD), which is what PyTorch sees as one device (half the package).
+    (r"\bMI250X\b", {"bf16": 191.5, "fp16": 191.5, "tf32": None, "fp32": 47.9}),
+    (r"\bMI250\b", {"bf16": 181.0, "fp16": 181.0, "tf32": None, "fp32": 45.3}),
 )
 
 
@@ -78,13 +80,38 @@ def table_peak(device_name: str, precision: str, tf32: bool = False) -> Optional
     return None
 
 
-def device_peak(device: torch.device, precision: str) -> Tuple[Optional[float], str]:
-    """(peak TFLOP/s from the table, or None; the device's name) for ``device``."""
+def tf32_enabled(ops: str) -> bool:
+    """Whether fp32 ``ops`` ("matmul": cuBLAS, "conv": cuDNN convolutions) run on TF32 tensor cores,
+    as the user left torch's switches: the ``fp32_precision`` settings (the most specific one that is
+    not "none" decides), else the legacy flags (``allow_tf32``, ``set_float32_matmul_precision``).
+    Reading a legacy flag after the new API was used raises in torch, so the new one goes first."""
+    backends = torch.backends
+    chain = (backends.cuda.matmul,) if ops == "matmul" else (backends.cudnn.conv, backends.cudnn)
+    try:
+        for node in (*chain, backends):
+            value = getattr(node, "fp32_precision", "none")
+            if value != "none":
+                return value == "tf32"
+        if ops == "matmul":
+            return bool(backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+        return bool(backends.cudnn.allow_tf32)
+    except (AttributeError, RuntimeError):  # (a torch that has neither, or mixes them: the safe answer)
+        return False
+
+
+def device_peak(device: torch.device, precision: str, conv_share: float = 0.0) -> Tuple[Optional[float], str]:
+    """(peak TFLOP/s from the table, or None; the device's name) for ``device``. Under fp32, matmuls
+    and convolutions each run at the TF32 peak when TF32 is on for them (cuDNN's is, by default),
+    so for a model whose FLOPs are ``conv_share`` convolutions the peak is the time-weighted mean of
+    the two (the rate at which the device could run this mix of FLOPs)."""
     if device.type != "cuda":
         return None, device.type
     name = torch.cuda.get_device_name(device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-    return table_peak(name, precision, tf32), name
+    matmul = table_peak(name, precision, tf32_enabled("matmul"))
+    if precision != "fp32" or not conv_share or matmul is None:
+        return matmul, name
+    conv = table_peak(name, precision, tf32_enabled("conv"))
+    return 1.0 / ((1.0 - conv_share) / matmul + conv_share / conv), name
 
 
 def gpt_flops(model: GPT, samples: int, seq_len: int) -> int:
@@ -104,40 +131,45 @@ def _to_meta(value: Any) -> Any:
     return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
 
 
-class _MetaModel:
-    """``module`` called with meta tensors in place of its parameters and buffers (tied weights
-    stay tied); any other attribute is the module's, for a task that reads one."""
+def _meta_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """Meta tensors for every parameter (as trainable as it is) and buffer of ``module``."""
+    state = {name: _to_meta(t).requires_grad_(t.requires_grad) for name, t in module.named_parameters()}
+    state.update({name: _to_meta(t) for name, t in module.named_buffers()})
+    return state
 
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.state = {name: _to_meta(t).requires_grad_(t.requires_grad) for name, t in module.named_parameters()}
-        self.state.update({name: _to_meta(t) for name, t in module.named_buffers()})
 
-    def __call__(self, *args, **kwargs):
-        return functional_call(self.module, self.state, args, kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.module, name)
+def _counts(module: nn.Module, batch: Any, task) -> Dict[str, int]:
+    """FLOPs by aten op of one forward and backward of ``batch`` through ``task.loss(module, batch)``,
+    on the meta device: the module's parameters and buffers are swapped for meta tensors for the
+    call (tied weights stay tied) and put back after it, so a task may call the module, one of its
+    methods or a submodule; nothing real is computed, drawn or changed."""
+    meta_batch = tree_map(_to_meta, batch)
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter, \
+            _reparametrize_module(module, _meta_state(module), tie_weights=True):
+        loss, _ = task.loss(module, meta_batch)
+        if loss.requires_grad:
+            loss.backward()
+    return {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
 
 
 def count_flops(module: nn.Module, batch: Any, task) -> int:
     """FLOPs of one forward and backward of ``batch`` through ``task.loss(module, batch)``,
     counted by FlopCounterMode on the meta device (``module`` is left as it was)."""
-    meta_batch = tree_map(_to_meta, batch)
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
-        loss, _ = task.loss(_MetaModel(module), meta_batch)
-        if loss.requires_grad:
-            loss.backward()
-    return counter.get_total_flops()
+    return sum(_counts(module, batch, task).values())
 
 
-def flops_per_sample(module: nn.Module, batch: Any, task) -> Tuple[float, str]:
-    """(forward + backward FLOPs of one sample, how they were found) for ``module``."""
-    samples = batch_size(batch)
-    if isinstance(module, GPT):
+def flops_per_sample(module: nn.Module, batch: Any, task, samples: int) -> Tuple[float, float, str]:
+    """(forward + backward FLOPs of one sample, the convolutions' share of them, how they were
+    found) for ``module`` on ``batch``, a micro-batch of ``samples`` samples. The ``gpt`` formula
+    assumes every weight is trained: with frozen layers (``model.freeze``) the backward is smaller,
+    and FlopCounterMode counts it."""
+    if isinstance(module, GPT) and all(p.requires_grad for p in module.parameters()):
         inputs, _ = split_batch(batch)
-        return gpt_flops(module, 1, int(inputs.shape[1])), "analytical (gpt)"
-    return count_flops(module, batch, task) / samples, "counted by FlopCounterMode"
+        return gpt_flops(module, 1, int(inputs.shape[1])), 0.0, "analytical (gpt)"
+    counts = _counts(module, batch, task)
+    total = sum(counts.values())
+    conv = sum(n for op, n in counts.items() if "convolution" in op)
+    return total / max(samples, 1), conv / total if total else 0.0, "counted by FlopCounterMode"
 
 
 class StepFlops:
@@ -150,19 +182,24 @@ class StepFlops:
 
     @classmethod
     def build(cls, module: nn.Module, batch: Any, task, train_cfg, device: torch.device, world_size: int,
-              verbose: bool = True) -> Optional["StepFlops"]:
-        """Count ``module``'s FLOPs on ``batch`` (one micro-batch, before any wrapping) and find the
-        peak: ``train.peak_tflops``, else the table. None (with a warning) when the FLOPs cannot
-        be counted: a model that needs real tensors (``.item()``, a host copy) in its forward."""
+              verbose: bool = True, samples: Optional[int] = None) -> Optional["StepFlops"]:
+        """Count ``module``'s FLOPs on ``batch`` (one micro-batch of ``samples`` samples, by default
+        its target's length; before any wrapping) and find the peak: ``train.peak_tflops``, else the
+        table. None (with a warning) when the FLOPs cannot be counted: a model that needs real
+        tensors (``.item()``, a host copy) in its forward."""
         try:
-            per_sample, how = flops_per_sample(module, batch, task)
+            per_sample, conv_share, how = flops_per_sample(module, batch, task,
+                                                           batch_size(batch) if samples is None else samples)
         except Exception as exc:  # noqa: BLE001  (a user's model or task: report, never fail the job)
             if verbose:
                 log.warning("tflops and mfu not reported: could not count the FLOPs of %s on the meta device: %s",
                             type(module).__name__, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             return None
-        peak, name = (float(train_cfg.peak_tflops), "train.peak_tflops") if train_cfg.peak_tflops > 0 else \
-            device_peak(device, train_cfg.precision)
+        try:
+            peak, name = (float(train_cfg.peak_tflops), "train.peak_tflops") if train_cfg.peak_tflops > 0 else \
+                device_peak(device, train_cfg.precision, conv_share)
+        except Exception as exc:  # noqa: BLE001  (a driver or torch oddity must not fail the job)
+            peak, name = None, f"{device} ({type(exc).__name__}: {exc})"
         if verbose:
             log.info("model FLOPs: %.4g GFLOP per sample (forward + backward, %s); peak %s", per_sample / 1e9, how,
                      f"{peak:g} TFLOP/s per device ({name}, {train_cfg.precision})" if peak else
