@@ -1,11 +1,14 @@
 """The step-time breakdown adds up, and goodput counts the work a failure cost."""
 from __future__ import annotations
 
+import logging
 import statistics
 
 import pytest
+import torch
 
 from conftest import ok, read_metrics, read_summary, run_cli  # noqa: F401
+from dist_train.train.phases import PHASES, PhaseClock
 
 BASE = ["model.name=mlp", "data.name=digits", "data.batch_size=16", "data.num_workers=0", "train.warmup_steps=0",
         "logging.every_steps=1", "logging.mlflow.enabled=false", "logging.progress_bar=off", "eval.max_batches=1"]
@@ -13,12 +16,20 @@ BASE = ["model.name=mlp", "data.name=digits", "data.batch_size=16", "data.num_wo
 
 def test_the_breakdown_adds_up_to_the_step_time(tmp_path, ok):
     run = tmp_path / "run"
-    ok(run_cli([*BASE, "train.max_steps=12", "checkpoint.resume=never", f"run.dir={run}"]))
+    ok(run_cli([*BASE, "train.max_steps=12", "checkpoint.resume=never", "checkpoint.every_steps=3",
+                "eval.every_steps=4", f"run.dir={run}"]))
     records = [r for r in read_metrics(run) if "loss" in r]
     phases = ("data", "forward_backward", "optimizer", "checkpoint", "evaluation", "other")
     for r in records:
         assert all(f"time/{p}_s" in r for p in phases) and 0 <= r["data_wait_pct"] <= 100
         assert abs(sum(r[f"time/{p}_s"] for p in phases) - r["time/iteration_s"]) < 1e-6
+    # A step's save and evaluation are in that step's own record (not the next one's).
+    by_step = {r["step"]: r for r in records}
+    saves = [by_step[s]["time/checkpoint_s"] for s in (3, 6, 9)]
+    others = [r["time/checkpoint_s"] for s, r in by_step.items() if s % 3]
+    assert min(saves) > max(others), (saves, others)
+    evals = [by_step[s]["time/evaluation_s"] for s in (4, 8)]
+    assert min(evals) > max(r["time/evaluation_s"] for s, r in by_step.items() if s % 4), evals
     # Inside the optimizer step: data + forward/backward + optimizer is the step time (5%).
     ratios = [(r["time/data_s"] + r["time/forward_backward_s"] + r["time/optimizer_s"]) / r["step_time_s"]
               for r in records[2:]]
@@ -42,3 +53,75 @@ def test_lost_work_is_the_steps_between_the_last_checkpoint_and_the_failure(tmp_
     assert g["attempts"] == 2 and g["lost_steps"] == 3, g  # steps 6, 7, 8 were trained twice
     assert g["lost_s"] > 0 and g["restart_downtime_s"] >= 0 and 0 < g["goodput"] < 1
     assert "goodput" in again.stderr
+
+
+def test_the_clock_resets_to_the_loop():
+    """summary.json's time_breakdown starts with the loop: start-up before it (a resume's load,
+    MLflow's start) is goodput's startup_s, not the breakdown's "other"."""
+    clock = PhaseClock()
+    with clock("checkpoint"):
+        pass
+    clock.take()
+    assert clock.totals
+    clock.reset()
+    assert not clock.totals and not clock.window
+    assert set(clock.take()) == set(PHASES)
+
+
+class _Clock:
+    """A phase clock whose windows the test writes (seconds per phase)."""
+
+    def __init__(self):
+        self.window = {}
+
+    def take(self):
+        out = {p: self.window.get(p, 0.0) for p in PHASES}
+        self.window = {}
+        return out
+
+
+def _reporter(clock, every):
+    from types import SimpleNamespace
+
+    from dist_train.train.reporting import Reporter
+
+    strategy = SimpleNamespace(lr=0.1, device=torch.device("cpu"))
+    metrics = SimpleNamespace(log=lambda step, values: None)
+    progress = SimpleNamespace(update=lambda step, last: None)
+    return Reporter(strategy, metrics, progress, every=every, max_steps=100, global_batch=8, clock=clock)
+
+
+def _steps(reporter, clock, first, last, data_s, other_s=0.0):
+    from types import SimpleNamespace
+
+    output = SimpleNamespace(result=SimpleNamespace(skipped=False, grad_norm=torch.tensor(1.0), grad_norms=None,
+                                                    loss_scale=None), loss=torch.tensor(2.0), metrics={})
+    for step in range(first, last + 1):
+        for phase, s in (("data", data_s), ("forward_backward", 0.09), ("optimizer", 0.01), ("other", other_s)):
+            clock.window[phase] = clock.window.get(phase, 0.0) + s
+        reporter.maybe_log(SimpleNamespace(step=step, epoch=0, samples_seen=8 * step), output, 0.1 + data_s)
+
+
+def test_the_data_wait_warning_leaves_out_the_first_steps(caplog):
+    """The first steps of a process wait for DataLoader workers to start: the record shows it,
+    the warning judges the steps after them."""
+    clock = _Clock()
+    reporter = _reporter(clock, every=10)
+    with caplog.at_level(logging.WARNING, logger="dist_train"):
+        _steps(reporter, clock, 1, 1, data_s=1.0)      # worker start-up
+        _steps(reporter, clock, 2, 10, data_s=0.005)   # 5% of a steady step
+    assert reporter.last["data_wait_pct"] > 10 and "waiting for data" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="dist_train"):
+        _steps(reporter, clock, 11, 20, data_s=0.05)   # 33%: a real data bottleneck
+    assert "step 20: waiting for data takes 33%" in caplog.text
+
+
+def test_a_window_of_warmup_steps_only_never_warns(caplog):
+    clock = _Clock()
+    reporter = _reporter(clock, every=1)
+    with caplog.at_level(logging.WARNING, logger="dist_train"):
+        _steps(reporter, clock, 1, 5, data_s=1.0)
+    assert "waiting for data" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="dist_train"):
+        _steps(reporter, clock, 6, 6, data_s=1.0)
+    assert "step 6: waiting for data" in caplog.text

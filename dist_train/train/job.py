@@ -176,7 +176,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         if job.dist.watchdog_floor_s > 0:
             watchdog = Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s)
         ledger.begin(state.step, time.time() - started_unix, logged_before)
-        clock.take()  # the breakdown starts with the loop
+        clock.reset()  # the breakdown (each record's and the run's) starts with the loop
         preempted = train(strategy, data, state, job.train, task=parts.task, reporter=reporter, evaluator=evaluator,
                           checkpointer=manager, preemption=preemption, guard=guard, clock=clock, ledger=ledger,
                           faults=faults, timeout_s=job.dist.timeout_s)

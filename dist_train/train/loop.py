@@ -2,9 +2,9 @@
 
     while step < max_steps and not stopping:
         output = train_step(...)               # micro-steps, accumulation, clipping, optimizer step
-        reporter.maybe_log(...)                # every logging.every_steps
         evaluator.maybe_run(step)              # every eval.every_steps
         checkpointer.maybe_save(state)         # every checkpoint.every_steps
+        reporter.maybe_log(...)                # every logging.every_steps (this step's save included)
         stopping = preemption.requested()      # agreed by all ranks
     evaluator.final(step)                      # unless preempted: its time is short
 """
@@ -60,11 +60,11 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
                 checkpointer.rollback(state)  # weights, optimizer, schedule, step; the data goes on
             reporter.rewind(state.step)
             continue
-        reporter.maybe_log(state, output, step_s)
         with clock("evaluation"):
             evaluator.maybe_run(state.step)
         with clock("checkpoint"):
             checkpointer.maybe_save(state)
+        reporter.maybe_log(state, output, step_s)  # after them: a step's record holds its own save's time
         faults.delay("step_sleep")
         faults.crash_point("crash", state.step, rank())
         stopping = preemption.requested()

@@ -118,6 +118,13 @@ class PhaseClock:
         self.window.clear()
         return out
 
+    def reset(self) -> None:
+        """Start counting from now: the window and the totals (summary.json's ``time_breakdown``)
+        cover the loop, not the start-up before it (goodput counts that as ``startup_s``)."""
+        self.window.clear()
+        self.totals.clear()
+        self.entered = time.perf_counter()
+
     def median_iteration(self) -> Optional[float]:
         return statistics.median(self.iterations) if len(self.iterations) >= 3 else None
 

@@ -80,6 +80,7 @@ class Reporter:
         self.clock = clock or PhaseClock()
         self.flops = flops  # train.flops.StepFlops, or None
         self._steps_in_window, self._data_warnings = 0, 0
+        self._warmup_window: Dict[str, float] = {}  # the warmup steps' phase times in the current window
         self.global_batch, self.tokens_per_sample = global_batch, tokens_per_sample
         self.throughput = Throughput()
         self.last: Dict[str, Any] = {}
@@ -98,6 +99,10 @@ class Reporter:
         self.throughput.tick(self.global_batch, step_s)
         self.skipped += int(output.result.skipped)
         self._steps_in_window += 1
+        if self.throughput.steps == self.throughput.warmup:
+            # The process's first steps (DataLoader workers starting, caches warming) stay in the
+            # record's breakdown, but the data-wait warning judges the steps after them.
+            self._warmup_window = dict(self.clock.window)
         if self.due(state.step):
             self.last = self._metrics(state, output, step_s)
             self.metrics.log(state.step, self.last)
@@ -140,10 +145,15 @@ class Reporter:
         out = {f"time/{k}_s": v for k, v in phases.items()}
         out["time/iteration_s"] = iteration
         out["data_wait_pct"] = 100.0 * phases["data"] / iteration if iteration > 0 else 0.0
-        if out["data_wait_pct"] > 10 and self._data_warnings < 3:
+        steady_pct = 0.0
+        if self.throughput.steps > self.throughput.warmup:  # (else every step of the window is a warmup step)
+            steady = {k: v * n - self._warmup_window.get(k, 0.0) for k, v in phases.items()}
+            steady_pct = 100.0 * steady["data"] / sum(steady.values()) if sum(steady.values()) > 1e-9 else 0.0
+        self._warmup_window = {}
+        if steady_pct > 10 and self._data_warnings < 3:
             self._data_warnings += 1
             log.warning("step %d: waiting for data takes %.0f%% of each step; raise data.num_workers or "
-                        "data.prefetch_factor (or make the dataset faster)", step, out["data_wait_pct"])
+                        "data.prefetch_factor (or make the dataset faster)", step, steady_pct)
         return out
 
     def rewind(self, step: int) -> None:
