@@ -84,7 +84,8 @@ def test_items_laid_out_unlike_their_destination_load_through_a_copy(tmp_path, c
         dest = {"a": shared, "b": shared}
     storage.save(stored, dcp_dir)
     names = [n for n in os.listdir(dcp_dir) if n.endswith(".distcp")]
-    hashed = storage.load(dest, dcp_dir, expected={n: checksum.hash_file(os.path.join(dcp_dir, n)) for n in names})
+    hashed = storage.load(dest, dcp_dir, expected={n: checksum.hash_file(os.path.join(dcp_dir, n)) for n in names},
+                          adopt=case == "tied")
     assert hashed == set(names)
     if case == "tied":  # each entry loaded (handed over whole), nothing read into the shared memory
         assert torch.equal(dest["a"], stored["a"]) and torch.equal(dest["b"], stored["b"])
@@ -388,8 +389,9 @@ def test_shard_files_the_load_did_not_read_whole_are_hashed_after_it(tmp_path, m
     run_dir, strategy, manager, saved = _saved_run(tmp_path)
     try:
         _flip(os.path.join(_ckpt(run_dir, 2), "dcp", "__0_0.distcp"), 100_000)
-        monkeypatch.setattr(CheckpointFiles, "read_state",
-                            lambda self, state: storage.load(state, self.dcp_dir, self.group))  # hashes nothing
+        monkeypatch.setattr(CheckpointFiles, "read_state",  # (hashes nothing)
+                            lambda self, state, adopt=False: storage.load(state, self.dcp_dir, self.group,
+                                                                          adopt=adopt))
         assert manager.resume(TrainState()) == _ckpt(run_dir, 1)
         assert "dcp/__0_0.distcp: xxh3_128" in manager.restorer.unusable[_ckpt(run_dir, 2)][0]
         got = _weights(strategy)
@@ -420,6 +422,34 @@ def test_a_resume_that_needs_little_of_a_shard_hashes_it_after_the_load(tmp_path
         manager.close()
 
 
+def test_a_damaged_item_header_in_a_shard_read_in_part_falls_back_like_any_damage(tmp_path):
+    """load_optimizer=false reads only the model's items of the shard, unhashed: a flipped byte in
+    one of their zip headers fails to decode before ``check_rest`` could hash the file. The file is
+    hashed then, so the damage is corruption (the previous checkpoint is loaded, the damaged one
+    moved aside), not a load error that every rerun would repeat."""
+    from dist_train.checkpoint import decode
+    from dist_train.train.state import TrainState
+
+    run_dir = str(tmp_path / "run")
+    strategy, manager = _setup(run_dir)
+    try:
+        _save_two(strategy, manager)
+    finally:
+        manager.close()
+    dcp_dir = os.path.join(_ckpt(run_dir, 2), "dcp")
+    stored = decode.read_metadata(dcp_dir).storage_data
+    info = next(v for k, v in stored.items() if k.fqn.startswith("model.") and k.fqn.endswith("weight"))
+    _flip(os.path.join(dcp_dir, info.relative_path), info.offset + 1)  # the item's zip signature
+    strategy, manager = _setup(run_dir, overrides=["checkpoint.load_optimizer=false"])
+    try:
+        assert manager.resume(TrainState()) == _ckpt(run_dir, 1)
+        assert f"dcp/{info.relative_path}: xxh3_128" in manager.restorer.unusable[_ckpt(run_dir, 2)][0]
+    finally:
+        manager.close()
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["latest", "step_00000001",
+                                                                        "step_00000002.corrupt"]
+
+
 def _fsdp_corrupt_shard_of_one_rank(rank: int, world: int, run_dir: str) -> None:
     """FSDP2 on 2 ranks: rank 1's shard file of the newest checkpoint is damaged. Rank 1 finds it
     while loading; both ranks fall back to the previous checkpoint alike and hold its values."""
@@ -445,3 +475,39 @@ def _fsdp_corrupt_shard_of_one_rank(rank: int, world: int, run_dir: str) -> None
 
 def test_fsdp_ranks_agree_on_a_shard_found_corrupt_while_loading(tmp_path):
     spawn(_fsdp_corrupt_shard_of_one_rank, 2, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_read_state_fills_the_callers_tensors_in_place_unless_it_allows_adoption(tmp_path, hashed):
+    """``storage.load`` / ``CheckpointFiles.read_state`` fill the state dict's tensors in place, as
+    ``dcp.load`` does: a strategy of a user's that reads into ``model.state_dict()`` gets its
+    parameters restored, and two entries of one tensor stay one filled tensor. Only a caller that
+    takes the values from the dict afterwards (``adopt=True``: the built-in strategies) lets a loaded
+    tensor replace an entry."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = str(tmp_path / "ckpt")
+    storage.save({"model": model.state_dict(), "a": saved["weight"], "b": saved["weight"] * 2}, ckpt)
+
+    def expected():
+        return {n: checksum.hash_file(os.path.join(ckpt, n)) for n in os.listdir(ckpt) if n.endswith(".distcp")} \
+            if hashed else None
+
+    for adopt in (False, True):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        tied = torch.zeros(3, 4)
+        state = {"model": model.state_dict(), "a": tied, "b": torch.zeros(3, 4)}
+        storage.load(state, ckpt, expected=expected(), adopt=adopt)
+        assert all(torch.equal(state["model"][k], v) for k, v in saved.items())
+        assert torch.equal(state["a"], saved["weight"]) and torch.equal(state["b"], saved["weight"] * 2)
+        if not adopt:
+            assert torch.equal(model.weight, saved["weight"]) and torch.equal(model.bias, saved["bias"])
+            assert state["a"] is tied and torch.equal(tied, saved["weight"])
+    tied = torch.zeros(3, 4)
+    state = {"model": model.state_dict(), "a": tied, "b": tied}  # one tensor under two keys
+    storage.save({"model": model.state_dict(), "a": saved["weight"], "b": saved["weight"]}, ckpt + "2")
+    storage.load(state, ckpt + "2")
+    assert state["a"] is state["b"] is tied and torch.equal(tied, saved["weight"])

@@ -44,9 +44,12 @@ class CheckpointFiles:
         """Collective: write this rank's share of a DCP state dict."""
         storage.save(state, self.dcp_dir, self.group)
 
-    def read_state(self, state: Dict[str, Any]) -> None:
-        """Collective: fill a DCP state dict (tensors allocated, sharded or not) in place."""
-        self.hashed |= storage.load(state, self.dcp_dir, self.group, self.expected, self._metadata)
+    def read_state(self, state: Dict[str, Any], adopt: bool = False) -> None:
+        """Collective: fill a DCP state dict (tensors allocated, sharded or not) in place.
+        ``adopt=True``: the caller takes the values from ``state`` afterwards (``set_state_dict``),
+        so loaded tensors may replace its entries instead of being copied into them (see
+        ``storage.load``)."""
+        self.hashed |= storage.load(state, self.dcp_dir, self.group, self.expected, self._metadata, adopt=adopt)
 
     def read_model(self) -> Dict[str, torch.Tensor]:
         """The consolidated model weights, on the CPU (no collective)."""

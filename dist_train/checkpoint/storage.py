@@ -86,9 +86,22 @@ class SafeReader(dcp.FileSystemReader):
             # (this rank needs less than half of the file, e.g. the model's items only: reading it
             # whole to hash it here would cost more than the ranks' share of ``check_rest``)
             items = sorted(per_file[relative_path], key=lambda it: self.storage_data[it.storage_index].offset)
-            with open(Path(self.path) / relative_path, "rb") as stream:
-                for item in items:
-                    self._read_item(stream, item, planner, lock)
+            try:
+                with open(Path(self.path) / relative_path, "rb") as stream:
+                    for item in items:
+                        self._read_item(stream, item, planner, lock)
+            except Exception as exc:
+                # A damaged header or pickle fails to decode before any hash could say why: a file
+                # not yet verified is hashed now, so that damage reads as corruption (resume then
+                # falls back to an older checkpoint) and not as a load error every rerun repeats.
+                entry = self.expected.get(relative_path)
+                try:
+                    problem = checksum.check_file(str(Path(self.path) / relative_path), entry) if entry else None
+                except OSError:
+                    problem = None  # (unreadable: the error above says so)
+                if problem:
+                    raise CorruptFile(f"{layout.DCP_DIR}/{relative_path}: {problem}") from exc
+                raise
 
         layout.parallel(read_file, list(per_file), _MAX_FILES)  # a share in several files: read at once
         fut: Future = Future()
@@ -251,7 +264,12 @@ _SMALL_ITEM = 1 << 20  # DCP items smaller than this are read into memory in one
 
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DefaultLoadPlanner that reads non-tensor leaves with ``load_leaf`` (no code runs), and that can take
-    a loaded tensor over whole instead of copying it into the destination (``adopt``)."""
+    a loaded tensor over whole instead of copying it into the destination (``adopt``, when the caller
+    allowed it with ``adopt_loaded``: else every tensor is filled in place, as ``dcp.load`` does)."""
+
+    def __init__(self, *args: Any, adopt_loaded: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.adopt_loaded = adopt_loaded
 
     def create_local_plan(self) -> LoadPlan:
         """DCP's local plan, with the read item of each common entry built directly: a whole plain
@@ -343,6 +361,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         (``set_state_dict`` copies model weights into the parameters, and an optimizer keeps the
         loaded state tensors themselves, as with ``torch.load``). Sharded or device tensors are
         filled in place as usual (returns False)."""
+        if not self.adopt_loaded:
+            return False
         # The state dict's own object, not lookup_tensor's: for a DTensor that is its local shard.
         dest = self.state_dict.get(read_item.dest_index.fqn)
         if not isinstance(dest, torch.Tensor):
@@ -523,8 +543,12 @@ def save(state_dict: Dict[str, Any], dcp_dir: str, group=None) -> None:
 
 
 def load(state_dict: Dict[str, Any], dcp_dir: str, group=None, expected: Optional[Dict[str, dict]] = None,
-         metadata: Optional[Metadata] = None) -> Set[str]:
+         metadata: Optional[Metadata] = None, adopt: bool = False) -> Set[str]:
     """Collective: fill ``state_dict`` (its tensors allocated, sharded or not) in place.
+    ``adopt=True``: the caller reads the values from ``state_dict`` afterwards (``set_state_dict``),
+    so a whole plain CPU tensor loaded may replace its entry instead of being copied into it (a
+    copy saved); the caller's own tensors (a model's parameters under ``model.state_dict()``) then
+    keep their values.
 
     The checkpoint may have been written at any world size and by any DCP strategy: DCP reads
     exactly the pieces this rank's tensors need. ``expected`` (``{file name: manifest entry}``):
@@ -537,7 +561,7 @@ def load(state_dict: Dict[str, Any], dcp_dir: str, group=None, expected: Optiona
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         # (DCP's pass that rewrites FSDP1's nested ShardedTensors copies the whole state dict:
         # 0.3 ms for the 5 MB mlp's; skipped when there is none)
-        planner = SafeLoadPlanner(flatten_sharded_tensors=_holds_sharded_tensor(state_dict))
+        planner = SafeLoadPlanner(flatten_sharded_tensors=_holds_sharded_tensor(state_dict), adopt_loaded=adopt)
         dcp.load(state_dict, storage_reader=reader, planner=planner,
                  process_group=group, no_dist=not _distributed())
     return reader.hashed
@@ -623,7 +647,8 @@ def load_tensors(dcp_dir: str, prefix: str = "model.") -> Dict[str, torch.Tensor
                 for name, (shape, dtype) in tensor_shapes(dcp_dir, prefix).items()}
     with _plain_errors("reading"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(template, storage_reader=SafeReader(dcp_dir), planner=SafeLoadPlanner(), no_dist=True)
+        dcp.load(template, storage_reader=SafeReader(dcp_dir), planner=SafeLoadPlanner(adopt_loaded=True),
+                 no_dist=True)  # (a template of its own: loaded tensors may replace its entries)
     return {key[len(prefix):]: value for key, value in template.items()}
 
 
