@@ -51,6 +51,12 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
                 share = value.float() if accum == 1 else value.float() / accum
                 metrics[key] = share if key not in metrics else metrics[key] + share
     mean = total if accum == 1 else total / accum
+    if strategy.device.type == "cuda":
+        # The host only queues kernels: without this wait the device's forward and backward would be
+        # timed where the host first waits for it, the optimizer's read of the gradient norm. That
+        # read waits right after, so this costs the launch of the norm's kernels, not a host stall.
+        with clock("forward_backward"):
+            torch.cuda.synchronize(strategy.device)
     with clock("checkpoint"):
         strategy.before_update()  # an async save's copy of what the step changes (else nothing)
     with clock("optimizer"):
