@@ -405,12 +405,8 @@ def test_a_resume_that_needs_little_of_a_shard_hashes_it_after_the_load(tmp_path
     shard is not read whole during the load but hashed after it, and its damage still found."""
     from dist_train.train.state import TrainState
 
-    run_dir = str(tmp_path / "run")
-    strategy, manager = _setup(run_dir)
-    try:
-        _save_two(strategy, manager)
-    finally:
-        manager.close()
+    run_dir, _strategy, manager, _weights = _saved_run(tmp_path)
+    manager.close()
     _flip(os.path.join(_ckpt(run_dir, 2), "dcp", "__0_0.distcp"), 10_000)
     strategy, manager = _setup(run_dir, overrides=["checkpoint.load_optimizer=false"])
     hashed_after = _record_hashing(monkeypatch)
@@ -430,12 +426,8 @@ def test_a_damaged_item_header_in_a_shard_read_in_part_falls_back_like_any_damag
     from dist_train.checkpoint import decode
     from dist_train.train.state import TrainState
 
-    run_dir = str(tmp_path / "run")
-    strategy, manager = _setup(run_dir)
-    try:
-        _save_two(strategy, manager)
-    finally:
-        manager.close()
+    run_dir, _strategy, manager, _weights = _saved_run(tmp_path)
+    manager.close()
     dcp_dir = os.path.join(_ckpt(run_dir, 2), "dcp")
     stored = decode.read_metadata(dcp_dir).storage_data
     info = next(v for k, v in stored.items() if k.fqn.startswith("model.") and k.fqn.endswith("weight"))
