@@ -228,9 +228,10 @@ def _finish(job, cluster: ClusterEnv, summary: Dict[str, Any], metrics) -> None:
             log.warning("logging.mlflow.log_model: could not export the final weights: %s; not logged", exc)
     metrics.close(summary["status"])  # after the summary: it is logged to MLflow as an artifact
     if code == 0:
-        log.info("done: %d steps, train_loss %s, eval_loss %s, eval_accuracy %s, %.1f samples/s, %.1f s",
+        rate = summary["samples_per_s"]  # (None: too few steps past the warmup to measure)
+        log.info("done: %d steps, train_loss %s, eval_loss %s, eval_accuracy %s, %s samples/s, %.1f s",
                  summary["steps"], _f(summary["train_loss"]), _f(summary["eval_loss"]), _f(summary["eval_accuracy"]),
-                 summary["samples_per_s"] or 0.0, summary["wall_s"])
+                 "-" if rate is None else f"{rate:.1f}", summary["wall_s"])
     elif code == EXIT_PREEMPTED:
         log.warning("preempted at step %d: checkpoint saved; exit %d (requeue the job to resume)", summary["steps"], code)
 
