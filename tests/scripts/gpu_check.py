@@ -104,6 +104,11 @@ def check(strategy: str, precision: str, steps: int, gpus: int, out: str) -> Tup
                 problems.append(f"{run_dir}/checkpoints/{n} does not verify")
     blocking = s_ref.get("checkpoint", {}).get("blocking_s", 0.0) / max(1, s_ref.get("checkpoint", {}).get("saves", 1))
     detail = f"{wall:.0f} s, blocking {blocking * 1e3:.1f} ms per async save (each copy held 0.2 s by the fault)"
+    phases = s_ref.get("time_breakdown") or {}
+    total = sum(phases.values())
+    if total > 0:  # (on a GPU: is the device's forward and backward timed as such, not as the optimizer's?)
+        detail += "; time " + ", ".join(f"{k} {100 * phases.get(k, 0.0) / total:.0f}%"
+                                        for k in ("data", "forward_backward", "optimizer", "checkpoint", "other"))
     return not problems, "; ".join(problems) or detail
 
 
