@@ -229,3 +229,27 @@ def test_frozen_parameters_stay_bitwise_unchanged(strategy, tmp_path, ok):
     trained = [k for k in before if k not in frozen and before[k].is_floating_point()]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_a_language_model_of_ones_own_reports_tokens_per_second(tmp_path):
+    """fit's own token windows with task="language_model": no dataset info gives a sequence length,
+    so tokens per sample come from the first micro-batch (its inputs' length): tokens_per_s and
+    tflops are reported as for the built-in text datasets."""
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    class TinyLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 32)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    tokens = torch.randint(0, 32, (64, 13))
+    data = TensorDataset(tokens[:, :-1], tokens[:, 1:])  # 12 tokens per sample
+    dist_train.fit(TinyLM(), data, task="language_model",
+                   overrides=[f"run.dir={tmp_path}", *FIT, "data.batch_size=8", "train.max_steps=3"])
+    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert records and all(r["tokens_per_s"] == pytest.approx(12 * r["samples_per_s"]) for r in records)
+    assert all(r["tflops"] > 0 for r in records)

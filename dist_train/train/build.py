@@ -29,7 +29,7 @@ from dist_train.strategy import StepPlan, Strategy, build_strategy
 from dist_train.train import sources
 from dist_train.train.flops import StepFlops
 from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
-from dist_train.train.tasks import Task
+from dist_train.train.tasks import LanguageModel, Task, split_batch
 
 log = logging.getLogger("dist_train")
 
@@ -53,6 +53,7 @@ class JobParts:
     sampler: Any
     eval_loader: Any   # None without held-out data
     flops: Any = None  # train.flops.StepFlops: FLOPs per sample, for tflops and mfu (None: not countable)
+    tokens_per_sample: int = 0  # language models: tokens per sample (tokens_per_s); 0 otherwise
 
     @property
     def global_batch(self) -> int:
@@ -109,6 +110,7 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
     loader, sampler = build_train_loader(train_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,
                                          seed=job.run.seed, device=device)
     counted: list = []
+    tokens = [info.seq_len or 0]
 
     def count_flops(module: nn.Module) -> None:
         indices = next(iter(sampler))  # (samples counted from the sampler: a batch may hold no target)
@@ -116,6 +118,13 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
         if batch is not None:
             counted.append(StepFlops.build(module, batch, task, job.train, device, cluster.world_size,
                                            verbose=cluster.is_rank0, samples=len(indices)))
+            if isinstance(task, LanguageModel) and not tokens[0]:  # (fit's data: no seq_len given)
+                try:
+                    inputs = split_batch(batch)[0]
+                except (KeyError, TypeError):
+                    inputs = None  # (the task's loss will say what is wrong with the batch)
+                if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
+                    tokens[0] = int(inputs.shape[1])
 
     strategy = build_training(job, cluster, device, info, user.model, before_setup=count_flops)
     eval_loader = None  # no held-out data: no evaluation
@@ -124,4 +133,4 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
                                         device=device)
         shield_workers(eval_loader)
     shield_workers(loader)  # SIGTERM/SIGUSR1 reach workers too: only the training process acts on them
-    return JobParts(strategy, task, info, loader, sampler, eval_loader, counted[0] if counted else None)
+    return JobParts(strategy, task, info, loader, sampler, eval_loader, counted[0] if counted else None, tokens[0])

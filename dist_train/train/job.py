@@ -164,7 +164,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         progress = Progress(job.train.max_steps, state.step, job.logging.progress_bar, job.logging.every_steps,
                             enabled=cluster.is_rank0)
         reporter = Reporter(strategy, metrics, progress, every=job.logging.every_steps, max_steps=job.train.max_steps,
-                            global_batch=parts.global_batch, tokens_per_sample=parts.info.seq_len or 0,
+                            global_batch=parts.global_batch, tokens_per_sample=parts.tokens_per_sample,
                             grad_norms=job.logging.grad_norms, clock=clock, flops=parts.flops)
         evaluator = Evaluator(strategy, parts.eval_loader, parts.task, job.eval, reporter.log_eval)
         data = micro_batches(parts.loader, parts.sampler, state)
