@@ -49,6 +49,9 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
     # A NaN on one rank reaches every rank's gradients through their all-reduce, so where the
     # strategy sees the global norm before the update that is the agreed check; else the loss is.
     veto = None if strategy.global_grad_norm else guard.veto
+    # Throughput counts the loop's whole time per step (its bookkeeping and logging included: what
+    # a user's run pays) except evaluation, checkpoint saves and rollbacks.
+    mark = time.perf_counter()
     while state.step < cfg.max_steps and not stopping:
         t0 = time.perf_counter()
         output = train_step(strategy, data, cfg, task, veto, reporter.grad_norms_wanted(state.step + 1), clock,
@@ -59,12 +62,15 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
             with clock("checkpoint"):
                 checkpointer.rollback(state)  # weights, optimizer, schedule, step; the data goes on
             reporter.rewind(state.step)
+            mark = time.perf_counter()
             continue
+        busy_s = time.perf_counter() - mark
         with clock("evaluation"):
             evaluator.maybe_run(state.step)
         with clock("checkpoint"):
             checkpointer.maybe_save(state)
-        reporter.maybe_log(state, output, step_s)  # after them: a step's record holds its own save's time
+        mark = time.perf_counter()
+        reporter.maybe_log(state, output, step_s, busy_s)  # after them: a step's record holds its own save's time
         faults.delay("step_sleep")
         faults.crash_point("crash", state.step, rank())
         stopping = preemption.requested()

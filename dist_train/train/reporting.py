@@ -24,8 +24,9 @@ WARMUP_STEPS = 5  # steps of each process left out of samples_per_s
 class Throughput:
     """Steady-state samples/s of all ranks together.
 
-    Counts only the time spent in optimizer steps (data wait included; evaluation and
-    checkpoint time left out) and leaves out each process's first ``warmup`` steps.
+    Counts the loop's time per optimizer step (data wait, the step, the loop's bookkeeping and
+    logging; evaluation and checkpoint saves left out) and leaves out each process's first
+    ``warmup`` steps.
     """
 
     def __init__(self, warmup: int = WARMUP_STEPS):
@@ -93,10 +94,11 @@ class Reporter:
         """How many per-module gradient norms step ``step`` should report (logging steps only)."""
         return self.grad_norms if self.grad_norms and self.due(step) else 0
 
-    def maybe_log(self, state, output, step_s: float) -> None:
+    def maybe_log(self, state, output, step_s: float, busy_s: Optional[float] = None) -> None:
         """After every optimizer step, on every rank (``state``: the loop's TrainState; ``output``:
-        the step's StepOutput)."""
-        self.throughput.tick(self.global_batch, step_s)
+        the step's StepOutput; ``step_s``: the time of ``train_step``; ``busy_s``: the loop's time
+        since the previous step, evaluation and saves left out, for throughput (default ``step_s``))."""
+        self.throughput.tick(self.global_batch, step_s if busy_s is None else busy_s)
         self.skipped += int(output.result.skipped)
         self._steps_in_window += 1
         if self.throughput.steps == self.throughput.warmup:
