@@ -7,9 +7,9 @@ in the same run, at several state sizes; and the time a save blocks a real train
 One process, the single strategy, an ``mlp`` whose width gives about the requested MB of state
 (model + AdamW moments, one optimizer step taken), and built-in models of many small tensors
 (``--models``, default ``resnet18``: 122 model entries, 134 MB with its AdamW state). Both sides write to the same filesystem and
-fsync (a checkpoint that is not on disk is not one). Rounds alternate the two sides; medians.
+fsync (a checkpoint that is not on disk is not one). Rounds alternate which side goes first; medians.
 
-- plain save: ``torch.save({"model", "optim"})`` to one file, then fsync.
+- plain save: ``torch.save({"model", "optim"})`` to a new file, then fsync.
 - dist_train save: everything a real checkpoint does: staging dir, RNG and meta files, DCP shards,
   checksums, manifest, fsyncs, rename, ``latest``, retention.
 - plain load: ``torch.load(weights_only=True)`` + ``load_state_dict`` of model and optimizer.
@@ -51,7 +51,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from dist_train.checkpoint import CheckpointManager  # noqa: E402
+from dist_train.checkpoint import CheckpointManager, retention  # noqa: E402
 from dist_train.config import load_config, to_dict  # noqa: E402
 from dist_train.data import build_datasets  # noqa: E402
 from dist_train.env.cluster import detect  # noqa: E402
@@ -129,10 +129,22 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def plain_save(strategy, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save({"model": strategy.model.state_dict(), "optim": strategy.optimizer.state_dict()}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """``torch.save`` to a path (torch's own file writer, not Python's), then fsync."""
+    torch.save({"model": strategy.model.state_dict(), "optim": strategy.optimizer.state_dict()}, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def settle() -> None:
+    """Wait for the background deletion of pruned checkpoints (``checkpoint.keep_last``), so that it
+    never runs during a timed operation of either side."""
+    with retention._deleting_lock:
+        threads = set(retention._deleting.values())
+    for thread in threads:
+        thread.join()
 
 
 def plain_load(strategy, path: str) -> None:
@@ -194,15 +206,25 @@ def bench_case(label: str, model_overrides: List[str], repeats: int, where: str,
     size = BATCH if job.model.name == "mlp" else MODEL_BATCH
     batch = torch.randn(size, *info.input_shape), torch.randint(0, info.num_classes, (size,))
     with tempfile.TemporaryDirectory(dir=where) as tmp:
-        plain = os.path.join(tmp, "plain.pt")
+        plain = ""
         sync = manager(job, strategy, os.path.join(tmp, "sync"))
         asyn = manager(load_config(None, [*overrides, "checkpoint.async_save=true"]), strategy, os.path.join(tmp, "async"))
         try:
             for i in range(1, repeats + 1):
-                res["plain_save"].append(timed(lambda: plain_save(strategy, plain)))
-                res["dt_save"].append(timed(lambda: sync.save(TrainState(step=i))))
-                res["plain_load"].append(timed(lambda: plain_load(strategy, plain)))
-                res["dt_load"].append(timed(lambda: sync.resume(TrainState())))
+                # Each plain save to a new file (truncating the last one would be timed with it), the
+                # old one removed and pruned checkpoints deleted outside the timed operations; the
+                # side that goes first alternates from round to round.
+                if plain:
+                    os.unlink(plain)
+                plain = os.path.join(tmp, f"plain{i}.pt")
+                settle()
+                saves = [("plain_save", lambda: plain_save(strategy, plain)),
+                         ("dt_save", lambda: sync.save(TrainState(step=i)))]
+                loads = [("plain_load", lambda: plain_load(strategy, plain)),
+                         ("dt_load", lambda: sync.resume(TrainState()))]
+                for key, op in (saves + loads if i % 2 else saves[::-1] + loads[::-1]):
+                    res[key].append(timed(op))
+                    settle()
                 res["plain_first"].append(plain_first_load(overrides, plain))
                 res["dt_first"].append(dt_first_load(overrides, os.path.join(tmp, "sync")))
                 res["fwd_bwd"].append(timed(lambda: forward_backward(strategy, batch)))

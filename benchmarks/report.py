@@ -139,8 +139,8 @@ def render(result: Dict) -> str:
             lines.append(f"  {runner:<11}{e['ran'] or 'FAILED in every round'}{note}")
     for name, why in result["skipped"].items():
         lines.append(f"SKIPPED {name}: {why}")
-    lines += ["", "samples/s: dist_train's accounting (summary.json): optimizer-step time incl. data wait, summed "
-              "after warm-up; wall s/s: the same steps by the clock, so also what runs between steps; CPU s/step: "
+    lines += ["", "samples/s: dist_train's accounting (summary.json): the loop's time per step (data wait, step, "
+              "bookkeeping; evaluation and saves left out), summed after warm-up; wall s/s: the same steps by the clock, so also what runs between steps; CPU s/step: "
               "CPU time of all ranks per step (moves little with load); MiB: peak RSS of the largest process, and "
               "rank 0's RSS after the last step"]
     return "\n".join(lines)
