@@ -138,15 +138,6 @@ def plain_save(strategy, path: str) -> None:
         os.close(fd)
 
 
-def settle() -> None:
-    """Wait for the background deletion of pruned checkpoints (``checkpoint.keep_last``), so that it
-    never runs during a timed operation of either side."""
-    with retention._deleting_lock:
-        threads = set(retention._deleting.values())
-    for thread in threads:
-        thread.join()
-
-
 def plain_load(strategy, path: str) -> None:
     sd = torch.load(path, weights_only=True)
     strategy.model.load_state_dict(sd["model"])
@@ -217,14 +208,14 @@ def bench_case(label: str, model_overrides: List[str], repeats: int, where: str,
                 if plain:
                     os.unlink(plain)
                 plain = os.path.join(tmp, f"plain{i}.pt")
-                settle()
+                retention.wait_deleted()  # (pruned checkpoints: never during a timed operation)
                 saves = [("plain_save", lambda: plain_save(strategy, plain)),
                          ("dt_save", lambda: sync.save(TrainState(step=i)))]
                 loads = [("plain_load", lambda: plain_load(strategy, plain)),
                          ("dt_load", lambda: sync.resume(TrainState()))]
                 for key, op in (saves + loads if i % 2 else saves[::-1] + loads[::-1]):
                     res[key].append(timed(op))
-                    settle()
+                    retention.wait_deleted()
                 res["plain_first"].append(plain_first_load(overrides, plain))
                 res["dt_first"].append(dt_first_load(overrides, os.path.join(tmp, "sync")))
                 res["fwd_bwd"].append(timed(lambda: forward_backward(strategy, batch)))

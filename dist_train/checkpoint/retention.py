@@ -69,6 +69,15 @@ def _delete_later(paths: List[str]) -> None:
     thread.start()
 
 
+def wait_deleted() -> None:
+    """Wait until every background deletion this process started has finished (for a benchmark
+    that must not time it alongside something else)."""
+    with _deleting_lock:
+        threads = set(_deleting.values())
+    for thread in threads:
+        thread.join()
+
+
 def remove_stale(ckpt_dir: str) -> List[str]:
     """Remove staging and half-deleted directories and temporary files left by a crash (those
     this process is deleting in the background are its deleter's business)."""

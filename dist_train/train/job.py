@@ -228,13 +228,12 @@ def _finish(job, cluster: ClusterEnv, summary: Dict[str, Any], metrics) -> None:
             log.warning("logging.mlflow.log_model: could not export the final weights: %s; not logged", exc)
     metrics.close(summary["status"])  # after the summary: it is logged to MLflow as an artifact
     if code == 0:
-        rate = summary["samples_per_s"]  # (None: too few steps past the warmup to measure)
         log.info("done: %d steps, train_loss %s, eval_loss %s, eval_accuracy %s, %s samples/s, %.1f s",
                  summary["steps"], _f(summary["train_loss"]), _f(summary["eval_loss"]), _f(summary["eval_accuracy"]),
-                 "-" if rate is None else f"{rate:.1f}", summary["wall_s"])
+                 _f(summary["samples_per_s"], ".1f"), summary["wall_s"])
     elif code == EXIT_PREEMPTED:
         log.warning("preempted at step %d: checkpoint saved; exit %d (requeue the job to resume)", summary["steps"], code)
 
 
-def _f(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _f(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)

@@ -150,7 +150,8 @@ class Reporter:
         steady_pct = 0.0
         if self.throughput.steps > self.throughput.warmup:  # (else every step of the window is a warmup step)
             steady = {k: v * n - self._warmup_window.get(k, 0.0) for k, v in phases.items()}
-            steady_pct = 100.0 * steady["data"] / sum(steady.values()) if sum(steady.values()) > 1e-9 else 0.0
+            total = sum(steady.values())
+            steady_pct = 100.0 * steady["data"] / total if total > 1e-9 else 0.0
         self._warmup_window = {}
         if steady_pct > 10 and self._data_warnings < 3:
             self._data_warnings += 1
