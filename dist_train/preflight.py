@@ -6,12 +6,15 @@ to each strategy (``Strategy.check_config``); this module only asks the registry
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from dist_train.config.schema import ConfigError
-from dist_train.env.cluster import ClusterEnv
+from dist_train.env.cluster import ClusterEnv, device_for
+
+log = logging.getLogger("dist_train")
 
 
 def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None:
@@ -53,8 +56,14 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
     cuda = torch.cuda.is_available()
     if job.train.precision == "fp16" and not cuda:
         raise ConfigError("train.precision", "fp16 needs a CUDA GPU (no GPU here); use bf16 or fp32 on the CPU")
-    if job.train.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision", "this GPU has no bf16 support; use fp16 or fp32")
+    if job.train.precision == "bf16" and cuda:
+        # The capability, not torch.cuda.is_bf16_supported(): before Ampere that one makes a tensor on
+        # the current device, i.e. a CUDA context on GPU 0 in every rank (and in the launcher) for
+        # the whole run, before the process group sets each rank's own device.
+        major, minor = torch.cuda.get_device_capability(device_for(cluster))
+        if major < 8 and cluster.is_rank0:
+            log.warning("train.precision=bf16 on a GPU of compute capability %d.%d (before Ampere): torch emulates "
+                        "bf16 there, slowly; fp16 is this GPU's native half precision", major, minor)
     plan = StepPlan(job.data.batch_size, job.train.grad_accum_steps, job.train.grad_clip)
     strategy_class(name).check_config(job.strategy, plan, job.train.precision, cluster.world_size)
     if job.checkpoint.resume not in ("auto", "never") and not os.path.exists(job.checkpoint.resume):

@@ -381,3 +381,4 @@ def test_param_groups_and_schedule_survive_fsdp_and_deepspeed(tmp_path, ok):
     assert worst(series(tmp_path / "decay_all", "loss"), ref) > 10 * TOL
     lrs_logged = series(tmp_path / "deepspeed", "lr")
     assert lrs_logged == series(tmp_path / "single", "lr")
+

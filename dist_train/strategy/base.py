@@ -210,6 +210,7 @@ class Strategy(ABC):
         squares = torch.stack([(g.to_local() if shard else g).detach().float().pow(2).sum()
                                for (_, g), shard in zip(grads, is_shard)])
         if any(is_shard):
+            squares = squares.to(self.device)  # (offloaded shards are on the host; NCCL reduces on the GPU)
             mask = torch.tensor(is_shard, device=squares.device)
             sharded = all_reduce(torch.where(mask, squares, torch.zeros_like(squares)))
             squares = torch.where(mask, sharded, squares)
@@ -323,7 +324,7 @@ def global_grad_norm(grads: List[torch.Tensor], device: torch.device) -> torch.T
     """The 2-norm of all of ``grads`` together, over every rank's shards: a plain tensor.
 
     Shards of a 1-D mesh (FSDP's DTensors, all ``Shard`` placements) are reduced as local tensors
-    (one sum of squares per rank, one all-reduce), which skips DTensor's per-tensor dispatch; any
+    (one sum of squares per rank, one all-reduce on ``device``), which skips DTensor's per-tensor dispatch; any
     other DTensor layout goes through DTensor's own norm made whole with ``full_tensor()``.
     """
     if not grads:
@@ -332,7 +333,9 @@ def global_grad_norm(grads: List[torch.Tensor], device: torch.device) -> torch.T
     if mesh is not None and mesh.ndim == 1 and all(
             getattr(g, "device_mesh", None) is mesh and all(pl.is_shard() for pl in g.placements) for g in grads):
         local = total_norm([g.to_local() for g in grads]).float()
-        squares = all_reduce(local * local, group=mesh.get_group())
+        # On ``device``: with FSDP's CPU offload the shards are on the host, and the mesh's NCCL
+        # group reduces only GPU tensors.
+        squares = all_reduce((local * local).to(device), group=mesh.get_group())
         return squares.sqrt()
     norm = total_norm(grads)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Dict, Iterator, Optional, Tuple
+from types import SimpleNamespace
+from typing import Any, ContextManager, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -53,8 +54,8 @@ class DeepSpeedStrategy(Strategy):
         if self.plan is None:
             raise RuntimeError("deepspeed: build_strategy(..., plan=StepPlan(...)) is required")
         deepspeed = ds_config.import_deepspeed()
-        # DeepSpeed reads its device from LOCAL_RANK, which only torchrun sets (not SLURM or a
-        # plain `python -m dist_train`).
+        # DeepSpeed requires LOCAL_RANK, which only torchrun sets (not SLURM or a plain
+        # `python -m dist_train`); its device is set below.
         os.environ.setdefault("LOCAL_RANK", str(self.cluster.local_rank))
         # Reuses the process group we made (gloo on CPU, NCCL on GPU); never starts its own.
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
@@ -64,8 +65,12 @@ class DeepSpeedStrategy(Strategy):
         scheduler = make_scheduler(optimizer)
         config = ds_config.deepspeed_config(self.cfg, self.plan, self.precision.precision, self.cluster.world_size)
         self.global_grad_norm = ds_config.engine_drops_nonfinite(config)
+        # The engine's device is cuda:LOCAL_RANK unless told: under SLURM with one visible GPU per
+        # task (--gpus-per-task=1) the local rank is 0-7 and the only device is cuda:0.
+        args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
+            args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+            dist_init_required=False)
         if compiling.wanted(self):
             if self.cfg.zero_stage == 3 and self.cluster.is_rank0:
                 log.warning("train.compile under ZeRO stage 3: TorchDynamo traces DeepSpeed's parameter hooks at "
@@ -73,12 +78,24 @@ class DeepSpeedStrategy(Strategy):
                             "DeepSpeed's DeepCompile (strategy.deepspeed.config.compile.deepcompile=true, GPU) "
                             "is its own path for stage 3")
             engine.compile()  # compiles engine.module in place: parameter names unchanged
+        if self.precision.precision != "fp32":
+            _cast_at_the_edges(engine.module, self.precision.dtype)
         self.model = engine
         self.optimizer = ds_optimizer
         self.precision.scaler = None  # under fp16 the engine scales the loss (dynamic loss scale)
         # The engine steps this scheduler (our LambdaLR) at each real optimizer step; the loop
         # reads the learning rate from it as from any other strategy.
         self.scheduler = ds_scheduler
+
+    def autocast(self) -> ContextManager:
+        """No torch.autocast: the engine's bf16/fp16 section owns mixed precision. It keeps the
+        module's parameters in that dtype (the fp32 master copy in its optimizer) and, on a GPU,
+        turns an outer autocast off inside its forward (``deepspeed.runtime.torch_autocast``; on a
+        CPU it does not see one): fp32 inputs then met bf16 weights and the first layer failed.
+        The module instead computes in the engine's dtype on every device, its floating-point
+        inputs cast to that dtype and its outputs to fp32 (``_cast_at_the_edges``), so the task's
+        loss and metrics are taken in fp32, as autocast takes a loss."""
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def accumulate(self, sync: bool) -> Iterator[None]:
@@ -190,3 +207,34 @@ class DeepSpeedStrategy(Strategy):
         release = getattr(groups, "_release_process_group_references", None)
         if callable(release):
             release(None)
+
+
+def _cast_floats(value: Any, dtype: torch.dtype, only: Tuple[torch.dtype, ...] = ()) -> Any:
+    """``value`` with every floating-point tensor in it (nested in tuples, lists and dicts) cast to
+    ``dtype``; with ``only``, just the tensors of those dtypes."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.dtype != dtype and (not only or value.dtype in only):
+            return value.to(dtype)
+        return value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_cast_floats(v, dtype, only) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype, only) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _cast_floats(v, dtype, only)) for k, v in value.items())
+    return value
+
+
+def _cast_at_the_edges(module: nn.Module, dtype: torch.dtype) -> None:
+    """Hooks on the engine's module under bf16/fp16: floating-point inputs in ``dtype`` (the
+    parameters' dtype; token ids and masks of other dtypes untouched, as DeepSpeed's own
+    ``fp16.auto_cast`` does), outputs in ``dtype`` back to fp32 for the task's loss."""
+
+    def inputs(_module, args, kwargs):
+        return _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
+
+    def outputs(_module, _args, output):
+        return _cast_floats(output, torch.float32, only=(dtype,))
+
+    module.register_forward_pre_hook(inputs, with_kwargs=True)
+    module.register_forward_hook(outputs)
