@@ -12,6 +12,7 @@ Run as a script, this file is that batch runner:
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -147,6 +148,28 @@ def test_bf16_trains_under_every_strategy(tmp_path, ok):
         assert sorted(loss) == list(range(1, 16)), name
         assert all(math.isfinite(v) for v in [*loss.values(), *norm.values()]), (name, loss, norm)
         assert loss[15] < 0.9 * loss[1], f"{name}: bf16 loss did not fall: {loss}"
+
+
+
+@pytest.mark.slow
+def test_bf16_with_batchnorm_under_fsdp_and_deepspeed_trains_and_resumes(tmp_path, ok):
+    """A ResNet's BatchNorm under bf16: FSDP's and DeepSpeed's bf16 cast its weights while its running
+    statistics stayed fp32, and batch_norm refused the mix at the first forward. FSDP keeps it in an
+    fp32 unit (as autocast does), DeepSpeed keeps its statistics in bf16 (and its checkpoint's full
+    weights in fp32); both train, save, and resume from that checkpoint."""
+    base = ["model.name=resnet18", "data.name=synthetic_images", "data.synthetic_samples=64", "data.resize=8",
+            "data.batch_size=2", "data.num_workers=0", "train.precision=bf16", "train.warmup_steps=0",
+            "logging.every_steps=1", "logging.mlflow.enabled=false", "logging.progress_bar=off", "eval.max_batches=1",
+            "checkpoint.every_steps=2"]
+    cases = {"fsdp": ["strategy.name=fsdp"], "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"]}
+    ok(run_cli_batch([[*base, *args, "train.max_steps=2", f"run.dir={tmp_path / name}"]
+                      for name, args in cases.items()], nproc=2))
+    ok(run_cli_batch([[*base, *args, "train.max_steps=3", f"run.dir={tmp_path / name}"]
+                      for name, args in cases.items()], nproc=2))
+    for name in cases:
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["steps"] == 3 and summary["resumed_from_step"] == 2, summary
+        assert all(math.isfinite(v) for v in series(tmp_path / name, "loss").values()), name
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ class DeepSpeedStrategy(Strategy):
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    dist_init_required=False)
         model = model.to(self.device)
+        if self.precision.precision != "fp32":
+            _norm_statistics_in(model, self.precision.dtype)
         optimizer = make_optimizer(model.parameters())
         scheduler = make_scheduler(optimizer)
         config = ds_config.deepspeed_config(self.cfg, self.plan, self.precision.precision, self.cluster.world_size)
@@ -238,3 +240,15 @@ def _cast_at_the_edges(module: nn.Module, dtype: torch.dtype) -> None:
 
     module.register_forward_pre_hook(inputs, with_kwargs=True)
     module.register_forward_hook(outputs)
+
+
+def _norm_statistics_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """BatchNorm's running statistics in ``dtype``: the engine's bf16/fp16 section casts every
+    parameter (BatchNorm's affine too) and keeps buffers fp32, and batch_norm refuses half-precision
+    weights with fp32 statistics. (The checkpoint's full weights hold them in fp32 again.)"""
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            for name in ("running_mean", "running_var"):
+                buffer = getattr(bn, name, None)
+                if buffer is not None:
+                    buffer.data = buffer.data.to(dtype)

@@ -23,7 +23,9 @@ def model_shapes(module: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
 def full_weights(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """Collective: the full fp32 weights of an engine's model (DeepSpeed ZeRO 1/2/3 keep the fp32
     master copy partitioned in the optimizer; ``safe_get_full_fp32_param`` assembles it), as CPU
-    tensors. Buffers and parameters the engine does not manage are copied as they are."""
+    tensors. Parameters the optimizer does not hold (frozen) are the module's own, gathered under
+    ZeRO-3; buffers are copied, floating ones in fp32."""
+    from deepspeed import zero
     from deepspeed.utils import safe_get_full_fp32_param
 
     out: Dict[str, torch.Tensor] = {}
@@ -32,10 +34,15 @@ def full_weights(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
         if isinstance(value, torch.nn.Parameter):
             if id(value) not in seen:  # tied weights: assemble once, store under every name
                 full = safe_get_full_fp32_param(value)
+                if full is None and hasattr(value, "ds_id"):
+                    # Not in the optimizer (frozen): ZeRO-3 holds only this rank's partition of it
+                    # (empty on most ranks); gathered, every rank alike.
+                    with zero.GatheredParameters([value]):
+                        full = value.detach().to("cpu", torch.float32, copy=True)
                 seen[id(value)] = (full if full is not None else value.detach()).detach().to("cpu", torch.float32, copy=True)
             out[name] = seen[id(value)]
-        else:
-            out[name] = value.detach().to("cpu", copy=True)
+        else:  # (floating buffers in fp32, as the weights: BatchNorm's statistics run in bf16/fp16 here)
+            out[name] = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype, copy=True)
     return out
 
 

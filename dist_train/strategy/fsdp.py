@@ -146,6 +146,14 @@ class FSDPStrategy(Strategy):
             mp = MixedPrecisionPolicy(param_dtype=self.precision.dtype, reduce_dtype=DTYPES[fcfg.reduce_dtype])
         offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if fcfg.cpu_offload else OffloadPolicy()
         shard = dict(mesh=mesh, reshard_after_forward=fcfg.reshard_after_forward, mp_policy=mp, offload_policy=offload)
+        if self.precision.precision != "fp32":
+            # BatchNorm in a unit of its own with fp32 parameters, as under autocast: in a bf16/fp16
+            # unit its weights were cast while its running statistics stayed fp32, and batch_norm
+            # refuses that mix. It takes the half-precision activations as they are (a supported mix:
+            # fp32 statistics and affine, output in the input's dtype).
+            norm = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+            for bn in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+                fully_shard(bn, **dict(shard, mp_policy=norm))
         blocks = outermost(model, block_classes(model))
         for block in blocks:
             if fcfg.activation_checkpointing:
