@@ -44,6 +44,15 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
         problem = preprocessing_problem(job.data, dataset_task(job.data.name))
         if problem:
             raise ConfigError(*problem)
+    else:  # fit's dataset, or an import path's: its samples are what it returns
+        from dist_train.data.transforms import preprocessing_asked
+
+        key = preprocessing_asked(job.data)
+        if key:
+            raise ConfigError(key, "applies to the built-in image datasets only; a dataset of your own ("
+                              + ("fit's train_data" if own_data else f"data.name={job.data.name!r}")
+                              + ") is used as it is: apply your transforms in its "
+                              "__getitem__ (torchvision.transforms work there, and resume exactly)")
     if job.task.name and not (user is not None and user.task is not None):
         plugins.check_name("task.name", job.task.name, task_names())
     if job.model.init_from and not os.path.exists(job.model.init_from):

@@ -75,6 +75,10 @@ def test_fit_rejects_bad_input_before_any_process_group(tmp_path):
         dist_train.fit(torch.nn.Linear(2, 2), Stream(), overrides=[f"run.dir={tmp_path}", *FIT])
     with pytest.raises(dist_train.ConfigError, match="nn.Module"):
         dist_train.fit(lambda: "not a model", data, overrides=[f"run.dir={tmp_path / 'b'}", *FIT, "data.batch_size=4"])
+    # The built-in datasets' preprocessing keys would be ignored: fit's data is used as it is.
+    with pytest.raises(dist_train.ConfigError, match=r"data.augment: applies to the built-in image datasets only; "
+                                                     r"a dataset of your own \(fit's train_data\)"):
+        dist_train.fit(torch.nn.Linear(2, 2), data, overrides=[f"run.dir={tmp_path / 'c'}", *FIT, "data.augment=[hflip]"])
 
 
 def test_train_deterministic_holds_during_the_job_and_is_undone_after(tmp_path, monkeypatch):
@@ -134,6 +138,23 @@ def test_import_path_model_dataset_and_task_from_the_cli(tmp_path, monkeypatch):
     assert all("max_err" in r for r in read_metrics(run) if "loss" in r)  # the task's metric, logged
 
 
+
+@pytest.mark.slow
+def test_a_users_random_transforms_in_workers_resume_exactly(tmp_path, ok):
+    """A dataset of one's own that draws its augmentation from the global generators, loaded by a
+    DataLoader worker: a run killed at step 5 and started again gives the per-step losses of the run
+    that was never interrupted (the worker's generators are seeded per batch, not once per worker)."""
+    args = ["model.name=plugin_pkg:build_net", "model.args.hidden=8", "data.name=plugin_pkg:build_jittered_data",
+            "task.name=plugin_pkg:l1_task", "data.batch_size=16", "data.num_workers=1", "checkpoint.every_steps=3",
+            *[a for a in FIT if not a.startswith(("data.num_workers", "checkpoint.resume"))]]
+    env = {"PYTHONPATH": str(SCRIPTS)}
+    ok(run_cli([*args, f"run.dir={tmp_path / 'whole'}"], env=env))
+    crashed = run_cli([*args, "debug.faults=crash@5", f"run.dir={tmp_path / 'killed'}"], env=env)
+    assert crashed.returncode not in (0, 2), crashed.stderr[-2000:]
+    ok(run_cli([*args, f"run.dir={tmp_path / 'killed'}"], env=env))
+    assert read_summary(tmp_path / "killed")["resumed_from_step"] == 3
+    assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "whole")
+
 @pytest.mark.parametrize("override,key,words", [
     ("model.name=no_such_module:build", "model.name", "cannot import 'no_such_module'"),
     ("model.name=plugin_pkg:missing", "model.name", "has no attribute 'missing'"),
@@ -142,10 +163,11 @@ def test_import_path_model_dataset_and_task_from_the_cli(tmp_path, monkeypatch):
     ("model.name=torchvision:resnet9000", "model.name", "torchvision has no"),
     ("model.name=plugin_pkg:raises", "model.name", "the builder's own message"),
     ("model.name=plugin_pkg:not_a_module", "model.name", "torch.nn.Module"),
+    ("data.name=plugin_pkg:build_data data.resize=16", "data.resize", "data.name='plugin_pkg:build_data') is used as"),
 ])
 def test_each_bad_import_path_exits_2_naming_the_key(override, key, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(SCRIPTS)
-    assert cli.main(["data.name=digits", *FIT, override, f"run.dir={tmp_path}"]) == 2
+    assert cli.main(["data.name=digits", *FIT, *override.split(), f"run.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert key in err and words in err, err
     assert "Traceback" not in err
@@ -204,6 +226,7 @@ def test_init_from_gives_the_source_models_outputs_and_reports_a_new_head(tmp_pa
     other = build_model(load_config(None, ["model.name=mlp"]).model, SimpleNamespace(**{**vars(info), "num_classes": 3}))
     report = init_from(other, str(tmp_path / "source.pt"))
     assert report["shape_mismatch"] == ["out.bias", "out.weight"]
+    assert report["missing"] == []  # (the file has the head: its shape differs, it is not missing)
     assert len(report["loaded"]) == len(source.state_dict()) - len(report["shape_mismatch"])
 
 
@@ -258,3 +281,28 @@ def test_a_language_model_of_ones_own_reports_tokens_per_second(tmp_path):
     records = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert records and all(r["tokens_per_s"] == pytest.approx(12 * r["samples_per_s"]) for r in records)
     assert all(r["tflops"] > 0 for r in records)
+
+
+def test_a_model_handed_over_in_eval_mode_trains_in_training_mode(tmp_path):
+    """A plain loop calls model.train() itself: fit does too, before the first step (a model
+    handed over after an evaluation kept Dropout off and BatchNorm on its running statistics)."""
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+            self.modes = []
+
+        def forward(self, x):
+            self.modes.append((self.training, torch.is_grad_enabled()))
+            return self.net(x)
+
+    model = Probe().eval()
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    dist_train.fit(model, data, eval_data=data, overrides=[f"run.dir={tmp_path}", *FIT, "data.batch_size=8",
+                                                          "train.max_steps=4", "eval.every_steps=2"])
+    trained = [training for training, grad in model.modes if grad]
+    assert trained and all(trained), model.modes
+    assert model.net[1].num_batches_tracked.item() == 4  # BatchNorm updated its statistics every step

@@ -381,4 +381,8 @@ def test_param_groups_and_schedule_survive_fsdp_and_deepspeed(tmp_path, ok):
     assert worst(series(tmp_path / "decay_all", "loss"), ref) > 10 * TOL
     lrs_logged = series(tmp_path / "deepspeed", "lr")
     assert lrs_logged == series(tmp_path / "single", "lr")
+    # Each step's record holds the learning rate its update used (as torch's StepLR hands it out),
+    # not the one the schedule moved on to after it.
+    cfg = load_config(None, args).train
+    assert lrs_logged == {k: pytest.approx(0.05 * lr_factor(k - 1, cfg), rel=1e-9) for k in lrs_logged}
 

@@ -139,13 +139,21 @@ def _settings(cfg: Any) -> tuple[list[str], int, bool]:
             bool(getattr(cfg, "normalize", True)))
 
 
-def preprocessing_problem(cfg: Any, task: str, input_shape: tuple | None = None) -> tuple[str, str] | None:
-    """``(key, reason)`` when the ``data`` section asks for image preprocessing that a dataset of
-    ``task`` cannot have, else None. Needs no data: preflight can call it with the registered task."""
+def preprocessing_asked(cfg: Any) -> str | None:
+    """The first of ``data.augment``, ``data.resize``, ``data.normalize`` set to do something other
+    than the defaults (which leave a dataset as it is), or None."""
     names, side, normalize = _settings(cfg)
     if not names and not side and normalize:
         return None
-    key = "data.augment" if names else "data.resize" if side else "data.normalize"
+    return "data.augment" if names else "data.resize" if side else "data.normalize"
+
+
+def preprocessing_problem(cfg: Any, task: str, input_shape: tuple | None = None) -> tuple[str, str] | None:
+    """``(key, reason)`` when the ``data`` section asks for image preprocessing that a dataset of
+    ``task`` cannot have, else None. Needs no data: preflight can call it with the registered task."""
+    key = preprocessing_asked(cfg)
+    if key is None:
+        return None
     if task != "classification" or (input_shape is not None and len(input_shape) != 3):
         shape = f" of shape {tuple(input_shape)}" if input_shape is not None else ""
         return key, f"applies to image datasets only; data.name={cfg.name!r} has {task} inputs{shape}"

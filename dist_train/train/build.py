@@ -92,6 +92,10 @@ def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: 
             sources.init_from(module, job.model.init_from, verbose=cluster.is_rank0)
         broadcast_module(module)
     sources.freeze(module, list(job.model.freeze), verbose=cluster.is_rank0)
+    # Training mode, as a plain loop's model.train(): a module handed over after an evaluation kept
+    # Dropout off and BatchNorm on its running statistics. (A module that keeps parts of itself in
+    # eval mode overrides train(), as in plain PyTorch; the evaluator restores this mode.)
+    module.train()
     if before_setup is not None:
         before_setup(module)
     strategy.compile = job.train.compile

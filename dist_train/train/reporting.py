@@ -117,7 +117,7 @@ class Reporter:
         means = (collectives.all_reduce(values) / collectives.world_size()).tolist()
         out = {
             "loss": means[0],
-            "lr": self.strategy.lr,
+            "lr": output.lr if output.lr is not None else self.strategy.lr,  # (the one the step used)
             "grad_norm": _scalar(result.grad_norm),
             "samples_per_s": self.throughput.window_rate(),
             "step_time_s": step_s,

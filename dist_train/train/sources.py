@@ -10,10 +10,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from dist_train import plugins
 from dist_train.config.schema import ConfigError
+from dist_train.data.loader import seed_generators
 from dist_train.train import tasks
 
 log = logging.getLogger("dist_train")
@@ -23,7 +24,17 @@ log = logging.getLogger("dist_train")
 
 class MapDataset(Dataset):
     """A user's map-style dataset, collated batch-wise for our batch sampler: a tuple item's batch
-    gets the dataset indices appended (``(input, target, indices)``), as the built-ins' do."""
+    gets the dataset indices appended (``(input, target, indices)``), as the built-ins' do.
+
+    Its own random transforms (torchvision's, or draws from ``random`` / numpy's global
+    generator) resume exactly in DataLoader workers too: a worker seeds torch's, ``random``'s and
+    numpy's global generators before each training batch from that batch's first sample seed (a
+    hash of run seed, epoch and index, from the sampler). Seeded once per worker, a resumed run's
+    workers replayed their streams from the start of the run. In the training process itself
+    (``data.num_workers=0``) the generators are left alone: they are checkpointed with the run.
+    """
+
+    needs_sample_seeds = True  # (the training sampler hands (index, seed) pairs; evaluation plain indices)
 
     def __init__(self, dataset: Dataset, key: str):
         if isinstance(dataset, IterableDataset):
@@ -43,7 +54,13 @@ class MapDataset(Dataset):
     def __getitem__(self, i: int) -> Any:
         return self.dataset[i]
 
-    def __getitems__(self, indices: Sequence[int]) -> Any:
+    def __getitems__(self, keys: Sequence[Any]) -> Any:
+        if keys and isinstance(keys[0], tuple):
+            if get_worker_info() is not None:
+                seed_generators(int(keys[0][1]))
+            indices = [int(k[0]) for k in keys]
+        else:
+            indices = [int(k) for k in keys]
         items = [self.dataset[i] for i in indices]
         if not items:
             return items
@@ -158,7 +175,7 @@ def init_from(module: nn.Module, path: str, verbose: bool = True) -> Dict[str, L
         raise ConfigError("model.init_from", f"no tensor of {path} fits this model (its names: "
                           f"{', '.join(sorted(source)[:5])}; the model's: {', '.join(sorted(own)[:5])})")
     result = module.load_state_dict(usable, strict=False)
-    report = {"loaded": sorted(usable), "missing": sorted(result.missing_keys),
+    report = {"loaded": sorted(usable), "missing": sorted(set(result.missing_keys) - set(mismatched)),
               "unexpected": sorted(k for k in source if k not in own), "shape_mismatch": mismatched}
     if verbose:
         log.info("model.init_from %s: loaded %d tensors; kept this model's own values for %d (missing in the file: "

@@ -18,6 +18,7 @@ class StepOutput:
     loss: torch.Tensor                     # this rank's mean loss over the micro-batches (a tensor)
     result: StepResult                     # what the strategy reports (grad norm tensor, skipped, ...)
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # a task's own, averaged like the loss
+    lr: Optional[float] = None  # the learning rate this step's update used (the schedule has moved on since)
 
 
 def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
@@ -60,6 +61,7 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
     with clock("checkpoint"):
         strategy.before_update()  # an async save's copy of what the step changes (else nothing)
     with clock("optimizer"):
+        lr = strategy.lr
         apply = veto is None or not veto(mean)
         result = strategy.step(train_cfg.grad_clip, apply, grad_norms, finite_grads=finite_grads)
-    return StepOutput(mean, result, metrics)
+    return StepOutput(mean, result, metrics, lr)

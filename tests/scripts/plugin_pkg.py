@@ -15,6 +15,31 @@ def build_data(args):
     return TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:]), {"task": "regression"}
 
 
+class Jittered(torch.utils.data.Dataset):
+    """A user's dataset with its own random transform: noise from torch's, random's and numpy's
+    global generators, drawn in __getitem__ (in a DataLoader worker with data.num_workers > 0)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = self.base[i]
+        noise = 0.1 * torch.randn(x.shape) + 0.1 * random.random() + 0.1 * float(np.random.rand())
+        return x + noise, y
+
+
+def build_jittered_data(args):
+    train, test, info = build_data(args)
+    return Jittered(train), test, info
+
+
 def l1_task(model, batch):
     x, y = batch[0], batch[1]
     pred = model(x)
