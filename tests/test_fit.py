@@ -155,6 +155,27 @@ def test_a_users_random_transforms_in_workers_resume_exactly(tmp_path, ok):
     assert read_summary(tmp_path / "killed")["resumed_from_step"] == 3
     assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "whole")
 
+
+def test_a_preemption_at_the_last_step_leaves_the_final_evaluation_to_the_resumed_run(tmp_path, ok):
+    """SIGTERM while the last step's batch is fetched: the run checkpoints and exits 3 (preempted, so
+    the scheduler requeues it) instead of calling itself completed without its final evaluation;
+    the rerun trains no step, evaluates, and reports the last training loss."""
+    batch, steps = 16, 6
+    args = ["model.name=plugin_pkg:build_net", "model.args.hidden=8", "task.name=plugin_pkg:l1_task",
+            f"data.batch_size={batch}", *[a for a in FIT if not a.startswith(("checkpoint.resume", "train.max_steps"))],
+            f"train.max_steps={steps}", f"run.dir={tmp_path}"]
+    env = {"PYTHONPATH": str(SCRIPTS)}
+    # The FLOPs count fetches one batch first, then each step one: the last step's first sample.
+    at = (1 + steps - 1) * batch + 1
+    first = run_cli([*args, "data.name=plugin_pkg:build_signalled_data", f"data.args.sigterm_at_sample={at}"], env=env)
+    ok(first, 3)
+    s = read_summary(tmp_path)
+    assert s["status"] == "preempted" and s["steps"] == steps and s["eval_loss"] is None, s
+    ok(run_cli([*args, "data.name=plugin_pkg:build_signalled_data", "data.args.sigterm_at_sample=0"], env=env))
+    s = read_summary(tmp_path)
+    assert s["status"] == "completed" and s["resumed_from_step"] == steps and s["eval_loss"] is not None, s
+    assert s["train_loss"] == train_losses(tmp_path)[steps], s
+
 @pytest.mark.parametrize("override,key,words", [
     ("model.name=no_such_module:build", "model.name", "cannot import 'no_such_module'"),
     ("model.name=plugin_pkg:missing", "model.name", "has no attribute 'missing'"),

@@ -95,7 +95,7 @@ def _steps(reporter, clock, first, last, data_s, other_s=0.0):
     from types import SimpleNamespace
 
     output = SimpleNamespace(result=SimpleNamespace(skipped=False, grad_norm=torch.tensor(1.0), grad_norms=None,
-                                                    loss_scale=None), loss=torch.tensor(2.0), metrics={})
+                                                    loss_scale=None), loss=torch.tensor(2.0), metrics={}, lr=0.1)
     for step in range(first, last + 1):
         for phase, s in (("data", data_s), ("forward_backward", 0.09), ("optimizer", 0.01), ("other", other_s)):
             clock.window[phase] = clock.window.get(phase, 0.0) + s

@@ -47,3 +47,19 @@ def last_step(path: str) -> int:
     except OSError:
         return 0
     return best
+
+
+def last_value(path: str, key: str):
+    """``key``'s value in the last record of a JSON-lines log that has it, or None."""
+    if not os.path.isfile(path):
+        return None
+    found = None
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # (a torn last line of a killed process)
+            if isinstance(record, dict) and record.get(key) is not None:
+                found = record[key]
+    return found

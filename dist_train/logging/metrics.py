@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
-from dist_train.logging.jsonl import trim_jsonl
+from dist_train.logging.jsonl import last_value, trim_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ class MetricLogger:
         self._file.flush()
         self._each("log", step, values)
 
+    def last_logged(self, key: str) -> Any:
+        """``key``'s last logged value in metrics.jsonl (this run's or, resumed, an earlier attempt's)."""
+        self._file.flush()
+        return last_value(self.path, key)
+
     def add_artifact(self, path: str, artifact_path: str = "") -> None:
         """Attach a file to the run; sinks upload it at close."""
         self._each("add_artifact", path, artifact_path)
@@ -118,6 +123,9 @@ class NullMetricLogger:
 
     def rewind(self, step: int) -> None:
         pass
+
+    def last_logged(self, key: str) -> Any:
+        return None
 
     def add_artifact(self, path: str, artifact_path: str = "") -> None:
         pass

@@ -30,8 +30,12 @@ class Evaluator:
 
     def final(self, step: int) -> None:
         """At the end of training (unless this step was just evaluated)."""
-        if self.last_step != step:
+        if self.final_pending(step):
             self._run(step, final=True)
+
+    def final_pending(self, step: int) -> bool:
+        """Whether ``final(step)`` would evaluate (there is held-out data it has not seen at ``step``)."""
+        return self.loader is not None and self.last_step != step
 
     def _run(self, step: int, final: bool) -> None:
         if self.loader is None:  # no held-out data

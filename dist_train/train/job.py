@@ -188,7 +188,9 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
             log.info(describe_goodput(summary["goodput"]))
         summary.update(reporter.summary(), **evaluator.last)
         summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
-        return preempted and state.step < job.train.max_steps
+        # Preempted at the last step, the loop skipped the final evaluation: still "preempted" (exit 3,
+        # so the scheduler requeues it), and the resumed run evaluates without training further.
+        return preempted and (state.step < job.train.max_steps or evaluator.final_pending(state.step))
     finally:
         if data is not None:
             data.close()  # the loader's iterator (and its worker processes) with it

@@ -171,7 +171,9 @@ class Reporter:
 
     def summary(self) -> Dict[str, Any]:
         rate = self.throughput.steady_rate()
-        out = {"train_loss": self.last.get("loss"), "samples_per_s": rate}
+        # A run resumed at its last step trains no step: its loss is the last one logged before.
+        loss = self.last.get("loss") if self.last else self.metrics.last_logged("loss")
+        out = {"train_loss": loss, "samples_per_s": rate}
         if self.flops is not None and rate:
             out.update(self.flops.metrics(1.0, rate))
         return out

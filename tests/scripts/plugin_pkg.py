@@ -40,6 +40,31 @@ def build_jittered_data(args):
     return Jittered(train), test, info
 
 
+class SignalledAt(torch.utils.data.Dataset):
+    """Sends this process SIGTERM (a preemption) when its ``at``-th sample is fetched: with
+    num_workers=0, in the training process, while it fetches the batch of a chosen step."""
+
+    def __init__(self, base, at):
+        self.base, self.at, self.fetched = base, at, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        import os
+        import signal
+
+        self.fetched += 1
+        if self.fetched == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.base[i]
+
+
+def build_signalled_data(args):
+    train, test, info = build_data(args)
+    return SignalledAt(train, int(args["sigterm_at_sample"])), test, info
+
+
 def l1_task(model, batch):
     x, y = batch[0], batch[1]
     pred = model(x)
