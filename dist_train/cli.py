@@ -75,7 +75,8 @@ def _usage_error(message: str, cluster: ClusterEnv) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cluster = detect()
-    args, unknown = _parser().parse_known_args(argv)
+    # Intermixed: overrides may come before and after options (launch/deepspeed.sh puts its own first).
+    args, unknown = _parser().parse_known_intermixed_args(argv)
     if args.help:
         if cluster.is_rank0:
             sys.stdout.write(_help_text())

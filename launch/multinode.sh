@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-: "${NNODES:?set NNODES}" "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}"
+: "${NNODES:?set NNODES}" "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 NPROC=${NPROC:-$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")}
 exec "$PY" -m dist_train.launch --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id="${RDZV_ID:-dist_train}" \
