@@ -152,3 +152,39 @@ def test_exit_process_does_what_interpreter_shutdown_does_then_exits(tmp_path):
     assert (tmp_path / "out.thread").read_text() == "joined"
     assert (tmp_path / "out.atexit").read_text() == "ran"
     assert "buffered log line" in (tmp_path / "out.log").read_text()
+
+
+def _side_groups_follow_the_collective_timeout(rank: int, world: int) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from dist_train.env import collectives
+
+    import datetime
+
+    sync = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=60))  # (the test's own)
+    before = collectives.new_gloo_group()  # (as the checkpoint and preemption groups: made at start)
+    collectives.set_collective_timeout(1.0)  # what the loop does after the first step (dist.timeout_s)
+    after = collectives.new_gloo_group()
+    for group in (before, after):
+        if rank == 1:
+            time.sleep(6)  # stuck (a hung filesystem in a save)
+        t0 = time.monotonic()
+        try:
+            dist.barrier(group=group)
+            failed = False
+        except RuntimeError:
+            failed = True
+        waited = time.monotonic() - t0
+        if rank == 0:  # torch's new_group default would have waited 30 minutes
+            assert failed and waited < 5, (group is before, failed, waited)
+        dist.barrier(group=sync)  # (both ranks past the stuck one before the next group)
+
+
+def test_checkpoint_and_preemption_groups_fail_after_dist_timeout_s_too():
+    """new_gloo_group's groups (checkpoint, preemption, async verdict) took torch's 30-minute
+    default: a rank stuck in a checkpoint stalled the job that long whatever dist.timeout_s said."""
+    from conftest import spawn
+
+    spawn(_side_groups_follow_the_collective_timeout, 2)

@@ -354,7 +354,8 @@ class DistConfig:
     init_timeout_s: float = doc(600.0, "process-group start-up: how long a rank waits for rank 0's store and for every "
                                 "other rank to join before it fails naming the missing ranks (also the collective "
                                 "timeout until the first step is done)")
-    timeout_s: float = doc(600.0, "collective timeout after the first step (a rank stuck that long fails the job)")
+    timeout_s: float = doc(600.0, "collective timeout after the first step (a rank stuck that long fails the job), "
+                                  "checkpoint saves' and preemption's collectives included")
     watchdog_factor: float = doc(10.0, "the hang watchdog dumps this rank's stacks to <run.dir>/hangs/ when a phase "
                                  "lasts this many times the recent median iteration ...")
     watchdog_floor_s: float = doc(120.0, "... and at least this many seconds (0: no watchdog)")

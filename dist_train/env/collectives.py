@@ -73,22 +73,49 @@ def all_gather_object(obj: Any, group=None) -> List[Any]:
     return out
 
 
-def new_gloo_group():
+# The groups new_gloo_group made that live as long as the process group (checkpoint, preemption,
+# async-save verdict), and the collective timeout in force: set_collective_timeout applies it to
+# them too (torch's new_group would give them its 30-minute default, whatever dist.timeout_s says).
+_kept_groups: List[Any] = []
+_timeout_s: Optional[float] = None
+
+
+def new_gloo_group(kept: bool = True):
     """A second group on gloo over the same ranks (None without a process group): for host-side
     collectives that run off the training thread (checkpoint writes) and must never interleave
-    with the training collectives on the default group."""
-    return dist.new_group(backend="gloo") if initialized() else None
+    with the training collectives on the default group. It has the collective timeout in force
+    (``set_collective_timeout``), and, ``kept``, follows its later changes."""
+    if not initialized():
+        return None
+    import datetime
+
+    timeout = datetime.timedelta(seconds=_timeout_s) if _timeout_s is not None else None
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    if kept:
+        _kept_groups[:] = [g for g in _kept_groups if _alive(g)] + [group]
+    return group
+
+
+def _alive(group) -> bool:
+    return group in dist.distributed_c10d._world.pg_map  # (destroyed with the process group they belong to)
 
 
 def set_collective_timeout(seconds: float, group=None) -> None:
-    """From now on, a collective that waits longer than ``seconds`` fails (start-up keeps a long one)."""
+    """From now on, a collective that waits longer than ``seconds`` fails (start-up keeps a long one):
+    on ``group``, or on the default group and every group ``new_gloo_group`` keeps."""
+    global _timeout_s
     if initialized():
         import datetime
 
         c10d = dist.distributed_c10d
         # set_timeout is public in recent torch (2.14); older releases (2.11) have it as _set_pg_timeout.
         setter = getattr(c10d, "set_timeout", None) or c10d._set_pg_timeout
-        setter(datetime.timedelta(seconds=seconds), group)
+        if group is not None:
+            setter(datetime.timedelta(seconds=seconds), group)
+            return
+        _timeout_s = seconds
+        for g in [None, *(g for g in _kept_groups if _alive(g))]:
+            setter(datetime.timedelta(seconds=seconds), g)
 
 
 def broadcast_module(module, src: int = 0) -> None:
@@ -96,7 +123,7 @@ def broadcast_module(module, src: int = 0) -> None:
     gloo group, so that CPU tensors work whatever the default backend)."""
     if not initialized() or dist.get_world_size() == 1:
         return
-    group = new_gloo_group()
+    group = new_gloo_group(kept=False)
     try:
         with torch.no_grad():
             for tensor in list(module.parameters()) + list(module.buffers()):

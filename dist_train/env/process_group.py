@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from dist_train.env import collectives
 from dist_train.env.cluster import ClusterEnv, backend_for, device_for
 from dist_train.env.rendezvous import RendezvousTimeout, join, open_attempt
 
@@ -64,6 +65,7 @@ def init_group(cluster: ClusterEnv, device: torch.device, timeout_s: float) -> N
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
+    collectives.set_collective_timeout(timeout_s)  # (the groups made from now on get it too)
     log.debug("process group up: backend=%s rank=%d/%d", backend, cluster.rank, cluster.world_size)
 
 
