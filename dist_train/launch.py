@@ -113,16 +113,67 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = cli.main(["--check", *job_args])
     if code != 0:
         return code
-    return _run_torchrun(args)
+    _graceful_defaults(args, launch)
+    return _run_torchrun(args, _summary_path(job_args))
 
 
-def _run_torchrun(args) -> int:
+# Signals torchrun forwards to its workers (its default list, plus SLURM's --signal=USR1@T: without
+# it torchrun dies of SIGUSR1 and leaves its workers behind), and how long it waits for them to
+# exit after forwarding one before it kills them (torchrun's default, 30 s, is less than a large
+# checkpoint takes: the preemption checkpoint was lost).
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SHUTDOWN_TIMEOUT_S = 300
+
+
+def _graceful_defaults(args, launch: Sequence[str]) -> None:
+    """Our defaults for the options above, unless given on the command line (or torchrun's own
+    environment variable for the timeout)."""
+    given = {a.split("=", 1)[0].replace("_", "-") for a in launch}
+    if "--signals-to-handle" not in given:
+        args.signals_to_handle = FORWARDED_SIGNALS
+    if "--shutdown-timeout" not in given and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+        args.shutdown_timeout = SHUTDOWN_TIMEOUT_S
+
+
+def _summary_path(job_args: Sequence[str]) -> Optional[str]:
+    """Where the job's summary.json will be (None when the arguments do not load: the check said why)."""
+    from dist_train import cli
+    from dist_train.config import load_config
+
+    try:
+        parsed, _unknown = cli._parser().parse_known_intermixed_args(list(job_args))
+        return os.path.join(load_config(parsed.config, parsed.overrides).run.dir, "summary.json")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _preempted(summary: Optional[str], since: float) -> bool:
+    """Whether this launch's run wrote a summary.json that says it was preempted."""
+    import json
+
+    try:
+        if summary is None or os.path.getmtime(summary) < since:
+            return False
+        with open(summary, encoding="utf-8") as f:
+            return json.load(f).get("status") == "preempted"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _run_torchrun(args, summary: Optional[str] = None) -> int:
     """torchrun's ``run`` (not its ``main``, whose decorator is what turns a failed worker into a
-    logged traceback); a failed worker becomes one line and its own exit code."""
+    logged traceback); a failed worker becomes one line and its own exit code. A run that was
+    preempted exits 3 however torchrun ended: stopped by the signal itself, or by its workers
+    (``keep_launcher_from_restarting``)."""
+    import time
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
+    from dist_train.env.preemption import EXIT_PREEMPTED
+
+    started = time.time()
     try:
         run(args)
     except ChildFailedError as exc:
@@ -132,6 +183,10 @@ def _run_torchrun(args) -> int:
               f"above); exiting {code}", file=sys.stderr)
         return code
     except SignalException as exc:
+        if _preempted(summary, started):
+            print(f"dist_train.launch: stopped by signal {exc.sigval.name} after the run was preempted "
+                  f"(checkpoint saved); exiting {EXIT_PREEMPTED}", file=sys.stderr)
+            return EXIT_PREEMPTED
         print(f"dist_train.launch: stopped by signal {exc.sigval.name}", file=sys.stderr)
         return 128 + int(exc.sigval)
     return 0

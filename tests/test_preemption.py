@@ -1,13 +1,19 @@
 """The preemption flag's agreement: every rank stops at the same step, soon after one rank's
-signal, while fast steps exchange the flag only every few steps (its all-reduce is not free)."""
+signal, while fast steps exchange the flag only every few steps (its all-reduce is not free);
+and a preempted run under the launcher stops for good (no torchrun restart) and exits 3."""
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import spawn
+from conftest import REPO, clean_env, free_port, read_summary, spawn
 
 
 def _agree(rank: int, world_size: int, signal_rank: int, signal_at: int, step_s: tuple) -> None:
@@ -60,3 +66,73 @@ def test_one_process_needs_no_exchange():
         assert watcher.requested() and watcher.exchanges == 0
     finally:
         watcher.close()
+
+
+JOB = ["data.name=digits", "model.name=mlp", "model.hidden=32", "data.batch_size=16", "data.num_workers=0",
+       "train.max_steps=400", "logging.every_steps=1", "eval.every_steps=0", "eval.max_batches=1",
+       "checkpoint.every_steps=0", "logging.mlflow.enabled=false", "logging.progress_bar=off",
+       "debug.faults=step_sleep=0.05"]
+
+
+def _launch(run: Path, *torchrun: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "dist_train.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *torchrun, *JOB, f"run.dir={run}"]
+    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def _logged(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return sum(1 for line in open(path) if '"loss"' in line) if path.exists() else 0
+
+
+def _worker(parent: int, local_rank: int) -> int:
+    """The pid of the torchrun worker of ``local_rank`` started by ``parent``."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(name)
+    raise AssertionError(f"no worker of local rank {local_rank} under pid {parent}")
+
+
+def _until_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 180) -> None:
+    end = time.time() + timeout
+    while _logged(run) < step:
+        if proc.poll() is not None or time.time() > end:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"the run ended or stalled before step {step}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+@pytest.mark.parametrize("target", ["one worker", "the launcher"])
+def test_a_preempted_run_under_the_launcher_stops_for_good_and_exits_3(target, tmp_path):
+    """SIGUSR1 to one worker under --max-restarts=2: torchrun used to count the workers' exit 3 as a
+    failure and restart them (the run trained on to its end). SIGTERM to the launcher itself: it
+    exited 143. Both now stop at the agreed step with the checkpoint saved, and exit 3."""
+    run = tmp_path / "run"
+    proc = _launch(run, "--max-restarts=2")
+    _until_step(proc, run, 5)
+    if target == "one worker":
+        os.kill(_worker(proc.pid, 1), signal.SIGUSR1)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=180)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    summary = read_summary(run)
+    assert proc.returncode == 3, (proc.returncode, summary, out[-4000:])
+    assert summary["status"] == "preempted" and summary["steps"] < 400, summary
+    assert summary["restarts"] == 0 and "formed again" not in out, out[-4000:]
+    assert _logged(run) == summary["steps"]  # (nothing trained after the stop)
+    assert (run / "checkpoints" / f"step_{summary['steps']:08d}").is_dir()

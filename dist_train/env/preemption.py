@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -122,3 +123,29 @@ def shield_workers(loader) -> None:
     """
     if getattr(loader, "num_workers", 0) > 0:
         loader.worker_init_fn = functools.partial(_ignore_signals_then, loader.worker_init_fn)
+
+
+def keep_launcher_from_restarting(cluster, signalled: bool) -> None:
+    """After an agreed preemption, its checkpoint committed, on every rank: keep torchrun from
+    starting the job again.
+
+    torchrun with ``--max-restarts`` counts a worker's exit 3 as a failure and restarts the workers
+    (they resume and train on, the stop request ignored, the restart budget and the grace period
+    spent). So every worker ignores further preemption signals from here (it is on its way out),
+    and local rank 0 sends its torchrun SIGTERM: torchrun then shuts its workers down, which
+    finish their exit, instead of restarting them. Not when local rank 0 got a preemption signal
+    itself: then torchrun was signalled too (it forwards its signals to every worker; a scheduler
+    signals every process) and is shutting down already, and a second signal would cut its wait
+    for the workers short.
+    """
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if cluster.source != "torchrun" or not restarts.isdigit() or int(restarts) == 0:
+        return
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    if cluster.local_rank == 0 and not signalled:
+        agent = os.getppid()
+        log.warning("preempted under torchrun --max-restarts=%s: stopping torchrun (pid %d) so that it does not "
+                    "start the job again; requeue the job to resume from its checkpoint", restarts, agent)
+        os.kill(agent, signal.SIGTERM)

@@ -11,7 +11,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ from dist_train.checkpoint.layout import write_json_atomic
 from dist_train.config import ConfigError, to_dict, to_yaml
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.faults import Faults
-from dist_train.env.preemption import EXIT_PREEMPTED, PreemptionWatcher
+from dist_train.env.preemption import EXIT_PREEMPTED, PreemptionWatcher, keep_launcher_from_restarting
 from dist_train.env.process_group import group_restarts, process_group
 from dist_train.env.seed import deterministic_kernels
 from dist_train.logging.console import setup_console
@@ -120,10 +120,12 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                             torch.backends.cpu.get_cpu_capability())
             parts = build_parts(job, cluster, device, user)
             try:
-                preempted = _train(job, cluster, parts, state, metrics, summary, started_unix)
+                preempted, signalled = _train(job, cluster, parts, state, metrics, summary, started_unix)
             finally:
                 parts.close()
             summary["status"], code = ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)
+            if preempted:
+                keep_launcher_from_restarting(cluster, signalled)
     except (CheckpointRefused, ConfigError) as exc:  # the same verdict on every rank: a usage error
         code = 2
         if cluster.is_rank0:
@@ -141,8 +143,9 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
 
 
 def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics, summary: Dict[str, Any],
-           started_unix: float) -> bool:
-    """Resume, run the loop, save the final checkpoint; True when the run was preempted."""
+           started_unix: float) -> Tuple[bool, bool]:
+    """Resume, run the loop, save the final checkpoint; (whether the run was preempted, whether
+    this rank itself got a preemption signal)."""
     faults = Faults(job.debug.faults)
     strategy = parts.strategy
     clock = PhaseClock()
@@ -190,7 +193,8 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
         # Preempted at the last step, the loop skipped the final evaluation: still "preempted" (exit 3,
         # so the scheduler requeues it), and the resumed run evaluates without training further.
-        return preempted and (state.step < job.train.max_steps or evaluator.final_pending(state.step))
+        return (preempted and (state.step < job.train.max_steps or evaluator.final_pending(state.step)),
+                preemption.signal_name is not None)
     finally:
         if data is not None:
             data.close()  # the loader's iterator (and its worker processes) with it
