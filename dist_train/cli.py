@@ -104,4 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     from dist_train.train.job import run_job
 
-    return run_job(job, cluster)
+    try:
+        return run_job(job, cluster)
+    except KeyboardInterrupt:  # (summary.json and the log say where; a traceback would add nothing)
+        return 130

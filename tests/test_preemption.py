@@ -136,3 +136,20 @@ def test_a_preempted_run_under_the_launcher_stops_for_good_and_exits_3(target, t
     assert summary["restarts"] == 0 and "formed again" not in out, out[-4000:]
     assert _logged(run) == summary["steps"]  # (nothing trained after the stop)
     assert (run / "checkpoints" / f"step_{summary['steps']:08d}").is_dir()
+
+
+def test_ctrl_c_exits_130_and_the_summary_says_so(tmp_path):
+    """SIGINT (Ctrl-C) is not a preemption: no checkpoint, exit 130 without a traceback, and
+    summary.json says it was interrupted (it said exit_code 1 with no error, while the process
+    exited 130)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_train", *JOB, f"run.dir={run}"], cwd=REPO, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _until_step(proc, run, 3)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    summary = read_summary(run)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert summary["status"] == "failed" and summary["exit_code"] == 130, summary
+    assert "interrupted (KeyboardInterrupt, Ctrl-C)" in summary["error"], summary

@@ -135,6 +135,12 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         log.error("rank %d failed: %s\n%s", cluster.rank, exc, traceback.format_exc())
         # Kept without its traceback: the frames would keep the data pipeline alive.
         summary["error"], error = f"rank {cluster.rank}: {type(exc).__name__}: {exc}", exc.with_traceback(None)
+    except KeyboardInterrupt:  # Ctrl-C: no checkpoint (that is what SIGTERM/SIGUSR1 are for); said so, and raised on
+        code = 130  # (what the shell reports for a process ended by SIGINT)
+        summary["error"] = f"rank {cluster.rank}: interrupted (KeyboardInterrupt, Ctrl-C) at step {state.step}"
+        log.warning("rank %d: interrupted at step %d; no checkpoint taken (a rerun resumes from the last one)",
+                    cluster.rank, state.step)
+        raise
     finally:
         summary.update(steps=state.step, samples_seen=state.samples_seen, resumed_from_step=state.resumed_from_step,
                        wall_s=round(time.perf_counter() - t_start, 3), mlflow_run_id=metrics.run_id, exit_code=code)
