@@ -68,6 +68,17 @@ def test_failure_writes_summary_and_names_the_rank(tmp_path):
     assert missing.returncode == 2 and "data.root" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_a_survivor_of_a_dead_rank_says_another_rank_failed(tmp_path):
+    """Rank 1 dies hard at step 3: rank 0's collective fails with a transport error that reads as if
+    rank 0 were the culprit; its summary says another rank is gone and where to look."""
+    run = tmp_path / "crash"
+    proc = run_cli(["model.name=mlp", "data.name=digits", "train.max_steps=20", "debug.faults=crash@3:1",
+                    "logging.mlflow.enabled=false", "logging.progress_bar=off", f"run.dir={run}"], nproc=2, timeout=180)
+    assert proc.returncode != 0
+    s = read_summary(run)
+    assert s["status"] == "failed" and "another rank is gone: it failed first" in s["error"], s["error"]
+
+
 def test_progress_bar_shows_each_logging_steps_metrics(capsys):
     """The bar advances every step and shows the newest logged loss (its text is rebuilt only
     when the reporter hands it a new metrics dict, at logging steps)."""

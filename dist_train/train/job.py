@@ -134,7 +134,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
     except Exception as exc:
         log.error("rank %d failed: %s\n%s", cluster.rank, exc, traceback.format_exc())
         # Kept without its traceback: the frames would keep the data pipeline alive.
-        summary["error"], error = f"rank {cluster.rank}: {type(exc).__name__}: {exc}", exc.with_traceback(None)
+        summary["error"], error = f"rank {cluster.rank}: {type(exc).__name__}: {exc}{_peer_hint(exc)}", exc.with_traceback(None)
     except KeyboardInterrupt:  # Ctrl-C: no checkpoint (that is what SIGTERM/SIGUSR1 are for); said so, and raised on
         code = 130  # (what the shell reports for a process ended by SIGINT)
         summary["error"] = f"rank {cluster.rank}: interrupted (KeyboardInterrupt, Ctrl-C) at step {state.step}"
@@ -245,6 +245,18 @@ def _finish(job, cluster: ClusterEnv, summary: Dict[str, Any], metrics) -> None:
                  _f(summary["samples_per_s"], ".1f"), summary["wall_s"])
     elif code == EXIT_PREEMPTED:
         log.warning("preempted at step %d: checkpoint saved; exit %d (requeue the job to resume)", summary["steps"], code)
+
+
+# What a collective raises on a rank whose peer died (gloo; NCCL): the peer, not this rank, failed.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted")
+
+
+def _peer_hint(exc: BaseException) -> str:
+    if any(words in str(exc) for words in _PEER_GONE):
+        return (" (another rank is gone: it failed first, and its summary.rank<N>.json or the launcher's "
+                "'rank N failed first' line says why)")
+    return ""
 
 
 def _f(value, spec: str = ".4f") -> str:
