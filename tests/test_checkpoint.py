@@ -539,3 +539,18 @@ def test_a_dropped_last_save_is_saved_again_at_the_end_and_close_drops_an_unchec
     assert pending.done.wait(60) and pending.dropped is not None
     assert not (tmp_path / "closed" / "run" / "checkpoints" / "step_00000001").exists()
     assert "before_update" not in strategy.__dict__
+
+
+def test_json_files_are_standard_json_even_with_a_nan(tmp_path):
+    """summary.json's train_loss is NaN when the last step was a skipped non-finite one: Python wrote
+    it as NaN, which JSON.parse and strict parsers refuse; it is null now (as in metrics.jsonl)."""
+    import json as _json
+
+    path = tmp_path / "summary.json"
+    layout.write_json_atomic(str(path), {"train_loss": float("nan"), "nested": {"x": [1.0, float("inf")]}, "n": 3})
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON: {constant}")
+
+    assert _json.loads(path.read_text(), parse_constant=refuse) == {"train_loss": None, "nested": {"x": [1.0, None]},
+                                                                     "n": 3}

@@ -162,3 +162,20 @@ def test_config_yaml_keeps_literal_interpolation_text(tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(job))
     again = load_config(str(tmp_path / "config.yaml"), [])
     assert again == job and again.run.dir == job.run.dir
+
+
+@pytest.mark.parametrize("text", ["0x10", "010", "1:30", "on", "yes", "1e3", "2024"])
+def test_a_text_key_keeps_the_text_of_an_override(text):
+    """YAML 1.1 reads 0x10 as 16, 010 as 8, 1:30 as 90, on as true: run.name=0x10 named the run
+    (and its directory) 16."""
+    job = load_config(None, [f"run.name={text}", f"logging.mlflow.experiment={text}"])
+    assert job.run.name == text and job.logging.mlflow.experiment == text
+
+
+def test_a_preset_number_for_a_text_key_is_refused_naming_it(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("run:\n  name: 0x10\n")
+    with pytest.raises(ConfigError, match=r"run.name.*YAML read the int 16 here: quote the value"):
+        load_config(str(preset))
+    preset.write_text("run:\n  name: '0x10'\n")
+    assert load_config(str(preset)).run.name == "0x10"

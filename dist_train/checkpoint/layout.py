@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -120,7 +121,19 @@ def write_atomic(path: str, text: str, sync_file: bool = True) -> None:
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
-    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Standard JSON (a NaN or infinite number, which Python would write as NaN / Infinity and other
+    parsers refuse, becomes null: summary.json's train_loss after a skipped non-finite last step)."""
+    write_atomic(path, json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_staged(path: str, data: bytes) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import typing
 import os
 import re
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -79,6 +80,22 @@ def _sections(cls: type) -> Dict[str, Optional[type]]:
             for f in dataclasses.fields(cls)}
 
 
+@functools.lru_cache(maxsize=None)
+def _text_fields(cls: type) -> frozenset:
+    """The names of ``cls``'s fields that hold text (``str`` or ``Optional[str]``)."""
+    hints = typing.get_type_hints(cls)
+    return frozenset(name for name, hint in hints.items() if hint is str or hint == Optional[str])
+
+
+def _text_leaf(key: str) -> bool:
+    """Whether the dotted ``key`` names a text field of the schema."""
+    cls: Optional[type] = JobConfig
+    *path, leaf = key.split(".")
+    for part in path:
+        cls = _sections(cls).get(part) if cls is not None else None
+    return cls is not None and leaf in _text_fields(cls)
+
+
 def _check_shape(tree: Dict[Any, Any], cls: type = JobConfig, prefix: str = "") -> Dict[str, Any]:
     """Check the nesting of a YAML preset or an override against the schema, so that an unknown
     key or a section given a plain value is named with the keys that would fit. An empty section
@@ -94,6 +111,11 @@ def _check_shape(tree: Dict[Any, Any], cls: type = JobConfig, prefix: str = "") 
         section = fields[key]
         if section is None:
             default = getattr(_defaults(cls), key)
+            if key in _text_fields(cls) and isinstance(value, (bool, int, float)):
+                # YAML 1.1 reads 0x10 as 16, 010 as 8, 1:30 as 90, yes/on as true: a run name or an
+                # experiment that silently became another text. (An override keeps the text it was given.)
+                raise ConfigError(dotted, f"is text, but YAML read the {type(value).__name__} {value!r} here: "
+                                          "quote the value (e.g. name: '0x10')")
             if isinstance(default, dict) and value is not None and not isinstance(value, dict):
                 raise ConfigError(dotted, f"must be a mapping of key: value; got the {type(value).__name__} "
                                           f"{_one_line(repr(value), 60)}")
@@ -141,6 +163,14 @@ def _read_override(item: str) -> Tuple[str, Dict[str, Any]]:
     except Exception as exc:  # OmegaConf's key-path parser fails on some keys with plain errors ("[=1": IndexError)
         raise ConfigError(key, f"not a key path OmegaConf can read ({type(exc).__name__}: {_one_line(exc, 120)}); "
                           "keys are dotted names such as train.max_steps") from None
+    if _text_leaf(key) and value.strip() not in ("", "null", "~", "Null", "NULL"):
+        # A text key takes the text as given: YAML would read 0x10 as 16, 010 as 8, on as true.
+        node = tree
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        if not isinstance(node[leaf], str):
+            node[leaf] = value
     return key, _check_shape(tree)
 
 
