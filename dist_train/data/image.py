@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dist_train.config.schema import ConfigError
 from dist_train.data.registry import DataInfo, InMemoryDataset, register_dataset
 
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -73,8 +74,11 @@ def _find_idx(root: Path, stem: str) -> Path:
 
 
 def _load_fashion_split(root: Path, prefix: str) -> InMemoryDataset:
-    images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"), ndim=3)
-    labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"), ndim=1)
+    try:
+        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"), ndim=3)
+        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"), ndim=1)
+    except ValueError as exc:  # a damaged file: the data.root setting's problem (exit 2, no traceback)
+        raise ConfigError("data.root", str(exc)) from None
     if images.shape[0] != labels.shape[0] or tuple(images.shape[1:]) != (28, 28):
         raise ValueError(
             f"{root}: {prefix} images {tuple(images.shape)} do not match labels {tuple(labels.shape)}"

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from dist_train.config.schema import ConfigError
 from dist_train.data.registry import DataInfo, InMemoryDataset, register_dataset
 
 BYTE_VOCAB = 256
@@ -50,7 +51,7 @@ def byte_windows(tokens: torch.Tensor, seq_len: int, name: str) -> InMemoryDatas
     """Non-overlapping next-token windows: x = tokens[kL:kL+L], y = tokens[kL+1:kL+L+1] (int64)."""
     n = (tokens.numel() - 1) // seq_len  # y needs one token past the last window
     if n < 1:
-        raise ValueError(f"{name}: {tokens.numel()} tokens are too few for data.seq_len={seq_len}")
+        raise ConfigError("data.seq_len", f"{seq_len} is too long: {name} holds {tokens.numel()} tokens")
     x = tokens[: n * seq_len].view(n, seq_len).to(torch.int64)
     y = tokens[1 : n * seq_len + 1].view(n, seq_len).to(torch.int64)
     return InMemoryDataset(x, y, name=name)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
+from dist_train.config.schema import ConfigError
+
 if TYPE_CHECKING:
     from torchvision.transforms import v2
 
@@ -171,14 +173,16 @@ def apply_preprocessing(train: Dataset, evals: Dataset, info: Any, cfg: Any) -> 
         return train, evals, info
     shape = tuple(info.input_shape)
     problem = preprocessing_problem(cfg, info.task, shape)
+    # ConfigError (a ValueError): every rank stops with exit 2 and this message, no traceback.
     if problem:
-        raise ValueError(f"{problem[0]}: {problem[1]}")
+        raise ConfigError(*problem)
     pixel_norm = getattr(train, "pixel_norm", None)
     if pixel_norm is None:
         needs_pixels = [n for n in names if n in _NEEDS_PIXELS]
         if needs_pixels or not normalize:
-            bad = f"data.augment={needs_pixels[0]}" if needs_pixels else "data.normalize=false"
-            raise ValueError(f"{bad}: data.name={cfg.name!r} holds standardised values, not [0, 1] pixels")
+            key, what = (("data.augment", needs_pixels[0]) if needs_pixels else ("data.normalize", "false"))
+            raise ConfigError(key, f"{what} needs [0, 1] pixels, and data.name={cfg.name!r} holds standardised "
+                                   "values")
     hw = (side, side) if side else (shape[1], shape[2])
     common = dict(resize=hw if side else None, normalize=normalize)
     augment = build_augment(names, hw) if names else None
