@@ -327,3 +327,26 @@ def test_a_model_handed_over_in_eval_mode_trains_in_training_mode(tmp_path):
     trained = [training for training, grad in model.modes if grad]
     assert trained and all(trained), model.modes
     assert model.net[1].num_batches_tracked.item() == 4  # BatchNorm updated its statistics every step
+
+
+def test_a_task_of_ones_own_is_evaluated_as_a_mean_over_samples():
+    """Each batch's mean loss counted once made a short last batch weigh as much as a full one: the
+    evaluation changed with the eval batch size and the world size."""
+    from dist_train.train.tasks import CallableTask
+
+    def l1(model, batch):
+        x, y = batch
+        err = (model(x) - y).abs()
+        return err.mean(), {"worst": err.max()}
+
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Linear(3, 1), torch.randn(11, 3), torch.randn(11, 1)
+    per_sample = (model(x) - y).abs().detach()
+    for split in ([11], [8, 3], [5, 5, 1]):
+        task = CallableTask(l1)
+        sums, start = None, 0
+        for n in split:
+            part = task.eval_sums(model, (x[start:start + n], y[start:start + n]))
+            sums, start = part if sums is None else sums + part, start + n
+        got = task.eval_metrics(sums)
+        assert got["eval_loss"] == pytest.approx(float(per_sample.mean()), rel=1e-6), (split, got)

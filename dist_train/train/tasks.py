@@ -80,6 +80,18 @@ def batch_size(batch: Any) -> int:
     return int(target.shape[0]) if isinstance(target, torch.Tensor) and target.dim() else 1
 
 
+def _samples(batch: Any) -> int:
+    """Samples in a batch of any shape: the length of its first tensor of one dimension or more
+    (1 when it holds none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        if isinstance(item, (torch.Tensor, tuple, list, dict)):
+            return _samples(item)
+    return 1
+
+
 class Task:
     """Training loss and evaluation sums of one kind of problem."""
 
@@ -190,11 +202,15 @@ class CallableTask(Task):
                       for k, v in dict(metrics).items()}
 
     def eval_sums(self, model, batch):
+        """The loss and metrics, taken as means over the batch's samples, weighted by that count:
+        the evaluation is a mean over samples whatever the batch size, the world size and a short
+        last batch (each batch counted once made them change it)."""
         loss, metrics = self.loss(model, batch)
         if self.metric_names is None:
             self.metric_names = sorted(metrics)
-        values = [loss.detach().double()] + [metrics[k].double() for k in self.metric_names]
-        return torch.stack(values + [torch.ones((), dtype=torch.float64, device=loss.device)])
+        n = float(_samples(batch))
+        values = [loss.detach().double() * n] + [metrics[k].double() * n for k in self.metric_names]
+        return torch.stack(values + [torch.tensor(n, dtype=torch.float64, device=loss.device)])
 
     def eval_metrics(self, sums):
         count = max(float(sums[-1]), 1.0)
