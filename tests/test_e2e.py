@@ -79,6 +79,14 @@ def test_a_survivor_of_a_dead_rank_says_another_rank_failed(tmp_path):
     assert s["status"] == "failed" and "another rank is gone: it failed first" in s["error"], s["error"]
 
 
+def test_a_rerun_removes_the_failure_summaries_of_earlier_attempts(tmp_path, ok):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.rank1.json").write_text('{"status": "failed", "error": "rank 1: an earlier attempt"}')
+    ok(run_cli(["model.name=mlp", "data.name=digits", "train.max_steps=2", f"run.dir={run}", *QUICK], timeout=120))
+    assert read_summary(run)["status"] == "completed" and not (run / "summary.rank1.json").exists()
+
+
 def test_progress_bar_shows_each_logging_steps_metrics(capsys):
     """The bar advances every step and shows the newest logged loss (its text is rebuilt only
     when the reporter hands it a new metrics dict, at logging steps)."""

@@ -131,19 +131,21 @@ def keep_launcher_from_restarting(cluster, signalled: bool) -> None:
 
     torchrun with ``--max-restarts`` counts a worker's exit 3 as a failure and restarts the workers
     (they resume and train on, the stop request ignored, the restart budget and the grace period
-    spent). So every worker ignores further preemption signals from here (it is on its way out),
-    and local rank 0 sends its torchrun SIGTERM: torchrun then shuts its workers down, which
+    spent). So every worker ignores further preemption signals from here (it is on its way out;
+    without restarts too), and local rank 0 sends its torchrun SIGTERM: torchrun then shuts its workers down, which
     finish their exit, instead of restarting them. Not when local rank 0 got a preemption signal
     itself: then torchrun was signalled too (it forwards its signals to every worker; a scheduler
     signals every process) and is shutting down already, and a second signal would cut its wait
     for the workers short.
     """
+    if threading.current_thread() is threading.main_thread():
+        # (Under any launcher: torchrun SIGTERMs the other workers when the first one exits, and a
+        # rank still writing its summary died of it.)
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
     restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
     if cluster.source != "torchrun" or not restarts.isdigit() or int(restarts) == 0:
         return
-    if threading.current_thread() is threading.main_thread():
-        for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
     if cluster.local_rank == 0 and not signalled:
         agent = os.getppid()
         log.warning("preempted under torchrun --max-restarts=%s: stopping torchrun (pid %d) so that it does not "

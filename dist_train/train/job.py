@@ -7,6 +7,7 @@ and the run directory of the contract (config.yaml, metrics.jsonl, summary.json)
 from __future__ import annotations
 
 import logging
+import glob
 import os
 import time
 import traceback
@@ -99,6 +100,8 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         os.makedirs(job.run.dir, exist_ok=True)
         with open(os.path.join(job.run.dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(to_yaml(job))
+        for stale in glob.glob(os.path.join(glob.escape(job.run.dir), "summary.rank*.json")):
+            os.remove(stale)  # (an earlier attempt's failures: this attempt writes its own)
     set_cpu_threads(cluster)
     enable_nccl_flight_recorder(job.run.dir)
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
