@@ -76,3 +76,34 @@ def test_a_run_writes_the_same_scalars_as_metrics_jsonl_and_mlflow(tmp_path, ok)
     history = {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss")}
     assert history.keys() == got["loss"].keys()
     assert all(math.isclose(history[s], got["loss"][s], rel_tol=1e-6) for s in history)
+
+
+def test_a_crashed_and_resumed_run_logs_each_step_once_to_tensorboard_and_mlflow(tmp_path, ok):
+    """The run crashes at step 7 (checkpoint at 5) and is started again: it trains steps 6-7 again.
+    metrics.jsonl was cut back, but TensorBoard and MLflow showed steps 6 and 7 twice."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    run, store = tmp_path / "run", tmp_path / "mlflow.db"
+    uri = f"sqlite:///{store}"
+    args = ["model.name=mlp", "data.name=digits", "model.hidden=32", "data.batch_size=32", "train.max_steps=10",
+            "logging.every_steps=1", "eval.every_steps=0", "eval.max_batches=1", "data.num_workers=0",
+            "checkpoint.every_steps=5", "logging.progress_bar=off", "logging.tensorboard.enabled=true",
+            f"logging.mlflow.tracking_uri={uri}", f"run.dir={run}"]
+    crashed = run_cli([*args, "debug.faults=crash@7"], timeout=300)
+    assert crashed.returncode not in (0, 2), crashed.stderr[-2000:]
+    ok(run_cli(args, timeout=300))
+    # The event files in the order written, read as TensorBoard reads a restart: a SessionLog START
+    # at step S (the resumed run's purge mark) drops the earlier points at S and after.
+    steps: list = []
+    for path in sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                steps = [s for s in steps if s < event.step]
+            elif event.HasField("summary") and any(v.tag == "loss" for v in event.summary.value):
+                steps.append(event.step)
+    assert steps == list(range(1, 11))
+    history = MlflowClient(uri).get_metric_history(read_summary(run)["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, 11))
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 11))

@@ -61,6 +61,7 @@ class MetricLogger:
         if dropped:
             log.info("metrics.jsonl: dropped %d record(s) past step %d (the resumed timeline logs them anew)",
                      dropped, resume_step)
+        self._each("resume_from", resume_step)  # (sinks that can drop an abandoned timeline's points)
         self._each("start", params, tags, resume_run_id)
 
     def rewind(self, step: int) -> None:
@@ -75,6 +76,12 @@ class MetricLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         self._each("log", step, values)
+
+    def flush(self) -> None:
+        """Everything logged so far to disk, in the sinks that write files (at each checkpoint: a
+        crash then loses no point up to the step a rerun resumes from)."""
+        self._file.flush()
+        self._each("flush")
 
     def last_logged(self, key: str) -> Any:
         """``key``'s last logged value in metrics.jsonl (this run's or, resumed, an earlier attempt's)."""
@@ -126,6 +133,9 @@ class NullMetricLogger:
 
     def last_logged(self, key: str) -> Any:
         return None
+
+    def flush(self) -> None:
+        pass
 
     def add_artifact(self, path: str, artifact_path: str = "") -> None:
         pass

@@ -166,13 +166,19 @@ class MLflowSink:
 
     # --- called by the MetricLogger -----------------------------------------------------------
 
+    def resume_from(self, step: int) -> None:
+        """The job resumed after ``step``: the writer fills in, from metrics.jsonl, the points up to
+        it that the run lacks (a crash loses the ones still queued for MLflow)."""
+        self._resume_step = int(step)
+
     def start(self, params: Dict[str, Any], tags: Dict[str, Any], resume_run_id: Optional[str] = None) -> None:
         """Open (or continue) the run; wait at most flush_timeout_s for MLflow to answer."""
         if self._started:
             return
         self._started = True
         self.run_id = resume_run_id  # until the writer answers: checkpoints keep carrying it
-        self._queue.append({"t": "start", "params": params, "tags": tags, "resume_run_id": resume_run_id})
+        self._queue.append({"t": "start", "params": params, "tags": tags, "resume_run_id": resume_run_id,
+                            "resume_step": getattr(self, "_resume_step", 0)})
         self._wake.set()
         if not self._answered.wait(self.cfg.flush_timeout_s):
             log.warning("MLflow at %s did not answer within %.0f s (logging.mlflow.flush_timeout_s); training "

@@ -55,10 +55,21 @@ def experiment_id(client, name: str, artifact_location, uri: str) -> str:
     return exp.experiment_id
 
 
-def open_run(client, experiment: str, start: Dict[str, Any], uri: str) -> Tuple[str, List[Any]]:
-    """Continue ``start["resume_run_id"]`` (when it exists) or create a run; returns its id and
-    the params and tags still to send. MLflow params are immutable: a value that changed on
-    resume is recorded in the tag ``dist_train.changed_params``."""
+def logged_steps(run) -> Dict[str, int]:
+    """``{metric: the step of its latest point}`` in an MLflow run (from the run's latest-metric
+    records: no history read)."""
+    out: Dict[str, int] = {}
+    for metric in getattr(run.data, "_metric_objs", None) or []:
+        out[metric.key] = max(int(metric.step), out.get(metric.key, -1))
+    return out
+
+
+def open_run(client, experiment: str, start: Dict[str, Any], uri: str) -> Tuple[str, List[Any], Dict[str, int]]:
+    """Continue ``start["resume_run_id"]`` (when it exists) or create a run; returns its id, the
+    params and tags still to send, and (continued) the step each metric was logged up to: a resumed
+    job trains those steps again, bit for bit, and MLflow cannot delete points, so they are not
+    sent twice. MLflow params are immutable: a value that changed on resume is recorded in the tag
+    ``dist_train.changed_params``."""
     from mlflow.entities import Param, RunTag
     from mlflow.exceptions import MlflowException
 
@@ -75,7 +86,9 @@ def open_run(client, experiment: str, start: Dict[str, Any], uri: str) -> Tuple[
         if run is None or run.info.lifecycle_stage == "deleted":
             log.warning("MLflow run %s (from the checkpoint) is not in %s; starting a new run", resume, uri)
             run = None
+    steps: Dict[str, int] = {}
     if run is not None:
+        steps = logged_steps(run)
         client.update_run(run.info.run_id, status="RUNNING")
         old = run.data.params
         changed = sorted(k for k in params if k in old and old[k] != params[k])
@@ -94,4 +107,5 @@ def open_run(client, experiment: str, start: Dict[str, Any], uri: str) -> Tuple[
         attempts = 1
         log.info("MLflow run %s in experiment id %s at %s", run.info.run_id, experiment, uri)
     tags[ATTEMPTS_TAG] = str(attempts)
-    return run.info.run_id, [Param(k, v) for k, v in params.items()] + [RunTag(k, v) for k, v in tags.items()]
+    return (run.info.run_id, [Param(k, v) for k, v in params.items()] + [RunTag(k, v) for k, v in tags.items()],
+            steps)

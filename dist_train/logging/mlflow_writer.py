@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from dist_train.logging import mlflow_run
-from dist_train.logging.mlflow_buffer import MAX_BUFFERED, MetricBuffer
+from dist_train.logging.mlflow_buffer import MAX_BUFFERED, MetricBuffer, sanitize_name
 from dist_train.logging.mlflow_run import is_permanent
 
 log = logging.getLogger("dist_train.mlflow")
@@ -62,6 +62,7 @@ class Writer:
         self.run_id: Optional[str] = None
         self.run_ready = False
         self.entities: List[Any] = []          # params and tags still to send, before any metric
+        self.sent_before: Dict[str, int] = {}  # a continued run: each metric's last step already in MLflow
         self.close: Optional[dict] = None
         self.deadline = math.inf
         self.gave_up: Optional[str] = None
@@ -188,9 +189,36 @@ class Writer:
 
     def _open_run(self) -> None:
         self._connect()
-        self.run_id, self.entities = mlflow_run.open_run(self.client, self.experiment_id, self.start, self.uri)
+        self.run_id, self.entities, self.sent_before = mlflow_run.open_run(self.client, self.experiment_id,
+                                                                            self.start, self.uri)
+        self._backfill(int(self.start.get("resume_step") or 0))
         self.run_ready = True
         self._report_run()
+
+    def _backfill(self, resume_step: int) -> None:
+        """A resumed job: metrics.jsonl's points up to ``resume_step`` (the job trains on after it)
+        that the run lacks: those an earlier attempt still had queued when it crashed, or every one
+        when the run is new."""
+        if resume_step <= 0 or not self.metrics_path or not os.path.isfile(self.metrics_path):
+            return
+        now, added = int(time.time() * 1000), 0
+        with open(self.metrics_path, "rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    step = int(record["step"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if step > resume_step:
+                    break  # (the resumed job's own records: it logs them itself)
+                values = {k: v for k, v in record.items()
+                          if k != "step" and step > self.sent_before.get(sanitize_name(k), -1)}
+                if values:
+                    self.buffer.add(step, now, values)
+                    added += 1
+        if added:
+            log.info("MLflow: %d logged step(s) up to step %d the run lacked are sent from metrics.jsonl", added,
+                     resume_step)
 
     def _sync(self) -> None:
         """Open the run if needed, then send params/tags and every buffered metric."""
@@ -206,7 +234,10 @@ class Writer:
             if self.close is not None and time.monotonic() >= self._flush_end():
                 return
             rows = self.buffer.peek(MAX_BATCH)
-            self._batch(metrics=[Metric(k, v, ts, step) for k, v, ts, step in rows])
+            # (Points an earlier attempt sent, the resumed job logs again: not twice.)
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in rows if step > self.sent_before.get(k, -1)]
+            if metrics:
+                self._batch(metrics=metrics)
             self.buffer.pop(len(rows))
 
     def _batch(self, metrics=(), params=(), tags=()) -> None:

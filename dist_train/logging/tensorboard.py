@@ -5,7 +5,9 @@ scalar to ``<run.dir>/tensorboard``, the same values metrics.jsonl and MLflow ge
 
 ``SummaryWriter`` queues events and writes them from its own thread, so ``log`` stays cheap on
 the training path. A resumed run appends a new event file to the same folder; TensorBoard reads
-them as one timeline.
+them as one timeline, without the points an earlier attempt wrote past the step the run resumed
+from (a purge mark: the resumed run writes those steps again). The events are flushed at every
+checkpoint (``flush``), so a crash loses none up to the step a rerun resumes from.
 """
 from __future__ import annotations
 
@@ -25,7 +27,16 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = os.path.join(run_dir, TENSORBOARD_DIR)
+        self._flush_secs = flush_secs
         self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=flush_secs)
+
+    def resume_from(self, step: int) -> None:
+        """The run continues after ``step``: TensorBoard drops earlier attempts' points past it."""
+        if step > 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer.close()
+            self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=self._flush_secs, purge_step=step + 1)
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         for name, value in metrics.items():
@@ -34,6 +45,9 @@ class TensorBoardSink:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 continue
             self._writer.add_scalar(name, float(value), global_step=step)
+
+    def flush(self) -> None:
+        self._writer.flush()
 
     def close(self, status: str = "completed") -> None:
         """Write the run's end status as a text summary, then flush and close the event file."""

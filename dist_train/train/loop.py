@@ -71,6 +71,8 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
             checkpointer.maybe_save(state)
         mark = time.perf_counter()
         reporter.maybe_log(state, output, step_s, busy_s)  # after them: a step's record holds its own save's time
+        if checkpointer.last_step == state.step:
+            reporter.metrics.flush()  # (TensorBoard's queued events: a rerun resumes from here)
         faults.delay("step_sleep")
         faults.crash_point("crash", state.step, rank())
         stopping = preemption.requested()
