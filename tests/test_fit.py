@@ -350,3 +350,29 @@ def test_a_task_of_ones_own_is_evaluated_as_a_mean_over_samples():
             sums, start = part if sums is None else sums + part, start + n
         got = task.eval_metrics(sums)
         assert got["eval_loss"] == pytest.approx(float(per_sample.mean()), rel=1e-6), (split, got)
+
+
+def test_fit_leaves_the_callers_logging_as_it_was(tmp_path, capsys):
+    """fit in a user's script removed every root handler for good: the script's own log file got
+    nothing after the call. dist_train's console goes on its own logger for the call only."""
+    import logging
+
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    root = logging.getLogger()
+    mine = logging.FileHandler(tmp_path / "user.log")
+    before = (list(root.handlers), root.level)
+    root.addHandler(mine)
+    try:
+        data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+        dist_train.fit(torch.nn.Linear(4, 2), data, overrides=[f"run.dir={tmp_path / 'run'}", *FIT,
+                                                              "data.batch_size=8", "train.max_steps=2"])
+        logging.getLogger("myapp").warning("after fit")
+        assert mine in root.handlers and root.level == before[1]
+        assert "[rank0] INFO dist_train: run default" in capsys.readouterr().err  # (its console, during the call)
+        assert logging.getLogger("dist_train").propagate and not logging.getLogger("dist_train").handlers
+    finally:
+        root.removeHandler(mine)
+        mine.close()
+    assert "after fit" in (tmp_path / "user.log").read_text()

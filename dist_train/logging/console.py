@@ -7,20 +7,38 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Callable
 
 from dist_train.env.cluster import ClusterEnv
 
 FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
 
 
-def setup_console(cluster: ClusterEnv, level: str = "INFO") -> None:
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+def setup_console(cluster: ClusterEnv, level: str = "INFO", own_process: bool = True) -> Callable[[], None]:
+    """The rank-tagged console. ``own_process`` (the CLI): on the root logger, which it takes
+    over. Else (``dist_train.fit`` in a user's script) on the ``dist_train`` logger only, for the
+    duration of the call: the user's own root handlers and level stay as they were (they were
+    removed for good). Returns what puts the ``dist_train`` logger back as it was."""
+    target = logging.getLogger() if own_process else logging.getLogger("dist_train")
+    before = (target.level, target.propagate)
+    for handler in list(target.handlers):
+        if own_process or getattr(handler, "_dist_train", False):
+            target.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
+    handler._dist_train = True  # (ours: replaced by the next call, a user's are left alone)
     handler.setFormatter(logging.Formatter(FORMAT.format(rank=cluster.rank), datefmt="%H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level) if cluster.is_rank0 else logging.WARNING)
+    target.addHandler(handler)
+    target.setLevel(getattr(logging, level) if cluster.is_rank0 else logging.WARNING)
+    if not own_process:
+        target.propagate = False  # (not printed twice by a user's root handler)
+
+    def restore() -> None:
+        if not own_process:
+            target.removeHandler(handler)
+            target.setLevel(before[0])
+            target.propagate = before[1]
+
+    return restore
     # Chatty libraries stay quiet unless something is wrong.
     for name in ("urllib3", "mlflow", "alembic", "git", "DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -92,7 +92,7 @@ def run_job(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> int
 
 def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome:
     """Train ``job`` (with fit's ``user`` objects, if any) on this rank."""
-    setup_console(cluster, job.logging.level)
+    restore_console = setup_console(cluster, job.logging.level, own_process=user is None)  # (fit: the user's stays)
     t_start, started_unix = time.perf_counter(), time.time()
     name = resolve_name(job.strategy.name, cluster.world_size)
     summary = _new_summary(job, cluster, name)
@@ -148,6 +148,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         summary.update(steps=state.step, samples_seen=state.samples_seen, resumed_from_step=state.resumed_from_step,
                        wall_s=round(time.perf_counter() - t_start, 3), mlflow_run_id=metrics.run_id, exit_code=code)
         _finish(job, cluster, summary, metrics)
+        restore_console()
     return Outcome(code, summary, error)
 
 
