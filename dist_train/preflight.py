@@ -55,6 +55,12 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
                               "__getitem__ (torchvision.transforms work there, and resume exactly)")
     if job.task.name and not (user is not None and user.task is not None):
         plugins.check_name("task.name", job.task.name, task_names())
+        builtin_tasks = ("classification", "language_model", "regression")
+        if (not own_data and job.data.name in dataset_names() and job.task.name in builtin_tasks
+                and job.task.name != dataset_task(job.data.name)):
+            raise ConfigError("task.name", f"{job.task.name} does not fit data.name={job.data.name!r}, a "
+                                           f"{dataset_task(job.data.name)} dataset (leave task.name empty: the "
+                                           "dataset's own task is used)")
     if job.model.init_from and not os.path.exists(job.model.init_from):
         raise ConfigError("model.init_from", f"no such file or directory: {job.model.init_from}")
 

@@ -179,3 +179,12 @@ def test_a_preset_number_for_a_text_key_is_refused_naming_it(tmp_path):
         load_config(str(preset))
     preset.write_text("run:\n  name: '0x10'\n")
     assert load_config(str(preset)).run.name == "0x10"
+
+
+def test_a_builtin_task_that_does_not_fit_the_dataset_stops_before_the_run(capsys):
+    """task.name=regression on digits passed --check and then failed mid-run (a shape error and a
+    traceback), or trained a meaningless broadcast loss."""
+    assert cli.main(["--check", "model.name=mlp", "data.name=digits", "task.name=regression"]) == 2
+    err = capsys.readouterr().err
+    assert "task.name: regression does not fit data.name='digits', a classification dataset" in err
+    assert cli.main(["--check", "model.name=mlp", "data.name=digits", "task.name=classification"]) == 0
