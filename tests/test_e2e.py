@@ -73,10 +73,13 @@ def test_a_survivor_of_a_dead_rank_says_another_rank_failed(tmp_path):
     rank 0 were the culprit; its summary says another rank is gone and where to look."""
     run = tmp_path / "crash"
     proc = run_cli(["model.name=mlp", "data.name=digits", "train.max_steps=20", "debug.faults=crash@3:1",
-                    "logging.mlflow.enabled=false", "logging.progress_bar=off", f"run.dir={run}"], nproc=2, timeout=180)
+                    "data.batch_size=16", "logging.mlflow.enabled=false", "logging.progress_bar=off",
+                    f"run.dir={run}"], nproc=2, timeout=180)
     assert proc.returncode != 0
     s = read_summary(run)
     assert s["status"] == "failed" and "another rank is gone: it failed first" in s["error"], s["error"]
+    # The samples of completed steps (the batch of the step that never finished was counted too).
+    assert s["steps"] >= 3 and s["samples_seen"] == s["steps"] * 2 * 16, s
 
 
 def test_a_rerun_removes_the_failure_summaries_of_earlier_attempts(tmp_path, ok):

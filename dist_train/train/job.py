@@ -145,7 +145,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                     cluster.rank, state.step)
         raise
     finally:
-        summary.update(steps=state.step, samples_seen=state.samples_seen, resumed_from_step=state.resumed_from_step,
+        summary.update(steps=state.step, samples_seen=state.samples_trained, resumed_from_step=state.resumed_from_step,
                        wall_s=round(time.perf_counter() - t_start, 3), mlflow_run_id=metrics.run_id, exit_code=code)
         _finish(job, cluster, summary, metrics)
         restore_console()

@@ -58,6 +58,7 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
                             finite_grads=True)
         step_s = time.perf_counter() - t0
         state.step += 1
+        state.samples_trained = state.samples_seen
         if guard.after_step(state, output, checkpointer):
             with clock("checkpoint"):
                 checkpointer.rollback(state)  # weights, optimizer, schedule, step; the data goes on

@@ -12,11 +12,17 @@ class TrainState:
     position: int = 0             # global samples of this epoch already consumed (all ranks)
     samples_seen: int = 0         # global samples consumed in total
     resumed_from_step: Optional[int] = None
+    # samples_seen at the last completed optimizer step (what a failed run's summary reports: the
+    # batch of a step that never finished is consumed but not trained on); not checkpointed.
+    samples_trained: int = 0
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["samples_trained"]
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
-            if hasattr(self, key):
+            if hasattr(self, key) and key != "samples_trained":
                 setattr(self, key, value)
+        self.samples_trained = self.samples_seen
