@@ -20,6 +20,7 @@ from dist_train.checkpoint import CheckpointManager, CheckpointRefused, export_r
 from dist_train.checkpoint.layout import write_json_atomic
 from dist_train.config import ConfigError, to_dict, to_yaml
 from dist_train.env.cluster import ClusterEnv
+from dist_train.env.collectives import broadcast_object
 from dist_train.env.faults import Faults
 from dist_train.env.preemption import EXIT_PREEMPTED, PreemptionWatcher, keep_launcher_from_restarting
 from dist_train.env.process_group import group_restarts, process_group
@@ -127,6 +128,10 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             finally:
                 parts.close()
             summary["status"], code = ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)
+            if cluster.world_size > 1:  # fit returns summary.json's dict on every rank: rank 0's
+                shared = broadcast_object(summary if cluster.is_rank0 else None)
+                if not cluster.is_rank0:
+                    summary.update(shared)
             if preempted:
                 keep_launcher_from_restarting(cluster, signalled)
     except (CheckpointRefused, ConfigError) as exc:  # the same verdict on every rank: a usage error
@@ -146,7 +151,8 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         raise
     finally:
         summary.update(steps=state.step, samples_seen=state.samples_trained, resumed_from_step=state.resumed_from_step,
-                       wall_s=round(time.perf_counter() - t_start, 3), mlflow_run_id=metrics.run_id, exit_code=code)
+                       wall_s=round(time.perf_counter() - t_start, 3),
+                       mlflow_run_id=metrics.run_id or summary.get("mlflow_run_id"), exit_code=code)
         _finish(job, cluster, summary, metrics)
         restore_console()
     return Outcome(code, summary, error)
