@@ -378,3 +378,12 @@ def test_fit_leaves_the_callers_logging_as_it_was(tmp_path, capsys):
         root.removeHandler(mine)
         mine.close()
     assert "after fit" in (tmp_path / "user.log").read_text()
+
+
+def test_batch_size_of_a_batch_without_a_target():
+    """A task of one's own may take a dict of model inputs with no target: the evaluation counts
+    its samples (it raised a KeyError) from its first tensor."""
+    from dist_train.train.tasks import batch_size
+
+    assert batch_size({"input_ids": torch.zeros(4, 8), "mask": torch.ones(4, 8)}) == 4
+    assert batch_size((torch.zeros(3, 2), torch.zeros(3))) == 3 and batch_size(()) == 0

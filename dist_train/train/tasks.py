@@ -73,22 +73,25 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batch_size(batch: Any) -> int:
-    """Samples in a batch (0 for the empty batch a short evaluation shard ends with)."""
+    """Samples in a batch (0 for the empty batch a short evaluation shard ends with): its target's
+    length, or for a batch without a target (a task of one's own: a dict of model inputs) the
+    length of its first tensor of one dimension or more (1 when it holds none)."""
     if isinstance(batch, (tuple, list)) and len(batch) == 0:
         return 0
-    _, target = split_batch(batch)
+    try:
+        _, target = split_batch(batch)
+    except (KeyError, TypeError):
+        return _first_length(batch)
     return int(target.shape[0]) if isinstance(target, torch.Tensor) and target.dim() else 1
 
 
-def _samples(batch: Any) -> int:
-    """Samples in a batch of any shape: the length of its first tensor of one dimension or more
-    (1 when it holds none)."""
+def _first_length(batch: Any) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
     items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
     for item in items:
         if isinstance(item, (torch.Tensor, tuple, list, dict)):
-            return _samples(item)
+            return _first_length(item)
     return 1
 
 
@@ -208,7 +211,7 @@ class CallableTask(Task):
         loss, metrics = self.loss(model, batch)
         if self.metric_names is None:
             self.metric_names = sorted(metrics)
-        n = float(_samples(batch))
+        n = float(batch_size(batch))
         values = [loss.detach().double() * n] + [metrics[k].double() * n for k in self.metric_names]
         return torch.stack(values + [torch.tensor(n, dtype=torch.float64, device=loss.device)])
 
