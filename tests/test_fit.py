@@ -177,6 +177,14 @@ def test_a_preemption_at_the_last_step_leaves_the_final_evaluation_to_the_resume
     s = read_summary(tmp_path)
     assert s["status"] == "completed" and s["resumed_from_step"] == steps and s["eval_loss"] is not None, s
     assert s["train_loss"] == train_losses(tmp_path)[steps], s
+    # A rerun of the finished run evaluates nothing again (the final checkpoint records the
+    # evaluation) and still reports its metrics.
+    evals = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    ok(run_cli([*args, "data.name=plugin_pkg:build_signalled_data", "data.args.sigterm_at_sample=0"], env=env))
+    again = read_summary(tmp_path)
+    assert again["status"] == "completed" and again["eval_loss"] == s["eval_loss"], again
+    assert [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line] == evals
+    assert len(evals) == 1, evals
 
 @pytest.mark.parametrize("override,key,words", [
     ("model.name=no_such_module:build", "model.name", "cannot import 'no_such_module'"),

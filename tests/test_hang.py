@@ -77,3 +77,27 @@ def _is_child_of(pid: int, parent: int) -> bool:
             return int(f.read().rsplit(")", 1)[1].split()[1]) == parent
     except OSError:
         return False
+
+
+def test_a_long_evaluation_that_progresses_is_no_hang(tmp_path):
+    """An evaluation (many batches, far longer than an iteration) reports each batch: the watchdog
+    measures a stall from the last one, so only a batch that stops progressing is dumped."""
+    from dist_train.train.phases import PhaseClock, Watchdog
+
+    clock = PhaseClock()
+    clock.iterations.extend([0.05] * 3)  # limit: max(floor 0.3 s, 2 x 0.05 s)
+    dog = Watchdog(clock, str(tmp_path), rank=0, factor=2.0, floor_s=0.3, poll_s=0.02)
+    try:
+        with clock("evaluation"):
+            for _ in range(40):  # 1.2 s of evaluation in 30 ms batches
+                time.sleep(0.03)
+                clock.progress()
+            assert dog.dumps == 0 and not (tmp_path / "hangs").exists()
+            time.sleep(0.6)  # a batch that never ends
+            deadline = time.monotonic() + 5
+            while dog.dumps == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert dog.dumps == 1, dog.dumps
+        assert [p.name for p in (tmp_path / "hangs").iterdir()] == ["rank00000-step00000001-evaluation.txt"]
+    finally:
+        dog.close()

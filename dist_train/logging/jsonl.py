@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Iterator
 
 
 def trim_jsonl(path: str, max_step: int) -> int:
@@ -32,34 +33,41 @@ def trim_jsonl(path: str, max_step: int) -> int:
     return dropped
 
 
-def last_step(path: str) -> int:
-    """The largest ``"step"`` of a JSON-lines log (0 when it is absent or holds none)."""
-    best = 0
+def records(path: str) -> Iterator[dict]:
+    """The JSON-object records of a JSON-lines log, in order (none when it is absent or
+    unreadable; a torn last line of a killed process is skipped)."""
     try:
         with open(path, "rb") as f:
             for line in f:
                 try:
                     record = json.loads(line)
                 except ValueError:
-                    continue  # a torn last line of a killed process
-                if isinstance(record, dict) and isinstance(record.get("step"), int):
-                    best = max(best, record["step"])
+                    continue
+                if isinstance(record, dict):
+                    yield record
     except OSError:
-        return 0
-    return best
+        return
+
+
+def last_step(path: str) -> int:
+    """The largest ``"step"`` of a JSON-lines log (0 when it is absent or holds none)."""
+    return max((r["step"] for r in records(path) if isinstance(r.get("step"), int)), default=0)
 
 
 def last_value(path: str, key: str):
     """``key``'s value in the last record of a JSON-lines log that has it, or None."""
-    if not os.path.isfile(path):
-        return None
     found = None
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # (a torn last line of a killed process)
-            if isinstance(record, dict) and record.get(key) is not None:
-                found = record[key]
+    for record in records(path):
+        if record.get(key) is not None:
+            found = record[key]
+    return found
+
+
+def records_at(path: str, step: int, prefix: str) -> dict:
+    """The keys starting with ``prefix`` (and their values) that the records of ``step`` hold in a
+    JSON-lines log, later records winning; {} when none does."""
+    found: dict = {}
+    for record in records(path):
+        if record.get("step") == step:
+            found.update({k: v for k, v in record.items() if k.startswith(prefix)})
     return found

@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
-from dist_train.logging.jsonl import last_value, trim_jsonl
+from dist_train.logging.jsonl import last_value, records_at, trim_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ class MetricLogger:
         self._file.flush()
         return last_value(self.path, key)
 
+    def logged_at(self, step: int, prefix: str) -> Dict[str, Any]:
+        """The metrics named ``prefix...`` logged at ``step`` in metrics.jsonl ({} if none)."""
+        self._file.flush()
+        return records_at(self.path, step, prefix)
+
     def add_artifact(self, path: str, artifact_path: str = "") -> None:
         """Attach a file to the run; sinks upload it at close."""
         self._each("add_artifact", path, artifact_path)
@@ -133,6 +138,9 @@ class NullMetricLogger:
 
     def last_logged(self, key: str) -> Any:
         return None
+
+    def logged_at(self, step: int, prefix: str) -> Dict[str, Any]:
+        return {}
 
     def flush(self) -> None:
         pass

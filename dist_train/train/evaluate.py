@@ -6,7 +6,7 @@ would leave the others waiting forever.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -15,13 +15,21 @@ from dist_train.train.tasks import Task, batch_size, to_device
 
 
 class Evaluator:
-    """Owns the evaluation cadence: ``eval.every_steps`` during training, and once at the end."""
+    """Owns the evaluation cadence: ``eval.every_steps`` during training, and once at the end.
+    ``progress`` is called after each evaluation batch (the hang watchdog's sign of life)."""
 
-    def __init__(self, strategy, loader, task: Task, cfg, report):
+    def __init__(self, strategy, loader, task: Task, cfg, report, progress: Optional[Callable[[], None]] = None):
         self.strategy, self.loader, self.task, self.cfg = strategy, loader, task, cfg
         self.report = report  # report(step, results, final)
+        self.progress = progress
         self.last: Dict[str, Any] = {}
         self.last_step = -1
+
+    def already_done(self, step: int, results: Dict[str, Any]) -> None:
+        """An earlier attempt evaluated the weights of ``step`` (a rerun of a finished run resumes
+        at its last step): ``results`` are that evaluation's, and ``final(step)`` repeats nothing."""
+        if results:
+            self.last, self.last_step = dict(results), step
 
     def maybe_run(self, step: int) -> None:
         """After every optimizer step, on every rank."""
@@ -40,7 +48,8 @@ class Evaluator:
     def _run(self, step: int, final: bool) -> None:
         if self.loader is None:  # no held-out data
             return
-        self.last, self.last_step = evaluate(self.strategy, self.loader, self.task, self.cfg.max_batches), step
+        self.last = evaluate(self.strategy, self.loader, self.task, self.cfg.max_batches, self.progress)
+        self.last_step = step
         self.report(step, self.last, final)
 
 
@@ -50,8 +59,10 @@ def _one_sample(loader):
 
 
 @torch.no_grad()
-def evaluate(strategy, loader, task: Task, max_batches: int = 0) -> dict:
-    """The task's evaluation metrics (loss, accuracy, ...) over the whole split."""
+def evaluate(strategy, loader, task: Task, max_batches: int = 0,
+             progress: Optional[Callable[[], None]] = None) -> dict:
+    """The task's evaluation metrics (loss, accuracy, ...) over the whole split; ``progress()``
+    after each batch."""
     model = strategy.model
     was_training = model.training
     model.eval()
@@ -72,6 +83,8 @@ def evaluate(strategy, loader, task: Task, max_batches: int = 0) -> dict:
         with strategy.autocast():
             part = task.eval_sums(model, to_device(batch, device)) * weight
         sums = part if sums is None else sums + part
+        if progress is not None:
+            progress()
     del it
     model.train(was_training)
     if sums is None:

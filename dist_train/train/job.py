@@ -185,7 +185,10 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         reporter = Reporter(strategy, metrics, progress, every=job.logging.every_steps, max_steps=job.train.max_steps,
                             global_batch=parts.global_batch, tokens_per_sample=parts.tokens_per_sample,
                             grad_norms=job.logging.grad_norms, clock=clock, flops=parts.flops)
-        evaluator = Evaluator(strategy, parts.eval_loader, parts.task, job.eval, reporter.log_eval)
+        evaluator = Evaluator(strategy, parts.eval_loader, parts.task, job.eval, reporter.log_eval,
+                              progress=clock.progress)
+        if state.step >= job.train.max_steps:  # a rerun of a finished run: its final evaluation is logged
+            evaluator.already_done(state.step, broadcast_object(metrics.logged_at(state.step, "eval_")))
         data = micro_batches(parts.loader, parts.sampler, state)
         if faults.active:
             data = faults.wrap(data, state, cluster.rank)

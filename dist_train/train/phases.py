@@ -5,11 +5,13 @@ watchdog that explains a hang before the collective timeout does.
     with clock("data"): batch = next(data)              # the loop and train_step mark phases
     clock.take()  -> {"data": s, "forward_backward": s, ...}  seconds since the previous take
 
-The watchdog thread reads only ``clock.phase`` / ``clock.entered``: when one phase has lasted far
-longer than the recent median iteration (``dist.watchdog_factor`` x median, at least
+The watchdog thread reads only ``clock.phase`` / ``clock.entered`` / ``clock.progressed``: when
+one phase has gone far longer without progress than the recent median iteration (``dist.watchdog_factor`` x median, at least
 ``dist.watchdog_floor_s``), it writes every thread's Python stack of this rank (faulthandler;
 plus ``py-spy dump`` when installed), and the state and stacks of its child processes (DataLoader
-workers), to ``<run.dir>/hangs/`` and logs which rank, step and phase.
+workers), to ``<run.dir>/hangs/`` and logs which rank, step and phase. A phase made of many
+small units of work (an evaluation's batches) calls ``clock.progress()`` after each: the limit
+is then for one unit, not for the phase, which may rightly last far longer than an iteration.
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ class PhaseClock:
     def __init__(self) -> None:
         self.phase = "other"
         self.entered = time.perf_counter()
+        self.progressed = self.entered  # the last progress() inside the current phase (the watchdog's)
         self.step = 0
         self.window: Dict[str, float] = defaultdict(float)   # since the last take()
         self.totals: Dict[str, float] = defaultdict(float)   # since start
@@ -105,6 +108,15 @@ class PhaseClock:
         """``with clock(name):`` the time inside counts as phase ``name`` (a dozen a step: a plain
         context object, a few times cheaper than a generator's)."""
         return _Phase(self, name)
+
+    def progress(self) -> None:
+        """A unit of work of the current phase is done (an evaluation batch): the watchdog measures
+        a stall from now."""
+        self.progressed = time.perf_counter()
+
+    def stalled_since(self) -> float:
+        """When this phase last showed progress (entered, or its latest ``progress()``)."""
+        return max(self.entered, self.progressed)
 
     def iteration_done(self, step: int) -> None:
         now = time.perf_counter()
@@ -162,10 +174,10 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            phase, entered, step = self.clock.phase, self.clock.entered, self.clock.step
-            stalled = time.perf_counter() - entered
-            if stalled > self.limit() and self._reported != (phase, entered):
-                self._reported = (phase, entered)
+            phase, since, step = self.clock.phase, self.clock.stalled_since(), self.clock.step
+            stalled = time.perf_counter() - since
+            if stalled > self.limit() and self._reported != (phase, since):
+                self._reported = (phase, since)
                 self._dump(phase, step + 1, stalled)
 
     def _dump(self, phase: str, step: int, stalled: float) -> None:
