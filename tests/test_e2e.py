@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import yaml
@@ -104,3 +105,32 @@ def test_progress_bar_shows_each_logging_steps_metrics(capsys):
     bar.update(4, second)
     assert bar.bar.n == 4 and bar.bar.postfix == "loss=0.2500, samples/s=20"
     bar.close()
+
+
+def test_a_log_line_goes_above_the_progress_bar_not_onto_it(monkeypatch):
+    """While the bar is drawn, the console writes through tqdm: the bar's frame is cleared, the line
+    printed on its own, the bar drawn again below (not ``...loss=1.0000]07:20:58 WARNING ...``)."""
+    import io
+    import logging
+
+    from dist_train.env.cluster import detect
+    from dist_train.logging.console import setup_console
+    from dist_train.logging.progress import Progress
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    restore = setup_console(detect({}), "INFO", own_process=False)
+    try:
+        bar = Progress(total=10, start=0, mode="on", every=1, enabled=True)
+        bar.update(5, {"loss": 1.0})
+        bar.bar.refresh()
+        logging.getLogger("dist_train.test").warning("a checkpoint line")
+        bar.close()
+        logging.getLogger("dist_train.test").warning("after the bar")
+    finally:
+        restore()
+    frames = err.getvalue().split("\r")
+    line = next(f for f in frames if "a checkpoint line" in f)
+    assert line.lstrip(" ").endswith("WARNING dist_train.test: a checkpoint line\n") and "%|" not in line, frames
+    assert "step/s" in frames[frames.index(line) + 1], frames  # the bar, drawn again
+    assert err.getvalue().endswith("WARNING dist_train.test: after the bar\n")

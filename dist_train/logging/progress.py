@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Dict
 
+from dist_train.logging.console import set_bar_active
+
 log = logging.getLogger("dist_train.progress")
 
 
@@ -28,6 +30,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+            set_bar_active(True)  # (the console's log lines go above the bar meanwhile)
         self.lines = enabled and self.bar is None and mode != "off"
         self.t0 = time.perf_counter()
         self._posted = None  # the metrics the bar's postfix shows
@@ -74,3 +77,4 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            set_bar_active(False)
