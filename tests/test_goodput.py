@@ -1,6 +1,7 @@
 """The step-time breakdown adds up, and goodput counts the work a failure cost."""
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 
@@ -53,6 +54,26 @@ def test_lost_work_is_the_steps_between_the_last_checkpoint_and_the_failure(tmp_
     assert g["attempts"] == 2 and g["lost_steps"] == 3, g  # steps 6, 7, 8 were trained twice
     assert g["lost_s"] > 0 and g["restart_downtime_s"] >= 0 and 0 < g["goodput"] < 1
     assert "goodput" in again.stderr
+
+
+def test_a_failed_attempt_keeps_its_time_in_the_ledger(tmp_path):
+    """A run that fails with an error (here train.nonfinite=abort) writes its attempt's phases to
+    goodput.json and its goodput to summary.json, though it ends between the ledger's periodic
+    writes (every 2 s); the next attempt counts that time."""
+    run = tmp_path / "run"
+    args = [*BASE, "train.max_steps=10", "checkpoint.every_steps=4", f"run.dir={run}"]
+    failed = run_cli([*args, "debug.faults=nan@7", "train.nonfinite=abort"])
+    assert failed.returncode not in (0, 2), failed.stderr[-2000:]
+    s = read_summary(run)
+    assert s["status"] == "failed" and s["goodput"]["attempts"] == 1, s
+    attempt = json.loads((run / "goodput.json").read_text())["attempts"][0]
+    assert attempt["reached"] == s["steps"] == 7 and attempt["phases"]["forward_backward"] > 0, attempt
+    again = run_cli(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    g = read_summary(run)["goodput"]
+    # (abort checkpointed the last good weights, at step 7: nothing is recomputed)
+    assert g["attempts"] == 2 and g["lost_steps"] == 0 and read_summary(run)["resumed_from_step"] == 7, g
+    assert g["productive_s"] >= round(attempt["phases"]["forward_backward"] + attempt["phases"]["optimizer"], 3), g
 
 
 def test_the_clock_resets_to_the_loop():

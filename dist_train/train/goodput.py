@@ -39,12 +39,14 @@ class GoodputLedger:
                                         "reached": 0, "startup_s": 0.0, "phases": {}, "lost_steps": 0,
                                         "lost_s": 0.0, "downtime_s": 0.0}
         self._last_write = 0.0
+        self.begun = False
 
     def begin(self, resumed_from: int, startup_s: float, logged_before: int = 0) -> None:
         """The loop starts at step ``resumed_from`` after ``startup_s`` of start-up;
         ``logged_before``: the last step the run dir's metrics.jsonl held before this attempt
         trimmed it (a killed attempt may have trained past its last ledger record)."""
         cur = self.current
+        self.begun = True
         cur.update(resumed_from=resumed_from, reached=resumed_from, startup_s=startup_s)
         if self.attempts:
             prev = self.attempts[-1]

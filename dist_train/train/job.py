@@ -215,6 +215,11 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         return (preempted and (state.step < job.train.max_steps or evaluator.final_pending(state.step)),
                 preemption.signal_name is not None)
     finally:
+        if "goodput" not in summary and ledger.begun:  # a failed attempt: its time stays in the ledger
+            try:
+                summary["goodput"] = ledger.finish(state.step, clock)
+            except Exception as exc:  # (never in the way of the failure being reported)
+                log.warning("goodput: not recorded for this failed attempt: %s", exc)
         if data is not None:
             data.close()  # the loader's iterator (and its worker processes) with it
         if watchdog is not None:
