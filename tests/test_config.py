@@ -46,6 +46,9 @@ def test_merge_order_defaults_then_yaml_then_overrides(tmp_path):
     ("checkpoint.resume=/no/such/ckpt", "checkpoint.resume"),
     ("train.max_steps", "train.max_steps"),            # not key=value
     ("[=nan", "["),                                    # OmegaConf's key parser: IndexError (found by fuzzing)
+    ("model.freeze=[conv*,[fc*]]", "model.freeze[1]"),  # an item that is not text
+    ("data.augment=[hflip,{p: 1}]", "data.augment[1]"),
+    ("train.max_steps=???", "train.max_steps"),        # OmegaConf's merge would keep the default
 ])
 def test_bad_config_exits_2_naming_the_key(override, key, capsys):
     assert cli.main([override]) == 2
@@ -179,6 +182,21 @@ def test_a_preset_number_for_a_text_key_is_refused_naming_it(tmp_path):
         load_config(str(preset))
     preset.write_text("run:\n  name: '0x10'\n")
     assert load_config(str(preset)).run.name == "0x10"
+
+
+def test_a_value_the_preset_leaves_at_missing_must_be_given(tmp_path):
+    """``???`` in a preset means "the user gives this": without an override it stops naming the
+    key (OmegaConf's merge kept the default under it, silently); a later override fills it."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  max_steps: ???\n  lr: ???\nrun:\n  name: ???\n")
+    with pytest.raises(ConfigError, match=r"train.max_steps: is \?\?\?.*so are train.lr, run.name"):
+        load_config(str(preset))
+    with pytest.raises(ConfigError, match=r"^run.name: is \?\?\?"):
+        load_config(str(preset), ["train.max_steps=9", "train={lr: 0.2}"])
+    job = load_config(str(preset), ["train.max_steps=9", "train.lr=0.2", "run.name=given"])
+    assert (job.train.max_steps, job.train.lr, job.run.name) == (9, 0.2, "given")
+    with pytest.raises(ConfigError, match=r"^train.lr: is \?\?\?"):
+        load_config({"train": {"lr": "???"}})
 
 
 def test_a_builtin_task_that_does_not_fit_the_dataset_stops_before_the_run(capsys):

@@ -133,6 +133,48 @@ def _check_shape(tree: Dict[Any, Any], cls: type = JobConfig, prefix: str = "") 
     return out
 
 
+MISSING = "???"  # OmegaConf's "no value yet": a preset's way of saying "give this one"
+
+
+def _missing_leaves(layers: Sequence[Dict[str, Any]]) -> List[str]:
+    """The schema keys that the last layer (preset, then overrides in order) to set them left at
+    ``???``. OmegaConf's merge keeps the old value under a ``???`` (a default would silently stand
+    in for a value the preset asks the user for)."""
+    missing: Dict[str, None] = {}
+
+    def walk(tree: Dict[str, Any], cls: type, prefix: str) -> None:
+        fields = _sections(cls)
+        for key, value in tree.items():
+            dotted = f"{prefix}{key}"
+            if fields.get(key) is not None and isinstance(value, dict):
+                walk(value, fields[key], dotted + ".")
+            elif value == MISSING:
+                missing[dotted] = None
+            else:
+                missing.pop(dotted, None)
+                for leaf in [k for k in missing if k.startswith(dotted + ".")]:
+                    missing.pop(leaf)  # (a whole mapping given: its keys' ??? go with it)
+
+    for layer in layers:
+        walk(layer, JobConfig, "")
+    return list(missing)
+
+
+def _check_text_lists(job: Any, prefix: str = "") -> None:
+    """Every item of a list-of-text key is text: OmegaConf lets ``[a, [b]]`` or ``[{x: 1}]`` into a
+    ``List[str]``, which then fails deep inside the run (a glob pattern that is a list)."""
+    hints = typing.get_type_hints(type(job))
+    for f in dataclasses.fields(job):
+        value = getattr(job, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_text_lists(value, f"{prefix}{f.name}.")
+        elif hints.get(f.name) == List[str] and value is not None:
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise ConfigError(f"{prefix}{f.name}[{i}]", f"must be text; got the {type(item).__name__} "
+                                      f"{_one_line(repr(item), 60)} (a list of text is written [a, b])")
+
+
 def _read_preset(config_file: str) -> Dict[str, Any]:
     """The YAML preset as a nested dict, or a ConfigError naming --config and the reason."""
     if os.path.isdir(config_file):
@@ -202,13 +244,20 @@ def load_config(config_file: Union[str, Mapping, None] = None, overrides: Sequen
     if isinstance(overrides, str):
         raise ConfigError("overrides", "must be a list of key=value strings, not one string")
     key = "config"
+    preset: Dict[str, Any] = {}
     try:
         if isinstance(config_file, Mapping):
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(_check_shape(_rename_aliases(dict(config_file)))))
+            preset = _check_shape(_rename_aliases(dict(config_file)))
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(preset))
         elif config_file:
             key = "--config"
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(_read_preset(config_file)))
+            preset = _read_preset(config_file)
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(preset))
         read = [_read_override(item) for item in overrides]
+        missing = _missing_leaves([preset, *(tree for _, tree in read)])
+        if missing:
+            raise ConfigError(missing[0], f"is {MISSING}, a value the config leaves for you to give"
+                              + (f" (so are {', '.join(missing[1:])})" if missing[1:] else ""))
         combined = _combine([tree for _, tree in read])
         try:  # all overrides in one merge: each merge copies the whole config (~10 ms apiece)
             merged = None if combined is None else OmegaConf.merge(cfg, OmegaConf.create(combined))
@@ -226,6 +275,7 @@ def load_config(config_file: Union[str, Mapping, None] = None, overrides: Sequen
     except OmegaConfBaseException as exc:
         found = _find_config_error(exc)
         raise (found or _explain(exc, key)) from None
+    _check_text_lists(job)
     if not job.run.dir:
         job.run.dir = os.path.join("runs", job.run.name)
     return job
