@@ -17,13 +17,17 @@ from dist_train.env.cluster import ClusterEnv, device_for
 log = logging.getLogger("dist_train")
 
 
+def _keys(mapping) -> str:
+    return ", ".join(sorted(map(str, mapping)))
+
+
 def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None:
     """``user``: fit's objects (train.build.UserObjects); the config names they replace are not checked.
     ``machine=False`` leaves out the file-system checks (the doctor reports those in its table)."""
     from dist_train import plugins
     from dist_train.data import dataset_names
-    from dist_train.data.registry import dataset_task
-    from dist_train.models.registry import check_model_compatible, model_names
+    from dist_train.data.registry import dataset_task, is_builtin_dataset
+    from dist_train.models.registry import check_model_compatible, is_builtin_model, model_names
     from dist_train.strategy import StepPlan, resolve_name, strategy_class, strategy_names
     from dist_train.train.tasks import task_names
 
@@ -33,6 +37,18 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
         plugins.check_name("data.name", job.data.name, dataset_names())
     if not own_model:
         plugins.check_name("model.name", job.model.name, model_names())
+    # Keys the built-ins never read would be silently ignored: a typo'd way of configuring them.
+    if not own_model and job.model.args and is_builtin_model(job.model.name):
+        raise ConfigError("model.args", f"the built-in model {job.model.name!r} takes no model.args (they are for "
+                          "a registered, torchvision or import-path model); it reads model.hidden, model.dropout, "
+                          f"model.gpt.*; got {_keys(job.model.args)}")
+    if not own_data and is_builtin_dataset(job.data.name):
+        if job.data.args:
+            raise ConfigError("data.args", f"the built-in dataset {job.data.name!r} takes no data.args (they are for "
+                              f"a registered or import-path dataset); it reads the data.* keys; got {_keys(job.data.args)}")
+        if job.data.root and job.data.name != "fashion_mnist":
+            raise ConfigError("data.root", f"the built-in dataset {job.data.name!r} reads no folder (data.root is "
+                              "for fashion_mnist and datasets of your own); leave data.root empty")
     if not (own_data or own_model) and job.model.name in model_names() and job.data.name in dataset_names():
         try:
             check_model_compatible(job.model.name, dataset_task(job.data.name))

@@ -49,6 +49,8 @@ def test_merge_order_defaults_then_yaml_then_overrides(tmp_path):
     ("model.freeze=[conv*,[fc*]]", "model.freeze[1]"),  # an item that is not text
     ("data.augment=[hflip,{p: 1}]", "data.augment[1]"),
     ("train.max_steps=???", "train.max_steps"),        # OmegaConf's merge would keep the default
+    ("model.args.hidden=8", "model.args"),             # the built-in cnn reads model.hidden: ignored
+    ("data.args={n: 3}", "data.args"),                 # the built-in fashion_mnist reads no data.args
 ])
 def test_bad_config_exits_2_naming_the_key(override, key, capsys):
     assert cli.main([override]) == 2
@@ -182,6 +184,11 @@ def test_a_preset_number_for_a_text_key_is_refused_naming_it(tmp_path):
         load_config(str(preset))
     preset.write_text("run:\n  name: '0x10'\n")
     assert load_config(str(preset)).run.name == "0x10"
+
+
+def test_data_root_for_a_built_in_dataset_that_reads_no_folder_is_refused(capsys):
+    assert cli.main(["--check", "data.name=digits", "model.name=mlp", "data.root=/tmp"]) == 2
+    assert "bad config: data.root: the built-in dataset 'digits' reads no folder" in capsys.readouterr().err
 
 
 def test_a_value_the_preset_leaves_at_missing_must_be_given(tmp_path):

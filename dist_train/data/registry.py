@@ -106,6 +106,13 @@ def register_dataset(name: str, task: str = "classification") -> Callable[[Build
     return decorator
 
 
+def is_builtin_dataset(name: str) -> bool:
+    """Whether ``name`` is one of dist_train's own datasets (they read the data.* keys, never
+    data.args)."""
+    fn = _BUILDERS.get(name)
+    return fn is not None and fn.__module__.split(".")[0] == "dist_train"
+
+
 def dataset_names() -> list[str]:
     """The registered dataset names, sorted."""
     return sorted(_BUILDERS)

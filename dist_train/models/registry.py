@@ -50,6 +50,13 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_builtin_model(name: str) -> bool:
+    """Whether ``name`` is one of dist_train's own models (they read model.hidden, model.gpt ...,
+    never model.args)."""
+    entry = _REGISTRY.get(name)
+    return entry is not None and entry.builder.__module__.split(".")[0] == "dist_train"
+
+
 def check_model_compatible(name: str, task: str) -> None:
     """Raise ``ValueError`` naming ``model.name`` if ``name`` is unknown or cannot train on ``task``.
 
