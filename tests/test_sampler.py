@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from dist_train.data.sampler import ShardedBatchSampler
+from dist_train.data.sampler import ShardedBatchSampler, order_seed
 
 
 def shards(n, b, w, seed=0, epoch=0, **kw):
@@ -28,7 +28,7 @@ def test_shards_are_disjoint_and_cover_each_global_batch():
     n, b, w = 103, 4, 3
     per_rank = shards(n, b, w)
     assert all(len(batches) == n // (b * w) for batches in per_rank)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(order_seed(0, 0))).tolist()
     for k in range(n // (b * w)):
         got = [per_rank[r][k] for r in range(w)]
         assert all(len(g) == b for g in got)
@@ -155,3 +155,29 @@ def test_bad_arguments():
         ShardedBatchSampler(10, 2, 2, 2, seed=0)
     with pytest.raises(ValueError, match="micro_batch_size=0"):
         ShardedBatchSampler(10, 0, 0, 1, seed=0)
+
+
+def test_neighbouring_seeds_and_epochs_give_unrelated_orders_and_old_checkpoints_keep_theirs():
+    """Seeding an epoch with seed + epoch (order version 1) made run seed 0's epoch 1 run seed 1's
+    epoch 0: a seed sweep's runs replayed each other's orders. Version 2 hashes (seed, epoch); a
+    checkpoint written before the version existed resumes in its version-1 order."""
+    from dist_train.train.state import TrainState
+
+    def order(seed, epoch, version=None):
+        s = ShardedBatchSampler(64, 4, 0, 1, seed)
+        if version is not None:
+            s.order_version = version
+        s.set_epoch(epoch)
+        return s.global_order().tolist()
+
+    assert order(0, 1) != order(1, 0) and order(3, 0) != order(2, 1)
+    assert order(0, 1, version=1) == order(1, 0, version=1)  # what old runs did
+    assert order(5, 2, version=1) == torch.randperm(64, generator=torch.Generator().manual_seed(7)).tolist()
+    fresh = TrainState()
+    assert fresh.data_order == 2 and fresh.state_dict()["data_order"] == 2
+    old = TrainState()
+    old.load_state_dict({"step": 10, "epoch": 1, "position": 0, "samples_seen": 640})
+    assert old.data_order == 1
+    again = TrainState()
+    again.load_state_dict(fresh.state_dict())
+    assert again.data_order == 2

@@ -2,7 +2,7 @@
 
 The global order depends only on (seed, epoch), never on the world size:
 
-    order = randperm(num_samples, seed + epoch)          (arange without shuffle)
+    order = randperm(num_samples, order_seed(seed, epoch))   (arange without shuffle)
     global micro-batch k = order[k*W*B : (k+1)*W*B]      (W ranks, B micro-batch per rank)
     rank r's micro-batch k = global micro-batch k [r*B : (r+1)*B]
 
@@ -35,15 +35,34 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def _head(seed: int, epoch: int) -> np.ndarray:
+    """A hash of (seed, epoch), as a 1-element uint64 array."""
+    with np.errstate(over="ignore"):
+        head = _mix64(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + _GOLDEN)
+        return _mix64(head ^ (np.uint64(int(epoch) & 0xFFFFFFFFFFFFFFFF) + _GOLDEN))
+
+
 def sample_seeds(seed: int, epoch: int, indices: Any) -> list[int]:
     """The seed of each sample ``index`` in ``epoch`` of a run seeded ``seed``: 63-bit ints, a hash
     of the three numbers (neighbouring seeds, epochs and indices give unrelated streams)."""
     idx = np.asarray(indices, dtype=np.uint64).reshape(-1)
     with np.errstate(over="ignore"):
-        head = _mix64(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + _GOLDEN)
-        head = _mix64(head ^ (np.uint64(int(epoch) & 0xFFFFFFFFFFFFFFFF) + _GOLDEN))
-        out = _mix64(head ^ (idx + _GOLDEN))
+        out = _mix64(_head(seed, epoch) ^ (idx + _GOLDEN))
     return (out >> np.uint64(1)).astype(np.int64).tolist()
+
+
+# How an epoch's order is seeded: 1 (checkpoints before it was versioned) seeded it with
+# seed + epoch, so run seed s at epoch e+1 replayed seed s+1 at epoch e (a seed sweep's runs saw
+# each other's orders); 2 hashes the pair. A resumed run keeps its checkpoint's version.
+ORDER_VERSION = 2
+
+
+def order_seed(seed: int, epoch: int, version: int = ORDER_VERSION) -> int:
+    """The generator seed of ``epoch``'s global order in a run seeded ``seed``."""
+    if version == 1:
+        return int(seed) + int(epoch)
+    with np.errstate(over="ignore"):  # (a constant no sample index reaches: unrelated to sample_seeds)
+        return int(_mix64(_head(seed, epoch) ^ np.uint64(0xD1B54A32D192ED03))[0] >> np.uint64(1))
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -91,6 +110,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.sample_seeds = bool(sample_seeds)
         self.epoch = 0
         self.position = 0  # global samples of the epoch consumed before the next pass starts
+        self.order_version = ORDER_VERSION  # (a resumed run sets its checkpoint's)
 
     @property
     def global_batch_size(self) -> int:
@@ -134,7 +154,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         """The epoch's global sample order (int64), identical on every rank and world size."""
         if not self.shuffle:
             return torch.arange(self.num_samples, dtype=torch.int64)
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed(order_seed(self.seed, self.epoch, self.order_version))
         return torch.randperm(self.num_samples, generator=g)
 
     def __iter__(self) -> Iterator[list[int]]:

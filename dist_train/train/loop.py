@@ -26,6 +26,7 @@ def micro_batches(loader, sampler, state: TrainState) -> Iterator[tuple]:
     The position advances as a batch is handed out (not when the loader prefetches it), so at
     every optimizer-step boundary ``state.position`` is exactly the data consumed.
     """
+    sampler.order_version = state.data_order
     while True:
         sampler.set_epoch(state.epoch)
         sampler.set_position(state.position)

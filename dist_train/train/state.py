@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from dist_train.data.sampler import ORDER_VERSION
+
 
 @dataclass
 class TrainState:
@@ -12,6 +14,7 @@ class TrainState:
     position: int = 0             # global samples of this epoch already consumed (all ranks)
     samples_seen: int = 0         # global samples consumed in total
     resumed_from_step: Optional[int] = None
+    data_order: int = ORDER_VERSION  # how epoch orders are seeded (a checkpoint without it: 1)
     # samples_seen at the last completed optimizer step (what a failed run's summary reports: the
     # batch of a step that never finished is consumed but not trained on); not checkpointed.
     samples_trained: int = 0
@@ -22,6 +25,7 @@ class TrainState:
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        self.data_order = 1  # (written before data orders were versioned)
         for key, value in state.items():
             if hasattr(self, key) and key != "samples_trained":
                 setattr(self, key, value)
