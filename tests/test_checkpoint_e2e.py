@@ -176,6 +176,21 @@ def test_ddp_checkpoint_resumes_under_single_process_with_no_sample_replayed(ref
     assert before + Counter(i for ids in got.values() for i in ids) == Counter(i for ids in ref_ids.values() for i in ids)
 
 
+def test_a_resume_with_a_new_learning_rate_and_weight_decay_trains_with_them(reference, killed, tmp_path, ok):
+    """The checkpoint's param groups and schedule carry its run's peak lr and weight decay: the
+    resumed run's config wins (said in a warning), the schedule's position stays the checkpoint's."""
+    _, saved, _ = killed
+    run = tmp_path / "new_lr"
+    proc = ok(run_cli([*COMMON, "data.batch_size=32", "strategy.name=single", f"checkpoint.resume={saved}",
+                       "train.lr=0.01", "train.weight_decay=0.2", f"run.dir={run}"], timeout=300))
+    assert "optimizer settings, not the checkpoint's: lr 0.001 -> 0.01, weight_decay 0.01 -> 0.2" in proc.stderr
+    lrs = lambda d: {r["step"]: r["lr"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                     if "lr" in r}
+    ref, got = lrs(reference), lrs(run)
+    assert sorted(got) == list(range(N + 1, STEPS + 1))
+    assert all(abs(got[s] - 10 * ref[s]) <= 1e-9 * ref[s] + 1e-15 for s in got), [(s, ref[s], got[s]) for s in got]
+
+
 @pytest.mark.skipif(not (REPO / "dist_train/strategy/fsdp.py").exists(), reason="no fsdp strategy")
 def test_ddp_checkpoint_resumes_under_fsdp_on_two_ranks(reference, killed, tmp_path, ok):
     _, saved, _ = killed

@@ -306,7 +306,13 @@ class Restorer:
         later = self.deferred.pop(path, {})
         files = files or CheckpointFiles(path, self.m.group.pg)
         files.expected = {_shard_name(rel): e for rel, e in later.items()}
+        settings = self.m.strategy.optimizer_settings()
         self.m.strategy.load_checkpoint(files, meta, self.m.cfg.load_optimizer)
+        changed = self.m.strategy.keep_optimizer_settings(settings)
+        if changed and self.m.rank0:
+            log.warning("resumed with this run's optimizer settings, not the checkpoint's: %s (the schedule's "
+                        "position and the optimizer's state are the checkpoint's)",
+                        ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(changed.items())))
         if later:
             self.check_rest(path, later, files.hashed)
         state.load_state_dict(meta["train_state"])

@@ -316,8 +316,53 @@ class Strategy(ABC):
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
                 group["lr"] = lr
 
+    def optimizer_settings(self) -> Tuple[List[Dict[str, Any]], List[float]]:
+        """The optimizer's hyperparameters per param group (weight decay, betas, momentum ...) and
+        the schedule's peak learning rates, as this run's config built them: taken before a
+        checkpoint is loaded, for :meth:`keep_optimizer_settings`."""
+        groups = [{k: v for k, v in g.items() if k not in _STATE_OF_GROUP} for g in self.optimizer.param_groups]
+        return groups, list(self.scheduler.base_lrs)
+
+    def keep_optimizer_settings(self, settings: Tuple[List[Dict[str, Any]], List[float]]) -> Dict[str, Tuple[Any, Any]]:
+        """After a checkpoint load, which brings back the param groups' hyperparameters and the
+        schedule's peak learning rates of the run that wrote it: this run's config wins (a resume
+        with a new ``train.lr`` or ``train.weight_decay`` trains with it; the schedule's position
+        and the optimizer's moments stay the checkpoint's). Returns ``{key: (checkpoint's, config's)}``
+        of what changed."""
+        groups, base_lrs = settings
+        changed: Dict[str, Tuple[Any, Any]] = {}
+        for group, fresh in zip(self.optimizer.param_groups, groups):
+            for key, value in fresh.items():
+                if key in group and _differs(group[key], value):
+                    changed.setdefault(key, (group[key], value))
+                group[key] = value
+        old = list(self.scheduler.base_lrs)
+        if any(_differs(a, b) for a, b in zip(old, base_lrs)):
+            changed["lr"] = (old[0], base_lrs[0])
+            self.scheduler.base_lrs = list(base_lrs)
+            lambdas = getattr(self.scheduler, "lr_lambdas", None)
+            for i, (group, base) in enumerate(zip(self.optimizer.param_groups, base_lrs)):
+                group["initial_lr"] = base
+                # The current step's learning rate at the new peak: LambdaLR's own formula.
+                group["lr"] = (base * lambdas[i](self.scheduler.last_epoch) if lambdas is not None
+                               else group["lr"] * base / old[i] if old[i] else base)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        return changed
+
     def teardown(self) -> None:
         """Release strategy resources; called on every rank before the process group ends."""
+
+
+# A param group's entries that are the run's state, not its config: its parameters, and the
+# learning rates the schedule sets (keep_optimizer_settings handles those through base_lrs).
+_STATE_OF_GROUP = ("params", "lr", "initial_lr")
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except (RuntimeError, TypeError, ValueError):  # (tensors of several elements: compared whole)
+        return not (torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b))
 
 
 def global_grad_norm(grads: List[torch.Tensor], device: torch.device) -> torch.Tensor:
