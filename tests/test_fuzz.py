@@ -29,7 +29,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import REPO, clean_env, free_port, fuzz_settings, run_cli
+from conftest import REPO, clean_env, free_port, fuzz_settings, read_summary, run_cli
 from dist_train import cli
 from dist_train.checkpoint import decode, layout, storage
 from dist_train.config import describe_fields, load_config
@@ -435,6 +435,23 @@ def test_resume_paths_that_are_no_checkpoint(source_ckpt, tmp_path, make, expect
     code, err = resume(make(ckpt), tmp_path / "run")
     assert code == 2 and "Traceback" not in err and "bad config: checkpoint.resume:" in err and expect in err, err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_run_dir_to_resume_gives_its_newest_verified_checkpoint_whatever_latest_says(tmp_path):
+    """checkpoint.resume=<run dir>: ``latest`` may be stale (a crash between a commit's rename and
+    its update) and the newest may be damaged: the newest that verifies is taken, as auto does,
+    and the source run's checkpoints are left as they are."""
+    src = tmp_path / "src"
+    code, err = run_in_process([*TINY, "train.max_steps=3", "checkpoint.every_steps=1", f"run.dir={src}"])
+    assert code == 0, err[-3000:]
+    ckpts = src / "checkpoints"
+    (ckpts / layout.LATEST).write_text("step_00000001\n")
+    meta = ckpts / "step_00000003" / layout.META
+    meta.write_bytes(meta.read_bytes()[:-5])  # the newest no longer verifies (a size mismatch)
+    code, err = run_in_process([*TINY, "train.max_steps=4", f"run.dir={tmp_path / 'run'}", f"checkpoint.resume={src}"])
+    assert code == 0, err[-3000:]
+    assert read_summary(tmp_path / "run")["resumed_from_step"] == 2, err[-3000:]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000001", "step_00000002", "step_00000003"]
 
 
 def test_manifest_listing_a_file_outside_the_checkpoint_is_refused(source_ckpt, tmp_path):

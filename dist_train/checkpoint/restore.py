@@ -88,15 +88,25 @@ def read_meta(path: str) -> Dict[str, Any]:
     return meta
 
 
+def checkpoints_under(path: str) -> Optional[str]:
+    """The checkpoints dir that ``path`` is (or holds, as a run dir), when it is not a checkpoint
+    itself and holds step_XXXXXXXX checkpoints; else None."""
+    if os.path.isfile(os.path.join(path, layout.MANIFEST)) or layout.parse_step(path) is not None:
+        return None
+    for base in (os.path.join(path, layout.CHECKPOINTS), path):
+        if layout.committed(base):
+            return base
+    return None
+
+
 def resolve_path(path: str) -> str:
-    """A checkpoint dir as given, or the newest checkpoint of a checkpoints dir or run dir."""
+    """A checkpoint dir as given, or the newest checkpoint of a checkpoints dir or run dir (by its
+    step: ``latest`` may be stale, e.g. after a crash between a commit's rename and its update)."""
+    base = checkpoints_under(path)
+    if base is not None:
+        return layout.committed(base)[0][1]
     if os.path.isfile(os.path.join(path, layout.MANIFEST)) or layout.parse_step(path) is not None:
         return path
-    for base in (os.path.join(path, layout.CHECKPOINTS), path):
-        found = layout.committed(base)
-        if found:
-            latest = layout.read_latest(base)
-            return os.path.join(base, latest) if latest and os.path.isdir(os.path.join(base, latest)) else found[0][1]
     raise CheckpointRefused(f"checkpoint.resume={path}: not a checkpoint (no manifest.json) and no "
                             f"step_XXXXXXXX checkpoint under it")
 
@@ -148,10 +158,16 @@ class Restorer:
             resolved: Any = None
             if g.rank == 0:
                 try:
-                    resolved = ("ok", resolve_path(mode))
+                    base = checkpoints_under(mode)
+                    resolved = ("base", base) if base is not None else ("ok", resolve_path(mode))
                 except (CheckpointRefused, OSError) as exc:
                     resolved = ("error", str(exc))
             status, value = g.broadcast(resolved)
+            if status == "base":  # a run dir: its newest checkpoint that verifies, as auto takes
+                chosen = self.newest_verified(defer=True, base=value)
+                if chosen is None:
+                    raise CheckpointRefused(f"checkpoint.resume={mode}: no checkpoint under {value} verifies")
+                return chosen
             if status != "ok":
                 raise CheckpointRefused(value)
             errors = self.verify(value, defer=True)
@@ -160,25 +176,27 @@ class Restorer:
             return value
         return self.newest_verified(defer=True)
 
-    def newest_verified(self, defer: bool = False, below: Optional[int] = None) -> Optional[str]:
-        """Collective: the newest checkpoint of the run dir (older than step ``below``, if given)
-        that verifies (None: none does)."""
-        g = self.m.group
+    def newest_verified(self, defer: bool = False, below: Optional[int] = None,
+                        base: Optional[str] = None) -> Optional[str]:
+        """Collective: the newest checkpoint of the run dir (or of checkpoints dir ``base``; older
+        than step ``below``, if given) that verifies (None: none does)."""
+        g, own = self.m.group, base is None
+        base = base or self.m.dir
         candidates = None
         if g.rank == 0:
             try:
-                candidates = [p for s, p in layout.committed(self.m.dir) if below is None or s < below]
+                candidates = [p for s, p in layout.committed(base) if below is None or s < below]
             except OSError as exc:
                 candidates = str(exc)
         candidates = g.broadcast(candidates)
         if isinstance(candidates, str):
-            raise CheckpointError(f"cannot list checkpoints in {self.m.dir}: {candidates}")
+            raise CheckpointError(f"cannot list checkpoints in {base}: {candidates}")
         for path in candidates:
             errors = self.verify(path, defer)
             if not errors:
                 return path
             self._skip(path, errors)
-        if candidates and g.rank == 0 and below is None:
+        if candidates and g.rank == 0 and below is None and own:
             log.warning("no checkpoint under %s verifies: starting from scratch", self.m.dir)
         return None
 
