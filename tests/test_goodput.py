@@ -120,7 +120,7 @@ def _steps(reporter, clock, first, last, data_s, other_s=0.0):
     for step in range(first, last + 1):
         for phase, s in (("data", data_s), ("forward_backward", 0.09), ("optimizer", 0.01), ("other", other_s)):
             clock.window[phase] = clock.window.get(phase, 0.0) + s
-        reporter.maybe_log(SimpleNamespace(step=step, epoch=0, samples_seen=8 * step), output, 0.1 + data_s)
+        reporter.maybe_log(SimpleNamespace(step=step, epoch=0, samples_seen=8 * step, skipped_steps=0), output, 0.1 + data_s)
 
 
 def test_the_data_wait_warning_leaves_out_the_first_steps(caplog):

@@ -88,3 +88,18 @@ def test_total_norm_equals_torch_get_total_norm_bit_for_bit(dtypes):
     assert math.isnan(total_norm(tensors).item())
     tensors[1][2] = float("inf")
     assert math.isinf(total_norm(tensors).item())
+
+
+def test_the_counts_of_skipped_and_nonfinite_steps_survive_a_resume(tmp_path):
+    """skipped_steps and nonfinite_steps are the run's counts: checkpointed, so a crash and resume
+    logs what an uninterrupted run logs (they restarted from 0 in the resumed process)."""
+    run = tmp_path / "run"
+    args = [*BASE, "train.nonfinite=skip", "checkpoint.every_steps=5", "checkpoint.resume=auto", f"run.dir={run}"]
+    crashed = run_cli([*args, "debug.faults=nan@3,crash@8"])
+    assert crashed.returncode not in (0, 2), crashed.stderr[-2000:]
+    again = run_cli([*args, "debug.faults=nan@3"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_summary(run)["resumed_from_step"] == 5
+    records = {r["step"]: r for r in read_metrics(run) if "loss" in r}
+    assert [records[k]["skipped_steps"] for k in (2, 3, 6, 10)] == [0, 1, 1, 1], records
+    assert [records[k]["nonfinite_steps"] for k in (3, 6, 10)] == [1, 1, 1], records

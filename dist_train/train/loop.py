@@ -60,6 +60,7 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         step_s = time.perf_counter() - t0
         state.step += 1
         state.samples_trained = state.samples_seen
+        state.skipped_steps += int(output.result.skipped)  # (before this step's save: checkpointed with it)
         if guard.after_step(state, output, checkpointer):
             with clock("checkpoint"):
                 checkpointer.rollback(state)  # weights, optimizer, schedule, step; the data goes on

@@ -35,7 +35,6 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     def __init__(self, policy: str, patience: int, device: torch.device):
         self.policy, self.patience, self.device = policy, patience, device
-        self.total = 0        # non-finite steps in this process
         self.in_a_row = 0
 
     def veto(self, loss: torch.Tensor) -> bool:
@@ -44,15 +43,15 @@ class NonFiniteGuard:
 
     def after_step(self, state, output, checkpointer) -> bool:
         """After a step, on every rank; True when the loop must roll back to the last checkpoint."""
-        step = state.step
+        step = state.step  # (state.nonfinite_steps: the run's count, checkpointed)
         if not getattr(output.result, "nonfinite", False):
             self.in_a_row = 0
-            if self.total:
-                output.metrics["nonfinite_steps"] = torch.tensor(float(self.total), device=self.device)
+            if state.nonfinite_steps:
+                output.metrics["nonfinite_steps"] = torch.tensor(float(state.nonfinite_steps), device=self.device)
             return False
-        self.total += 1
+        state.nonfinite_steps += 1
         self.in_a_row += 1
-        output.metrics["nonfinite_steps"] = torch.tensor(float(self.total), device=self.device)
+        output.metrics["nonfinite_steps"] = torch.tensor(float(state.nonfinite_steps), device=self.device)
         log.warning("step %d: non-finite loss or gradient on some rank; the update was dropped (train.nonfinite=%s)",
                     step, self.policy)
         if self.policy == "abort":

@@ -85,7 +85,6 @@ class Reporter:
         self.global_batch, self.tokens_per_sample = global_batch, tokens_per_sample
         self.throughput = Throughput()
         self.last: Dict[str, Any] = {}
-        self.skipped = 0  # optimizer steps not applied (fp16 overflow, or vetoed) since the start
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
@@ -99,7 +98,6 @@ class Reporter:
         the step's StepOutput; ``step_s``: the time of ``train_step``; ``busy_s``: the loop's time
         since the previous step, evaluation and saves left out, for throughput (default ``step_s``))."""
         self.throughput.tick(self.global_batch, step_s if busy_s is None else busy_s)
-        self.skipped += int(output.result.skipped)
         self._steps_in_window += 1
         if self.throughput.steps == self.throughput.warmup:
             # The process's first steps (DataLoader workers starting, caches warming) stay in the
@@ -123,7 +121,7 @@ class Reporter:
             "step_time_s": step_s,
             "epoch": state.epoch,
             "samples_seen": state.samples_seen,
-            "skipped_steps": self.skipped,
+            "skipped_steps": state.skipped_steps,
         }
         out.update(zip(names, means[1:]))
         out.update(result.grad_norms or {})

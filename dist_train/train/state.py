@@ -15,6 +15,8 @@ class TrainState:
     samples_seen: int = 0         # global samples consumed in total
     resumed_from_step: Optional[int] = None
     data_order: int = ORDER_VERSION  # how epoch orders are seeded (a checkpoint without it: 1)
+    skipped_steps: int = 0        # optimizer steps not applied (fp16 overflow, or vetoed), in total
+    nonfinite_steps: int = 0      # steps with a non-finite loss or gradient (train.nonfinite), in total
     # samples_seen at the last completed optimizer step (what a failed run's summary reports: the
     # batch of a step that never finished is consumed but not trained on); not checkpointed.
     samples_trained: int = 0
