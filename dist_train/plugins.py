@@ -137,10 +137,37 @@ def torchvision_model(name: str, args: Dict[str, Any], info) -> Any:
         kwargs["num_classes"] = info.num_classes
     kwargs["weights"] = None  # no downloads at run time: pretrained weights come from model.init_from
     try:
-        return torchvision.models.get_model(zoo, **kwargs)
+        model = torchvision.models.get_model(zoo, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError("model.args", f"torchvision:{zoo} cannot be built with {dict(args)}: "
                           f"{type(exc).__name__}: {exc}") from None
+    return _fit_input_channels(model, zoo, getattr(info, "input_shape", None))
+
+
+def _gray_to_rgb(_module, args):
+    x = args[0]
+    return (x.expand(-1, 3, *x.shape[2:]), *args[1:]) if x.dim() == 4 and x.shape[1] == 1 else args
+
+
+def _fit_input_channels(model, zoo: str, input_shape) -> Any:
+    """The zoo's models take 3-channel images. Grayscale ones (fashion_mnist, digits) are repeated
+    to three channels on the way in, as ``transforms.Grayscale(num_output_channels=3)`` would: a
+    forward pre-hook, so the state dict stays torchvision's (``model.init_from`` of ImageNet
+    weights, ``model.freeze`` patterns). Any other mismatch is refused naming both counts."""
+    import torch.nn as nn
+
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or not input_shape or len(input_shape) != 3 or input_shape[0] == first.in_channels:
+        return model
+    if input_shape[0] == 1 and first.in_channels == 3:
+        import logging
+
+        logging.getLogger("dist_train").info("torchvision:%s takes 3-channel images: the dataset's 1-channel images "
+                                             "are repeated to 3 channels on the way in", zoo)
+        model.register_forward_pre_hook(_gray_to_rgb)
+        return model
+    raise ConfigError("model.name", f"torchvision:{zoo} takes {first.in_channels}-channel images; the dataset's have "
+                      f"{input_shape[0]} (shape {tuple(input_shape)})")
 
 
 def check_name(key: str, name: str, builtins) -> None:

@@ -50,8 +50,10 @@ def test_a_plain_module_trains_alike_under_every_strategy_through_fit(tmp_path, 
         assert s["status"] == "completed" and s["model"] == "fit:Plain" and s["steps"] == 10
         if name != "single":  # the summary comes back on every rank: summary.json's (rank 0's)
             other = json.loads((run / "fit.rank1.json").read_text())
-            for key in ("status", "steps", "samples_seen", "train_loss", "eval_loss", "eval_accuracy", "samples_per_s"):
-                assert other[key] == s[key], (name, key, other[key], s[key])
+            written = read_summary(run)
+            for key in ("status", "steps", "samples_seen", "train_loss", "eval_loss", "eval_accuracy", "samples_per_s",
+                        "wall_s", "exit_code", "mlflow_run_id"):
+                assert other[key] == s[key] == written[key], (name, key, other[key], s[key], written[key])
     ref = losses["single"]
     assert ref[10] < ref[1]
     for name in ("ddp", "fsdp", "zero3"):
@@ -113,6 +115,30 @@ def test_train_deterministic_holds_during_the_job_and_is_undone_after(tmp_path, 
     dist_train.fit(Probe(2, 2), data, overrides=[f"run.dir={tmp_path / 'off'}", *FIT, "data.batch_size=8",
                                                  "train.max_steps=1"])
     assert seen and not any(s[0] for s in seen)
+
+
+def test_a_task_of_ones_own_gets_the_batch_as_the_dataset_collated_it(tmp_path):
+    """``x, y = batch`` in a user's task, in training, evaluation and the FLOP count (on meta
+    tensors); a dataset of one-element items is not given the sample indices as a target."""
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    seen = []
+
+    def task(model, batch):
+        x, y = batch  # (the loaders' sample indices are taken off)
+        seen.append((x.device.type, tuple(x.shape), y.dtype))
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    data = TensorDataset(torch.randn(32, 2), torch.randint(0, 2, (32,)))
+    summary = dist_train.fit(torch.nn.Linear(2, 2), data, data, task=task,
+                             overrides=[f"run.dir={tmp_path}", *FIT, "data.batch_size=8", "train.max_steps=3"])
+    assert summary["status"] == "completed" and summary["eval_loss"] is not None
+    assert seen[0] == ("meta", (8, 2), torch.int64), seen  # the FLOP count, then 3 steps and the evaluation
+    assert seen.count(("cpu", (8, 2), torch.int64)) == 3 and len(seen) >= 5, seen
+    with pytest.raises(dist_train.TrainingFailed, match="a batch must be"):  # (x,) items: no target to learn
+        dist_train.fit(torch.nn.Linear(2, 2), TensorDataset(torch.randn(32, 2)),
+                       overrides=[f"run.dir={tmp_path / 'no_target'}", *FIT, "data.batch_size=8", "train.max_steps=1"])
 
 
 def test_train_deterministic_keeps_a_callers_strict_mode():
@@ -231,6 +257,29 @@ def test_torchvision_zoo_model_with_the_datasets_classes(tmp_path):
                      *FIT[2:], f"run.dir={run}"]) == 0
     s = read_summary(run)
     assert s["status"] == "completed" and s["model"] == "torchvision:mobilenet_v3_small"
+
+
+def test_torchvision_zoo_model_on_grayscale_images_keeps_torchvisions_state_dict():
+    """The README's resnet on fashion_mnist: 1-channel images into a 3-channel conv1 passed --check
+    and failed at the first step. They are repeated to 3 channels; the keys and shapes stay
+    torchvision's (ImageNet weights load through model.init_from), and the output is the 3-channel
+    model's on the repeated image."""
+    import torchvision
+    from types import SimpleNamespace
+
+    from dist_train.config import ConfigError
+    from dist_train.plugins import torchvision_model
+
+    gray = SimpleNamespace(task="classification", input_shape=(1, 8, 8), num_classes=10)
+    model = torchvision_model("torchvision:resnet18", {}, gray).eval()
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x.repeat(1, 3, 1, 1)))
+    with pytest.raises(ConfigError, match="torchvision:resnet18 takes 3-channel images; the dataset's have 4"):
+        torchvision_model("torchvision:resnet18", {}, SimpleNamespace(**{**vars(gray), "input_shape": (4, 8, 8)}))
 
 
 def test_init_from_gives_the_source_models_outputs_and_reports_a_new_head(tmp_path):

@@ -11,12 +11,12 @@ from dist_train.logging.jsonl import trim_jsonl
 
 
 def record_sample_ids(batches: Iterator[tuple], state, path: str) -> Iterator[tuple]:
-    """Pass micro-batches through, appending each one's dataset indices (``batch[2]``) to ``path``
+    """Pass micro-batches through, appending each one's dataset indices (the last element of the batch) to ``path``
     as ``{"step": the optimizer step it feeds, "ids": [...]}``. Records past the step the run
     (re)starts from belong to an abandoned timeline and are dropped first."""
     trim_jsonl(path, state.step)
     with open(path, "a", encoding="utf-8") as f:
         for batch in batches:
-            f.write(json.dumps({"step": state.step + 1, "ids": batch[2].tolist()}) + "\n")
+            f.write(json.dumps({"step": state.step + 1, "ids": batch[-1].tolist()}) + "\n")
             f.flush()
             yield batch

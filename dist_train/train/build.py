@@ -29,7 +29,7 @@ from dist_train.strategy import StepPlan, Strategy, build_strategy
 from dist_train.train import sources
 from dist_train.train.flops import StepFlops
 from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
-from dist_train.train.tasks import LanguageModel, Task, split_batch
+from dist_train.train.tasks import LanguageModel, Task, split_batch, without_indices
 
 log = logging.getLogger("dist_train")
 
@@ -118,7 +118,7 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
 
     def count_flops(module: nn.Module) -> None:
         indices = next(iter(sampler))  # (samples counted from the sampler: a batch may hold no target)
-        batch = train_ds.__getitems__(indices) if hasattr(train_ds, "__getitems__") else None
+        batch = without_indices(train_ds.__getitems__(indices)) if hasattr(train_ds, "__getitems__") else None
         if batch is not None:
             counted.append(StepFlops.build(module, batch, task, job.train, device, cluster.world_size,
                                            verbose=cluster.is_rank0, samples=len(indices)))

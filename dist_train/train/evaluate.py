@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 
 from dist_train.env import collectives
-from dist_train.train.tasks import Task, batch_size, to_device
+from dist_train.train.tasks import Task, batch_size, to_device, without_indices
 
 
 class Evaluator:
@@ -55,7 +55,8 @@ class Evaluator:
 
 def _one_sample(loader):
     dataset = loader.dataset
-    return dataset.__getitems__([0]) if hasattr(dataset, "__getitems__") else loader.collate_fn([dataset[0]])
+    return without_indices(dataset.__getitems__([0]) if hasattr(dataset, "__getitems__")
+                           else loader.collate_fn([dataset[0]]))
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def evaluate(strategy, loader, task: Task, max_batches: int = 0,
     it: Iterator = iter(loader)
     first = None
     for i in range(rounds):
-        batch = next(it, None) if i < local else None
+        batch = without_indices(next(it, None)) if i < local else None
         weight = 1.0
         if batch is None or batch_size(batch) == 0:
             # Padding round: a forward for the collectives, counted with weight 0. A rank whose

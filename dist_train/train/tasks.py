@@ -9,7 +9,10 @@ Built in: ``classification`` (cross-entropy; accuracy and top-5 accuracy), ``lan
 (next-token cross-entropy; accuracy, perplexity, and bits per byte when a token is a byte) and
 ``regression`` (mean squared error; mean absolute error). Anything else is a callable
 ``task(model, batch) -> loss`` or ``-> (loss, {name: value})``: its metrics are averaged over
-micro-batches and ranks during training, and over batches and ranks in evaluation.
+micro-batches and ranks during training, and over batches and ranks in evaluation. It gets the
+batch as the dataset's items collated (``x, y = batch`` for ``(x, y)`` items; see
+``without_indices``), on this rank's device; it is also called once on meta tensors (shapes, no
+values) to count the FLOPs of a step: a task that needs values there only loses the FLOP count.
 """
 from __future__ import annotations
 
@@ -22,6 +25,23 @@ import torch.nn.functional as F
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "features")
 TARGET_KEYS = ("target", "targets", "label", "labels", "y")
 BUILTIN = ("classification", "language_model", "regression")
+
+
+def without_indices(batch: Any) -> Any:
+    """A batch from dist_train's loaders as the dataset's items collated: without the sample indices.
+
+    The loaders append each sample's dataset index to a tuple batch, as its last element (an
+    int64 tensor; ``debug.record_sample_ids`` and the resume tests read it): a dataset of
+    ``(x, y)`` items gives ``(x, y, index)``. The loop, the evaluation and the FLOP count take it
+    off before a task sees the batch, so that a task of one's own may unpack ``x, y = batch``.
+    List, dict and tensor batches carry no index and pass as they are.
+    """
+    if isinstance(batch, tuple) and batch:
+        index = batch[-1]
+        if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.dim() == 1):
+            raise TypeError(f"a loader's tuple batch ends with its sample indices; got {type(index).__name__}")
+        return tuple(batch[:-1])
+    return batch
 
 
 def split_batch(batch: Any) -> Tuple[Any, Any]:
