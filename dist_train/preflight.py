@@ -97,6 +97,22 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
                         "bf16 there, slowly; fp16 is this GPU's native half precision", major, minor)
     plan = StepPlan(job.data.batch_size, job.train.grad_accum_steps, job.train.grad_clip)
     strategy_class(name).check_config(job.strategy, plan, job.train.precision, cluster.world_size)
+    train_samples = None  # (when known without reading the data)
+    if own_data and not callable(user.train_data) and hasattr(user.train_data, "__len__"):
+        try:
+            train_samples = len(user.train_data)
+        except TypeError:  # (an odd dataset: its loader says what is wrong with it)
+            train_samples = None
+    elif not own_data and job.data.name in dataset_names():
+        from dist_train.data.registry import dataset_train_size
+
+        train_samples = dataset_train_size(job.data)
+    if train_samples:  # (fit's empty dataset: refused by name when its loader is built)
+        from dist_train.data.loader import batch_too_large
+
+        problem = batch_too_large(job.data.batch_size, cluster.world_size, train_samples)
+        if problem:
+            raise ConfigError("data.batch_size", problem)
     if job.checkpoint.resume not in ("auto", "never") and not os.path.exists(job.checkpoint.resume):
         raise ConfigError("checkpoint.resume", f"no checkpoint at {job.checkpoint.resume!r} (auto, never or a path)")
     if machine:

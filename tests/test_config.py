@@ -191,6 +191,33 @@ def test_data_root_for_a_built_in_dataset_that_reads_no_folder_is_refused(capsys
     assert "bad config: data.root: the built-in dataset 'digits' reads no folder" in capsys.readouterr().err
 
 
+def test_a_global_batch_larger_than_the_training_set_stops_before_the_run(tmp_path, capsys, monkeypatch):
+    """It used to pass --check and stop only once every rank had built its loader (the run
+    directory written): the built-ins' sizes and fit's dataset's len() are known up front."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    import dist_train
+
+    assert cli.main(["--check", "data.name=digits", "model.name=mlp", "data.batch_size=1439"]) == 2
+    assert ("bad config: data.batch_size: a global batch of 1439 samples (world size 1 x data.batch_size 1439) "
+            "is more than the 1438 training samples") in capsys.readouterr().err
+    assert cli.main(["--check", "data.name=digits", "model.name=mlp", "data.batch_size=1438"]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cli.main(["--check", "data.name=synthetic_images", "model.name=cnn", "data.synthetic_samples=100",
+                     "data.batch_size=64"]) == 2
+    assert "(world size 2 x data.batch_size 64) is more than the 100 training samples" in capsys.readouterr().err
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var)
+    with pytest.raises(dist_train.ConfigError, match="data.batch_size: a global batch of 16 samples"):
+        dist_train.fit(torch.nn.Linear(2, 2), TensorDataset(torch.randn(8, 2), torch.zeros(8, dtype=torch.long)),
+                       overrides=[f"run.dir={tmp_path / 'run'}", "data.batch_size=16"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_value_the_preset_leaves_at_missing_must_be_given(tmp_path):
     """``???`` in a preset means "the user gives this": without an override it stops naming the
     key (OmegaConf's merge kept the default under it, silently); a later override fills it."""

@@ -109,6 +109,7 @@ def build_fashion_mnist(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, Dat
 # every run evaluates on the same held-out images.
 _DIGITS_SPLIT_SEED = 1234
 _DIGITS_EVAL_FRACTION = 0.2
+_DIGITS_SAMPLES = 1797  # load_digits' count (preflight sizes the training split from it)
 
 
 def _digits_arrays() -> tuple[Any, Any]:
@@ -136,12 +137,18 @@ def _digits_arrays() -> tuple[Any, Any]:
     return bunch.data, bunch.target
 
 
-@register_dataset("digits")
+def _digits_train_size(_cfg: Any) -> int:
+    return _DIGITS_SAMPLES - int(round(_DIGITS_SAMPLES * _DIGITS_EVAL_FRACTION))
+
+
+@register_dataset("digits", train_size=_digits_train_size)
 def build_digits(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, DataInfo]:
     """scikit-learn's 1797 8x8 digits: 80% train / 20% eval after a fixed permutation."""
     pixels, targets = _digits_arrays()
     images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 8, 8).div_(16.0).unsqueeze(1)  # 0..16
     labels = torch.as_tensor(targets, dtype=torch.int64)
+    if len(labels) != _DIGITS_SAMPLES:
+        raise ValueError(f"scikit-learn's digits hold {len(labels)} images, not the {_DIGITS_SAMPLES} expected")
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
     n_eval = int(round(len(labels) * _DIGITS_EVAL_FRACTION))
     train_idx, eval_idx = perm[:-n_eval], perm[-n_eval:]
@@ -170,7 +177,7 @@ def _synthetic_split(templates: torch.Tensor, n: int, seed: int) -> InMemoryData
     return InMemoryDataset(x, labels, name=f"synthetic_images/{seed}")
 
 
-@register_dataset("synthetic_images")
+@register_dataset("synthetic_images", train_size=lambda cfg: int(cfg.synthetic_samples))
 def build_synthetic_images(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, DataInfo]:
     """Random (3, 32, 32) images whose label sets a class-dependent mean image; for benchmarks.
 

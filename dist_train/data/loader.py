@@ -78,11 +78,19 @@ def build_train_loader(
         len(dataset), int(cfg.batch_size), rank, world_size, seed, shuffle=True, drop_last=True,
         sample_seeds=bool(getattr(dataset, "needs_sample_seeds", False)),
     )
-    if sampler.batches_per_epoch == 0:  # every epoch would be empty: the loop would spin forever
-        raise ConfigError("data.batch_size", f"a global batch of {sampler.global_batch_size} samples (world size "
-                          f"{world_size} x data.batch_size {cfg.batch_size}) is more than the {len(dataset)} "
-                          "training samples: an epoch would hold no batch")
+    problem = batch_too_large(int(cfg.batch_size), world_size, len(dataset))
+    if problem:  # every epoch would be empty: the loop would spin forever
+        raise ConfigError("data.batch_size", problem)
     return _make_loader(dataset, sampler, cfg, seed, rank, device), sampler
+
+
+def batch_too_large(batch_size: int, world_size: int, train_samples: int) -> str:
+    """Why a global batch of ``world_size`` x ``batch_size`` cannot be drawn from the training set
+    (every last incomplete global batch is dropped), or "" when it can."""
+    if batch_size * world_size <= train_samples:
+        return ""
+    return (f"a global batch of {batch_size * world_size} samples (world size {world_size} x data.batch_size "
+            f"{batch_size}) is more than the {train_samples} training samples: an epoch would hold no batch")
 
 
 def build_eval_loader(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -85,13 +85,17 @@ def as_batch(batch: Any) -> Any:
 Builder = Callable[[Any], tuple[Dataset, Dataset, DataInfo]]
 _BUILDERS: dict[str, Builder] = {}
 _TASKS: dict[str, str] = {}
+_TRAIN_SIZES: dict[str, Callable[[Any], Optional[int]]] = {}
 
 
-def register_dataset(name: str, task: str = "classification") -> Callable[[Builder], Builder]:
+def register_dataset(name: str, task: str = "classification",
+                     train_size: Optional[Callable[[Any], Optional[int]]] = None) -> Callable[[Builder], Builder]:
     """Decorator: register `fn(cfg) -> (train_ds, eval_ds, DataInfo)` under `name`.
 
     `task` is declared up front so config validation can match models to datasets without
-    reading any data.
+    reading any data; so is `train_size(cfg)`, the number of training samples when it is known
+    without reading the data (None: not known), so that a global batch larger than the training
+    set is refused before any process starts.
     """
     if task not in TASKS:
         raise ValueError(f"dataset {name!r}: task must be one of {TASKS}, got {task!r}")
@@ -101,9 +105,17 @@ def register_dataset(name: str, task: str = "classification") -> Callable[[Build
             raise ValueError(f"dataset {name!r} is already registered")
         _BUILDERS[name] = fn
         _TASKS[name] = task
+        if train_size is not None:
+            _TRAIN_SIZES[name] = train_size
         return fn
 
     return decorator
+
+
+def dataset_train_size(cfg: Any) -> Optional[int]:
+    """The training samples of the registered dataset `cfg.name`, if known without reading it."""
+    size = _TRAIN_SIZES.get(cfg.name)
+    return None if size is None else size(cfg)
 
 
 def is_builtin_dataset(name: str) -> bool:
