@@ -78,7 +78,8 @@ def _print(info: dict) -> None:
     for rel, size in sorted(info["files"].items()):
         print(f"    {rel:40s} {size:>12d}")
     if info["verified"]:
-        print("  verification   OK (every file's size and SHA-256 match manifest.json)")
+        print("  verification   OK (every file's size and checksum match manifest.json: XXH3-128, "
+              "or SHA-256 in a format-1 manifest)")
     else:
         print("  verification   FAILED")
         for err in info["errors"]:
