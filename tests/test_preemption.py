@@ -3,6 +3,7 @@ signal, while fast steps exchange the flag only every few steps (its all-reduce 
 and a preempted run under the launcher stops for good (no torchrun restart) and exits 3."""
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
@@ -35,6 +36,7 @@ def _agree(rank: int, world_size: int, signal_rank: int, signal_at: int, step_s:
                 break
     finally:
         watcher.close()
+        watcher.release()
     got = [None] * world_size
     dist.all_gather_object(got, (stopped, watcher.exchanges))
     stops = [g[0] for g in got]
@@ -66,6 +68,63 @@ def test_one_process_needs_no_exchange():
         assert watcher.requested() and watcher.exchanges == 0
     finally:
         watcher.close()
+        watcher.release()
+
+
+def test_a_signal_while_the_run_shuts_down_waits_for_the_summary():
+    """torchrun SIGTERMs every worker when one fails: between the end of training and summary.json
+    the signal is held off (logged), and release gives the handler from before back."""
+    from dist_train.env.preemption import PreemptionWatcher
+
+    got = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        watcher = PreemptionWatcher(torch.device("cpu"))
+        watcher.close()
+        os.kill(os.getpid(), signal.SIGTERM)  # (default handling would end this process)
+        time.sleep(0.05)
+        assert watcher.late_signal == "SIGTERM" and watcher.signal_name is None and got == []
+        watcher.release()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_signal_while_the_job_is_built_stops_it_at_the_first_step_with_a_checkpoint(tmp_path):
+    """A preemption during the build (rendezvous, data, model: possibly minutes) used to kill the
+    process without summary.json and with "killed by signal" instead of "requeue me": it is caught
+    from the start of the run, and the run stops after its first step, checkpointed, status
+    preempted; the caller's handler is back afterwards."""
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    class SignalledWhileBuilt(TensorDataset):
+        sent = False
+
+        def __len__(self):  # (asked while the job is built: the sampler, the loader)
+            if not SignalledWhileBuilt.sent and any(f.function == "build_parts" for f in inspect.stack()):
+                SignalledWhileBuilt.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            return super().__len__()
+
+    got = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        data = SignalledWhileBuilt(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+        summary = dist_train.fit(torch.nn.Linear(4, 2), data, overrides=[
+            f"run.dir={tmp_path}", "train.max_steps=50", "data.batch_size=8", "data.num_workers=0",
+            "logging.mlflow.enabled=false", "logging.progress_bar=off", "checkpoint.every_steps=0"])
+        assert SignalledWhileBuilt.sent and got == []
+        assert summary["status"] == "preempted" and summary["exit_code"] == 3 and summary["steps"] == 1
+        assert (tmp_path / "checkpoints" / "step_00000001" / "manifest.json").exists()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 JOB = ["data.name=digits", "model.name=mlp", "model.hidden=32", "data.batch_size=16", "data.num_workers=0",

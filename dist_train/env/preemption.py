@@ -29,6 +29,36 @@ EXIT_PREEMPTED = 3  # distinct from 1 (failed) and 2 (bad usage): "checkpointed,
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
+class EarlySignals:
+    """Catches the preemption signals from the start of a run until its watcher takes over.
+
+    Building a job (the process group's rendezvous, datasets, the model, its wrapping) can take
+    minutes, and a scheduler may preempt it then: with the default handlers the process died of the
+    signal, without its summary and with an exit code that says "killed" rather than "requeue me".
+    Caught here, the signal only sets a flag: the ``PreemptionWatcher`` built after the job adopts
+    it and the run stops at its first step boundary, with a checkpoint, like any preemption.
+    ``release`` puts the handlers from before back (a run that failed before its watcher existed).
+    """
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self.previous: Dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            log.warning("got %s while the job is being built: stopping at its first step boundary, with a "
+                        "checkpoint", self.signal_name)
+
+    def release(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
 class PreemptionWatcher:
     """Installs the signal handlers (main thread only) and answers "stop now?" collectively.
 
@@ -45,9 +75,10 @@ class PreemptionWatcher:
     AGREE_EVERY_S = 0.25
     MAX_INTERVAL = 100
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, early: Optional[EarlySignals] = None):
         self.device = device
-        self.signal_name = None
+        self.signal_name = early.signal_name if early is not None else None
+        self.late_signal = None        # a signal held off after close(), while the run shut down
         self._previous: Dict[int, object] = {}
         self._group = new_gloo_group()  # collective: every rank builds its watcher at the same point
         self._alone = not initialized() or dist.get_world_size() == 1
@@ -61,6 +92,10 @@ class PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            if early is not None and early.previous:  # the handlers from before the run, not early's
+                self._previous, early.previous = dict(early.previous), {}
+                if early.signal_name is not None:  # (one that came between the two: still early's)
+                    self.signal_name = early.signal_name
 
     def _handle(self, signum, _frame) -> None:
         if self.signal_name is None:
@@ -94,12 +129,30 @@ class PreemptionWatcher:
         return False
 
     def close(self) -> None:
+        """The training is over: finish the pending exchange, and from now on hold the signals off.
+
+        A signal that arrives while the run shuts down (torchrun SIGTERMs every worker when one
+        fails or exits first) would otherwise end the process before it has written its summary.
+        ``release`` gives the handlers that were there before back.
+        """
         if self._work is not None:  # every rank started the same all-reduces; a failed peer may not
             try:
                 self._work.wait(datetime.timedelta(seconds=10))
             except Exception:  # noqa: BLE001  (shutting down after a failure)
                 pass
             self._work = None
+        if self._previous:
+            for sig in self._previous:
+                signal.signal(sig, self._hold)
+
+    def _hold(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.late_signal is None:
+            self.late_signal = name
+            log.warning("got %s while shutting down: writing the summary first, then exiting", name)
+
+    def release(self) -> None:
+        """The handlers from before the watcher back (main thread; after ``close``)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

@@ -22,7 +22,7 @@ from dist_train.config import ConfigError, to_dict, to_yaml
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.collectives import broadcast_object
 from dist_train.env.faults import Faults
-from dist_train.env.preemption import EXIT_PREEMPTED, PreemptionWatcher, keep_launcher_from_restarting
+from dist_train.env.preemption import EXIT_PREEMPTED, EarlySignals, PreemptionWatcher, keep_launcher_from_restarting
 from dist_train.env.process_group import group_restarts, process_group
 from dist_train.env.seed import deterministic_kernels
 from dist_train.logging.console import setup_console
@@ -106,7 +106,8 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
     set_cpu_threads(cluster)
     enable_nccl_flight_recorder(job.run.dir)
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
-    state, code, error = TrainState(), 1, None
+    state, code, error, preemption = TrainState(), 1, None, None
+    early = EarlySignals()  # a preemption while the job is built: its watcher stops at the first step
     try:
         with deterministic_kernels(job.train.deterministic), \
                 process_group(cluster, always=strategy_class(name).needs_process_group,
@@ -124,10 +125,12 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                             torch.backends.cpu.get_cpu_capability())
             parts = build_parts(job, cluster, device, user)
             try:
-                preempted, signalled = _train(job, cluster, parts, state, metrics, summary, started_unix)
+                preemption = PreemptionWatcher(parts.strategy.device, early)  # collective: a gloo group of its own
+                preempted, signalled = _train(job, cluster, parts, state, metrics, summary, started_unix, preemption)
             finally:
                 parts.close()
             summary["status"], code = ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)
+            _close_summary(summary, state, t_start, metrics, code)  # (before it is shared: rank 0's wall_s, run id)
             if cluster.world_size > 1:  # fit returns summary.json's dict on every rank: rank 0's
                 shared = broadcast_object(summary if cluster.is_rank0 else None)
                 if not cluster.is_rank0:
@@ -140,6 +143,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             log.error("bad checkpoint: %s" if isinstance(exc, CheckpointRefused) else "bad config: %s", exc)
         summary["error"], error = f"{type(exc).__name__}: {exc}", exc.with_traceback(None)
     except Exception as exc:
+        code, summary["status"] = 1, "failed"  # (also when it failed after the training: sharing the summary)
         log.error("rank %d failed: %s\n%s", cluster.rank, exc, traceback.format_exc())
         # Kept without its traceback: the frames would keep the data pipeline alive.
         summary["error"], error = f"rank {cluster.rank}: {type(exc).__name__}: {exc}{_peer_hint(exc)}", exc.with_traceback(None)
@@ -150,18 +154,32 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                     cluster.rank, state.step)
         raise
     finally:
-        summary.update(steps=state.step, samples_seen=state.samples_trained, resumed_from_step=state.resumed_from_step,
-                       wall_s=round(time.perf_counter() - t_start, 3),
-                       mlflow_run_id=metrics.run_id or summary.get("mlflow_run_id"), exit_code=code)
-        _finish(job, cluster, summary, metrics)
-        restore_console()
+        if summary.get("exit_code") != code:  # (a failure: not closed on the way out of the try)
+            _close_summary(summary, state, t_start, metrics, code)
+        try:
+            _finish(job, cluster, summary, metrics)
+        finally:
+            if preemption is None:  # failed before the training: the handlers from before back
+                early.release()
+            elif user is not None:
+                # fit in the user's process: their own handlers back. (The CLI's process exits now:
+                # a launcher's SIGTERM from here on finds summary.json written.)
+                preemption.release()
+            restore_console()
     return Outcome(code, summary, error)
 
 
+def _close_summary(summary: Dict[str, Any], state: TrainState, t_start: float, metrics, code: int) -> None:
+    summary.update(steps=state.step, samples_seen=state.samples_trained, resumed_from_step=state.resumed_from_step,
+                   wall_s=round(time.perf_counter() - t_start, 3),
+                   mlflow_run_id=metrics.run_id or summary.get("mlflow_run_id"), exit_code=code)
+
+
 def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics, summary: Dict[str, Any],
-           started_unix: float) -> Tuple[bool, bool]:
+           started_unix: float, preemption: PreemptionWatcher) -> Tuple[bool, bool]:
     """Resume, run the loop, save the final checkpoint; (whether the run was preempted, whether
-    this rank itself got a preemption signal)."""
+    this rank itself got a preemption signal). ``preemption`` is closed on the way out: from then on
+    it holds the preemption signals off until ``run`` has written the summary."""
     faults = Faults(job.debug.faults)
     strategy = parts.strategy
     clock = PhaseClock()
@@ -171,7 +189,6 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                                 micro_global_batch=parts.sampler.global_batch_size,
                                 grad_accum_steps=job.train.grad_accum_steps, seed=job.run.seed,
                                 run_id=lambda: metrics.run_id, faults=faults)
-    preemption = PreemptionWatcher(strategy.device)
     progress = data = None
     try:
         # Collective: the newest verified checkpoint (or the one asked for), restored before
