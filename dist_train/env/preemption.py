@@ -32,7 +32,7 @@ SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "S
 class EarlySignals:
     """Catches the preemption signals from the start of a run until its watcher takes over.
 
-    Building a job (the process group's rendezvous, datasets, the model, its wrapping) can take
+    Building a job (datasets, the model, its wrapping; made once the process group is up) can take
     minutes, and a scheduler may preempt it then: with the default handlers the process died of the
     signal, without its summary and with an exit code that says "killed" rather than "requeue me".
     Caught here, the signal only sets a flag: the ``PreemptionWatcher`` built after the job adopts

@@ -106,12 +106,14 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
     set_cpu_threads(cluster)
     enable_nccl_flight_recorder(job.run.dir)
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
-    state, code, error, preemption = TrainState(), 1, None, None
-    early = EarlySignals()  # a preemption while the job is built: its watcher stops at the first step
+    state, code, error, preemption, early = TrainState(), 1, None, None, None
     try:
         with deterministic_kernels(job.train.deterministic), \
                 process_group(cluster, always=strategy_class(name).needs_process_group,
                               init_timeout_s=job.dist.init_timeout_s) as device:
+            # A preemption while the job is built: its watcher stops at the first step. (Not during
+            # the rendezvous: a signal still ends a process that waits for peers that may never come.)
+            early = EarlySignals()
             # The same count on every rank, whichever node's worker failed (torchrun's own is per node).
             restarts = group_restarts()
             summary.update(restarts=cluster.elastic_restarts if restarts is None else restarts,
@@ -160,7 +162,8 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             _finish(job, cluster, summary, metrics)
         finally:
             if preemption is None:  # failed before the training: the handlers from before back
-                early.release()
+                if early is not None:
+                    early.release()
             elif user is not None:
                 # fit in the user's process: their own handlers back. (The CLI's process exits now:
                 # a launcher's SIGTERM from here on finds summary.json written.)
