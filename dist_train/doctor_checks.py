@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.distributed as dist
 
+from dist_train.data.loader import batch_too_large
 from dist_train.env.cluster import ClusterEnv
 
 Verdict = Tuple[bool, str]  # passed, one-line detail
@@ -189,9 +190,10 @@ def judge_batches(per_rank: List[Dict[str, Any]], job, train_samples: int) -> Ve
         return False, f"ranks {ranks} do not form a world of size {world} on every rank"
     hosts = {r["host"] for r in per_rank}
     global_batch = job.data.batch_size * world * job.train.grad_accum_steps
-    if train_samples and global_batch > train_samples:
-        return False, (f"global batch {global_batch} (data.batch_size {job.data.batch_size} x world {world} x "
-                       f"train.grad_accum_steps {job.train.grad_accum_steps}) exceeds the {train_samples} train samples")
+    # The loader's own rule (its micro-batches run on across epochs: accumulation may span them).
+    problem = batch_too_large(job.data.batch_size, world, train_samples) if train_samples else ""
+    if problem:
+        return False, problem
     return True, (f"world {world} on {len(hosts)} host(s); global batch {global_batch} = {job.data.batch_size} "
                   f"x {world} rank(s) x {job.train.grad_accum_steps} accumulation step(s)")
 

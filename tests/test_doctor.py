@@ -110,8 +110,12 @@ def test_batches_world_gpus_and_clock_judges():
     job = SimpleNamespace(data=SimpleNamespace(batch_size=64), train=SimpleNamespace(grad_accum_steps=4))
     ranks = [{"rank": r, "world": 2, "local": 2, "nodes": 1, "host": "a"} for r in range(2)]
     assert checks.judge_batches(ranks, job, 10_000)[0]
+    # As the loader: a micro-batch of all ranks must fit the training set; an accumulated step may
+    # span epochs (2 x 64 x 4 = 512 over 500 samples trains), 2 x 64 = 128 over 100 cannot.
     passed, detail = checks.judge_batches(ranks, job, 500)
-    assert not passed and "global batch 512" in detail and "exceeds the 500 train samples" in detail
+    assert passed and "global batch 512" in detail
+    passed, detail = checks.judge_batches(ranks, job, 100)
+    assert not passed and "global batch of 128" in detail and "more than the 100 training samples" in detail
     assert not checks.judge_batches([ranks[0], dict(ranks[1], world=3)], job, 10_000)[0]
 
     gpu = {"cuda": True, "host": "a", "count": 1, "uuid": "GPU-1", "local": 2}
