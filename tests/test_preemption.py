@@ -58,6 +58,26 @@ def test_a_signal_before_the_first_exchange_stops_every_rank():
     spawn(_agree, 2, 0, 1, (0.003, 0.001))
 
 
+def _early_agreement(rank: int, world_size: int) -> None:
+    from dist_train.env.preemption import EarlySignals, PreemptionWatcher
+
+    early = EarlySignals()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # (caught: rank 1 is preempted while its job is built)
+        time.sleep(0.05)
+        assert early.signal_name == "SIGTERM"
+    watcher = PreemptionWatcher(torch.device("cpu"), early)  # collective: agrees on what early caught
+    try:
+        assert watcher.requested()  # the first step boundary, on every rank: no extra step to agree
+    finally:
+        watcher.close()
+        watcher.release()
+
+
+def test_a_signal_while_one_rank_builds_its_job_stops_every_rank_at_the_first_boundary():
+    spawn(_early_agreement, 2)
+
+
 def test_one_process_needs_no_exchange():
     from dist_train.env.preemption import PreemptionWatcher
 
@@ -125,6 +145,73 @@ def test_a_signal_while_the_job_is_built_stops_it_at_the_first_step_with_a_check
         assert got == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def _signal_then(fn):
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_fit_hands_a_signal_it_held_off_to_the_callers_handler(tmp_path, monkeypatch):
+    """A SIGTERM while fit wrote its summary, or while a job that then failed was built, was held
+    off and then dropped: a script going on after fit (a sweep) never learnt of it. The run's
+    outcome stands, and the caller's handler gets the signal afterwards."""
+    import dist_train
+    import dist_train.train.job as job_module
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    ov = ["train.max_steps=3", "data.batch_size=8", "data.num_workers=0", "logging.mlflow.enabled=false",
+          "logging.progress_bar=off", "checkpoint.every_steps=0"]
+    got = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(job_module, "_finish", _signal_then(job_module._finish))
+            summary = dist_train.fit(torch.nn.Linear(4, 2), data, overrides=[f"run.dir={tmp_path / 'a'}", *ov])
+        assert summary["status"] == "completed" and summary["steps"] == 3 and got == [signal.SIGTERM]
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("the model could not be built")
+
+        got.clear()
+        with monkeypatch.context() as m:
+            m.setattr(job_module, "build_parts", _signal_then(broken))
+            with pytest.raises(dist_train.TrainingFailed, match="could not be built"):
+                dist_train.fit(torch.nn.Linear(4, 2), data, overrides=[f"run.dir={tmp_path / 'b'}", *ov])
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_an_error_after_the_preemption_checkpoint_leaves_the_run_preempted(tmp_path, monkeypatch):
+    """Telling torchrun not to restart (or the group's teardown) can fail after the preemption
+    checkpoint is committed: the run stays preempted (exit 3, requeue me), not failed."""
+    import dist_train
+    import dist_train.train.job as job_module
+    from torch.utils.data import TensorDataset
+
+    def gone(*args, **kwargs):
+        raise ProcessLookupError("no such process")
+
+    monkeypatch.setattr(job_module, "keep_launcher_from_restarting", gone)
+    watcher_class = job_module.PreemptionWatcher
+
+    def signalled_watcher(device, early):
+        watcher = watcher_class(device, early)
+        watcher._handle(signal.SIGTERM, None)
+        return watcher
+
+    monkeypatch.setattr(job_module, "PreemptionWatcher", signalled_watcher)
+    summary = dist_train.fit(torch.nn.Linear(4, 2), TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,))),
+                             overrides=[f"run.dir={tmp_path}", "train.max_steps=50", "data.batch_size=8",
+                                        "data.num_workers=0", "logging.mlflow.enabled=false",
+                                        "logging.progress_bar=off"])
+    assert summary["status"] == "preempted" and summary["exit_code"] == 3 and summary["steps"] == 1
+    assert (tmp_path / "checkpoints" / "step_00000001" / "manifest.json").exists()
 
 
 JOB = ["data.name=digits", "model.name=mlp", "model.hidden=32", "data.batch_size=16", "data.num_workers=0",

@@ -76,6 +76,8 @@ class PreemptionWatcher:
     MAX_INTERVAL = 100
 
     def __init__(self, device: torch.device, early: Optional[EarlySignals] = None):
+        """Collective when ``early`` is given (agreeing on the signals it caught) and always in
+        building its gloo group."""
         self.device = device
         self.signal_name = early.signal_name if early is not None else None
         self.late_signal = None        # a signal held off after close(), while the run shut down
@@ -96,6 +98,12 @@ class PreemptionWatcher:
                 self._previous, early.previous = dict(early.previous), {}
                 if early.signal_name is not None:  # (one that came between the two: still early's)
                     self.signal_name = early.signal_name
+        if early is not None and not self._alone:
+            # Collective (every rank builds its watcher from the job with its EarlySignals): a signal
+            # while the job was built, on any rank, stops every rank at the first step boundary.
+            flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            self._agreed = bool(flag.item())
 
     def _handle(self, signum, _frame) -> None:
         if self.signal_name is None:
@@ -149,7 +157,7 @@ class PreemptionWatcher:
         name = signal.Signals(signum).name
         if self.late_signal is None:
             self.late_signal = name
-            log.warning("got %s while shutting down: writing the summary first, then exiting", name)
+            log.warning("got %s while shutting down: finishing the shutdown (summary.json, exit code) first", name)
 
     def release(self) -> None:
         """The handlers from before the watcher back (main thread; after ``close``)."""
@@ -203,4 +211,7 @@ def keep_launcher_from_restarting(cluster, signalled: bool) -> None:
         agent = os.getppid()
         log.warning("preempted under torchrun --max-restarts=%s: stopping torchrun (pid %d) so that it does not "
                     "start the job again; requeue the job to resume from its checkpoint", restarts, agent)
-        os.kill(agent, signal.SIGTERM)
+        try:
+            os.kill(agent, signal.SIGTERM)
+        except OSError as exc:  # (torchrun gone already: nothing left to restart the job)
+            log.warning("could not signal torchrun (pid %d): %s", agent, exc)

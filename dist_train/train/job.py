@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import glob
 import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
     enable_nccl_flight_recorder(job.run.dir)
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
     state, code, error, preemption, early = TrainState(), 1, None, None, None
+    settled = False  # the training's outcome is known (completed or preempted): a later error does not undo it
     try:
         with deterministic_kernels(job.train.deterministic), \
                 process_group(cluster, always=strategy_class(name).needs_process_group,
@@ -133,22 +135,28 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                 parts.close()
             summary["status"], code = ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)
             _close_summary(summary, state, t_start, metrics, code)  # (before it is shared: rank 0's wall_s, run id)
+            settled = True
             if cluster.world_size > 1:  # fit returns summary.json's dict on every rank: rank 0's
                 shared = broadcast_object(summary if cluster.is_rank0 else None)
                 if not cluster.is_rank0:
                     summary.update(shared)
-            if preempted:
-                keep_launcher_from_restarting(cluster, signalled)
+            if preempted:  # (a signal held off since the training ended came to this rank as well)
+                keep_launcher_from_restarting(cluster, signalled or preemption.late_signal is not None)
     except (CheckpointRefused, ConfigError) as exc:  # the same verdict on every rank: a usage error
         code = 2
         if cluster.is_rank0:
             log.error("bad checkpoint: %s" if isinstance(exc, CheckpointRefused) else "bad config: %s", exc)
         summary["error"], error = f"{type(exc).__name__}: {exc}", exc.with_traceback(None)
     except Exception as exc:
-        code, summary["status"] = 1, "failed"  # (also when it failed after the training: sharing the summary)
-        log.error("rank %d failed: %s\n%s", cluster.rank, exc, traceback.format_exc())
-        # Kept without its traceback: the frames would keep the data pipeline alive.
-        summary["error"], error = f"rank {cluster.rank}: {type(exc).__name__}: {exc}{_peer_hint(exc)}", exc.with_traceback(None)
+        if settled:  # (sharing the summary, or the group's teardown: the checkpoint and the outcome stand)
+            log.error("rank %d: error after the run had %s, which stands: %s: %s", cluster.rank, summary["status"],
+                      type(exc).__name__, exc)
+        else:
+            code, summary["status"] = 1, "failed"
+            log.error("rank %d failed: %s\n%s", cluster.rank, exc, traceback.format_exc())
+            # Kept without its traceback: the frames would keep the data pipeline alive.
+            summary["error"] = f"rank {cluster.rank}: {type(exc).__name__}: {exc}{_peer_hint(exc)}"
+            error = exc.with_traceback(None)
     except KeyboardInterrupt:  # Ctrl-C: no checkpoint (that is what SIGTERM/SIGUSR1 are for); said so, and raised on
         code = 130  # (what the shell reports for a process ended by SIGINT)
         summary["error"] = f"rank {cluster.rank}: interrupted (KeyboardInterrupt, Ctrl-C) at step {state.step}"
@@ -161,19 +169,27 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         try:
             _finish(job, cluster, summary, metrics)
         finally:
+            pending = None  # a signal held off that the run did not act on
             if preemption is None:  # failed before the training: the handlers from before back
                 if early is not None:
                     early.release()
+                    pending = early.signal_name
             elif user is not None:
                 # fit in the user's process: their own handlers back. (The CLI's process exits now:
                 # a launcher's SIGTERM from here on finds summary.json written.)
                 preemption.release()
+                pending = preemption.late_signal if preemption.signal_name is None else None
             restore_console()
+            if pending is not None and user is not None:
+                # fit: the caller's handler gets the signal that was meant for its process (a sweep
+                # going on after this run must still stop when the scheduler says so).
+                signal.raise_signal(signal.Signals[pending])
     return Outcome(code, summary, error)
 
 
 def _close_summary(summary: Dict[str, Any], state: TrainState, t_start: float, metrics, code: int) -> None:
     summary.update(steps=state.step, samples_seen=state.samples_trained, resumed_from_step=state.resumed_from_step,
+                   skipped_steps=state.skipped_steps, nonfinite_steps=state.nonfinite_steps,
                    wall_s=round(time.perf_counter() - t_start, 3),
                    mlflow_run_id=metrics.run_id or summary.get("mlflow_run_id"), exit_code=code)
 
