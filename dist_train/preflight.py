@@ -101,7 +101,7 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
     if own_data and not callable(user.train_data) and hasattr(user.train_data, "__len__"):
         try:
             train_samples = len(user.train_data)
-        except TypeError:  # (an odd dataset: its loader says what is wrong with it)
+        except Exception:  # noqa: BLE001  (an odd or lazy dataset: the run's loader says what is wrong with it)
             train_samples = None
     elif not own_data and job.data.name in dataset_names():
         from dist_train.data.registry import dataset_train_size

@@ -141,6 +141,47 @@ def test_a_task_of_ones_own_gets_the_batch_as_the_dataset_collated_it(tmp_path):
                        overrides=[f"run.dir={tmp_path / 'no_target'}", *FIT, "data.batch_size=8", "train.max_steps=1"])
 
 
+def test_list_items_and_list_batches_lose_their_sample_indices_too(tmp_path):
+    """Items that are lists (and tuple batches that an older torch's pin_memory turned into lists)
+    carry the indices as well, and a task gets them off alike; a dataset whose len() fails in
+    preflight is reported by the run, as TrainingFailed, not as a bare exception."""
+    import dist_train
+    from dist_train.train.sources import MapDataset
+    from dist_train.train.tasks import without_indices
+
+    class ListItems(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return [torch.full((2,), float(i)), i % 2]
+
+    batch = MapDataset(ListItems(), "train_data").__getitems__([3, 5])
+    assert isinstance(batch, list) and len(batch) == 3 and batch[-1].tolist() == [3, 5]
+    x, y = without_indices(batch)
+    assert x[:, 0].tolist() == [3.0, 5.0] and y.tolist() == [1, 1]
+    assert without_indices([]) == [] and isinstance(without_indices((x, y, batch[-1])), tuple)
+
+    seen = []
+
+    def task(model, batch):
+        x, y = batch
+        seen.append(type(batch))
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    summary = dist_train.fit(torch.nn.Linear(2, 2), ListItems(), task=task,
+                             overrides=[f"run.dir={tmp_path}", *FIT, "data.batch_size=8", "train.max_steps=2"])
+    assert summary["status"] == "completed" and seen.count(list) >= 2
+
+    class LazyIndex(ListItems):
+        def __len__(self):
+            raise RuntimeError("lazy index not built")
+
+    with pytest.raises(dist_train.TrainingFailed, match="lazy index not built"):
+        dist_train.fit(torch.nn.Linear(2, 2), LazyIndex(),
+                       overrides=[f"run.dir={tmp_path / 'lazy'}", *FIT, "data.batch_size=8", "train.max_steps=1"])
+
+
 def test_train_deterministic_keeps_a_callers_strict_mode():
     from dist_train.env.seed import deterministic_kernels
 

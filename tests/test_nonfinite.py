@@ -99,7 +99,8 @@ def test_the_counts_of_skipped_and_nonfinite_steps_survive_a_resume(tmp_path):
     assert crashed.returncode not in (0, 2), crashed.stderr[-2000:]
     again = run_cli([*args, "debug.faults=nan@3"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert read_summary(run)["resumed_from_step"] == 5
+    summary = read_summary(run)
+    assert summary["resumed_from_step"] == 5 and summary["skipped_steps"] == summary["nonfinite_steps"] == 1
     records = {r["step"]: r for r in read_metrics(run) if "loss" in r}
     assert [records[k]["skipped_steps"] for k in (2, 3, 6, 10)] == [0, 1, 1, 1], records
     assert [records[k]["nonfinite_steps"] for k in (3, 6, 10)] == [1, 1, 1], records

@@ -23,8 +23,9 @@ log = logging.getLogger("dist_train")
 # --- data -----------------------------------------------------------------------------------------
 
 class MapDataset(Dataset):
-    """A user's map-style dataset, collated batch-wise for our batch sampler: a tuple item's batch
-    gets the dataset indices appended (``(input, target, indices)``), as the built-ins' do.
+    """A user's map-style dataset, collated batch-wise for our batch sampler: a tuple (or list)
+    item's batch gets the dataset indices appended (``(input, target, indices)``), as the
+    built-ins' do.
 
     Its own random transforms (torchvision's, or draws from ``random`` / numpy's global
     generator) resume exactly in DataLoader workers too: a worker seeds torch's, ``random``'s and
@@ -65,8 +66,9 @@ class MapDataset(Dataset):
         if not items:
             return items
         batch = default_collate(items)
-        if isinstance(items[0], tuple):
-            return (*batch, torch.as_tensor(list(indices), dtype=torch.int64))
+        if isinstance(items[0], (tuple, list)):
+            index = torch.as_tensor(list(indices), dtype=torch.int64)
+            return [*batch, index] if isinstance(batch, list) else (*batch, index)
         return batch
 
 

@@ -30,12 +30,15 @@ BUILTIN = ("classification", "language_model", "regression")
 def without_indices(batch: Any) -> Any:
     """A batch from dist_train's loaders as the dataset's items collated: without the sample indices.
 
-    The loaders append each sample's dataset index to a tuple batch, as its last element (an
-    int64 tensor; ``debug.record_sample_ids`` and the resume tests read it): a dataset of
+    The loaders append each sample's dataset index to a tuple or list batch, as its last element
+    (an int64 tensor; ``debug.record_sample_ids`` and the resume tests read it): a dataset of
     ``(x, y)`` items gives ``(x, y, index)``. The loop, the evaluation and the FLOP count take it
     off before a task sees the batch, so that a task of one's own may unpack ``x, y = batch``.
-    List, dict and tensor batches carry no index and pass as they are.
+    (Lists too: in older torch releases the DataLoader's ``pin_memory`` turned a tuple batch into a
+    list.) Dict and tensor batches carry no index and pass as they are.
     """
+    if isinstance(batch, list) and batch:
+        return list(without_indices(tuple(batch)))
     if isinstance(batch, tuple) and batch:
         index = batch[-1]
         if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.dim() == 1):
