@@ -45,7 +45,7 @@ from dist_train.train.nonfinite import NonFiniteGuard  # noqa: E402
 from dist_train.train.phases import PhaseClock  # noqa: E402
 from dist_train.train.state import TrainState  # noqa: E402
 from dist_train.train.step import train_step  # noqa: E402
-from dist_train.train.tasks import split_batch, to_device  # noqa: E402
+from dist_train.train.tasks import batches_without_indices, split_batch, to_device  # noqa: E402
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
     set_cpu_threads(cluster)
     parts = build_parts(job, cluster, device)
     strategy, task = parts.strategy, parts.task
-    data = micro_batches(parts.loader, parts.sampler, TrainState())
+    data = batches_without_indices(micro_batches(parts.loader, parts.sampler, TrainState()))  # as the job does
     clock = PhaseClock()
 
     engine = strategy.model if strategy.name == "deepspeed" else None

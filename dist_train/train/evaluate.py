@@ -48,22 +48,23 @@ class Evaluator:
     def _run(self, step: int, final: bool) -> None:
         if self.loader is None:  # no held-out data
             return
-        self.last = evaluate(self.strategy, self.loader, self.task, self.cfg.max_batches, self.progress)
+        self.last = evaluate(self.strategy, self.loader, self.task, self.cfg.max_batches, self.progress, indexed=True)
         self.last_step = step
         self.report(step, self.last, final)
 
 
-def _one_sample(loader):
+def _one_sample(loader, indexed: bool):
     dataset = loader.dataset
-    return without_indices(dataset.__getitems__([0]) if hasattr(dataset, "__getitems__")
-                           else loader.collate_fn([dataset[0]]))
+    batch = dataset.__getitems__([0]) if hasattr(dataset, "__getitems__") else loader.collate_fn([dataset[0]])
+    return without_indices(batch) if indexed else batch
 
 
 @torch.no_grad()
 def evaluate(strategy, loader, task: Task, max_batches: int = 0,
-             progress: Optional[Callable[[], None]] = None) -> dict:
+             progress: Optional[Callable[[], None]] = None, indexed: bool = False) -> dict:
     """The task's evaluation metrics (loss, accuracy, ...) over the whole split; ``progress()``
-    after each batch."""
+    after each batch. ``indexed``: ``loader`` is one of dist_train's, whose tuple and list batches
+    end with the sample indices (taken off before the task sees a batch)."""
     model = strategy.model
     was_training = model.training
     model.eval()
@@ -74,12 +75,14 @@ def evaluate(strategy, loader, task: Task, max_batches: int = 0,
     it: Iterator = iter(loader)
     first = None
     for i in range(rounds):
-        batch = without_indices(next(it, None)) if i < local else None
+        batch = next(it, None) if i < local else None
+        if indexed and batch is not None:
+            batch = without_indices(batch)
         weight = 1.0
         if batch is None or batch_size(batch) == 0:
             # Padding round: a forward for the collectives, counted with weight 0. A rank whose
             # shard is empty borrows the split's first sample.
-            batch, weight = (first if first is not None else _one_sample(loader)), 0.0
+            batch, weight = (first if first is not None else _one_sample(loader, indexed)), 0.0
         first = first if first is not None else batch
         with strategy.autocast():
             part = task.eval_sums(model, to_device(batch, device)) * weight

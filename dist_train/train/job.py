@@ -42,6 +42,7 @@ from dist_train.train.nonfinite import NonFiniteGuard
 from dist_train.train.phases import PhaseClock, Watchdog
 from dist_train.train.reporting import Reporter
 from dist_train.train.state import TrainState
+from dist_train.train.tasks import batches_without_indices
 
 log = logging.getLogger("dist_train")
 
@@ -230,6 +231,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
             data = faults.wrap(data, state, cluster.rank)
         if job.debug.record_sample_ids:
             data = record_sample_ids(data, state, os.path.join(job.run.dir, f"sample_ids.rank{cluster.rank}.jsonl"))
+        data = batches_without_indices(data)  # a task gets the dataset's items as collated
         guard = NonFiniteGuard(job.train.nonfinite, job.train.nonfinite_patience, strategy.device)
         if job.dist.watchdog_floor_s > 0:
             watchdog = Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s)

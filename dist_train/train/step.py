@@ -8,7 +8,7 @@ import torch
 
 from dist_train.strategy.base import StepResult
 from dist_train.train.phases import PhaseClock
-from dist_train.train.tasks import Classification, Task, to_device, without_indices
+from dist_train.train.tasks import Classification, Task, to_device
 
 Veto = Callable[[torch.Tensor], bool]
 
@@ -40,7 +40,7 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
     metrics: Dict[str, torch.Tensor] = {}
     for micro in range(accum):
         with clock("data"):
-            batch = to_device(without_indices(next(data)), strategy.device)
+            batch = to_device(next(data), strategy.device)
         with clock("forward_backward"):
             with strategy.accumulate(sync=micro == accum - 1):
                 with strategy.autocast():

@@ -17,7 +17,7 @@ values) to count the FLOPs of a step: a task that needs values there only loses 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,18 @@ def without_indices(batch: Any) -> Any:
             raise TypeError(f"a loader's tuple batch ends with its sample indices; got {type(index).__name__}")
         return tuple(batch[:-1])
     return batch
+
+
+def batches_without_indices(batches: Iterator) -> Iterator:
+    """``without_indices`` of each of the training loop's micro-batches (after the sample-id
+    recorder has read the indices); closing it closes ``batches``."""
+    try:
+        for batch in batches:
+            yield without_indices(batch)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def split_batch(batch: Any) -> Tuple[Any, Any]:
