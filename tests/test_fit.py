@@ -162,6 +162,17 @@ def test_list_items_and_list_batches_lose_their_sample_indices_too(tmp_path):
     assert x[:, 0].tolist() == [3.0, 5.0] and y.tolist() == [1, 1]
     assert without_indices([]) == [] and isinstance(without_indices((x, y, batch[-1])), tuple)
 
+    import collections
+
+    Pair = collections.namedtuple("Pair", "image label")
+
+    class NamedItems(ListItems):
+        def __getitem__(self, i):
+            return Pair(torch.full((2,), float(i)), i % 2)
+
+    named = without_indices(MapDataset(NamedItems(), "train_data").__getitems__([3, 5]))
+    assert isinstance(named, Pair) and named.label.tolist() == [1, 1]  # the user's type, as collated
+
     seen = []
 
     def task(model, batch):
@@ -172,6 +183,9 @@ def test_list_items_and_list_batches_lose_their_sample_indices_too(tmp_path):
     summary = dist_train.fit(torch.nn.Linear(2, 2), ListItems(), task=task,
                              overrides=[f"run.dir={tmp_path}", *FIT, "data.batch_size=8", "train.max_steps=2"])
     assert summary["status"] == "completed" and seen.count(list) >= 2
+    summary = dist_train.fit(torch.nn.Linear(2, 2), NamedItems(), task=task,
+                             overrides=[f"run.dir={tmp_path / 'named'}", *FIT, "data.batch_size=8", "train.max_steps=2"])
+    assert summary["status"] == "completed" and seen.count(Pair) >= 2
 
     class LazyIndex(ListItems):
         def __len__(self):

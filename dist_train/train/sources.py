@@ -25,7 +25,7 @@ log = logging.getLogger("dist_train")
 class MapDataset(Dataset):
     """A user's map-style dataset, collated batch-wise for our batch sampler: a tuple (or list)
     item's batch gets the dataset indices appended (``(input, target, indices)``), as the
-    built-ins' do.
+    built-ins' do; a namedtuple item's batch is that namedtuple, as collated.
 
     Its own random transforms (torchvision's, or draws from ``random`` / numpy's global
     generator) resume exactly in DataLoader workers too: a worker seeds torch's, ``random``'s and
@@ -66,7 +66,8 @@ class MapDataset(Dataset):
         if not items:
             return items
         batch = default_collate(items)
-        if isinstance(items[0], (tuple, list)):
+        if isinstance(items[0], (tuple, list)) and not hasattr(items[0], "_fields"):
+            # (A namedtuple's batch stays the user's type, without the indices: it has no room for them.)
             index = torch.as_tensor(list(indices), dtype=torch.int64)
             return [*batch, index] if isinstance(batch, list) else (*batch, index)
         return batch

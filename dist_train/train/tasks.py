@@ -35,11 +35,11 @@ def without_indices(batch: Any) -> Any:
     ``(x, y)`` items gives ``(x, y, index)``. The loop, the evaluation and the FLOP count take it
     off before a task sees the batch, so that a task of one's own may unpack ``x, y = batch``.
     (Lists too: in older torch releases the DataLoader's ``pin_memory`` turned a tuple batch into a
-    list.) Dict and tensor batches carry no index and pass as they are.
+    list.) Dict, namedtuple and tensor batches carry no index and pass as they are.
     """
     if isinstance(batch, list) and batch:
         return list(without_indices(tuple(batch)))
-    if isinstance(batch, tuple) and batch:
+    if isinstance(batch, tuple) and batch and not hasattr(batch, "_fields"):  # (a namedtuple: no index added)
         index = batch[-1]
         if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.dim() == 1):
             raise TypeError(f"a loader's tuple batch ends with its sample indices; got {type(index).__name__}")
@@ -102,6 +102,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
+    if hasattr(batch, "_fields"):  # a namedtuple: built from its fields, not from one iterable
+        return type(batch)(*(to_device(v, device) for v in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
