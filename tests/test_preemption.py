@@ -3,6 +3,7 @@ signal, while fast steps exchange the flag only every few steps (its all-reduce 
 and a preempted run under the launcher stops for good (no torchrun restart) and exits 3."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import signal
@@ -16,6 +17,23 @@ import torch
 
 from conftest import REPO, clean_env, free_port, read_summary, spawn
 
+
+
+def _sigterm_self() -> None:
+    """SIGTERM to this process, and time for its Python handler to run."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _callers_handler():
+    """A caller's own SIGTERM handler for the duration: yields the signals it received."""
+    got = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 def _agree(rank: int, world_size: int, signal_rank: int, signal_at: int, step_s: tuple) -> None:
     import torch.distributed as dist
@@ -63,8 +81,7 @@ def _early_agreement(rank: int, world_size: int) -> None:
 
     early = EarlySignals()
     if rank == 1:
-        os.kill(os.getpid(), signal.SIGTERM)  # (caught: rank 1 is preempted while its job is built)
-        time.sleep(0.05)
+        _sigterm_self()  # (caught: rank 1 is preempted while its job is built)
         assert early.signal_name == "SIGTERM"
     watcher = PreemptionWatcher(torch.device("cpu"), early)  # collective: agrees on what early caught
     try:
@@ -96,20 +113,14 @@ def test_a_signal_while_the_run_shuts_down_waits_for_the_summary():
     the signal is held off (logged), and release gives the handler from before back."""
     from dist_train.env.preemption import PreemptionWatcher
 
-    got = []
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
-    try:
+    with _callers_handler() as got:
         watcher = PreemptionWatcher(torch.device("cpu"))
         watcher.close()
-        os.kill(os.getpid(), signal.SIGTERM)  # (default handling would end this process)
-        time.sleep(0.05)
+        _sigterm_self()  # (default handling would end this process)
         assert watcher.late_signal == "SIGTERM" and watcher.signal_name is None and got == []
         watcher.release()
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
+        _sigterm_self()
         assert got == [signal.SIGTERM]
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_signal_while_the_job_is_built_stops_it_at_the_first_step_with_a_checkpoint(tmp_path):
@@ -126,13 +137,10 @@ def test_a_signal_while_the_job_is_built_stops_it_at_the_first_step_with_a_check
         def __len__(self):  # (asked while the job is built: the sampler, the loader)
             if not SignalledWhileBuilt.sent and any(f.function == "build_parts" for f in inspect.stack()):
                 SignalledWhileBuilt.sent = True
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)
+                _sigterm_self()
             return super().__len__()
 
-    got = []
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
-    try:
+    with _callers_handler() as got:
         data = SignalledWhileBuilt(torch.randn(64, 4), torch.randint(0, 2, (64,)))
         summary = dist_train.fit(torch.nn.Linear(4, 2), data, overrides=[
             f"run.dir={tmp_path}", "train.max_steps=50", "data.batch_size=8", "data.num_workers=0",
@@ -140,17 +148,13 @@ def test_a_signal_while_the_job_is_built_stops_it_at_the_first_step_with_a_check
         assert SignalledWhileBuilt.sent and got == []
         assert summary["status"] == "preempted" and summary["exit_code"] == 3 and summary["steps"] == 1
         assert (tmp_path / "checkpoints" / "step_00000001" / "manifest.json").exists()
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
+        _sigterm_self()
         assert got == [signal.SIGTERM]
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def _signal_then(fn):
     def wrapped(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
+        _sigterm_self()
         return fn(*args, **kwargs)
     return wrapped
 
@@ -166,9 +170,7 @@ def test_fit_hands_a_signal_it_held_off_to_the_callers_handler(tmp_path, monkeyp
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     ov = ["train.max_steps=3", "data.batch_size=8", "data.num_workers=0", "logging.mlflow.enabled=false",
           "logging.progress_bar=off", "checkpoint.every_steps=0"]
-    got = []
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
-    try:
+    with _callers_handler() as got:
         with monkeypatch.context() as m:
             m.setattr(job_module, "_finish", _signal_then(job_module._finish))
             summary = dist_train.fit(torch.nn.Linear(4, 2), data, overrides=[f"run.dir={tmp_path / 'a'}", *ov])
@@ -183,8 +185,6 @@ def test_fit_hands_a_signal_it_held_off_to_the_callers_handler(tmp_path, monkeyp
             with pytest.raises(dist_train.TrainingFailed, match="could not be built"):
                 dist_train.fit(torch.nn.Linear(4, 2), data, overrides=[f"run.dir={tmp_path / 'b'}", *ov])
         assert got == [signal.SIGTERM]
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def test_an_error_after_the_preemption_checkpoint_leaves_the_run_preempted(tmp_path, monkeypatch):
