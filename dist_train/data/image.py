@@ -137,8 +137,12 @@ def _digits_arrays() -> tuple[Any, Any]:
     return bunch.data, bunch.target
 
 
+def _digits_eval_count(n: int) -> int:
+    return int(round(n * _DIGITS_EVAL_FRACTION))
+
+
 def _digits_train_size(_cfg: Any) -> int:
-    return _DIGITS_SAMPLES - int(round(_DIGITS_SAMPLES * _DIGITS_EVAL_FRACTION))
+    return _DIGITS_SAMPLES - _digits_eval_count(_DIGITS_SAMPLES)
 
 
 @register_dataset("digits", train_size=_digits_train_size)
@@ -150,7 +154,7 @@ def build_digits(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, DataInfo]:
     if len(labels) != _DIGITS_SAMPLES:
         raise ValueError(f"scikit-learn's digits hold {len(labels)} images, not the {_DIGITS_SAMPLES} expected")
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
-    n_eval = int(round(len(labels) * _DIGITS_EVAL_FRACTION))
+    n_eval = _digits_eval_count(len(labels))
     train_idx, eval_idx = perm[:-n_eval], perm[-n_eval:]
     # Normalise with the train split's statistics only, as one would with unseen test data.
     mean, std = images[train_idx].mean(), images[train_idx].std()

@@ -82,6 +82,20 @@ def as_batch(batch: Any) -> Any:
     return batch
 
 
+def is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def sample_indices(batch: Any) -> Optional[torch.Tensor]:
+    """The dataset indices dist_train's loaders append to a tuple or list batch as its last element
+    (an int64 vector), or None where a batch carries none (dict, namedtuple and tensor batches)."""
+    if isinstance(batch, (tuple, list)) and batch and not is_namedtuple(batch):
+        last = batch[-1]
+        if isinstance(last, torch.Tensor) and last.dtype == torch.int64 and last.dim() == 1:
+            return last
+    return None
+
+
 Builder = Callable[[Any], tuple[Dataset, Dataset, DataInfo]]
 _BUILDERS: dict[str, Builder] = {}
 _TASKS: dict[str, str] = {}

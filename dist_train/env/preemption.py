@@ -79,7 +79,7 @@ class PreemptionWatcher:
         """Collective when ``early`` is given (agreeing on the signals it caught) and always in
         building its gloo group."""
         self.device = device
-        self.signal_name = early.signal_name if early is not None else None
+        self.signal_name = None
         self.late_signal = None        # a signal held off after close(), while the run shut down
         self._previous: Dict[int, object] = {}
         self._group = new_gloo_group()  # collective: every rank builds its watcher at the same point
@@ -96,7 +96,7 @@ class PreemptionWatcher:
                 self._previous[sig] = signal.signal(sig, self._handle)
             if early is not None and early.previous:  # the handlers from before the run, not early's
                 self._previous, early.previous = dict(early.previous), {}
-                if early.signal_name is not None:  # (one that came between the two: still early's)
+                if early.signal_name is not None:  # (caught while the job was built, up to the swap just above)
                     self.signal_name = early.signal_name
         if early is not None and not self._alone:
             # Collective (every rank builds its watcher from the job with its EarlySignals): a signal

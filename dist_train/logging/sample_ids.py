@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 from typing import Iterator
 
-import torch
-
+from dist_train.data.registry import sample_indices
 from dist_train.logging.jsonl import trim_jsonl
 
 
@@ -19,8 +18,8 @@ def record_sample_ids(batches: Iterator[tuple], state, path: str) -> Iterator[tu
     trim_jsonl(path, state.step)
     with open(path, "a", encoding="utf-8") as f:
         for batch in batches:
-            index = batch[-1] if isinstance(batch, (tuple, list)) and batch else None
-            if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.dim() == 1):
+            index = sample_indices(batch)
+            if index is None:
                 raise ValueError("debug.record_sample_ids needs a dataset of tuple or list items (the loaders "
                                  f"append the indices to those); this one's batches are {type(batch).__name__}s")
             f.write(json.dumps({"step": state.step + 1, "ids": index.tolist()}) + "\n")

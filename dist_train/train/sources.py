@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate, get_work
 from dist_train import plugins
 from dist_train.config.schema import ConfigError
 from dist_train.data.loader import seed_generators
+from dist_train.data.registry import is_namedtuple
 from dist_train.train import tasks
 
 log = logging.getLogger("dist_train")
@@ -66,7 +67,7 @@ class MapDataset(Dataset):
         if not items:
             return items
         batch = default_collate(items)
-        if isinstance(items[0], (tuple, list)) and not hasattr(items[0], "_fields"):
+        if isinstance(items[0], (tuple, list)) and not is_namedtuple(items[0]):
             # (A namedtuple's batch stays the user's type, without the indices: it has no room for them.)
             index = torch.as_tensor(list(indices), dtype=torch.int64)
             return [*batch, index] if isinstance(batch, list) else (*batch, index)

@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from dist_train.data.registry import is_namedtuple, sample_indices
+
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "features")
 TARGET_KEYS = ("target", "targets", "label", "labels", "y")
 BUILTIN = ("classification", "language_model", "regression")
@@ -37,14 +39,11 @@ def without_indices(batch: Any) -> Any:
     (Lists too: in older torch releases the DataLoader's ``pin_memory`` turned a tuple batch into a
     list.) Dict, namedtuple and tensor batches carry no index and pass as they are.
     """
-    if isinstance(batch, list) and batch:
-        return list(without_indices(tuple(batch)))
-    if isinstance(batch, tuple) and batch and not hasattr(batch, "_fields"):  # (a namedtuple: no index added)
-        index = batch[-1]
-        if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.dim() == 1):
-            raise TypeError(f"a loader's tuple batch ends with its sample indices; got {type(index).__name__}")
-        return tuple(batch[:-1])
-    return batch
+    if not isinstance(batch, (tuple, list)) or not batch or is_namedtuple(batch):
+        return batch
+    if sample_indices(batch) is None:
+        raise TypeError(f"a loader's tuple batch ends with its sample indices; got {type(batch[-1]).__name__}")
+    return batch[:-1]
 
 
 def batches_without_indices(batches: Iterator) -> Iterator:
@@ -102,7 +101,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
-    if hasattr(batch, "_fields"):  # a namedtuple: built from its fields, not from one iterable
+    if is_namedtuple(batch):  # (built from its fields, not from one iterable)
         return type(batch)(*(to_device(v, device) for v in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
