@@ -142,6 +142,21 @@ def test_random_sigkills_restart_resume_and_match_an_uninterrupted_run(tmp_path)
     assert not workers(run.pid)
 
 
+def test_a_rank_lost_right_after_a_commit_leaves_no_hole_in_the_timeline(tmp_path):
+    """Rank 1 exits right after step 5's checkpoint is committed, before any later collective: step
+    5's record (which needs every rank, for the loss average) was written before the save, so the
+    restarted group resumes from 5 and the timeline has every step once."""
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    run = torchrun([*QUICK, "train.max_steps=8", f"run.dir={run_dir}", "logging.mlflow.enabled=false",
+                    "debug.faults=after_commit@5:1"], log, max_restarts=1)
+    out = finish(run, log)
+    assert run.returncode == 0, out[-6000:]
+    assert "exiting at after_commit of step 5" in out and "process group formed again after 1 restart(s)" in out
+    summary = read_summary(run_dir)
+    assert summary["resumed_from_step"] == 5 and summary["steps"] == 8, summary
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 9))
+
+
 def _process_group_alone(rank: int, port: int, timeout_s: float, queue) -> None:
     """Rank ``rank`` of a 2-rank group whose other rank never starts."""
     import logging

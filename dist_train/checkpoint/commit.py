@@ -151,6 +151,7 @@ class Committer:
             raise CheckpointError(f"checkpoint of step {step} in {self.dir} not committed: {outcome[1]}")
         if self.rank0:
             log.info("checkpoint %s committed (%s)", layout.step_name(step), outcome[1])
+        self.faults.crash_point("after_commit", step, self.rank)
 
     def abort(self, staging: str) -> None:
         """Remove an uncommitted staging dir (rank 0 made it); the previous checkpoint is untouched."""

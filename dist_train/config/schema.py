@@ -19,7 +19,7 @@ INIT_SCHEMES = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform",
 # Image augmentations by name (dist_train/data/transforms.py builds each with fixed parameters).
 AUGMENTATIONS = ("random_crop", "random_resized_crop", "hflip", "vflip", "rotation", "color_jitter",
                  "gaussian_blur", "random_erasing")
-FAULTS = ("after_shards", "slow_write", "slow_staging", "step_sleep", "nan", "stall", "crash")
+FAULTS = ("after_shards", "after_commit", "slow_write", "slow_staging", "step_sleep", "nan", "stall", "crash")
 NONFINITE = ("skip", "abort", "rollback")
 # Checkpoint directories are named step_XXXXXXXX (8 digits): a step count past this would make
 # checkpoints that resume cannot find.

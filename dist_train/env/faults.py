@@ -4,6 +4,8 @@
 
     after_shards[@STEP]        every rank exits (os._exit(FAULT_EXIT)) after writing its checkpoint
                                files and before the commit (at every save, or only at STEP)
+    after_commit[@STEP[:RANK]] the process exits right after a checkpoint's commit (every rank, or
+                               RANK only; at every save, or only at STEP)
     slow_write=SECONDS         sleep before writing a checkpoint's shards (makes async saves observable)
     slow_staging=SECONDS       an async save's writer thread sleeps before it copies the parameters and
                                optimizer state (the next optimizer step must wait for that copy)

@@ -3,8 +3,8 @@
     while step < max_steps and not stopping:
         output = train_step(...)               # micro-steps, accumulation, clipping, optimizer step
         evaluator.maybe_run(step)              # every eval.every_steps
+        reporter.maybe_log(...)                # every logging.every_steps (before the save it precedes)
         checkpointer.maybe_save(state)         # every checkpoint.every_steps
-        reporter.maybe_log(...)                # every logging.every_steps (this step's save included)
         stopping = preemption.requested()      # agreed by all ranks
     evaluator.final(step)                      # unless preempted: its time is short
 """
@@ -70,10 +70,13 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         busy_s = time.perf_counter() - mark
         with clock("evaluation"):
             evaluator.maybe_run(state.step)
+        # The step's record before its save: the record needs every rank (the loss average), and a
+        # rank lost after the save's commit would leave a checkpoint whose step has no record, a
+        # hole in the resumed timeline. The save's time is counted in the next record's window.
+        reporter.maybe_log(state, output, step_s, busy_s)
         with clock("checkpoint"):
             checkpointer.maybe_save(state)
         mark = time.perf_counter()
-        reporter.maybe_log(state, output, step_s, busy_s)  # after them: a step's record holds its own save's time
         if checkpointer.last_step == state.step:
             reporter.metrics.flush()  # (TensorBoard's queued events: a rerun resumes from here)
         faults.delay("step_sleep")
