@@ -31,6 +31,7 @@ def test_torchrun_two_ranks_ddp_learns_digits(tmp_path, ok):
     assert [r["step"] for r in records if "loss" in r] == list(range(20, 121, 20))
     assert all({"loss", "lr", "grad_norm", "samples_per_s"} <= set(r) for r in records if "loss" in r)
     assert [r["step"] for r in records if "eval_loss" in r] == [60, 120]
+    assert [r["step"] for r in records] == list(range(20, 121, 20))  # one object per logged step
     # Progress lines on rank 0 only (not a terminal here), errors none.
     assert "step 120/120" in proc.stderr and "[rank1] INFO" not in proc.stderr
 

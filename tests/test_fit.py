@@ -266,6 +266,9 @@ def test_a_preemption_at_the_last_step_leaves_the_final_evaluation_to_the_resume
     assert again["status"] == "completed" and again["eval_loss"] == s["eval_loss"], again
     assert [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line] == evals
     assert len(evals) == 1, evals
+    # One object per logged step: the rerun's evaluation joined the last step's record.
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, steps + 1)) and all("loss" in r for r in records), records
 
 @pytest.mark.parametrize("override,key,words", [
     ("model.name=no_such_module:build", "model.name", "cannot import 'no_such_module'"),

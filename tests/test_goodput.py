@@ -147,3 +147,44 @@ def test_a_window_of_warmup_steps_only_never_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="dist_train"):
         _steps(reporter, clock, 6, 6, data_s=1.0)
     assert "step 6: waiting for data" in caplog.text
+
+
+def test_one_record_per_logged_step_with_the_evaluations_in_it(tmp_path):
+    """metrics.jsonl holds one JSON object per logged step ({"step", "loss", "lr", ...}): an
+    evaluation joins its step's record (a step that is evaluated is logged, due or not), and a
+    rerun's evaluation of the step an earlier attempt ended with is added to that step's record."""
+    from types import SimpleNamespace
+
+    from dist_train.logging.metrics import MetricLogger
+    from dist_train.train.reporting import Reporter
+
+    path = tmp_path / "metrics.jsonl"
+    strategy = SimpleNamespace(lr=0.1, device=torch.device("cpu"))
+    progress = SimpleNamespace(update=lambda step, last: None, message=lambda text: None)
+    output = SimpleNamespace(result=SimpleNamespace(skipped=False, grad_norm=torch.tensor(1.0), grad_norms=None,
+                                                    loss_scale=None), loss=torch.tensor(2.0), metrics={}, lr=0.1)
+    logger = MetricLogger(str(path))
+    logger.start({}, {})
+    reporter = Reporter(strategy, logger, progress, every=4, max_steps=10, global_batch=8, clock=_Clock())
+    for step in range(1, 11):
+        if step in (3, 8, 10):  # the loop evaluates before it records the step
+            reporter.log_eval(step, {"eval_loss": step / 10}, final=step == 10)
+        reporter.maybe_log(SimpleNamespace(step=step, epoch=0, samples_seen=8 * step, skipped_steps=0), output, 0.1)
+    logger.close()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [3, 4, 8, 10]
+    assert all(r["loss"] == 2.0 and "lr" in r for r in records)
+    assert {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r} == {3: 0.3, 8: 0.8, 10: 1.0}
+
+    # A rerun that trains no step (resumed at the last one) and evaluates it: the same one record.
+    logger = MetricLogger(str(path))
+    logger.start({}, {}, resume_step=10)
+    reporter = Reporter(strategy, logger, progress, every=4, max_steps=10, global_batch=8, clock=_Clock(),
+                        start_step=10)
+    reporter.log_eval(10, {"eval_loss": 0.9, "eval_accuracy": 0.5}, final=True)
+    logger.log(11, {"loss": 1.0})  # (the file is appended to as before)
+    logger.close()
+    again = read_metrics(tmp_path)
+    assert again[:3] == records[:3] and [r["step"] for r in again] == [3, 4, 8, 10, 11]
+    assert again[3] == {**records[3], "eval_loss": 0.9, "eval_accuracy": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

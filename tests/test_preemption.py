@@ -95,6 +95,28 @@ def test_a_signal_while_one_rank_builds_its_job_stops_every_rank_at_the_first_bo
     spawn(_early_agreement, 2)
 
 
+def _agree_at_the_last_step(rank: int, world_size: int) -> None:
+    from dist_train.env.preemption import PreemptionWatcher
+
+    watcher = PreemptionWatcher(torch.device("cpu"))
+    try:
+        for _ in range(3):  # boundaries with an exchange in flight (interval 1: each starts one)
+            assert not watcher.requested()
+        assert not watcher.agree_now()  # nobody signalled: the final evaluation goes ahead
+        assert not watcher.requested() and not watcher.requested()  # the periodic exchange goes on
+        if rank == 1:
+            watcher._handle(signal.SIGTERM, None)
+        assert watcher.agree_now()  # at once, on every rank: no evaluation, and stop
+        assert watcher.requested()
+    finally:
+        watcher.close()
+        watcher.release()
+
+
+def test_the_last_step_agrees_at_once_whether_to_run_the_final_evaluation():
+    spawn(_agree_at_the_last_step, 2)
+
+
 def test_one_process_needs_no_exchange():
     from dist_train.env.preemption import PreemptionWatcher
 

@@ -136,6 +136,24 @@ class PreemptionWatcher:
         self.exchanges += 1
         return False
 
+    def agree_now(self) -> bool:
+        """Collective and blocking, on every rank at the same point: whether any rank has got a
+        signal by now (the last step asks before its final evaluation, which a preempted job leaves
+        to its rerun). An exchange in flight is read first; the next boundary starts a new one."""
+        if self._alone or self._agreed:
+            return self._agreed or self.signal_name is not None
+        if self._work is not None:  # the exchange in flight first (every rank has one alike)
+            self._work.wait()
+            self._work = None
+            self._countdown = 1  # (the next boundary starts a new exchange)
+            if int(self._flag[0]) > 0:
+                self._agreed = True
+                return True
+        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        self._agreed = bool(flag.item())
+        return self._agreed
+
     def close(self) -> None:
         """The training is over: finish the pending exchange, and from now on hold the signals off.
 

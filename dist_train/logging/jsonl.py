@@ -33,6 +33,34 @@ def trim_jsonl(path: str, max_step: int) -> int:
     return dropped
 
 
+def replace_last_line(path: str, line: str) -> None:
+    """Put ``line`` in place of the file's last line, atomically: the file is copied with the new
+    line to a temporary file renamed over it, so a crash leaves the old file or the new one, never
+    a file without either line (a rare path: a rerun adds its evaluation to an earlier record)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data[:data.rstrip(b"\n").rfind(b"\n") + 1]
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(keep + line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def last_record(path: str):
+    """The last JSON-object record of a JSON-lines log, or None."""
+    found = None
+    for found in records(path):
+        pass
+    return found
+
+
 def records(path: str) -> Iterator[dict]:
     """The JSON-object records of a JSON-lines log, in order (none when it is absent or
     unreadable; a torn last line of a killed process is skipped)."""

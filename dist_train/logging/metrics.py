@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
-from dist_train.logging.jsonl import last_value, records_at, trim_jsonl
+from dist_train.logging.jsonl import last_record, last_value, records_at, replace_last_line, trim_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class MetricLogger:
         self.path = path
         self._file = open(path, "a", encoding="utf-8")
         self.sinks: List[Any] = list(sinks or [])
+        self._tail: Optional[Dict[str, Any]] = None  # the file's last record (None: not known to be one)
 
     @property
     def run_id(self) -> Optional[str]:
@@ -61,6 +62,7 @@ class MetricLogger:
         if dropped:
             log.info("metrics.jsonl: dropped %d record(s) past step %d (the resumed timeline logs them anew)",
                      dropped, resume_step)
+        self._tail = last_record(self.path)
         self._each("resume_from", resume_step)  # (sinks that can drop an abandoned timeline's points)
         self._each("start", params, tags, resume_run_id)
 
@@ -68,13 +70,23 @@ class MetricLogger:
         """Drop the records past ``step`` (a rollback); sinks that cannot delete points keep theirs."""
         self._file.flush()
         dropped = trim_jsonl(self.path, step)
+        self._tail = last_record(self.path)
         log.info("metrics.jsonl: dropped %d record(s) past step %d after a rollback", dropped, step)
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        """One JSON object per logged step: metrics of a step whose record is the file's last (a
+        rerun's evaluation of the step an earlier attempt ended with) are added to that record."""
         values = {k: _scalar(v) for k, v in metrics.items()}
         record = {"step": step, **{k: _json_safe(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._tail is not None and self._tail.get("step") == step:
+            record = {**self._tail, **record}
+            self._file.close()
+            replace_last_line(self.path, json.dumps(record) + "\n")
+            self._file = open(self.path, "a", encoding="utf-8")
+        else:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        self._tail = record
         self._each("log", step, values)
 
     def flush(self) -> None:

@@ -221,7 +221,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                             enabled=cluster.is_rank0)
         reporter = Reporter(strategy, metrics, progress, every=job.logging.every_steps, max_steps=job.train.max_steps,
                             global_batch=parts.global_batch, tokens_per_sample=parts.tokens_per_sample,
-                            grad_norms=job.logging.grad_norms, clock=clock, flops=parts.flops)
+                            grad_norms=job.logging.grad_norms, clock=clock, flops=parts.flops, start_step=state.step)
         evaluator = Evaluator(strategy, parts.eval_loader, parts.task, job.eval, reporter.log_eval,
                               progress=clock.progress)
         if state.step >= job.train.max_steps:  # a rerun of a finished run: its final evaluation is logged

@@ -2,11 +2,11 @@
 
     while step < max_steps and not stopping:
         output = train_step(...)               # micro-steps, accumulation, clipping, optimizer step
-        evaluator.maybe_run(step)              # every eval.every_steps
-        reporter.maybe_log(...)                # every logging.every_steps (before the save it precedes)
+        evaluator.maybe_run(step)              # every eval.every_steps; the last step: the final one
+        reporter.maybe_log(...)                # every logging.every_steps and evaluation, before the save
         checkpointer.maybe_save(state)         # every checkpoint.every_steps
         stopping = preemption.requested()      # agreed by all ranks
-    evaluator.final(step)                      # unless preempted: its time is short
+    evaluator.final(step)                      # a rerun that trains no step (unless preempted)
 """
 from __future__ import annotations
 
@@ -68,8 +68,14 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
             mark = time.perf_counter()
             continue
         busy_s = time.perf_counter() - mark
-        with clock("evaluation"):
-            evaluator.maybe_run(state.step)
+        if state.step < cfg.max_steps:
+            with clock("evaluation"):
+                evaluator.maybe_run(state.step)
+        elif not preemption.agree_now():  # a preempted job leaves its final evaluation to its rerun
+            with clock("checkpoint"):
+                checkpointer.settle()  # an async save still in flight commits during the evaluation
+            with clock("evaluation"):
+                evaluator.final(state.step)  # in the last step's record, before its checkpoint
         # The step's record before its save: the record needs every rank (the loss average), and a
         # rank lost after the save's commit would leave a checkpoint whose step has no record, a
         # hole in the resumed timeline. The save's time is counted in the next record's window.
@@ -87,8 +93,6 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         if state.step == first + 1 and timeout_s:
             set_collective_timeout(timeout_s)
     if not stopping:
-        with clock("checkpoint"):
-            checkpointer.settle()  # an async save of the last step commits during the final evaluation
         with clock("evaluation"):
-            evaluator.final(state.step)
+            evaluator.final(state.step)  # (a rerun of a run that ended without it: no step trained)
     return stopping

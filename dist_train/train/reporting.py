@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -75,7 +75,7 @@ class Reporter:
 
     def __init__(self, strategy, metrics, progress, *, every: int, max_steps: int, global_batch: int,
                  tokens_per_sample: int = 0, grad_norms: int = 0, clock: Optional[PhaseClock] = None,
-                 flops=None):
+                 flops=None, start_step: int = 0):
         self.strategy, self.metrics, self.progress = strategy, metrics, progress
         self.every, self.max_steps, self.grad_norms = every, max_steps, grad_norms
         self.clock = clock or PhaseClock()
@@ -85,9 +85,16 @@ class Reporter:
         self.global_batch, self.tokens_per_sample = global_batch, tokens_per_sample
         self.throughput = Throughput()
         self.last: Dict[str, Any] = {}
+        # Steps up to ``recorded`` have their records (a resumed run's: in the file already); an
+        # evaluation of a later step waits in ``_eval`` for that step's record, which it joins.
+        self.recorded = start_step
+        self._eval: Optional[Tuple[int, Dict[str, Any]]] = None
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0 or step == self.max_steps
+        """Whether ``step`` gets a record: every ``logging.every_steps``, the last step, and a step
+        that was evaluated (alike on every rank: the record's loss average is a collective)."""
+        return (step % self.every == 0 or step == self.max_steps
+                or (self._eval is not None and self._eval[0] == step))
 
     def grad_norms_wanted(self, step: int) -> int:
         """How many per-module gradient norms step ``step`` should report (logging steps only)."""
@@ -105,7 +112,10 @@ class Reporter:
             self._warmup_window = dict(self.clock.window)
         if self.due(state.step):
             self.last = self._metrics(state, output, step_s)
-            self.metrics.log(state.step, self.last)
+            evaluated = self._eval[1] if self._eval is not None and self._eval[0] == state.step else {}
+            self._eval = None
+            self.metrics.log(state.step, {**self.last, **evaluated})  # one object per logged step
+        self.recorded = state.step
         self.progress.update(state.step, self.last)
 
     def _metrics(self, state, output, step_s: float) -> Dict[str, Any]:
@@ -160,10 +170,16 @@ class Reporter:
     def rewind(self, step: int) -> None:
         """After a rollback to ``step``: the records past it belong to an abandoned timeline."""
         self.metrics.rewind(step)
+        self.recorded, self._eval = step, None
         self.throughput.window_s, self.throughput.window_samples = 0.0, 0
 
     def log_eval(self, step: int, results: Dict[str, float], final: bool = False) -> None:
-        self.metrics.log(step, results)
+        """An evaluation's results join the record of ``step``: the coming one (the loop evaluates
+        before it records the step), or, for a step recorded already, the existing record."""
+        if step > self.recorded:
+            self._eval = (step, dict(results))
+        else:
+            self.metrics.log(step, results)
         what = f"final eval at step {step}" if final else f"step {step}"
         self.progress.message(f"{what}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
