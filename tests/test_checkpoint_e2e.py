@@ -21,7 +21,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from conftest import REPO, clean_env, free_port, read_summary, run_cli, train_losses
+from conftest import REPO, clean_env, free_port, read_metrics, read_summary, run_cli, train_losses
 from dist_train.checkpoint import layout, storage
 
 pytestmark = pytest.mark.slow  # real torchrun jobs
@@ -398,3 +398,16 @@ def test_zero3_native_checkpoint_resumes_bitwise(tmp_path, ok):
     ok(run_cli([*args, f"run.dir={run}"], nproc=2, timeout=300))
     assert read_summary(run)["resumed_from_step"] == 4
     assert_bitwise(train_losses(ref), train_losses(run), range(1, 9))
+
+    # The engine's checkpoint carries its run's peak lr and weight decay too: a resume with new
+    # ones trains with them (the schedule's position stays the checkpoint's), as under torch.
+    new = tmp_path / "z3_new_lr"
+    shutil.copytree(ref, new)
+    shutil.rmtree(new / "checkpoints" / "step_00000008")
+    (new / "checkpoints" / "latest").write_text("step_00000004\n")
+    proc = ok(run_cli([*args, "train.lr=0.01", "train.weight_decay=0.2", f"run.dir={new}"], nproc=2, timeout=300))
+    assert "optimizer settings, not the checkpoint's: lr 0.001 -> 0.01, weight_decay 0.01 -> 0.2" in proc.stderr
+    lrs = lambda d: {r["step"]: r["lr"] for r in read_metrics(d) if "lr" in r}
+    before, after = lrs(ref), lrs(new)
+    assert all(after[s] == before[s] for s in range(1, 5))
+    assert all(abs(after[s] - 10 * before[s]) <= 1e-9 * before[s] for s in range(5, 9)), (before, after)
