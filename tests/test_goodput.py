@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import time
 
 import pytest
 import torch
@@ -151,8 +152,9 @@ def test_a_window_of_warmup_steps_only_never_warns(caplog):
 
 def test_one_record_per_logged_step_with_the_evaluations_in_it(tmp_path):
     """metrics.jsonl holds one JSON object per logged step ({"step", "loss", "lr", ...}): an
-    evaluation joins its step's record (a step that is evaluated is logged, due or not), and a
-    rerun's evaluation of the step an earlier attempt ended with is added to that step's record."""
+    evaluation joins its step's record (a step that is evaluated is logged, due or not); the final
+    one, made after the last step's record and save, is added to that record, and so is a rerun's
+    evaluation of the step an earlier attempt ended with."""
     from types import SimpleNamespace
 
     from dist_train.logging.metrics import MetricLogger
@@ -167,9 +169,10 @@ def test_one_record_per_logged_step_with_the_evaluations_in_it(tmp_path):
     logger.start({}, {})
     reporter = Reporter(strategy, logger, progress, every=4, max_steps=10, global_batch=8, clock=_Clock())
     for step in range(1, 11):
-        if step in (3, 8, 10):  # the loop evaluates before it records the step
-            reporter.log_eval(step, {"eval_loss": step / 10}, final=step == 10)
+        if step in (3, 8):  # the loop evaluates before it records the step
+            reporter.log_eval(step, {"eval_loss": step / 10})
         reporter.maybe_log(SimpleNamespace(step=step, epoch=0, samples_seen=8 * step, skipped_steps=0), output, 0.1)
+    reporter.log_eval(10, {"eval_loss": 1.0}, final=True)  # the final evaluation, after the last save
     logger.close()
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [3, 4, 8, 10]
@@ -188,3 +191,25 @@ def test_one_record_per_logged_step_with_the_evaluations_in_it(tmp_path):
     assert again[:3] == records[:3] and [r["step"] for r in again] == [3, 4, 8, 10, 11]
     assert again[3] == {**records[3], "eval_loss": 0.9, "eval_accuracy": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_throughput_counts_the_loops_logging_time(tmp_path, monkeypatch):
+    """samples_per_s counts the loop's whole time per step but evaluation and saves: a step's
+    logging (the loss all-reduce, the write) is in the next step's busy time, as in a user's loop."""
+    from dist_train.config import load_config
+    from dist_train.env.cluster import detect
+    from dist_train.train import reporting
+    from dist_train.train.job import run_job
+
+    busy, original = [], reporting.Reporter.maybe_log
+
+    def slow_log(self, state, output, step_s, busy_s=None):
+        busy.append(busy_s)
+        time.sleep(0.05)  # a slow logging step
+        return original(self, state, output, step_s, busy_s)
+
+    monkeypatch.setattr(reporting.Reporter, "maybe_log", slow_log)
+    job = load_config(None, [*BASE, "train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.resume=never",
+                             f"run.dir={tmp_path}"])
+    assert run_job(job, detect()) == 0
+    assert len(busy) == 6 and all(b >= 0.05 for b in busy[1:]), busy  # (the saves are not counted)

@@ -147,6 +147,10 @@ class CheckpointManager:
 
     # --- saving ----------------------------------------------------------------------------
 
+    def due(self, step: int) -> bool:
+        """Whether ``maybe_save`` saves at ``step`` (``checkpoint.every_steps``)."""
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+
     def maybe_save(self, state) -> None:
         """After each optimizer step, on every rank: save when ``checkpoint.every_steps`` is due.
         A save that fails (a full disk, a read-only directory) has left the previous checkpoint as
@@ -154,7 +158,7 @@ class CheckpointManager:
         run stops (raise) or warns and tries again at the next cadence (continue)."""
         if self._pending is not None and not self._pending.done.is_set():
             self.stats["steps_during_writes"] += 1
-        if self.cfg.every_steps and state.step % self.cfg.every_steps == 0:
+        if self.due(state.step):
             try:
                 self.wait()  # a background save that failed is reported here, before this one starts
             except CheckpointError as exc:

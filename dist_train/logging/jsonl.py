@@ -39,10 +39,12 @@ def replace_last_line(path: str, line: str) -> None:
     a file without either line (a rare path: a rerun adds its evaluation to an earlier record)."""
     with open(path, "rb") as f:
         data = f.read()
+        mode = os.fstat(f.fileno()).st_mode & 0o7777
     keep = data[:data.rstrip(b"\n").rfind(b"\n") + 1]
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp"  # (one writer per file: rank 0; a crash's leftover is overwritten)
     try:
         with open(tmp, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(keep + line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
@@ -51,6 +53,14 @@ def replace_last_line(path: str, line: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # (a directory that cannot be fsynced: the rename stands in the page cache)
+        pass
 
 
 def last_record(path: str):

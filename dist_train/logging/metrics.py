@@ -81,8 +81,10 @@ class MetricLogger:
         if self._tail is not None and self._tail.get("step") == step:
             record = {**self._tail, **record}
             self._file.close()
-            replace_last_line(self.path, json.dumps(record) + "\n")
-            self._file = open(self.path, "a", encoding="utf-8")
+            try:
+                replace_last_line(self.path, json.dumps(record) + "\n")
+            finally:  # (a full disk: the old file stays, and the logger goes on with it)
+                self._file = open(self.path, "a", encoding="utf-8")
         else:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -90,9 +92,14 @@ class MetricLogger:
         self._each("log", step, values)
 
     def flush(self) -> None:
-        """Everything logged so far to disk, in the sinks that write files (at each checkpoint: a
-        crash then loses no point up to the step a rerun resumes from)."""
+        """Everything logged so far to disk (fsynced), in the sinks that write files too (before
+        each checkpoint's commit: a crash, even of the machine, loses no point up to the step a
+        rerun resumes from)."""
         self._file.flush()
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as exc:  # (a file system without fsync: the checkpoint goes ahead)
+            log.warning("metrics.jsonl: fsync failed: %s", exc)
         self._each("flush")
 
     def last_logged(self, key: str) -> Any:

@@ -2,11 +2,11 @@
 
     while step < max_steps and not stopping:
         output = train_step(...)               # micro-steps, accumulation, clipping, optimizer step
-        evaluator.maybe_run(step)              # every eval.every_steps; the last step: the final one
+        evaluator.maybe_run(step)              # every eval.every_steps
         reporter.maybe_log(...)                # every logging.every_steps and evaluation, before the save
         checkpointer.maybe_save(state)         # every checkpoint.every_steps
         stopping = preemption.requested()      # agreed by all ranks
-    evaluator.final(step)                      # a rerun that trains no step (unless preempted)
+    evaluator.final(step)                      # unless preempted; joins the last step's record
 """
 from __future__ import annotations
 
@@ -68,23 +68,19 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
             mark = time.perf_counter()
             continue
         busy_s = time.perf_counter() - mark
-        if state.step < cfg.max_steps:
-            with clock("evaluation"):
-                evaluator.maybe_run(state.step)
-        elif not preemption.agree_now():  # a preempted job leaves its final evaluation to its rerun
-            with clock("checkpoint"):
-                checkpointer.settle()  # an async save still in flight commits during the evaluation
-            with clock("evaluation"):
-                evaluator.final(state.step)  # in the last step's record, before its checkpoint
+        with clock("evaluation"):
+            evaluator.maybe_run(state.step)
         # The step's record before its save: the record needs every rank (the loss average), and a
         # rank lost after the save's commit would leave a checkpoint whose step has no record, a
         # hole in the resumed timeline. The save's time is counted in the next record's window.
+        t_log = time.perf_counter()
         reporter.maybe_log(state, output, step_s, busy_s)
+        log_s = time.perf_counter() - t_log
         with clock("checkpoint"):
+            if checkpointer.due(state.step):
+                reporter.metrics.flush()  # on disk (TensorBoard's queued events too) before the commit
             checkpointer.maybe_save(state)
-        mark = time.perf_counter()
-        if checkpointer.last_step == state.step:
-            reporter.metrics.flush()  # (TensorBoard's queued events: a rerun resumes from here)
+        mark = time.perf_counter() - log_s  # (the logging counts in the next step's busy time)
         faults.delay("step_sleep")
         faults.crash_point("crash", state.step, rank())
         stopping = preemption.requested()
@@ -93,6 +89,11 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         if state.step == first + 1 and timeout_s:
             set_collective_timeout(timeout_s)
     if not stopping:
+        # Every rank asks at once: a preempted job leaves its final evaluation to its rerun.
+        stopping = preemption.agree_now()
+    if not stopping:
+        with clock("checkpoint"):
+            checkpointer.settle()  # an async save of the last step commits during the evaluation
         with clock("evaluation"):
-            evaluator.final(state.step)  # (a rerun of a run that ended without it: no step trained)
+            evaluator.final(state.step)  # unless done at this step; joins the last step's record
     return stopping
