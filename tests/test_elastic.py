@@ -175,6 +175,64 @@ def _process_group_alone(rank: int, port: int, timeout_s: float, queue) -> None:
         queue.put((f"{type(exc).__name__}: {exc}", time.monotonic() - t0))
 
 
+def _groups_one_after_another(rank: int, port: int, agent_port: int, queue) -> None:
+    """Rank ``rank`` forms three process groups in a row, as a script calling fit() three times."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_train.env.cluster import detect
+    from dist_train.env.process_group import process_group
+
+    env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    if agent_port:  # torchrun's way: a store that outlives the groups, hosted by the agent (here the test)
+        os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(agent_port))
+        env["MASTER_PORT"] = str(agent_port)
+    cluster = detect(env)
+    sums, kept = [], []
+    try:
+        for i in range(3):
+            if rank == 0:
+                time.sleep(0.5)  # rank 1 is back first, and finds the previous group's store
+            with process_group(cluster, init_timeout_s=20):
+                t = torch.tensor([float(rank + i)])
+                dist.all_reduce(t)
+                sums.append(t.item())
+                # Objects of a finished fit (a checkpoint group in a reference cycle) may keep its
+                # store alive: it still answers, with the old group's keys.
+                kept.append(dist.distributed_c10d._get_default_store())
+        queue.put((rank, sums))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        queue.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.parametrize("agent", [False, True], ids=["own-store", "torchrun-agent-store"])
+def test_a_process_forms_one_group_after_another(agent):
+    """dist_train.fit called several times in one launch: each call forms a new group from the
+    same rendezvous (rank 0's store is kept, each group has its own keys), with or without an
+    agent store that holds the previous group's published address."""
+    import multiprocessing as mp
+
+    import torch.distributed as dist
+
+    agent_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) if agent else None
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_groups_one_after_another, args=(r, port, agent_store.port if agent else 0, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(queue.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert got == {0: [1.0, 3.0, 5.0], 1: [1.0, 3.0, 5.0]}, got
+
+
 @pytest.mark.parametrize("rank,expect", [
     (0, "rank 0: waiting for rank(s) 1 to join the process group (1/2 joined, store 127.0.0.1:"),
     (1, "rank 1: rank 0's store at 127.0.0.1:"),

@@ -16,6 +16,8 @@ Why not ``init_process_group``'s own ``env://``/``tcp://`` rendezvous:
   and the rank waits for the entry to change. The store dies with the attempt's rank 0.
 * Without an agent store (srun tasks, a hand-set environment) every attempt is a new set of
   processes anyway: rank 0 hosts the store at ``MASTER_ADDR:MASTER_PORT``.
+* A process that forms several groups (a script calling ``dist_train.fit`` twice) keeps its
+  attempt's store and gives each group its own key space in it (``open_attempt``).
 
 Every wait is a Python loop with a deadline (``dist.init_timeout_s``) that says, every few seconds,
 which rank waits for what, and fails naming the ranks that never came; nothing blocks silently.
@@ -174,13 +176,32 @@ def _fixed_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
         time.sleep(0.1)
 
 
+# This process's attempt store, kept for every group it forms (a script calling fit() twice), and
+# how many groups it has formed from it: each group gets its own key space in the store.
+_held: Optional[Attempt] = None
+_held_for: Optional[tuple] = None
+_groups = 0
+
+
 def open_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
-    """Connect this rank to its attempt's store (see the module doc), within ``timeout_s``."""
-    if uses_agent_store():
-        make = _rank0_attempt if cluster.rank == 0 else _follower_attempt
-    else:
-        make = _fixed_attempt
-    return make(cluster, timeout_s)
+    """Connect this rank to its attempt's store (see the module doc), within ``timeout_s``.
+
+    A process that forms several groups one after another (``dist_train.fit`` called twice in one
+    torchrun launch) keeps the store of its first: a new one would race with the old (a rank
+    reading rank 0's published address before rank 0 replaced it joins the previous group's store
+    and waits there, or connects to its dead peers). Every rank forms the same groups in the same
+    order, so the n-th group of each rank uses the key space ``group<n>/`` of the same store.
+    """
+    global _held, _held_for, _groups
+    key = (uses_agent_store(), cluster.rank, cluster.world_size, cluster.master_addr, cluster.master_port)
+    if _held is None or _held_for != key:
+        if uses_agent_store():
+            make = _rank0_attempt if cluster.rank == 0 else _follower_attempt
+        else:
+            make = _fixed_attempt
+        _held, _held_for, _groups = make(cluster, timeout_s), key, 0
+    _groups += 1
+    return Attempt(dist.PrefixStore(f"group{_groups}/", _held.store), _held.restarts, _held.address)
 
 
 def join(attempt: Attempt, cluster: ClusterEnv, timeout_s: float, since: Optional[float] = None) -> None:

@@ -5,8 +5,9 @@ weights. The model returns a tuple, which the classification task handles.
     python fit_parity.py key=value ...  |  torchrun --nproc_per_node=2 fit_parity.py key=value ...
 
 Several jobs in one launch (the test's distributed strategies, to save each launch's start-up):
-    torchrun --nproc_per_node=2 fit_parity.py --ports P1,P2 key=value ... --- key=value ...
-one ``fit`` after another, each with a fresh process group on its own port.
+    torchrun --nproc_per_node=2 fit_parity.py key=value ... --- key=value ...
+one ``fit`` after another in the same processes, each with a fresh process group (as a script
+that pretrains and then fine-tunes would do).
 """
 import json
 import os
@@ -48,20 +49,11 @@ def fit_one(overrides):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    ports = []
-    if args[:1] == ["--ports"]:
-        ports, args = args[1].split(","), args[2:]
     jobs = [[]]
     for arg in args:
         if arg == SEP:
             jobs.append([])
         else:
             jobs[-1].append(arg)
-    if ports and len(ports) != len(jobs):
-        sys.exit(f"--ports names {len(ports)} ports for {len(jobs)} jobs")
-    for i, job in enumerate(jobs):
-        if ports and "WORLD_SIZE" in os.environ:
-            # A fresh rendezvous per job: rank 0 hosts its own store on a new port (torchrun's
-            # agent store keeps the keys of the previous job's group).
-            os.environ.update(MASTER_PORT=ports[i], TORCHELASTIC_USE_AGENT_STORE="False")
+    for job in jobs:
         fit_one(job)
