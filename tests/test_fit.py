@@ -49,8 +49,10 @@ def test_a_plain_module_trains_alike_under_every_strategy_through_fit(tmp_path, 
         assert sorted(losses[name]) == list(range(1, 11)), name
         s = json.loads((run / "fit.rank0.json").read_text())
         assert s["status"] == "completed" and s["model"] == "fit:Plain" and s["steps"] == 10
+        assert s["instance_plain"] and s["instance_is_trained"], (name, s)
         if name != "single":  # the summary comes back on every rank: summary.json's (rank 0's)
             other = json.loads((run / "fit.rank1.json").read_text())
+            assert other["instance_plain"] and other["instance_is_trained"], (name, other)
             written = read_summary(run)
             for key in ("status", "steps", "samples_seen", "train_loss", "eval_loss", "eval_accuracy", "samples_per_s",
                         "wall_s", "exit_code", "mlflow_run_id"):

@@ -248,6 +248,30 @@ class Strategy(ABC):
         """The user's module without wrappers (for evaluation helpers and export)."""
         return self.model
 
+    # --- the caller's own module instance (dist_train.fit) -----------------------------------------
+    #: Whether ``setup`` turns the module it is given into shards (FSDP; ZeRO-3): a caller's own
+    #: instance would come back from fit in pieces, tied to a process group that is gone. The job
+    #: then trains a copy and hands the trained weights back (``hand_back``).
+    shards_module: bool = False
+    caller_module: Optional[nn.Module] = None  # the caller's instance, when a copy of it is trained
+
+    def full_state(self) -> Iterable[Tuple[str, torch.Tensor]]:
+        """Collective: ``(name, whole tensor)`` for each parameter and buffer of the trained model,
+        one at a time (a sharded strategy gathers each in turn: one whole tensor in memory at once)."""
+        model = self.unwrapped_model
+        yield from model.named_parameters()
+        yield from model.named_buffers()
+
+    def hand_back(self, module: nn.Module) -> None:
+        """Collective: copy the trained weights into ``module`` (the caller's instance, of the
+        trained model's structure), where it is (its device and dtypes stay)."""
+        target = dict(module.named_parameters())
+        target.update(module.named_buffers())
+        with torch.no_grad():
+            for name, value in self.full_state():
+                if name in target:
+                    target[name].copy_(value)
+
     # --- checkpoints: DCP for the torch-native strategies ----------------------------------------
     #: Written into meta.json as "kind": checkpoints of the same kind share their optimizer format.
     checkpoint_kind: str = "dcp"

@@ -152,6 +152,19 @@ class DeepSpeedStrategy(Strategy):
     def unwrapped_model(self) -> nn.Module:
         return self.model.module
 
+    @property
+    def shards_module(self) -> bool:  # ZeRO-3 partitions the parameters of the module it is given
+        return self.cfg.zero_stage == 3
+
+    def full_state(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        import deepspeed
+
+        model = self.unwrapped_model
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                yield name, p.data
+        yield from model.named_buffers()
+
     # --- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self, files, stage: bool) -> Tuple[Dict[str, Any], Writer]:

@@ -12,7 +12,7 @@ are what the optimizer updates. No autocast on top (as in torchtitan).
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterator, Optional
+from typing import ContextManager, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -175,6 +175,16 @@ class FSDPStrategy(Strategy):
         self.model = model
         self.optimizer = make_optimizer(model.parameters())
         self.scheduler = make_scheduler(self.optimizer)
+
+    shards_module = True
+
+    def full_state(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        for name, value in self.model.state_dict().items():
+            if isinstance(value, DTensor):
+                if value.device != self.device:  # (cpu_offload: shards in host memory, gathered on the device)
+                    value = value.to(self.device)
+                value = value.full_tensor()
+            yield name, value
 
     def _materialise(self, model: nn.Module) -> None:
         """Allocate only this rank's shards, then fill them with the values a plain build draws."""

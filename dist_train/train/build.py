@@ -13,6 +13,7 @@ sharded loaders.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -96,6 +97,16 @@ def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: 
     # Dropout off and BatchNorm on its running statistics. (A module that keeps parts of itself in
     # eval mode overrides train(), as in plain PyTorch; the evaluator restores this mode.)
     module.train()
+    if isinstance(model, nn.Module) and strategy.shards_module:
+        # The caller's instance stays whole (as under DDP, it holds the trained weights after fit):
+        # a copy is sharded and trained, and the job hands the weights back (Strategy.hand_back).
+        try:
+            strategy.caller_module, module = module, copy.deepcopy(module)
+        except Exception as exc:  # noqa: BLE001  (a module that cannot be copied: trained in place)
+            if cluster.is_rank0:
+                log.warning("the model cannot be copied (%s: %s): %s shards the instance itself, which stays in "
+                            "pieces after fit; the trained weights are in the run's checkpoints",
+                            type(exc).__name__, exc, strategy.name)
     if before_setup is not None:
         before_setup(module)
     strategy.compile = job.train.compile

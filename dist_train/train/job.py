@@ -132,6 +132,8 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             try:
                 preemption = PreemptionWatcher(parts.strategy.device, early)  # collective: a gloo group of its own
                 preempted, signalled = _train(job, cluster, parts, state, metrics, summary, started_unix, preemption)
+                if parts.strategy.caller_module is not None:  # (collective) fit's instance gets the weights
+                    parts.strategy.hand_back(parts.strategy.caller_module)
             finally:
                 parts.close()
             summary["status"], code = ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)

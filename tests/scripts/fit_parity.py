@@ -43,6 +43,14 @@ def fit_one(overrides):
     summary = dist_train.fit(model, TensorDataset(x, y), TensorDataset(x[:128], y[:128]), task="classification",
                              overrides=overrides)
     run_dir = next(a.split("=", 1)[1] for a in overrides if a.startswith("run.dir="))
+    # The instance passed in comes back whole, holding the trained weights, under every strategy
+    # (FSDP and ZeRO-3 train a copy of it and hand the weights back).
+    from dist_train.checkpoint.weights import load_weights
+
+    saved = load_weights(run_dir)
+    state = model.state_dict()
+    summary["instance_plain"] = type(model) is Plain and all(type(t) is torch.Tensor for t in state.values())
+    summary["instance_is_trained"] = sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in state)
     with open(os.path.join(run_dir, f"fit.rank{rank}.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}, f)
 
