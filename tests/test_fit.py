@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, clean_env, free_port, ok, read_metrics, read_summary, run_cli, train_losses  # noqa: F401
+from conftest import REPO, clean_env, free_port, ok, read_metrics, read_summary, run_cli, spawn, train_losses  # noqa: F401
 from dist_train import cli
 
 SCRIPTS = REPO / "tests" / "scripts"
@@ -369,6 +369,26 @@ def test_init_from_gives_the_source_models_outputs_and_reports_a_new_head(tmp_pa
     assert report["shape_mismatch"] == ["out.bias", "out.weight"]
     assert report["missing"] == []  # (the file has the head: its shape differs, it is not missing)
     assert len(report["loaded"]) == len(source.state_dict()) - len(report["shape_mismatch"])
+
+
+def _init_from_a_file_of_shards(rank: int, world_size: int, path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dist_train.config.schema import ConfigError
+    from dist_train.train.sources import init_from
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    net = torch.nn.Linear(4, 2)
+    torch.save({k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in net.state_dict().items()}, path)
+    with pytest.raises(ConfigError, match=r"model.init_from.*holds DTensor shards \(weight, ...\).*export"):
+        init_from(torch.nn.Linear(4, 2), path)
+
+
+def test_init_from_a_file_of_one_ranks_shards_is_refused_naming_them(tmp_path):
+    """torch.save of a sharded (FSDP2) model's state_dict writes DTensors, one rank's pieces: as
+    model.init_from it is refused with the reason, not loaded into a plain module's error."""
+    spawn(_init_from_a_file_of_shards, 1, str(tmp_path / "shards.pt"))
 
 
 @pytest.mark.slow

@@ -46,6 +46,11 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sharded = [k for k, v in tensors.items() if type(v).__name__ == "DTensor"]
+    if sharded:
+        raise ValueError(f"{path} holds DTensor shards ({sharded[0]}, ...): one rank's pieces of a sharded (FSDP) "
+                         "model's state dict, not its weights; start from the run's directory or checkpoint (or "
+                         "its `python -m dist_train.checkpoint export`), or save the full weights")
     for prefix in WRAPPER_PREFIXES:  # saved from a DDP- or compile-wrapped model
         if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
