@@ -20,6 +20,7 @@ Preflight calls ``check_config`` (a classmethod) before any process group starts
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -267,10 +268,18 @@ class Strategy(ABC):
         trained model's structure), where it is (its device and dtypes stay)."""
         target = dict(module.named_parameters())
         target.update(module.named_buffers())
+        failed: List[str] = []
         with torch.no_grad():
-            for name, value in self.full_state():
+            for name, value in self.full_state():  # (every rank gathers every tensor, whatever fails here)
                 if name in target:
-                    target[name].copy_(value)
+                    try:
+                        target[name].copy_(value)
+                    except RuntimeError as exc:  # (the caller changed the instance's tensors meanwhile)
+                        failed.append(f"{name}: {str(exc).splitlines()[0]}")
+        if failed and self.cluster.is_rank0:
+            logging.getLogger(__name__).warning(
+                "the trained weights could not all be copied into the model instance given to fit (%s); the "
+                "run's checkpoints hold them all", "; ".join(failed[:3]))
 
     # --- checkpoints: DCP for the torch-native strategies ----------------------------------------
     #: Written into meta.json as "kind": checkpoints of the same kind share their optimizer format.
