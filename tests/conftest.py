@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,8 +46,43 @@ def run_cli(args: Sequence[str], nproc: int = 0, timeout: float = 600, env: Opti
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_train", *args]
     else:
         cmd = [sys.executable, "-m", "dist_train", *args]
-    return subprocess.run(cmd, cwd=cwd or REPO, env=clean_env(env), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    # Past the timeout every process of the job goes, after their stacks are taken for the report
+    # (killing torchrun alone left its workers, in sessions of their own, running on).
+    proc = subprocess.Popen(cmd, cwd=cwd or REPO, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pids = [proc.pid, *_descendants(proc.pid)]
+        stacks = stacks_of(pids)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[2:5])} ... still running after {timeout:.0f} s (a hang); every process's "
+                    f"stacks:\n{stacks}\nSTDERR:\n{err[-6000:]}", pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _descendants(root: int) -> List[int]:
+    """The live descendants of process ``root`` (a launcher's workers and their DataLoader workers)."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":  # (state, ppid, ...)
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
 
 
 def read_metrics(run_dir: Path) -> List[dict]:
