@@ -53,12 +53,10 @@ def replace_last_line(path: str, line: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    from dist_train.checkpoint.layout import fsync_dir
+
     try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
     except OSError:  # (a directory that cannot be fsynced: the rename stands in the page cache)
         pass
 

@@ -93,8 +93,11 @@ class Reporter:
     def due(self, step: int) -> bool:
         """Whether ``step`` gets a record: every ``logging.every_steps``, the last step, and a step
         that was evaluated (alike on every rank: the record's loss average is a collective)."""
-        return (step % self.every == 0 or step == self.max_steps
-                or (self._eval is not None and self._eval[0] == step))
+        return step % self.every == 0 or step == self.max_steps or bool(self._evaluated(step))
+
+    def _evaluated(self, step: int) -> Dict[str, Any]:
+        """The results of an evaluation of ``step`` waiting for its record ({} if none)."""
+        return self._eval[1] if self._eval is not None and self._eval[0] == step else {}
 
     def grad_norms_wanted(self, step: int) -> int:
         """How many per-module gradient norms step ``step`` should report (logging steps only)."""
@@ -112,8 +115,7 @@ class Reporter:
             self._warmup_window = dict(self.clock.window)
         if self.due(state.step):
             self.last = self._metrics(state, output, step_s)
-            evaluated = self._eval[1] if self._eval is not None and self._eval[0] == state.step else {}
-            self._eval = None
+            evaluated, self._eval = self._evaluated(state.step), None
             self.metrics.log(state.step, {**self.last, **evaluated})  # one object per logged step
         self.recorded = state.step
         self.progress.update(state.step, self.last)
