@@ -2,7 +2,10 @@
 
 import gzip
 import importlib.util
+import logging
+import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +252,70 @@ def test_a_sequence_longer_than_the_text_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError) as err:
         build_datasets(load_config(None, ["data.name=shakespeare", "model.name=gpt", "data.seq_len=1000000"]).data)
     assert err.value.key == "data.seq_len"
+
+
+# --- a worker stuck inside fork() -----------------------------------------------------------
+# CPython before 3.11.10 can deadlock a forked child before it runs any Python (the runtime's
+# thread-state lock, held by another thread at the fork: python/cpython#112275). A child that
+# blocks in an at-fork handler is stuck in the same place, in os.fork(), so it stands in for it.
+
+_FORKS = {"hang_next": 0, "hang_this": False}
+
+
+def _before_fork():
+    _FORKS["hang_this"] = _FORKS["hang_next"] > 0
+    _FORKS["hang_next"] = max(0, _FORKS["hang_next"] - 1)
+
+
+def _in_child():
+    if _FORKS["hang_this"]:
+        time.sleep(3600)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_in_child,
+                    after_in_parent=lambda: _FORKS.update(hang_this=False))
+
+
+def _children() -> set:
+    return {int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()}
+
+
+def test_a_worker_stuck_in_fork_is_killed_and_the_workers_start_again_from_the_same_batch(
+        digits, monkeypatch, caplog):
+    from dist_train.data.loader import WorkerLoader
+
+    train = digits[0]
+    cfg = data_cfg(num_workers=2)
+    expected = batches_of(build_train_loader(train, data_cfg(num_workers=0), rank=1, world_size=2, seed=3,
+                                             device=CPU)[0])
+    monkeypatch.setattr(WorkerLoader, "start_timeout_s", 2.0)
+    before = _children()
+    loader, sampler = build_train_loader(train, cfg, rank=1, world_size=2, seed=3, device=CPU)
+    _FORKS["hang_next"] = 1  # the first worker forked hangs; the second starts
+    try:
+        with caplog.at_level(logging.WARNING, logger="dist_train.data.loader"):
+            got = batches_of(loader)
+    finally:
+        _FORKS["hang_next"] = 0
+    assert_same_batches(expected, got)
+    warning = "\n".join(r.getMessage() for r in caplog.records)
+    assert "rank 1: DataLoader worker(s) [0]" in warning and "stuck inside fork()" in warning, warning
+    assert "attempt 2 of 3" in warning
+    loader._iterator._shutdown_workers()
+    assert _children() - before == set()  # the stuck child was killed and reaped, the others stopped
+
+
+def test_workers_that_never_come_out_of_fork_fail_naming_the_cause(digits, monkeypatch):
+    from dist_train.data.loader import WorkerLoader
+
+    monkeypatch.setattr(WorkerLoader, "start_timeout_s", 0.5)
+    loader = build_eval_loader(digits[1], data_cfg(num_workers=1), rank=0, world_size=1, device=CPU)
+    before = _children()
+    _FORKS["hang_next"] = 3
+    try:
+        with pytest.raises(RuntimeError, match=r"rank 0: DataLoader worker\(s\) \[0\].*gave up after 3 attempts"):
+            next(iter(loader))
+    finally:
+        _FORKS["hang_next"] = 0
+    assert _children() - before == set()
+    assert [i.numel() for _, _, i in loader][0] == 32  # forks that do not hang work again

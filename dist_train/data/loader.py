@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import functools
+import logging
+import multiprocessing
 import random
-from typing import Any
+import time
+from multiprocessing.sharedctypes import RawArray
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import _utils as loader_utils
 
 from dist_train.config.schema import ConfigError
 from dist_train.data.registry import as_batch
 from dist_train.data.sampler import ShardedBatchSampler
+
+log = logging.getLogger(__name__)
 
 
 def _derived_seed(*parts: int) -> int:
@@ -40,6 +47,89 @@ def seed_generators(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def _mark_started(flags, init_fn: Optional[Callable[[int], None]], worker_id: int) -> None:
+    flags[worker_id] = 1
+    if init_fn is not None:
+        init_fn(worker_id)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes are checked to have come out of ``fork()``.
+
+    A child forked from a process with other threads can deadlock inside ``os.fork()`` before it
+    runs any Python: CPython before 3.11.10 (python/cpython#112275) re-takes the runtime's
+    thread-state lock in the child before re-initialising it, and a C++ thread (gloo's, autograd's)
+    that was creating its Python thread state at the fork holds it for ever. Seen here once in CI:
+    a rank waited for the first batch of a worker that never started, its peer in an all-reduce,
+    until the test's timeout. So when the workers start (the first ``iter()``; persistent workers
+    are forked only then), each must mark a shared flag from its init function within
+    ``start_timeout_s``; one that does not is killed (SIGKILL: a child stuck in C ignores SIGTERM)
+    and all the workers are started again, from the same position (the batch sampler lives in
+    this process), up to ``attempts`` times. Only for the ``fork`` start method: a spawned worker
+    imports torch first, which may take longer than any fixed limit.
+    """
+
+    start_timeout_s = 30.0
+    attempts = 3
+
+    def __init__(self, *args: Any, rank: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank = rank
+
+    def _forks(self) -> bool:
+        context = self.multiprocessing_context or multiprocessing.get_context()
+        return self.num_workers > 0 and context.get_start_method() == "fork"
+
+    def _get_iterator(self):
+        if not self._forks():
+            return super()._get_iterator()
+        for attempt in range(1, self.attempts + 1):
+            flags = RawArray("b", self.num_workers)
+            init_fn = self.worker_init_fn
+            self.worker_init_fn = functools.partial(_mark_started, flags, init_fn)
+            try:
+                iterator = super()._get_iterator()  # forks the workers
+            finally:
+                self.worker_init_fn = init_fn
+            stuck = self._stuck_workers(iterator, flags)
+            if not stuck:
+                return iterator
+            pids = ", ".join(str(iterator._workers[i].pid) for i in stuck)
+            problem = (f"rank {self.rank}: DataLoader worker(s) {stuck} (pid {pids}) did not start within "
+                       f"{self.start_timeout_s:.0f} s of being forked: stuck inside fork() (a lock held by another "
+                       f"thread at the fork; CPython before 3.11.10 has one, python/cpython#112275)")
+            _discard(iterator, stuck)
+            if attempt == self.attempts:
+                raise RuntimeError(f"{problem}; gave up after {attempt} attempts (data.num_workers=0 loads in the "
+                                   f"training process and forks nothing)")
+            log.warning("%s; killed them, starting the workers again (attempt %d of %d)", problem, attempt + 1,
+                        self.attempts)
+        raise AssertionError("unreachable")
+
+    def _stuck_workers(self, iterator, flags) -> List[int]:
+        """The workers that have not marked their flag by the deadline (a worker that died is left
+        to the DataLoader, which reports how)."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            waiting = [i for i, w in enumerate(iterator._workers) if not flags[i] and w.is_alive()]
+            if not waiting or time.monotonic() > deadline:
+                return waiting
+            time.sleep(0.005)
+
+
+def _discard(iterator, stuck: List[int]) -> None:
+    """Shut ``iterator``'s workers down, killing the ``stuck`` ones first. Their pids leave
+    torch's SIGCHLD table before the kill (a registered worker killed by a signal makes the
+    handler raise in this process)."""
+    if iterator._worker_pids_set:
+        loader_utils.signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    for i in stuck:
+        iterator._workers[i].kill()
+        iterator._workers[i].join()
+    iterator._shutdown_workers()
+
+
 def _make_loader(
     dataset: Dataset, sampler: ShardedBatchSampler, cfg: Any, seed: int, rank: int, device: torch.device
 ) -> DataLoader:
@@ -51,7 +141,7 @@ def _make_loader(
         # Persistent workers keep their forked copy of the dataset between epochs; that is safe
         # because the batch sampler (epoch, position) lives in the main process.
         extra = {"persistent_workers": True, "prefetch_factor": int(cfg.prefetch_factor)}
-    return DataLoader(
+    return WorkerLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=as_batch,  # the dataset's __getitems__ already returns a collated batch
@@ -61,6 +151,7 @@ def _make_loader(
         # The loader's generator only draws the per-iteration worker base seed; seeding it makes
         # that deterministic too.
         generator=torch.Generator().manual_seed(_derived_seed(seed, rank)),
+        rank=rank,
         **extra,
     )
 
