@@ -255,7 +255,7 @@ def test_a_sequence_longer_than_the_text_is_a_config_error_naming_the_key():
 
 
 # --- a worker stuck inside fork() -----------------------------------------------------------
-# CPython before 3.11.10 can deadlock a forked child before it runs any Python (the runtime's
+# CPython 3.8-3.11 can deadlock a forked child before it runs any Python (the runtime's
 # thread-state lock, held by another thread at the fork: python/cpython#112275). A child that
 # blocks in an at-fork handler is stuck in the same place, in os.fork(), so it stands in for it.
 

@@ -57,7 +57,7 @@ class WorkerLoader(DataLoader):
     """A DataLoader whose worker processes are checked to have come out of ``fork()``.
 
     A child forked from a process with other threads can deadlock inside ``os.fork()`` before it
-    runs any Python: CPython before 3.11.10 (python/cpython#112275) re-takes the runtime's
+    runs any Python: CPython 3.8-3.11 (python/cpython#112275, fixed in 3.12) re-takes the runtime's
     thread-state lock in the child before re-initialising it, and a C++ thread (gloo's, autograd's)
     that was creating its Python thread state at the fork holds it for ever. Seen here once in CI:
     a rank waited for the first batch of a worker that never started, its peer in an all-reduce,
@@ -97,7 +97,7 @@ class WorkerLoader(DataLoader):
             pids = ", ".join(str(iterator._workers[i].pid) for i in stuck)
             problem = (f"rank {self.rank}: DataLoader worker(s) {stuck} (pid {pids}) did not start within "
                        f"{self.start_timeout_s:.0f} s of being forked: stuck inside fork() (a lock held by another "
-                       f"thread at the fork; CPython before 3.11.10 has one, python/cpython#112275)")
+                       f"thread at the fork; CPython 3.8-3.11 has one, python/cpython#112275)")
             _discard(iterator, stuck)
             if attempt == self.attempts:
                 raise RuntimeError(f"{problem}; gave up after {attempt} attempts (data.num_workers=0 loads in the "
