@@ -137,6 +137,16 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     got = (random.random(), float(np.random.rand()), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
 
+    # Checkpoints before 2026-12-07 hold Python's state as random.getstate()'s tuple of ints.
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)
+    assert torch.is_tensor(state["python"][1])
+    seed_everything(3)
+    state["python"] = random.getstate()
+    torch.save(state, tmp_path / "old_rng.pt")
+    seed_everything(4)
+    set_rng_state(torch.load(tmp_path / "old_rng.pt", weights_only=True))
+    assert random.random() == expected[0]
+
 
 def test_identity_names_model_and_dataset_entries():
     from dist_train.checkpoint.restore import identity

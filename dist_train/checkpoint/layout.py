@@ -148,8 +148,19 @@ def write_staged(path: str, data: bytes) -> None:
 
 
 def json_bytes(payload: dict) -> bytes:
-    """How every JSON file of a checkpoint is written."""
-    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    """How every JSON file of a checkpoint is written: keys sorted, the first two levels one
+    entry per line (meta.json's sections, the manifest's files), deeper values on their entry's
+    line. (json's own ``indent`` takes its pure-Python encoder: 0.3-0.5 ms per save for meta.json's
+    config; this one encodes each value with the C encoder.)"""
+    return (_json_text(payload, 0) + "\n").encode("utf-8")
+
+
+def _json_text(value: Any, depth: int) -> str:
+    if not (isinstance(value, dict) and value and depth < 2 and all(isinstance(k, str) for k in value)):
+        return json.dumps(value, sort_keys=True)
+    pad = "  " * (depth + 1)
+    entries = ",\n".join(f"{pad}{json.dumps(k)}: {_json_text(value[k], depth + 1)}" for k in sorted(value))
+    return "{\n" + entries + "\n" + "  " * depth + "}"
 
 
 # --- manifest ---------------------------------------------------------------------------------

@@ -66,8 +66,11 @@ def rng_state() -> Dict[str, Any]:
     """This process's RNG states as tensors, numbers and strings only, so that a checkpoint can
     hold them and ``torch.load(weights_only=True)`` can read them back."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, python_gauss = random.getstate()
     return {
-        "python": random.getstate(),
+        # (the Mersenne Twister's 625 words as one tensor: as a tuple of ints, torch.save's
+        # pickler visits each, 0.4 ms of every checkpoint)
+        "python": (version, torch.tensor(internal, dtype=torch.int64), python_gauss),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch_cpu": torch.get_rng_state(),
         "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -76,8 +79,8 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured (CUDA states only when the device count matches)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    version, internal, gauss = state["python"]  # (a tuple of ints in checkpoints before 2026-12-07)
+    random.setstate((version, tuple(internal.tolist() if torch.is_tensor(internal) else internal), gauss))
     kind, keys, pos, has_gauss, gauss_np = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
     torch.set_rng_state(state["torch_cpu"])
