@@ -1,9 +1,11 @@
 """Tests for the dataset registry, the datasets and the DataLoaders (small data only)."""
 
+import gc
 import gzip
 import importlib.util
 import logging
 import os
+import signal
 import struct
 import time
 from pathlib import Path
@@ -277,20 +279,34 @@ os.register_at_fork(before=_before_fork, after_in_child=_in_child,
 
 
 def _children() -> set:
-    return {int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()}
+    from dist_train.train.phases import child_processes
+
+    return set(child_processes(os.getpid()))
 
 
+@pytest.mark.parametrize("left", [None, 2, 0], ids=["from-the-start", "2-batches-left", "at-the-end"])
 def test_a_worker_stuck_in_fork_is_killed_and_the_workers_start_again_from_the_same_batch(
-        digits, monkeypatch, caplog):
+        digits, monkeypatch, caplog, left):
+    """Near the end of a pass, starting the iterator (2 workers x 2 batches queued) runs the
+    sampler to its end, which moves its resume point on: the retry must start where the first
+    attempt did (a resume at the end of an epoch, ``left=0``, is an ordinary checkpoint)."""
     from dist_train.data.loader import WorkerLoader
 
     train = digits[0]
-    cfg = data_cfg(num_workers=2)
-    expected = batches_of(build_train_loader(train, data_cfg(num_workers=0), rank=1, world_size=2, seed=3,
-                                             device=CPU)[0])
+
+    def loader_at(workers):
+        loader, sampler = build_train_loader(train, data_cfg(num_workers=workers), rank=1, world_size=2, seed=3,
+                                             device=CPU)
+        sampler.set_epoch(1)
+        if left is not None:
+            sampler.set_position((sampler.batches_per_epoch - left) * sampler.global_batch_size)
+        return loader, sampler
+
+    expected = batches_of(loader_at(0)[0])
+    assert len(expected) == (left if left is not None else 89)
     monkeypatch.setattr(WorkerLoader, "start_timeout_s", 2.0)
     before = _children()
-    loader, sampler = build_train_loader(train, cfg, rank=1, world_size=2, seed=3, device=CPU)
+    loader, sampler = loader_at(2)
     _FORKS["hang_next"] = 1  # the first worker forked hangs; the second starts
     try:
         with caplog.at_level(logging.WARNING, logger="dist_train.data.loader"):
@@ -301,6 +317,12 @@ def test_a_worker_stuck_in_fork_is_killed_and_the_workers_start_again_from_the_s
     warning = "\n".join(r.getMessage() for r in caplog.records)
     assert "rank 1: DataLoader worker(s) [0]" in warning and "stuck inside fork()" in warning, warning
     assert "attempt 2 of 3" in warning
+    assert sampler.position == 0  # the pass ended: the next starts from the beginning
+    sampler.set_epoch(2)  # the persistent workers serve the next epoch as without a retry
+    reference = loader_at(0)
+    reference[1].set_epoch(2)
+    reference[1].set_position(0)
+    assert_same_batches(batches_of(reference[0]), batches_of(loader))
     loader._iterator._shutdown_workers()
     assert _children() - before == set()  # the stuck child was killed and reaped, the others stopped
 
@@ -318,4 +340,36 @@ def test_workers_that_never_come_out_of_fork_fail_naming_the_cause(digits, monke
     finally:
         _FORKS["hang_next"] = 0
     assert _children() - before == set()
+    monkeypatch.setattr(WorkerLoader, "start_timeout_s", 30.0)
     assert [i.numel() for _, _, i in loader][0] == 32  # forks that do not hang work again
+
+
+def _exit_in_worker_1(worker_id):
+    if worker_id == 1:
+        os._exit(3)
+
+
+def test_a_worker_dying_while_another_is_stuck_in_fork_leaves_no_process_behind(digits, monkeypatch):
+    """torch's SIGCHLD handler raises in the wait for the workers: the stuck child must not
+    survive it (it ignores SIGTERM, and a live daemon child makes the process hang at exit)."""
+    from dist_train.data.loader import WorkerLoader
+
+    monkeypatch.setattr(WorkerLoader, "start_timeout_s", 20.0)
+    loader = build_eval_loader(digits[1], data_cfg(num_workers=2), rank=0, world_size=1, device=CPU)
+    loader.worker_init_fn = _exit_in_worker_1
+    before = _children()
+    # A training process has a Python SIGTERM handler (the preemption watcher's); its forked
+    # children inherit it, so torch's terminate() of a stuck one does nothing.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    _FORKS["hang_next"] = 1
+    try:
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            iter(loader)
+        gc.collect()  # (the failed iterator's __del__ shuts it down as far as torch can)
+        left = _children() - before
+    finally:
+        _FORKS["hang_next"] = 0
+        signal.signal(signal.SIGTERM, previous)
+        for pid in _children() - before:
+            os.kill(pid, signal.SIGKILL)
+    assert left == set()

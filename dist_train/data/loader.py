@@ -63,9 +63,9 @@ class WorkerLoader(DataLoader):
     a rank waited for the first batch of a worker that never started, its peer in an all-reduce,
     until the test's timeout. So when the workers start (the first ``iter()``; persistent workers
     are forked only then), each must mark a shared flag from its init function within
-    ``start_timeout_s``; one that does not is killed (SIGKILL: a child stuck in C ignores SIGTERM)
-    and all the workers are started again, from the same position (the batch sampler lives in
-    this process), up to ``attempts`` times. Only for the ``fork`` start method: a spawned worker
+    ``start_timeout_s``; if one does not, all are killed (SIGKILL: a child stuck in C ignores
+    SIGTERM) and started again, from the same position (the batch sampler lives in this process,
+    and a ``position`` it has is put back), up to ``attempts`` times. Only for the ``fork`` start method: a spawned worker
     imports torch first, which may take longer than any fixed limit.
     """
 
@@ -77,13 +77,22 @@ class WorkerLoader(DataLoader):
         self.rank = rank
 
     def _forks(self) -> bool:
+        if self.num_workers == 0:  # (asking for the start method would fix the default context)
+            return False
         context = self.multiprocessing_context or multiprocessing.get_context()
-        return self.num_workers > 0 and context.get_start_method() == "fork"
+        return context.get_start_method() == "fork"
 
     def _get_iterator(self):
         if not self._forks():
             return super()._get_iterator()
-        for attempt in range(1, self.attempts + 1):
+        # Starting an iterator queues prefetch_factor x num_workers batches; near the end of a
+        # pass that runs the batch sampler to its end, and ours then moves its resume point to the
+        # next pass's start: a retry must start from where the first attempt did.
+        position = getattr(self.batch_sampler, "position", None)
+        attempts = max(1, self.attempts)
+        for attempt in range(1, attempts + 1):
+            if attempt > 1 and position is not None:
+                self.batch_sampler.position = position
             flags = RawArray("b", self.num_workers)
             init_fn = self.worker_init_fn
             self.worker_init_fn = functools.partial(_mark_started, flags, init_fn)
@@ -91,19 +100,23 @@ class WorkerLoader(DataLoader):
                 iterator = super()._get_iterator()  # forks the workers
             finally:
                 self.worker_init_fn = init_fn
-            stuck = self._stuck_workers(iterator, flags)
+            try:
+                stuck = self._stuck_workers(iterator, flags)
+            except BaseException:  # (torch's SIGCHLD handler, an interrupt): no stuck child left behind
+                _discard(iterator)
+                raise
             if not stuck:
                 return iterator
             pids = ", ".join(str(iterator._workers[i].pid) for i in stuck)
-            problem = (f"rank {self.rank}: DataLoader worker(s) {stuck} (pid {pids}) did not start within "
-                       f"{self.start_timeout_s:.0f} s of being forked: stuck inside fork() (a lock held by another "
-                       f"thread at the fork; CPython 3.8-3.11 has one, python/cpython#112275)")
-            _discard(iterator, stuck)
-            if attempt == self.attempts:
+            problem = (f"rank {self.rank}: DataLoader worker(s) {stuck} (pid {pids}) did not reach their init "
+                       f"function within {self.start_timeout_s:g} s of being forked: stuck inside fork() (a lock "
+                       f"held by another thread at the fork; CPython 3.8-3.11 has one, python/cpython#112275)")
+            _discard(iterator)
+            if attempt == attempts:
                 raise RuntimeError(f"{problem}; gave up after {attempt} attempts (data.num_workers=0 loads in the "
                                    f"training process and forks nothing)")
             log.warning("%s; killed them, starting the workers again (attempt %d of %d)", problem, attempt + 1,
-                        self.attempts)
+                        attempts)
         raise AssertionError("unreachable")
 
     def _stuck_workers(self, iterator, flags) -> List[int]:
@@ -117,16 +130,19 @@ class WorkerLoader(DataLoader):
             time.sleep(0.005)
 
 
-def _discard(iterator, stuck: List[int]) -> None:
-    """Shut ``iterator``'s workers down, killing the ``stuck`` ones first. Their pids leave
-    torch's SIGCHLD table before the kill (a registered worker killed by a signal makes the
-    handler raise in this process)."""
+def _discard(iterator) -> None:
+    """Kill all of ``iterator``'s workers and shut it down. A stuck child ignores SIGTERM (it is in
+    C, and it inherited the training process's handlers), and a healthy one shielded from
+    preemption signals would finish its current fetch first: SIGKILL for all, their queues are
+    this iterator's own. Their pids leave torch's SIGCHLD table first (a registered worker killed
+    by a signal makes that handler raise in this process)."""
     if iterator._worker_pids_set:
         loader_utils.signal_handling._remove_worker_pids(id(iterator))
         iterator._worker_pids_set = False
-    for i in stuck:
-        iterator._workers[i].kill()
-        iterator._workers[i].join()
+    for worker in iterator._workers:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
     iterator._shutdown_workers()
 
 
