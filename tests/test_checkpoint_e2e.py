@@ -369,6 +369,23 @@ def test_deepspeed_weights_cross_both_ways_and_its_optimizer_state_is_never_load
     assert_close(ds_losses, train_losses(tmp_path / "single"), [32])
 
 
+def test_a_dataloader_worker_stuck_in_fork_on_one_rank_is_restarted_and_the_resume_loses_nothing(
+        reference, tmp_path, ok):
+    """CPython 3.8-3.11 can leave a DataLoader worker deadlocked inside fork() (seen in CI: a rank
+    waiting for a first batch that never came, its peer in an all-reduce). Rank 1's first worker
+    stays in fork(); the job kills it, starts the workers again from the resume point, and trains
+    the same samples as the uninterrupted run."""
+    run = tmp_path / "fork_hang"
+    proc = ok(run_cli([*DDP2, *RECORD, "train.max_steps=33", "debug.faults=worker_fork_hang@:1",
+                       "data.worker_start_timeout_s=3", f"checkpoint.resume={reference / 'checkpoints' / 'step_00000030'}",
+                       f"run.dir={run}"], nproc=2, timeout=300))
+    assert "rank 1: DataLoader worker(s) [0]" in proc.stderr and "attempt 2 of 3" in proc.stderr, proc.stderr[-3000:]
+    assert "stuck inside fork()" in proc.stderr
+    ids, expected = sample_ids(run), sample_ids(reference)
+    assert sorted(ids) == [31, 32, 33] and all(ids[s] == expected[s] for s in ids)
+    assert_bitwise(train_losses(reference), train_losses(run), [31])  # the loaded weights, the same batch
+
+
 def test_every_ranks_rng_streams_resume_exactly(tmp_path, ok):
     """With dropout each rank draws from its torch RNG every step: a resume is bitwise exact only
     if every rank's generator state comes back (the reference run above draws no random numbers)."""

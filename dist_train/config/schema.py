@@ -19,7 +19,8 @@ INIT_SCHEMES = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform",
 # Image augmentations by name (dist_train/data/transforms.py builds each with fixed parameters).
 AUGMENTATIONS = ("random_crop", "random_resized_crop", "hflip", "vflip", "rotation", "color_jitter",
                  "gaussian_blur", "random_erasing")
-FAULTS = ("after_shards", "after_commit", "slow_write", "slow_staging", "step_sleep", "nan", "stall", "crash")
+FAULTS = ("after_shards", "after_commit", "slow_write", "slow_staging", "step_sleep", "nan", "stall", "crash",
+          "worker_fork_hang")
 NONFINITE = ("skip", "abort", "rollback")
 # Checkpoint directories are named step_XXXXXXXX (8 digits): a step count past this would make
 # checkpoints that resume cannot find.
@@ -167,6 +168,9 @@ class DataConfig:
     eval_batch_size: int = doc(256, "evaluation batch size per rank")
     num_workers: int = doc(1, "DataLoader worker processes per rank (0: load in the training process)")
     prefetch_factor: int = doc(2, "batches each worker loads ahead")
+    worker_start_timeout_s: float = doc(30.0, "a DataLoader worker not started this long after its fork is stuck "
+                                        "in fork() (CPython 3.8-3.11, python/cpython#112275): the workers are "
+                                        "killed and started again, from the same batch (3 attempts)")
     seq_len: int = doc(128, "tokens per sample for language datasets")
     synthetic_samples: int = doc(8192, "train samples of synthetic datasets")
     augment: List[str] = doc(None, "image datasets: random augmentations of training samples, in order, from "
@@ -184,6 +188,8 @@ class DataConfig:
             value = getattr(self, key)
             _require(value >= 1, f"data.{key}", f"must be >= 1; got {value}")
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0; got {self.num_workers}")
+        _require(self.worker_start_timeout_s > 0, "data.worker_start_timeout_s",
+                 f"must be > 0; got {self.worker_start_timeout_s}")
         _require("\0" not in self.root, "data.root", "must not contain a NUL character")
 
 

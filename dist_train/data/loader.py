@@ -72,9 +72,11 @@ class WorkerLoader(DataLoader):
     start_timeout_s = 30.0
     attempts = 3
 
-    def __init__(self, *args: Any, rank: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, rank: int = 0, start_timeout_s: Optional[float] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rank = rank
+        if start_timeout_s is not None:
+            self.start_timeout_s = float(start_timeout_s)
 
     def _forks(self) -> bool:
         if self.num_workers == 0:  # (asking for the start method would fix the default context)
@@ -168,6 +170,7 @@ def _make_loader(
         # that deterministic too.
         generator=torch.Generator().manual_seed(_derived_seed(seed, rank)),
         rank=rank,
+        start_timeout_s=getattr(cfg, "worker_start_timeout_s", None),
         **extra,
     )
 

@@ -14,6 +14,8 @@
                                RANK only; default every rank); repeatable: nan@5:1,nan@6:1
     stall@STEP[:RANK]=SECONDS  RANK stalls that long while fetching the batch of step STEP (a hang)
     crash@STEP[:RANK]          the process exits hard (os._exit(FAULT_EXIT)) right after step STEP
+    worker_fork_hang[@:RANK]   the first DataLoader worker this process forks for training stays inside
+                               fork() for ever (as CPython 3.8-3.11's deadlock leaves one)
 
 Production runs leave ``debug.faults`` empty: then every call here is a dictionary lookup that
 finds nothing. Components that can be faulted receive the parsed ``Faults`` object.
@@ -77,6 +79,17 @@ class Faults:
         if fault and fault.value:
             time.sleep(float(fault.value))
 
+    def arm_fork_hang(self, rank: int) -> None:
+        """``worker_fork_hang``: the next child this process forks (on RANK, or every rank) blocks in
+        an at-fork handler, that is inside ``os.fork()``, before it runs any of its own code."""
+        if self._match("worker_fork_hang", None, rank):
+            if not _FORK_HANG["registered"]:
+                os.register_at_fork(before=_before_fork, after_in_child=_in_forked_child,
+                                    after_in_parent=_after_fork_in_parent)
+                _FORK_HANG["registered"] = True
+            _FORK_HANG["armed"] = 1
+            log.warning("debug.faults: rank %d's next forked child (a DataLoader worker) hangs inside fork()", rank)
+
     def wrap(self, batches: Iterator, state, rank: int) -> Iterator:
         """Pass micro-batches through, applying ``nan@`` and ``stall@`` to the steps they name, once
         each: the batch is bad, not the step number (after a rollback the same step gets new data)."""
@@ -97,6 +110,23 @@ class Faults:
             if stall or self._match("nan", step, rank):
                 fired.add(step)
             yield batch
+
+
+_FORK_HANG = {"registered": False, "armed": 0, "this_fork": False}
+
+
+def _before_fork() -> None:
+    _FORK_HANG["this_fork"] = _FORK_HANG["armed"] > 0
+    _FORK_HANG["armed"] = 0
+
+
+def _in_forked_child() -> None:
+    while _FORK_HANG["this_fork"]:
+        time.sleep(3600)
+
+
+def _after_fork_in_parent() -> None:
+    _FORK_HANG["this_fork"] = False
 
 
 NO_FAULTS = Faults()

@@ -230,6 +230,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
             evaluator.already_done(state.step, broadcast_object(metrics.logged_at(state.step, "eval_")))
         data = micro_batches(parts.loader, parts.sampler, state)
         if faults.active:
+            faults.arm_fork_hang(cluster.rank)  # (the training loader forks its workers first)
             data = faults.wrap(data, state, cluster.rank)
         if job.debug.record_sample_ids:
             data = record_sample_ids(data, state, os.path.join(job.run.dir, f"sample_ids.rank{cluster.rank}.jsonl"))
