@@ -188,8 +188,7 @@ class DataConfig:
             value = getattr(self, key)
             _require(value >= 1, f"data.{key}", f"must be >= 1; got {value}")
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0; got {self.num_workers}")
-        _require(self.worker_start_timeout_s > 0, "data.worker_start_timeout_s",
-                 f"must be > 0; got {self.worker_start_timeout_s}")
+        _finite(self.worker_start_timeout_s, "data.worker_start_timeout_s", 0, lo_open=True)
         _require("\0" not in self.root, "data.root", "must not contain a NUL character")
 
 
