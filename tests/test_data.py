@@ -317,6 +317,9 @@ def test_a_worker_stuck_in_fork_is_killed_and_the_workers_start_again_from_the_s
     warning = "\n".join(r.getMessage() for r in caplog.records)
     assert "rank 1: DataLoader worker(s) [0]" in warning and "stuck inside fork()" in warning, warning
     assert "attempt 2 of 3" in warning
+    healthy = loader_at(2)[0]  # the workers of the retry got the base seed the first ones had
+    assert loader._iterator._base_seed == iter(healthy)._base_seed
+    healthy._iterator._shutdown_workers()
     assert sampler.position == 0  # the pass ended: the next starts from the beginning
     sampler.set_epoch(2)  # the persistent workers serve the next epoch as without a retry
     reference = loader_at(0)

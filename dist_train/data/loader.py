@@ -90,11 +90,16 @@ class WorkerLoader(DataLoader):
         # Starting an iterator queues prefetch_factor x num_workers batches; near the end of a
         # pass that runs the batch sampler to its end, and ours then moves its resume point to the
         # next pass's start: a retry must start from where the first attempt did.
+        # Each start draws the workers' base seed from the loader's generator: put that back too, so
+        # that the workers a retry starts get the seeds the first ones had.
         position = getattr(self.batch_sampler, "position", None)
+        generator = self.generator.get_state() if self.generator is not None else None
         attempts = max(1, self.attempts)
         for attempt in range(1, attempts + 1):
             if attempt > 1 and position is not None:
                 self.batch_sampler.position = position
+            if attempt > 1 and generator is not None:
+                self.generator.set_state(generator)
             flags = RawArray("b", self.num_workers)
             init_fn = self.worker_init_fn
             self.worker_init_fn = functools.partial(_mark_started, flags, init_fn)
