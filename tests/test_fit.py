@@ -272,6 +272,10 @@ def test_a_preemption_at_the_last_step_leaves_the_final_evaluation_to_the_resume
     # One object per logged step: the rerun's evaluation joined the last step's record.
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, steps + 1)) and all("loss" in r for r in records), records
+    # The goodput ledger: the preempted attempt is the only one whose successor is a restart.
+    attempts = json.loads((tmp_path / "goodput.json").read_text())["attempts"]
+    assert [a["completed"] for a in attempts] == [False, True, True], attempts
+    assert attempts[1]["downtime_s"] >= 0 and attempts[2]["downtime_s"] == 0, attempts
 
 @pytest.mark.parametrize("override,key,words", [
     ("model.name=no_such_module:build", "model.name", "cannot import 'no_such_module'"),

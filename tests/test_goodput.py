@@ -213,3 +213,36 @@ def test_throughput_counts_the_loops_logging_time(tmp_path, monkeypatch):
                              f"run.dir={tmp_path}"])
     assert run_job(job, detect()) == 0
     assert len(busy) == 6 and all(b >= 0.05 for b in busy[1:]), busy  # (the saves are not counted)
+
+
+def test_only_an_attempt_that_did_not_complete_the_run_makes_the_next_one_a_restart(tmp_path):
+    """Restart downtime is the gap after a killed, failed or preempted attempt. After an attempt that
+    completed the run, the next one (a rerun of the finished run, or one with a higher
+    train.max_steps) restarts nothing: the hour between them is not the run's downtime."""
+    from dist_train.train.goodput import GoodputLedger
+
+    clock = PhaseClock()
+    clock.totals.update(forward_backward=2.0, optimizer=1.0)
+    gap = 3600.0
+
+    def attempt(run, resumed_from, reached, completed, started):
+        ledger = GoodputLedger(str(run), enabled=True, started_unix=started)
+        ledger.begin(resumed_from, startup_s=1.0)
+        return ledger, ledger.finish(reached, clock, completed=completed)
+
+    for completed, expected in ((True, 0.0), (False, gap)):
+        run = tmp_path / f"completed-{completed}"
+        run.mkdir()
+        attempt(run, 0, 10, completed, started=time.time() - 5)
+        ledger, g = attempt(run, 10, 20, True, started=time.time() + gap)
+        assert g["attempts"] == 2 and g["restart_downtime_s"] == pytest.approx(expected, abs=1.0), (completed, g)
+        assert ledger.current["downtime_s"] == pytest.approx(expected, abs=1.0)
+    # A ledger from before the field existed counts the gap, as it always did.
+    run = tmp_path / "old"
+    run.mkdir()
+    attempt(run, 0, 10, True, started=time.time() - 5)
+    record = json.loads((run / "goodput.json").read_text())
+    del record["attempts"][0]["completed"]
+    (run / "goodput.json").write_text(json.dumps(record))
+    _, g = attempt(run, 10, 20, True, started=time.time() + gap)
+    assert g["restart_downtime_s"] == pytest.approx(gap, abs=1.0)

@@ -4,7 +4,9 @@ Rank 0 keeps ``<run.dir>/goodput.json``: one record per attempt (a process lifet
 start, each torchrun restart, each SLURM requeue), updated at logging steps, so even an attempt
 that was SIGKILLed leaves how far it got. The next attempt learns from it:
 
-- **restart downtime**: from the previous attempt's last record to this attempt's start;
+- **restart downtime**: from the previous attempt's last record to this attempt's start, unless the
+  previous attempt completed the run (a rerun of a finished run, or one that raises
+  ``train.max_steps``, restarts nothing: the time between is the user's, not the run's);
 - **lost work**: the steps the previous attempt trained past the checkpoint this one resumes from
   (they are recomputed), and their time at that attempt's mean productive time per step.
 
@@ -51,7 +53,8 @@ class GoodputLedger:
         if self.attempts:
             prev = self.attempts[-1]
             prev["reached"] = max(int(prev["reached"]), logged_before)
-            cur["downtime_s"] = max(0.0, cur["started"] - prev["last_seen"])
+            # (a ledger written before "completed" was recorded counts every gap, as it did)
+            cur["downtime_s"] = 0.0 if prev.get("completed") else max(0.0, cur["started"] - prev["last_seen"])
             lost = max(0, int(prev["reached"]) - resumed_from)
             done = max(1, int(prev["reached"]) - int(prev["resumed_from"]))
             productive = sum(prev["phases"].get(p, 0.0) for p in ("forward_backward", "optimizer"))
@@ -68,9 +71,12 @@ class GoodputLedger:
             self.current["phases"] = dict(clock.totals)
             self._write()
 
-    def finish(self, step: int, clock) -> Dict[str, Any]:
-        """The run's goodput so far (every attempt), written to the ledger; for summary.json."""
+    def finish(self, step: int, clock, completed: bool = False) -> Dict[str, Any]:
+        """The run's goodput so far (every attempt), written to the ledger; for summary.json.
+        ``completed``: this attempt ended the run (trained to ``train.max_steps`` and evaluated it),
+        not preempted or failed; the next attempt, if any, is then not a restart."""
         self.current["reached"] = max(self.current["reached"], step)
+        self.current["completed"] = completed
         self.current["phases"] = dict(clock.totals)
         self._write(force=True)
         return self.summary()

@@ -245,16 +245,16 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                           faults=faults, timeout_s=job.dist.timeout_s)
         with clock("checkpoint"):
             manager.finalize(state)  # the end-of-run (or preemption) checkpoint; every async save committed
+        # Preempted at the last step, the loop skipped the final evaluation: still "preempted" (exit 3,
+        # so the scheduler requeues it), and the resumed run evaluates without training further.
+        stopped = preempted and (state.step < job.train.max_steps or evaluator.final_pending(state.step))
         summary["time_breakdown"] = {k: round(v, 3) for k, v in clock.totals.items()}
-        summary["goodput"] = ledger.finish(state.step, clock)
+        summary["goodput"] = ledger.finish(state.step, clock, completed=not stopped)
         if cluster.is_rank0:
             log.info(describe_goodput(summary["goodput"]))
         summary.update(reporter.summary(), **evaluator.last)
         summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
-        # Preempted at the last step, the loop skipped the final evaluation: still "preempted" (exit 3,
-        # so the scheduler requeues it), and the resumed run evaluates without training further.
-        return (preempted and (state.step < job.train.max_steps or evaluator.final_pending(state.step)),
-                preemption.signal_name is not None)
+        return stopped, preemption.signal_name is not None
     finally:
         if "goodput" not in summary and ledger.begun:  # a failed attempt: its time stays in the ledger
             try:
