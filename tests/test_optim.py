@@ -263,6 +263,44 @@ def test_a_skipped_first_step_and_a_late_first_gradient_keep_the_weights_finite(
         assert all(torch.isfinite(p).all() for p in model.parameters()), (name, step)
 
 
+@pytest.mark.parametrize("impl", [{"foreach": True}, {"fused": True}])
+def test_an_fp16_step_reads_one_flag_before_the_update_and_keeps_the_scale_on_the_device(impl):
+    """Under fp16, Precision.optimizer_step reports the scaler's skips and scales as its
+    get_scale() before and after the step would, without that host read after the update (it
+    left a GPU idle while the loop fetched the next batch): the scale comes back as a tensor, this
+    step's value, and the updates equal the scaler's own."""
+    from dist_train.strategy.base import Precision
+
+    torch.manual_seed(0)
+    models = [nn.Linear(4, 2), nn.Linear(4, 2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, **impl) for m in models]
+    ours, reference = Precision("fp16", torch.device("cpu")), torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    ours.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    ours.scaler.get_scale = lambda: pytest.fail("optimizer_step read the scale on the host")
+    x = torch.randn(6, 4)
+    scales, expected = [], []
+    for step in range(6):
+        overflow = float("inf") if step in (1, 4) else 1.0
+        opts[0].zero_grad()
+        ours.scale(models[0](x).square().sum() * overflow).backward()
+        ours.unscale(opts[0])
+        skipped, scale = ours.optimizer_step(opts[0])
+        opts[1].zero_grad()
+        reference.scale(models[1](x).square().sum() * overflow).backward()
+        reference.unscale_(opts[1])
+        before = reference.get_scale()
+        reference.step(opts[1])
+        reference.update()
+        assert skipped == (reference.get_scale() < before) == (step in (1, 4)), step
+        assert isinstance(scale, torch.Tensor)
+        scales.append(scale)
+        expected.append(reference.get_scale())
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(p, q) and torch.isfinite(p).all(), step
+    assert [float(s) for s in scales] == expected and expected[1] == expected[0] / 2, expected
+
+
 def test_fused_only_on_a_fused_device(monkeypatch):
     from dist_train.train import optim
 

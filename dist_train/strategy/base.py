@@ -63,7 +63,7 @@ class StepResult:
 
     grad_norm: Any
     skipped: bool = False
-    loss_scale: Optional[float] = None
+    loss_scale: Any = None  # fp16: the scale after this step (a tensor: read at logging steps)
     grad_norms: Optional[Dict[str, float]] = None  # "grad_norm/<module>" of the largest few, when asked
     nonfinite: bool = False  # dropped for a non-finite loss or gradient (not an fp16 overflow)
 
@@ -89,15 +89,27 @@ class Precision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> Tuple[bool, Optional[float]]:
-        """Step (or skip on inf/nan under fp16); returns (skipped, loss scale)."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> Tuple[bool, Any]:
+        """Step (or skip on inf/nan under fp16); returns (skipped, loss scale).
+
+        Under fp16 the host reads one flag, before the update: whether ``unscale_`` (called by
+        ``Strategy.step``) found an inf or NaN, which is what makes the scaler skip the step and
+        lower its scale. The scale after ``update()`` is returned as a device tensor (read at
+        logging steps): reading it as a number, as ``get_scale()`` does, would make the host wait
+        for the update itself and leave the device idle while the loop fetches the next batch."""
         if self.scaler is None:
             optimizer.step()
             return False, None
-        scale_before = self.scaler.get_scale()
+        found = _found_inf(self.scaler, optimizer)
+        scale = _scale_tensor(self.scaler)
+        if found is None or scale is None:  # (a scaler that does not keep them where torch's does)
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            return self.scaler.get_scale() < scale_before, self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return self.scaler.get_scale() < scale_before, self.scaler.get_scale()
+        return found, _scale_tensor(self.scaler).detach().clone()  # (update() changes it in place)
 
     def state_dict(self) -> Optional[dict]:
         return self.scaler.state_dict() if self.scaler is not None else None
@@ -105,6 +117,25 @@ class Precision:
     def load_state_dict(self, state: Optional[dict]) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def _found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> Optional[bool]:
+    """Whether the scaler's ``unscale_`` of ``optimizer``'s gradients found an inf or NaN (the
+    flags its ``step`` reads to decide; ShardedGradScaler's are all-reduced over the ranks), or
+    None where they are not there (``unscale_`` not called)."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    state = states.get(id(optimizer)) if isinstance(states, dict) else None
+    flags = state.get("found_inf_per_device") if isinstance(state, dict) else None
+    if not flags:
+        return None
+    return bool(sum(float(flag.item()) for flag in flags.values()))
+
+
+def _scale_tensor(scaler: Any) -> Optional[torch.Tensor]:
+    """The scaler's current scale as the tensor it keeps (no host read), or None."""
+    get = getattr(scaler, "_get_scale_async", None)
+    scale = get() if callable(get) else None
+    return scale if isinstance(scale, torch.Tensor) else None
 
 
 class Strategy(ABC):

@@ -138,7 +138,7 @@ class Reporter:
         out.update(zip(names, means[1:]))
         out.update(result.grad_norms or {})
         if result.loss_scale is not None:
-            out["loss_scale"] = result.loss_scale
+            out["loss_scale"] = _scalar(result.loss_scale)
         if self.tokens_per_sample:  # language models: samples/s x sequence length
             out["tokens_per_s"] = out["samples_per_s"] * self.tokens_per_sample
         if self.flops is not None:  # tflops per device, and mfu when the peak is known
