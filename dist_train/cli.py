@@ -98,8 +98,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_OK
     except ConfigError as exc:
         return _usage_error(
-            f"bad config: {exc.key}: {exc.reason}. Fix it in the YAML preset or override it "
-            f"with {exc.key.split(' ')[0]}=VALUE; `python -m dist_train --help` lists every key.",
+            f"bad config: {exc.key}: {exc.reason}. " + (
+                "Fix the name in the YAML preset or the override" if exc.reason.startswith("unknown key") else
+                f"Fix it in the YAML preset or override it with {exc.key.split(' ')[0]}=VALUE")
+            + "; `python -m dist_train --help` lists every key.",
             cluster,
         )
     from dist_train.train.job import run_job

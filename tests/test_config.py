@@ -27,6 +27,20 @@ def test_merge_order_defaults_then_yaml_then_overrides(tmp_path):
     assert job.run.dir == "runs/x"
 
 
+@pytest.mark.parametrize("override,key,guess", [
+    ("train.max_step=3", "train.max_step", "did you mean train.max_steps?"),
+    ("trian.lr=0.1", "trian", "did you mean train?"),
+    ("strategy.fsdp.reshard_after_fwd=true", "strategy.fsdp.reshard_after_fwd",
+     "did you mean strategy.fsdp.reshard_after_forward?"),
+    ("train.zzz=1", "train.zzz", None),
+])
+def test_a_misspelt_key_is_named_with_the_key_it_resembles(override, key, guess, capsys):
+    assert cli.main(["--check", override]) == 2
+    err = capsys.readouterr().err
+    assert f"bad config: {key}: unknown key" in err and "Fix the name" in err, err
+    assert (guess in err) if guess else ("did you mean" not in err), err
+
+
 @pytest.mark.parametrize("override,key", [
     ("train.max_stepz=3", "train.max_stepz"),
     ("nosuch.key=1", "nosuch"),

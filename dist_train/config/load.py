@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import typing
 import os
@@ -107,7 +108,9 @@ def _check_shape(tree: Dict[Any, Any], cls: type = JobConfig, prefix: str = "") 
         dotted = f"{prefix}{key}"
         if not isinstance(key, str) or key not in fields:
             where = f"{prefix[:-1]} has the keys" if prefix else "the sections are"
-            raise ConfigError(_one_line(dotted, 80), f"unknown key; {where} {', '.join(fields)}")
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6) if isinstance(key, str) else []
+            guess = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(_one_line(dotted, 80), f"unknown key; {guess}{where} {', '.join(fields)}")
         section = fields[key]
         if section is None:
             default = getattr(_defaults(cls), key)
