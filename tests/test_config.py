@@ -32,6 +32,9 @@ def test_merge_order_defaults_then_yaml_then_overrides(tmp_path):
     ("trian.lr=0.1", "trian", "did you mean train?"),
     ("strategy.fsdp.reshard_after_fwd=true", "strategy.fsdp.reshard_after_fwd",
      "did you mean strategy.fsdp.reshard_after_forward?"),
+    ("train.batch_size=4", "train.batch_size", "did you mean data.batch_size?"),  # (not train.step_size)
+    ("train.seed=1", "train.seed", "did you mean run.seed?"),
+    ("max_steps=3", "max_steps", "did you mean train.max_steps?"),
     ("train.zzz=1", "train.zzz", None),
 ])
 def test_a_misspelt_key_is_named_with_the_key_it_resembles(override, key, guess, capsys):

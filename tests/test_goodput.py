@@ -217,7 +217,7 @@ def test_throughput_counts_the_loops_logging_time(tmp_path, monkeypatch):
 
 def test_only_an_attempt_that_did_not_complete_the_run_makes_the_next_one_a_restart(tmp_path):
     """Restart downtime is the gap after a killed, failed or preempted attempt. After an attempt that
-    completed the run, the next one (a rerun of the finished run, or one with a higher
+    completed the run, the next one launched anew (a rerun of the finished run, or one with a higher
     train.max_steps) restarts nothing: the hour between them is not the run's downtime."""
     from dist_train.train.goodput import GoodputLedger
 
@@ -225,16 +225,18 @@ def test_only_an_attempt_that_did_not_complete_the_run_makes_the_next_one_a_rest
     clock.totals.update(forward_backward=2.0, optimizer=1.0)
     gap = 3600.0
 
-    def attempt(run, resumed_from, reached, completed, started):
+    def attempt(run, resumed_from, reached, completed, started, relaunched=False):
         ledger = GoodputLedger(str(run), enabled=True, started_unix=started)
-        ledger.begin(resumed_from, startup_s=1.0)
+        ledger.begin(resumed_from, startup_s=1.0, relaunched=relaunched)
         return ledger, ledger.finish(reached, clock, completed=completed)
 
-    for completed, expected in ((True, 0.0), (False, gap)):
-        run = tmp_path / f"completed-{completed}"
+    # A launcher's restart after a completed attempt: an attempt in between failed (before its first
+    # record: at start-up), so the gap is downtime.
+    for completed, relaunched, expected in ((True, False, 0.0), (False, False, gap), (True, True, gap)):
+        run = tmp_path / f"completed-{completed}-{relaunched}"
         run.mkdir()
         attempt(run, 0, 10, completed, started=time.time() - 5)
-        ledger, g = attempt(run, 10, 20, True, started=time.time() + gap)
+        ledger, g = attempt(run, 10, 20, True, started=time.time() + gap, relaunched=relaunched)
         assert g["attempts"] == 2 and g["restart_downtime_s"] == pytest.approx(expected, abs=1.0), (completed, g)
         assert ledger.current["downtime_s"] == pytest.approx(expected, abs=1.0)
     # A ledger from before the field existed counts the gap, as it always did.

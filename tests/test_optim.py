@@ -299,6 +299,12 @@ def test_an_fp16_step_reads_one_flag_before_the_update_and_keeps_the_scale_on_th
         for p, q in zip(models[0].parameters(), models[1].parameters()):
             assert torch.equal(p, q) and torch.isfinite(p).all(), step
     assert [float(s) for s in scales] == expected and expected[1] == expected[0] / 2, expected
+    # A disabled scaler keeps no scale: the step is applied, at scale 1.
+    ours.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    opts[0].zero_grad()
+    ours.scale(models[0](x).square().sum()).backward()
+    ours.unscale(opts[0])
+    assert ours.optimizer_step(opts[0]) == (False, 1.0)
 
 
 def test_fused_only_on_a_fused_device(monkeypatch):

@@ -97,6 +97,22 @@ def _text_leaf(key: str) -> bool:
     return cls is not None and leaf in _text_fields(cls)
 
 
+def _guess(key: str, prefix: str, fields: List[str]) -> List[str]:
+    """The dotted keys an unknown ``prefix + key`` was probably meant to be: the same name in
+    another section (``train.batch_size`` -> ``data.batch_size``, ``max_steps`` -> ``train.
+    max_steps``), else the look-alikes in its own section, else look-alike leaves anywhere."""
+    leaves = [row[0] for row in describe_fields()]
+    elsewhere = [k for k in leaves if k.rsplit(".", 1)[-1] == key and not k.startswith(prefix + key)]
+    if elsewhere:
+        return elsewhere[:2]
+    scored = sorted(((difflib.SequenceMatcher(None, key, k).ratio(), k) for k in fields), reverse=True)
+    close = [prefix + k for score, k in scored if score >= 0.6 and score >= scored[0][0] - 0.05][:2]
+    if close:
+        return close
+    names = {k.rsplit(".", 1)[-1]: k for k in reversed(leaves)}
+    return [names[k] for k in difflib.get_close_matches(key, list(names), n=1, cutoff=0.8)]
+
+
 def _check_shape(tree: Dict[Any, Any], cls: type = JobConfig, prefix: str = "") -> Dict[str, Any]:
     """Check the nesting of a YAML preset or an override against the schema, so that an unknown
     key or a section given a plain value is named with the keys that would fit. An empty section
@@ -108,8 +124,8 @@ def _check_shape(tree: Dict[Any, Any], cls: type = JobConfig, prefix: str = "") 
         dotted = f"{prefix}{key}"
         if not isinstance(key, str) or key not in fields:
             where = f"{prefix[:-1]} has the keys" if prefix else "the sections are"
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6) if isinstance(key, str) else []
-            guess = f"did you mean {prefix}{close[0]}? " if close else ""
+            close = _guess(key, prefix, list(fields)) if isinstance(key, str) else []
+            guess = f"did you mean {' or '.join(close)}? " if close else ""
             raise ConfigError(_one_line(dotted, 80), f"unknown key; {guess}{where} {', '.join(fields)}")
         section = fields[key]
         if section is None:

@@ -100,8 +100,8 @@ class Precision:
         if self.scaler is None:
             optimizer.step()
             return False, None
-        found = _found_inf(self.scaler, optimizer)
-        scale = _scale_tensor(self.scaler)
+        found = _found_inf(self.scaler, optimizer) if self.scaler.is_enabled() else None
+        scale = _scale_tensor(self.scaler) if found is not None else None
         if found is None or scale is None:  # (a scaler that does not keep them where torch's does)
             scale_before = self.scaler.get_scale()
             self.scaler.step(optimizer)
@@ -133,8 +133,7 @@ def _found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> Optional[bool]:
 
 def _scale_tensor(scaler: Any) -> Optional[torch.Tensor]:
     """The scaler's current scale as the tensor it keeps (no host read), or None."""
-    get = getattr(scaler, "_get_scale_async", None)
-    scale = get() if callable(get) else None
+    scale = getattr(scaler, "_scale", None)  # (what its _get_scale_async returns; unset until the first scale())
     return scale if isinstance(scale, torch.Tensor) else None
 
 

@@ -5,8 +5,10 @@ start, each torchrun restart, each SLURM requeue), updated at logging steps, so 
 that was SIGKILLed leaves how far it got. The next attempt learns from it:
 
 - **restart downtime**: from the previous attempt's last record to this attempt's start, unless the
-  previous attempt completed the run (a rerun of a finished run, or one that raises
-  ``train.max_steps``, restarts nothing: the time between is the user's, not the run's);
+  previous attempt completed the run and this one is a new launch, not a launcher's restart or
+  requeue (a rerun of a finished run, or one that raises ``train.max_steps``, restarts nothing:
+  the time between is the user's, not the run's; a restart means an attempt in between failed,
+  perhaps before it wrote a record);
 - **lost work**: the steps the previous attempt trained past the checkpoint this one resumes from
   (they are recomputed), and their time at that attempt's mean productive time per step.
 
@@ -43,10 +45,11 @@ class GoodputLedger:
         self._last_write = 0.0
         self.begun = False
 
-    def begin(self, resumed_from: int, startup_s: float, logged_before: int = 0) -> None:
+    def begin(self, resumed_from: int, startup_s: float, logged_before: int = 0, relaunched: bool = False) -> None:
         """The loop starts at step ``resumed_from`` after ``startup_s`` of start-up;
         ``logged_before``: the last step the run dir's metrics.jsonl held before this attempt
-        trimmed it (a killed attempt may have trained past its last ledger record)."""
+        trimmed it (a killed attempt may have trained past its last ledger record); ``relaunched``:
+        this process is a restart by torchrun or a requeue by SLURM."""
         cur = self.current
         self.begun = True
         cur.update(resumed_from=resumed_from, reached=resumed_from, startup_s=startup_s)
@@ -54,7 +57,8 @@ class GoodputLedger:
             prev = self.attempts[-1]
             prev["reached"] = max(int(prev["reached"]), logged_before)
             # (a ledger written before "completed" was recorded counts every gap, as it did)
-            cur["downtime_s"] = 0.0 if prev.get("completed") else max(0.0, cur["started"] - prev["last_seen"])
+            new_launch = prev.get("completed") and not relaunched
+            cur["downtime_s"] = 0.0 if new_launch else max(0.0, cur["started"] - prev["last_seen"])
             lost = max(0, int(prev["reached"]) - resumed_from)
             done = max(1, int(prev["reached"]) - int(prev["resumed_from"]))
             productive = sum(prev["phases"].get(p, 0.0) for p in ("forward_backward", "optimizer"))

@@ -238,7 +238,8 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         guard = NonFiniteGuard(job.train.nonfinite, job.train.nonfinite_patience, strategy.device)
         if job.dist.watchdog_floor_s > 0:
             watchdog = Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s)
-        ledger.begin(state.step, time.time() - started_unix, logged_before)
+        ledger.begin(state.step, time.time() - started_unix, logged_before,
+                     relaunched=bool(summary.get("restarts") or summary.get("requeues")))
         clock.reset()  # the breakdown (each record's and the run's) starts with the loop
         preempted = train(strategy, data, state, job.train, task=parts.task, reporter=reporter, evaluator=evaluator,
                           checkpointer=manager, preemption=preemption, guard=guard, clock=clock, ledger=ledger,
