@@ -70,3 +70,31 @@ def test_ddp_and_accumulation_equal_single_process(tmp_path, ok):
     for name in ("ddp_2xB", "accum_2xB", "ddp_accum"):
         worst = max(_rel(losses[name][s], ref[s]) for s in ref)
         assert worst < 1e-4, f"{name}: worst relative loss difference {worst:.2e}"
+
+
+@pytest.mark.slow
+def test_per_module_gradient_norms_in_every_record_alike_under_ddp_and_fsdp(tmp_path):
+    """logging.grad_norms=K: every record (logging steps, and a step evaluated off the logging
+    cadence, which gets a record too) holds the K modules with the largest gradient norms, none
+    above the global norm; under FSDP (each rank's shard squares, all-reduced) they equal DDP's."""
+    from conftest import read_metrics
+
+    base = ["data.name=digits", "model.name=mlp", "data.num_workers=0", "logging.every_steps=4", "eval.every_steps=3",
+            "eval.max_batches=1", "train.max_steps=6", "logging.grad_norms=2", "checkpoint.resume=never",
+            "checkpoint.every_steps=0", "logging.mlflow.enabled=false", "logging.progress_bar=off"]
+    runs = {name: tmp_path / name for name in ("ddp", "fsdp")}
+    out = run_cli_batch([[*base, f"strategy.name={name}", f"run.dir={d}"] for name, d in runs.items()], nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    norms = {}
+    for name, run_dir in runs.items():
+        records = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+        assert sorted(records) == [3, 4, 6], (name, sorted(records))
+        assert "eval_loss" in records[3], records[3]
+        norms[name] = {step: {k: v for k, v in r.items() if k.startswith("grad_norm/")} for step, r in records.items()}
+        for step, r in records.items():
+            assert len(norms[name][step]) == 2, (name, step, r)
+            assert all(0 < v <= r["grad_norm"] * (1 + 1e-6) for v in norms[name][step].values()), (name, step, r)
+    for step, ddp in norms["ddp"].items():
+        fsdp = norms["fsdp"][step]
+        assert sorted(fsdp) == sorted(ddp), (step, ddp, fsdp)
+        assert all(fsdp[k] == pytest.approx(v, rel=1e-4) for k, v in ddp.items()), (step, ddp, fsdp)

@@ -31,9 +31,13 @@ class Evaluator:
         if results:
             self.last, self.last_step = dict(results), step
 
+    def scheduled(self, step: int) -> bool:
+        """Whether ``maybe_run(step)`` evaluates (alike on every rank)."""
+        return self.loader is not None and bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+
     def maybe_run(self, step: int) -> None:
         """After every optimizer step, on every rank."""
-        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+        if self.scheduled(step):
             self._run(step, final=False)
 
     def final(self, step: int) -> None:

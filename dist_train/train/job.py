@@ -226,6 +226,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                             grad_norms=job.logging.grad_norms, clock=clock, flops=parts.flops, start_step=state.step)
         evaluator = Evaluator(strategy, parts.eval_loader, parts.task, job.eval, reporter.log_eval,
                               progress=clock.progress)
+        reporter.evaluates = evaluator.scheduled  # (an evaluated step gets a record: its grad norms too)
         if state.step >= job.train.max_steps:  # a rerun of a finished run: its final evaluation is logged
             evaluator.already_done(state.step, broadcast_object(metrics.logged_at(state.step, "eval_")))
         data = micro_batches(parts.loader, parts.sampler, state)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -80,6 +80,7 @@ class Reporter:
         self.every, self.max_steps, self.grad_norms = every, max_steps, grad_norms
         self.clock = clock or PhaseClock()
         self.flops = flops  # train.flops.StepFlops, or None
+        self.evaluates: Optional[Callable[[int], bool]] = None  # step -> whether it is evaluated (a record)
         self._steps_in_window, self._data_warnings = 0, 0
         self._warmup_window: Dict[str, float] = {}  # the warmup steps' phase times in the current window
         self.global_batch, self.tokens_per_sample = global_batch, tokens_per_sample
@@ -100,8 +101,11 @@ class Reporter:
         return self._eval[1] if self._eval is not None and self._eval[0] == step else {}
 
     def grad_norms_wanted(self, step: int) -> int:
-        """How many per-module gradient norms step ``step`` should report (logging steps only)."""
-        return self.grad_norms if self.grad_norms and self.due(step) else 0
+        """How many per-module gradient norms step ``step`` should report: those that get a record
+        (logging steps, and steps the evaluator will evaluate: ``evaluates``, set by the job)."""
+        if not self.grad_norms:
+            return 0
+        return self.grad_norms if self.due(step) or (self.evaluates is not None and self.evaluates(step)) else 0
 
     def maybe_log(self, state, output, step_s: float, busy_s: Optional[float] = None) -> None:
         """After every optimizer step, on every rank (``state``: the loop's TrainState; ``output``:
