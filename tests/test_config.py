@@ -257,3 +257,19 @@ def test_a_builtin_task_that_does_not_fit_the_dataset_stops_before_the_run(capsy
     err = capsys.readouterr().err
     assert "task.name: regression does not fit data.name='digits', a classification dataset" in err
     assert cli.main(["--check", "model.name=mlp", "data.name=digits", "task.name=classification"]) == 0
+
+
+def test_the_config_reference_in_docs_is_the_schemas():
+    """docs/config.md is generated from the schema: a key added, removed or re-documented without
+    regenerating it (python -m dist_train.config.reference > docs/config.md) fails here."""
+    from pathlib import Path
+
+    from dist_train.config.load import describe_fields
+    from dist_train.config.reference import markdown
+    from dist_train.config.schema import FAULTS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text(encoding="utf-8")
+    assert text == markdown(), "docs/config.md is stale: python -m dist_train.config.reference > docs/config.md"
+    assert all(f"| `{key}` |" in text for key, _, _ in describe_fields())
+    faults_help = next(help_ for key, _, help_ in describe_fields() if key == "debug.faults")
+    assert all(name in faults_help for name in FAULTS), faults_help

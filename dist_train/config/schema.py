@@ -335,7 +335,8 @@ class LoggingConfig:
 class DebugConfig:
     faults: str = doc("", "fault injection for tests of recovery paths, comma-separated: after_shards[@STEP] (exit "
                       "before a checkpoint commit), after_commit[@STEP[:RANK]] (exit right after it), slow_write=SECONDS, slow_staging=SECONDS, step_sleep=SECONDS, "
-                      "nan@STEP[:RANK] (NaN inputs), stall@STEP[:RANK]=SECONDS, crash@STEP[:RANK]; '' in production")
+                      "nan@STEP[:RANK] (NaN inputs), stall@STEP[:RANK]=SECONDS, crash@STEP[:RANK], worker_fork_hang[@:RANK] "
+                      "(the first DataLoader worker forked hangs inside fork()); '' in production")
     record_sample_ids: bool = doc(False, "each rank appends the dataset indices of every micro-batch to "
                                   "<run.dir>/sample_ids.rank<r>.jsonl (proves a resume neither replays nor skips)")
 
