@@ -129,9 +129,11 @@ def _graceful_defaults(args, launch: Sequence[str]) -> None:
     """Our defaults for the options above, unless given on the command line (or torchrun's own
     environment variable for the timeout)."""
     given = {a.split("=", 1)[0].replace("_", "-") for a in launch}
-    if "--signals-to-handle" not in given:
+    # (torch before 2.9 has neither option: its torchrun dies of SIGUSR1 and gives 30 s)
+    if "--signals-to-handle" not in given and hasattr(args, "signals_to_handle"):
         args.signals_to_handle = FORWARDED_SIGNALS
-    if "--shutdown-timeout" not in given and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+    if ("--shutdown-timeout" not in given and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ
+            and hasattr(args, "shutdown_timeout")):
         args.shutdown_timeout = SHUTDOWN_TIMEOUT_S
 
 

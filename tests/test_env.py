@@ -32,7 +32,7 @@ def test_slurm_variables():
                   "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456",
                   "SLURM_STEP_ID": "0"})
     assert (env.source, env.rank, env.local_rank, env.world_size, env.node_rank) == ("slurm", 3, 1, 4, 1)
-    assert env.master_addr == "gpu07" and env.master_port == slurm_port("123456") == 15000 + 3456
+    assert env.master_addr == "gpu07" and env.master_port == slurm_port("123456") == 15000 + 123456 % 17000
     assert env.local_world_size == 2 and env.num_nodes == 2 and env.job_id == "123456"
 
 
@@ -188,3 +188,19 @@ def test_checkpoint_and_preemption_groups_fail_after_dist_timeout_s_too():
     from conftest import spawn
 
     spawn(_side_groups_follow_the_collective_timeout, 2)
+
+
+def test_a_rank_refuses_the_store_of_another_job_on_its_port():
+    """Two SLURM jobs on one node whose ids give the same port: the second job's ranks find the
+    first job's store there and stop with a message naming both, instead of joining its key space."""
+    from dist_train.env import rendezvous
+    from dist_train.env.cluster import ClusterEnv
+
+    port = free_port()
+    job = dict(source="slurm", world_size=2, master_addr="127.0.0.1", master_port=port)
+    first = rendezvous._fixed_attempt(ClusterEnv(rank=0, job_id="41234", **job), timeout_s=10)
+    other = ClusterEnv(rank=1, job_id="58234", **job)
+    with pytest.raises(RuntimeError, match=r"another job's \(job 41234 .*this is job 58234"):
+        rendezvous._fixed_attempt(other, timeout_s=10)
+    mine = rendezvous._fixed_attempt(ClusterEnv(rank=1, job_id="41234", **job), timeout_s=10)
+    assert mine.store.get(rendezvous.OWNER_KEY) == first.store.get(rendezvous.OWNER_KEY)

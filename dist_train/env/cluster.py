@@ -93,9 +93,11 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> Optional[int]:
 
 
 def slurm_port(job_id: Optional[str]) -> int:
-    """A rendezvous port every task of a job derives alike: 15000 + the job id's last 4 digits."""
+    """A rendezvous port every task of a job derives alike: 15000 + the job id modulo 17000 (below
+    Linux's ephemeral ports; two jobs sharing a node collide only when their ids differ by a
+    multiple of 17000, where the last 4 digits collided every 10000)."""
     digits = re.sub(r"\D", "", job_id or "")
-    return 15000 + (int(digits[-4:]) if digits else 0)
+    return 15000 + (int(digits) % 17000 if digits else 0)
 
 
 def detect(env: Optional[Mapping[str, str]] = None) -> ClusterEnv:

@@ -164,16 +164,31 @@ def _fixed_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
     """No agent store: rank 0 hosts the store at the job's rendezvous address. (The restart count
     is then this node's launcher's own, the best there is without a store that outlives attempts.)"""
     host, port = cluster.master_addr, cluster.master_port
+    # Whose store it is: a port derived from the job id can be another job's on a shared node
+    # (see slurm_port), and joining that job's key space would stall it and this one.
+    owner = f"job {cluster.job_id} attempt {cluster.requeues}, {cluster.world_size} ranks"
     if cluster.rank == 0:
-        return Attempt(_host_store(host, port, cluster.world_size, timeout_s), cluster.elastic_restarts, f"{host}:{port}")
+        store = _host_store(host, port, cluster.world_size, timeout_s)
+        store.set(OWNER_KEY, owner)
+        return Attempt(store, cluster.elastic_restarts, f"{host}:{port}")
     deadline = _Deadline(timeout_s, lambda: f"rank 0's store at {host}:{port} does not answer "
                                             "(is rank 0 running, and is the address reachable from here?)")
     while True:
         store = _connect(host, port, min(PROBE_S, max(deadline.remaining(), 0.1)))
         if store is not None:
+            while not store.check([OWNER_KEY]):  # (rank 0 sets it right after it starts the store)
+                deadline.tick(cluster.rank)
+                time.sleep(0.05)
+            found = store.get(OWNER_KEY).decode()
+            if found != owner:
+                raise RuntimeError(f"the store at {host}:{port} is another job's ({found}; this is {owner}): "
+                                   "set MASTER_PORT to a free port for this job")
             return Attempt(store, cluster.elastic_restarts, f"{host}:{port}")
         deadline.tick(cluster.rank)
         time.sleep(0.1)
+
+
+OWNER_KEY = "dist_train/owner"
 
 
 # This process's attempt store, kept for every group it forms (a script calling fit() twice), and
