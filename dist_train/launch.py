@@ -134,7 +134,8 @@ def _graceful_defaults(args, launch: Sequence[str]) -> None:
         args.signals_to_handle = FORWARDED_SIGNALS
     if ("--shutdown-timeout" not in given and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ
             and hasattr(args, "shutdown_timeout")):
-        args.shutdown_timeout = SHUTDOWN_TIMEOUT_S
+        # (slurm/train.sbatch's knob, read here: as a torchrun option it would break an older torch)
+        args.shutdown_timeout = int(os.environ.get("DIST_TRAIN_SHUTDOWN_TIMEOUT") or SHUTDOWN_TIMEOUT_S)
 
 
 def _summary_path(job_args: Sequence[str]) -> Optional[str]:

@@ -198,9 +198,17 @@ def test_a_rank_refuses_the_store_of_another_job_on_its_port():
 
     port = free_port()
     job = dict(source="slurm", world_size=2, master_addr="127.0.0.1", master_port=port)
-    first = rendezvous._fixed_attempt(ClusterEnv(rank=0, job_id="41234", **job), timeout_s=10)
-    other = ClusterEnv(rank=1, job_id="58234", **job)
-    with pytest.raises(RuntimeError, match=r"another job's \(job 41234 .*this is job 58234"):
-        rendezvous._fixed_attempt(other, timeout_s=10)
-    mine = rendezvous._fixed_attempt(ClusterEnv(rank=1, job_id="41234", **job), timeout_s=10)
+    first = rendezvous._fixed_attempt(ClusterEnv(rank=0, job_id="41234", step_id="0", **job), timeout_s=10)
+    for other, this in ((dict(job_id="58234", step_id="0"), "job 58234 step 0"),  # another job
+                        (dict(job_id="41234", step_id="1"), "job 41234 step 1")):  # a concurrent step
+        with pytest.raises(RuntimeError, match=rf"another job's \(job 41234 step 0 .*this is {this}"):
+            rendezvous._fixed_attempt(ClusterEnv(rank=1, **other, **job), timeout_s=10)
+    mine = rendezvous._fixed_attempt(ClusterEnv(rank=1, job_id="41234", step_id="0", **job), timeout_s=10)
     assert mine.store.get(rendezvous.OWNER_KEY) == first.store.get(rendezvous.OWNER_KEY)
+    # A store that names no owner (not a dist_train rank 0) is waited for, then named as such.
+    import torch.distributed as dist
+
+    bare = dist.TCPStore("127.0.0.1", free_port(), 2, is_master=True, wait_for_workers=False)
+    lone = dict(job, master_port=bare.port)
+    with pytest.raises(rendezvous.RendezvousTimeout, match="names no owner"):
+        rendezvous._fixed_attempt(ClusterEnv(rank=1, job_id="41234", step_id="0", **lone), timeout_s=1)

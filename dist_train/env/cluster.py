@@ -30,6 +30,7 @@ class ClusterEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     job_id: Optional[str] = None
+    step_id: Optional[str] = None  # SLURM_STEP_ID: the srun step (a job may run several at once)
     # Restarts of the workers by torchrun (--max-restarts; TORCHELASTIC_RESTART_COUNT, counted by
     # each node's agent for its own workers) and requeues of the SLURM job (SLURM_RESTART_COUNT).
     elastic_restarts: int = 0
@@ -143,6 +144,7 @@ def detect(env: Optional[Mapping[str, str]] = None) -> ClusterEnv:
             master_addr=env.get("MASTER_ADDR") or nodes[0],
             master_port=_int(env, "MASTER_PORT", slurm_port(job_id)),
             job_id=job_id,
+            step_id=env.get("SLURM_STEP_ID"),
             requeues=_int(env, "SLURM_RESTART_COUNT", 0),
         )
     return ClusterEnv(source="single")

@@ -164,26 +164,33 @@ def _fixed_attempt(cluster: ClusterEnv, timeout_s: float) -> Attempt:
     """No agent store: rank 0 hosts the store at the job's rendezvous address. (The restart count
     is then this node's launcher's own, the best there is without a store that outlives attempts.)"""
     host, port = cluster.master_addr, cluster.master_port
-    # Whose store it is: a port derived from the job id can be another job's on a shared node
-    # (see slurm_port), and joining that job's key space would stall it and this one.
-    owner = f"job {cluster.job_id} attempt {cluster.requeues}, {cluster.world_size} ranks"
+    # Whose store it is: a port derived from the job id can be another job's (or another step's of
+    # this job) on a shared node (see slurm_port), and joining its key space would stall both.
+    owner = (f"job {cluster.job_id} step {cluster.step_id} attempt {cluster.requeues}, {cluster.world_size} ranks"
+             if cluster.source == "slurm" else f"{cluster.world_size} ranks")
     if cluster.rank == 0:
         store = _host_store(host, port, cluster.world_size, timeout_s)
         store.set(OWNER_KEY, owner)
         return Attempt(store, cluster.elastic_restarts, f"{host}:{port}")
-    deadline = _Deadline(timeout_s, lambda: f"rank 0's store at {host}:{port} does not answer "
-                                            "(is rank 0 running, and is the address reachable from here?)")
+    waiting = [f"rank 0's store at {host}:{port} does not answer "
+               "(is rank 0 running, and is the address reachable from here?)"]
+    deadline = _Deadline(timeout_s, lambda: waiting[0])
     while True:
         store = _connect(host, port, min(PROBE_S, max(deadline.remaining(), 0.1)))
         if store is not None:
-            while not store.check([OWNER_KEY]):  # (rank 0 sets it right after it starts the store)
-                deadline.tick(cluster.rank)
-                time.sleep(0.05)
-            found = store.get(OWNER_KEY).decode()
-            if found != owner:
-                raise RuntimeError(f"the store at {host}:{port} is another job's ({found}; this is {owner}): "
-                                   "set MASTER_PORT to a free port for this job")
-            return Attempt(store, cluster.elastic_restarts, f"{host}:{port}")
+            try:
+                found = store.get(OWNER_KEY).decode() if store.check([OWNER_KEY]) else None
+            except RuntimeError as exc:  # (that store went away: connect again)
+                found, waiting[0] = None, f"the store at {host}:{port} closed the connection ({exc})"
+            else:
+                if found is None:  # (rank 0 sets it right after it starts the store)
+                    waiting[0] = (f"the store at {host}:{port} names no owner: not this job's rank 0 (another "
+                                  "program, or an older dist_train, on this port?)")
+            if found is not None:
+                if found != owner:
+                    raise RuntimeError(f"the store at {host}:{port} is another job's ({found}; this is {owner}): "
+                                       "set MASTER_PORT to a free port for this job")
+                return Attempt(store, cluster.elastic_restarts, f"{host}:{port}")
         deadline.tick(cluster.rank)
         time.sleep(0.1)
 
