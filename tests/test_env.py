@@ -36,6 +36,14 @@ def test_slurm_variables():
     assert env.local_world_size == 2 and env.num_nodes == 2 and env.job_id == "123456"
 
 
+def test_a_slurm_step_on_part_of_the_job_meets_on_its_own_first_node():
+    """srun given a subset of the job's nodes: task 0 runs on the step's first node, not the job's."""
+    env = detect({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "7",
+                  "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_NNODES": "4", "SLURM_STEP_NODELIST": "n[3-4]",
+                  "SLURM_STEP_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"})
+    assert env.master_addr == "n3" and env.num_nodes == 2 and env.local_world_size == 1, env
+
+
 def test_slurm_batch_script_is_not_a_rank():
     """In the sbatch script itself (no srun step) we are not one of the job's ranks."""
     env = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]"})
@@ -47,6 +55,8 @@ def test_slurm_batch_script_is_not_a_rank():
     ("n[1-3]", ["n1", "n2", "n3"]),
     ("gpu[07-09,12],login", ["gpu07", "gpu08", "gpu09", "gpu12", "login"]),
     ("a1,b[01-02]-ib", ["a1", "b01-ib", "b02-ib"]),
+    ("r[01-02]n[01-02]", ["r01n01", "r01n02", "r02n01", "r02n02"]),  # (was r01n[01-02], ...)
+    ("r[1-2]n[1,3],x", ["r1n1", "r1n3", "r2n1", "r2n3", "x"]),
 ])
 def test_expand_nodelist(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts

@@ -63,23 +63,41 @@ def _int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> int
 
 
 def expand_nodelist(nodelist: str) -> List[str]:
-    """Expand a SLURM node list such as ``n[1-3,5],gpu-a[01-02],login`` into host names."""
+    """Expand a SLURM node list such as ``n[1-3,5],gpu-a[01-02],login`` or ``r[1-2]n[01-02]`` into
+    host names, in ``scontrol show hostnames`` order (the leftmost range varies slowest)."""
     hosts: List[str] = []
-    # Split on commas that are not inside brackets.
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not match:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            if "-" in item:
-                lo, hi = item.split("-", 1)
-                width = len(lo)
-                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
-            else:
-                hosts.append(f"{prefix}{item}{suffix}")
+    for part in _top_level_parts(nodelist):
+        hosts.extend(_expand_host(part))
     return hosts
+
+
+def _top_level_parts(nodelist: str) -> List[str]:
+    """Split on the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(nodelist):
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            parts.append(nodelist[start:i])
+            start = i + 1
+    parts.append(nodelist[start:])
+    return [p for p in parts if p]
+
+
+def _expand_host(pattern: str) -> List[str]:
+    """One host pattern with any number of bracketed ranges (``r[1-2]n[01,03]``)."""
+    match = re.match(r"([^\[]*)\[([^\]]*)\](.*)", pattern)
+    if not match:
+        return [pattern]
+    prefix, ranges, rest = match.groups()
+    heads: List[str] = []
+    for item in ranges.split(","):
+        if "-" in item:
+            lo, hi = item.split("-", 1)
+            heads.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+        else:
+            heads.append(f"{prefix}{item}")
+    tails = _expand_host(rest)
+    return [head + tail for head in heads for tail in tails]
 
 
 def tasks_on_node(tasks_per_node: str, node_id: int) -> Optional[int]:
@@ -126,8 +144,11 @@ def detect(env: Optional[Mapping[str, str]] = None) -> ClusterEnv:
     # SLURM_STEP_ID marks a task started by srun.
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         world = _int(env, "SLURM_NTASKS")
-        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1")
-        num_nodes = _int(env, "SLURM_NNODES", len(nodes))
+        # The step's nodes (task 0 runs on the first), which are the job's unless srun was given a
+        # subset (--nodes, --exclude in DIST_TRAIN_SRUN_ARGS).
+        nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                                or env.get("SLURM_NODELIST") or "127.0.0.1")
+        num_nodes = _int(env, "SLURM_STEP_NUM_NODES", _int(env, "SLURM_NNODES", len(nodes)))
         job_id = env.get("SLURM_JOB_ID")
         node_rank = _int(env, "SLURM_NODEID", 0)
         # Tasks may be spread unevenly over nodes: this node's own count, else the even share.
