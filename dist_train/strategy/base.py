@@ -109,7 +109,7 @@ class Precision:
             return self.scaler.get_scale() < scale_before, self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return found, _scale_tensor(self.scaler).detach().clone()  # (update() changes it in place)
+        return found, scale.detach().clone()  # (update() changes that tensor in place: this step's value)
 
     def state_dict(self) -> Optional[dict]:
         return self.scaler.state_dict() if self.scaler is not None else None

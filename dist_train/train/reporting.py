@@ -93,19 +93,18 @@ class Reporter:
 
     def due(self, step: int) -> bool:
         """Whether ``step`` gets a record: every ``logging.every_steps``, the last step, and a step
-        that was evaluated (alike on every rank: the record's loss average is a collective)."""
-        return step % self.every == 0 or step == self.max_steps or bool(self._evaluated(step))
+        that is evaluated (``evaluates``, set by the job) or was (alike on every rank: the record's loss
+        average is a collective)."""
+        return (step % self.every == 0 or step == self.max_steps or bool(self._evaluated(step))
+                or (self.evaluates is not None and self.evaluates(step)))
 
     def _evaluated(self, step: int) -> Dict[str, Any]:
         """The results of an evaluation of ``step`` waiting for its record ({} if none)."""
         return self._eval[1] if self._eval is not None and self._eval[0] == step else {}
 
     def grad_norms_wanted(self, step: int) -> int:
-        """How many per-module gradient norms step ``step`` should report: those that get a record
-        (logging steps, and steps the evaluator will evaluate: ``evaluates``, set by the job)."""
-        if not self.grad_norms:
-            return 0
-        return self.grad_norms if self.due(step) or (self.evaluates is not None and self.evaluates(step)) else 0
+        """How many per-module gradient norms step ``step`` should report (steps that get a record)."""
+        return self.grad_norms if self.grad_norms and self.due(step) else 0
 
     def maybe_log(self, state, output, step_s: float, busy_s: Optional[float] = None) -> None:
         """After every optimizer step, on every rank (``state``: the loop's TrainState; ``output``:
