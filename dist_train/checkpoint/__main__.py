@@ -1,8 +1,10 @@
 """Checkpoint tools, offline (no process group, any machine):
 
-    python -m dist_train.checkpoint inspect PATH [--json]
+    python -m dist_train.checkpoint inspect PATH [--json] [--sha256]
         PATH: a checkpoint dir, or a run dir / checkpoints dir (then every checkpoint in it).
         Prints step, data position, strategy, world size, files and the verification result.
+        --sha256 also checks each file against the SHA-256 its manifest entry records (added after
+        the commit, see digest.py), as an outside tool would.
         Exit 0 when every checkpoint shown verifies, 1 otherwise.
 
     python -m dist_train.checkpoint export PATH OUT.safetensors
@@ -18,7 +20,7 @@ import os
 import sys
 from typing import List, Optional
 
-from dist_train.checkpoint import layout, storage
+from dist_train.checkpoint import checksum, layout, storage
 from dist_train.checkpoint.export import export_run
 from dist_train.checkpoint.restore import CheckpointError
 
@@ -33,10 +35,24 @@ def _checkpoints(path: str) -> List[str]:
     return []
 
 
-def describe(path: str) -> dict:
-    """Everything ``inspect`` shows about one checkpoint, as a dict."""
+def describe(path: str, sha256: bool = False) -> dict:
+    """Everything ``inspect`` shows about one checkpoint, as a dict (``sha256``: the files are
+    checked against their recorded SHA-256 too)."""
     errors = layout.verify(path)
     info = {"path": path, "verified": not errors, "errors": errors}
+    try:
+        entries = layout.read_manifest(path)["files"]
+        info["sha256_recorded"] = sum("sha256" in e for e in entries.values())
+        if sha256 and not errors:
+            for rel, entry in sorted(entries.items()):
+                if "sha256" in entry:
+                    found = checksum.hash_file(os.path.join(path, rel), "sha256")
+                    if found["sha256"] != entry["sha256"]:
+                        errors.append(f"{rel}: sha256 {found['sha256'][:12]}... != {entry['sha256'][:12]}... "
+                                      "in the manifest")
+            info["verified"] = not errors
+    except ValueError:
+        pass  # (verify has said why)
     try:
         with open(os.path.join(path, layout.META), encoding="utf-8") as f:
             meta = json.load(f)
@@ -77,6 +93,8 @@ def _print(info: dict) -> None:
     print(f"  files ({len(info['files'])}, {sum(info['files'].values()) / 2**20:.2f} MiB):")
     for rel, size in sorted(info["files"].items()):
         print(f"    {rel:40s} {size:>12d}")
+    if "sha256_recorded" in info:
+        print(f"  sha256         recorded for {info['sha256_recorded']} of {len(info['files'])} files")
     if info["verified"]:
         print("  verification   OK (every file's size and checksum match manifest.json: XXH3-128, "
               "or SHA-256 in a format-1 manifest)")
@@ -103,6 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pi = sub.add_parser("inspect", help="step, strategy, world size, files and verification of checkpoints")
     pi.add_argument("path")
     pi.add_argument("--json", action="store_true", help="machine-readable output")
+    pi.add_argument("--sha256", action="store_true", help="also check every file against its recorded SHA-256")
     pe = sub.add_parser("export", help="consolidated model weights as one safetensors file")
     pe.add_argument("path")
     pe.add_argument("out")
@@ -113,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.cmd == "export":
         return export(args.path, args.out)
-    infos = [describe(path) for path in found]
+    infos = [describe(path, sha256=getattr(args, "sha256", False)) for path in found]
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
     else:

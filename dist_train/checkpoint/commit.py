@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from dist_train.checkpoint import checksum, layout, retention
+from dist_train.checkpoint import checksum, digest, layout, retention
 from dist_train.checkpoint.restore import CheckpointError
 from dist_train.env import collectives
 from dist_train.env.faults import Faults
@@ -59,8 +59,9 @@ class CheckpointGroup:
 class Committer:
     """Runs the protocol for the saves of one checkpoints dir (``run``, on every rank alike)."""
 
-    def __init__(self, ckpt_dir: str, group: CheckpointGroup, faults: Faults, keep_last: int):
+    def __init__(self, ckpt_dir: str, group: CheckpointGroup, faults: Faults, keep_last: int, sha256: bool = True):
         self.dir, self.group, self.faults, self.keep_last = ckpt_dir, group, faults, keep_last
+        self.sha256 = sha256  # rank 0 adds SHA-256 checksums to each committed manifest (digest.py)
         self.rank, self.world = group.rank, group.world
         self.rank0 = self.rank == 0
 
@@ -138,7 +139,10 @@ class Committer:
         outcome: Any = None
         if self.rank0:
             try:
-                layout.commit(staging, os.path.join(self.dir, layout.step_name(step)))
+                final = os.path.join(self.dir, layout.step_name(step))
+                layout.commit(staging, final)
+                if self.sha256:
+                    digest.submit(final)  # (in the background)
                 pruned = retention.prune(self.dir, self.keep_last, keep=step)
                 size = sum(e["size"] for e in entries.values())
                 outcome = ("ok", f"{len(entries)} files, {size / 2**20:.1f} MiB" +

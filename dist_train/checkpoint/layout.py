@@ -2,7 +2,8 @@
 
     <run.dir>/checkpoints/
         step_00000120/              one complete checkpoint (complete = manifest.json exists)
-            manifest.json           every other file: relative path -> {"size", "xxh3_128"}
+            manifest.json           every other file: relative path -> {"size", "xxh3_128"} (and
+                                    "sha256", added after the commit: digest.py)
             meta.json               step, data position, strategy, world size, config, ... (rank 0)
             dcp/                    model (+ optimizer) as torch.distributed.checkpoint shards
             native/                 an engine's own files (DeepSpeed), when it has them
@@ -56,6 +57,9 @@ FORMAT = "dist_train.checkpoint/2"
 READABLE_FORMATS = ("dist_train.checkpoint/1", FORMAT)
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+# Held while a committed checkpoint directory is renamed (a prune, a commit over the same step,
+# setting one aside) or its manifest replaced (``digest.py``): never both at once.
+NAMES = threading.Lock()
 _THREADS = 4  # files hashed at once
 _SYNC_THREADS = 16  # files fsynced at once (concurrent fsyncs share the journal's commits)
 _INLINE_BYTES = 16 << 20  # fewer bytes than this are hashed on the calling thread
@@ -422,7 +426,8 @@ def commit(staging: str, final: str) -> None:
     old = None
     if os.path.exists(final):
         old = os.path.join(parent, DELETING_PREFIX + os.path.basename(final) + f".{os.getpid()}")
-        os.rename(final, old)
+        with NAMES:
+            os.rename(final, old)
     os.rename(staging, final)
     # set_latest fsyncs ``parent`` after its own rename: that one fsync makes both renames durable.
     # (Should only the ``latest`` rename survive a crash, resume finds the newest directory itself.)

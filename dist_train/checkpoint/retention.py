@@ -39,7 +39,8 @@ def prune(ckpt_dir: str, keep_last: int, keep: int) -> List[str]:
     deleted, doomed = [], []
     for step in to_prune(list(by_step), keep_last, keep):
         doomed.append(os.path.join(ckpt_dir, layout.DELETING_PREFIX + layout.step_name(step)))
-        os.rename(by_step[step], doomed[-1])
+        with layout.NAMES:  # (not while its manifest is being replaced: digest.py)
+            os.rename(by_step[step], doomed[-1])
         deleted.append(layout.step_name(step))
     _delete_later(doomed)
     return deleted
@@ -106,5 +107,6 @@ def set_aside(path: str, suffix: str) -> str:
     target = f"{path}.{suffix}"
     if os.path.exists(target):
         target = f"{path}.{suffix}.{int(time.time())}"
-    os.rename(path, target)
+    with layout.NAMES:
+        os.rename(path, target)
     return os.path.basename(target)

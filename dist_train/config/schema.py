@@ -278,6 +278,9 @@ class CheckpointConfig:
                              "intact; raise: the run stops (exit 1); continue: warn and try again at the next cadence")
     load_optimizer: bool = doc(True, "restore the optimizer state on resume; false restores weights, step, data position, "
                                      "LR schedule and RNG with a fresh optimizer (needed between deepspeed and the other strategies)")
+    sha256: bool = doc(True, "also record each file's SHA-256 in manifest.json (for outside tools; dist_train verifies "
+                             "with the XXH3-128 it takes while writing): rank 0 adds them in the background after each "
+                             "commit, and the end of a run waits for the last")
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
