@@ -33,6 +33,13 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed rank ``rank`` (> 0) re-seeds its streams with once the model is built (rank 0 draws
+    on from ``seed``), so that dropout masks and a dataset's random transforms in the training
+    process differ between ranks, as they would between the samples of one process's larger batch."""
+    return (seed * 1_000_003 + rank * 7_919 + 1) % 2**63
+
+
 @contextlib.contextmanager
 def deterministic_kernels(on: bool) -> Iterator[None]:
     """``train.deterministic``: inside, torch picks deterministic kernels (cuDNN without autotuning,

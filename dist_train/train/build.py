@@ -25,7 +25,7 @@ from dist_train.data.loader import build_eval_loader, build_train_loader
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.collectives import broadcast_module
 from dist_train.env.preemption import shield_workers
-from dist_train.env.seed import seed_everything
+from dist_train.env.seed import rank_seed, seed_everything
 from dist_train.strategy import StepPlan, Strategy, build_strategy
 from dist_train.train import sources
 from dist_train.train.flops import StepFlops
@@ -142,6 +142,11 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
                     tokens[0] = int(inputs.shape[1])
 
     strategy = build_training(job, cluster, device, info, user.model, before_setup=count_flops)
+    # Every rank built the same model from the same seed; from here each draws its own stream
+    # (dropout masks, random transforms in this process), as the samples of one larger batch would.
+    # Rank 0 draws on as before (a one-process run is unchanged).
+    if cluster.rank:
+        seed_everything(rank_seed(job.run.seed, cluster.rank))
     eval_loader = None  # no held-out data: no evaluation
     if eval_ds is not None:
         eval_loader = build_eval_loader(eval_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,

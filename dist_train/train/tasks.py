@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from dist_train.data.registry import is_namedtuple, sample_indices
 
+IGNORE_INDEX = -100  # F.cross_entropy's default: a target token (or label) that counts nowhere (padding)
+
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "features")
 TARGET_KEYS = ("target", "targets", "label", "labels", "y")
 BUILTIN = ("classification", "language_model", "regression")
@@ -165,12 +167,14 @@ class Classification(Task):
         pred = prediction(call_model(model, inputs)).float()
         if pred.dim() == 3:
             pred, target = pred.flatten(0, 1), target.flatten()
-        loss = F.cross_entropy(pred, target, reduction="sum")
+        # Targets equal to cross_entropy's ignore_index (-100: padding) count nowhere, as in the
+        # training loss's mean.
+        loss = F.cross_entropy(pred, target, reduction="sum", ignore_index=IGNORE_INDEX)
         top = pred.topk(min(5, pred.shape[-1]), dim=-1).indices
-        correct = (top[:, 0] == target).sum()
+        correct = (top[:, 0] == target).sum()  # (an ignored target matches no class index)
         top5 = (top == target.unsqueeze(-1)).any(dim=-1).sum()
-        return torch.stack([loss.double(), correct.double(), top5.double(),
-                            torch.tensor(target.numel(), dtype=torch.float64, device=loss.device)])
+        count = (target != IGNORE_INDEX).sum()
+        return torch.stack([loss.double(), correct.double(), top5.double(), count.double()])
 
     def eval_metrics(self, sums):
         loss, correct, top5, count = (float(v) for v in sums)
@@ -201,9 +205,17 @@ class Regression(Task):
 
     @staticmethod
     def _align(pred, target):
+        """Prediction and target of one shape: a trailing size-1 dimension on either side (``[B, 1]``
+        against ``[B]``) is dropped, where broadcasting would compare every pair (``[B, B]``)."""
         target = target.to(pred.dtype) if target.is_floating_point() else target.float()
         if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1:
             pred = pred.squeeze(-1)
+        elif target.dim() == pred.dim() + 1 and target.shape[-1] == 1:
+            target = target.squeeze(-1)
+        if pred.shape != target.shape:
+            raise ValueError(f"regression: the model's prediction has shape {tuple(pred.shape)} and the target "
+                             f"{tuple(target.shape)}; they must match (a trailing dimension of 1 on either side "
+                             "is dropped)")
         return pred.float(), target.float()
 
     def criterion(self, pred, target):

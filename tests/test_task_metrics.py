@@ -1,0 +1,89 @@
+"""Numbers a task reports that were silently wrong (a review of data and evaluation): padded
+tokens (ignore_index) counted in evaluation, a regression target of shape [B, 1] against a [B]
+prediction broadcast to [B, B], and every rank drawing the same random stream (dropout masks)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import spawn
+from dist_train.train.tasks import IGNORE_INDEX, Classification, LanguageModel, Regression
+
+
+class _Fixed(torch.nn.Module):
+    """Returns the logits (or predictions) it holds, whatever the input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out
+
+
+def test_padded_tokens_count_nowhere_in_evaluation_as_in_training():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    target = torch.randint(0, 7, (2, 4))
+    target[0, 3] = target[1, 2] = IGNORE_INDEX
+    model, batch = _Fixed(logits), (torch.zeros(2, 4, dtype=torch.long), target)
+    task = LanguageModel()
+    train_loss, _ = task.loss(model, batch)
+    metrics = task.eval_metrics(task.eval_sums(model, batch))
+    real = target != IGNORE_INDEX
+    want_acc = (logits.argmax(-1)[real] == target[real]).double().mean().item()
+    assert metrics["eval_loss"] == pytest.approx(train_loss.item(), rel=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(F.cross_entropy(logits[real], target[real]).item(), rel=1e-6)
+    assert metrics["eval_accuracy"] == pytest.approx(want_acc)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-6)
+    # Classification with an ignored label: same rule.
+    labels = torch.tensor([1, IGNORE_INDEX, 2])
+    out = Classification().eval_metrics(Classification().eval_sums(_Fixed(torch.eye(3) * 5), (torch.zeros(3), labels)))
+    assert out["eval_accuracy"] == 0.5 and out["eval_loss"] == pytest.approx(
+        F.cross_entropy(torch.eye(3)[[0, 2]] * 5, labels[[0, 2]]).item())
+
+
+@pytest.mark.parametrize("pred_shape, target_shape", [((4,), (4, 1)), ((4, 1), (4,)), ((4,), (4,)), ((4, 1), (4, 1))])
+def test_regression_drops_a_trailing_dimension_of_one_on_either_side(pred_shape, target_shape):
+    pred = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    target = torch.tensor([0.5, 1.0, 1.0, 4.0])
+    model, batch = _Fixed(pred.reshape(pred_shape)), (torch.zeros(4), target.reshape(target_shape))
+    task = Regression()
+    loss, _ = task.loss(model, batch)
+    metrics = task.eval_metrics(task.eval_sums(model, batch))
+    assert loss.item() == pytest.approx(0.5625) and metrics == pytest.approx({"eval_loss": 0.5625, "eval_mae": 0.625})
+
+
+def test_regression_refuses_shapes_that_would_broadcast():
+    with pytest.raises(ValueError, match=r"prediction has shape \(4, 3\) and the target \(4,\)"):
+        Regression().loss(_Fixed(torch.zeros(4, 3)), (torch.zeros(4), torch.zeros(4)))
+
+
+def _streams(rank, world, run_dir):
+    import torch.distributed as dist
+
+    from dist_train.config import load_config
+    from dist_train.env.cluster import detect
+    from dist_train.train.build import build_parts
+
+    job = load_config(None, ["data.name=synthetic_images", "data.synthetic_samples=64", "data.batch_size=4",
+                             "model.name=cnn", "model.dropout=0.5", "strategy.name=ddp", f"run.dir={run_dir}"])
+    parts = build_parts(job, detect(), torch.device("cpu"))
+    try:
+        weights = torch.cat([p.detach().flatten() for p in parts.strategy.model.parameters()])
+        drawn = torch.rand(64)
+        got = [torch.zeros_like(drawn) for _ in range(world)]
+        dist.all_gather(got, drawn)
+        assert not torch.equal(got[0], got[1]), "both ranks drew the same numbers (same dropout masks)"
+        same = [torch.zeros_like(weights) for _ in range(world)]
+        dist.all_gather(same, weights)
+        assert torch.equal(same[0], same[1])  # (the model itself is the same on every rank)
+    finally:
+        parts.close()
+
+
+def test_each_rank_draws_its_own_random_stream_after_the_model_is_built(tmp_path):
+    spawn(_streams, 2, str(tmp_path / "run"))
