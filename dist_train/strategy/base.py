@@ -400,16 +400,25 @@ class Strategy(ABC):
                     changed.setdefault(key, (group[key], value))
                 group[key] = value
         old = list(self.scheduler.base_lrs)
-        if any(_differs(a, b) for a, b in zip(old, base_lrs)):
+        peak_changed = any(_differs(a, b) for a, b in zip(old, base_lrs))
+        if peak_changed:
             changed["lr"] = (old[0], base_lrs[0])
             self.scheduler.base_lrs = list(base_lrs)
-            lambdas = getattr(self.scheduler, "lr_lambdas", None)
-            for i, (group, base) in enumerate(zip(self.optimizer.param_groups, base_lrs)):
+        lambdas = getattr(self.scheduler, "lr_lambdas", None)
+        before = [g["lr"] for g in self.optimizer.param_groups]
+        for i, (group, base) in enumerate(zip(self.optimizer.param_groups, base_lrs)):
+            if peak_changed:
                 group["initial_lr"] = base
-                # The current step's learning rate at the new peak: LambdaLR's own formula.
-                group["lr"] = (base * lambdas[i](self.scheduler.last_epoch) if lambdas is not None
-                               else group["lr"] * base / old[i] if old[i] else base)
-            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            # This step's learning rate under this run's schedule (LambdaLR's own formula): the
+            # checkpoint's is its run's, whose schedule may have been another (a longer
+            # train.max_steps stretches cosine and linear; other warmup steps).
+            if lambdas is not None:
+                group["lr"] = base * lambdas[i](self.scheduler.last_epoch)
+            elif peak_changed:
+                group["lr"] = group["lr"] * base / old[i] if old[i] else base
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if not peak_changed and any(_differs(a, g["lr"]) for a, g in zip(before, self.optimizer.param_groups)):
+            changed["lr at this step (schedule)"] = (before[0], self.optimizer.param_groups[0]["lr"])
         return changed
 
     def teardown(self) -> None:

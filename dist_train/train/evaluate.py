@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 
 from dist_train.env import collectives
+from dist_train.env.seed import rng_state, set_rng_state
 from dist_train.train.tasks import Task, batch_size, to_device, without_indices
 
 
@@ -52,7 +53,16 @@ class Evaluator:
     def _run(self, step: int, final: bool) -> None:
         if self.loader is None:  # no held-out data
             return
-        self.last = evaluate(self.strategy, self.loader, self.task, self.cfg.max_batches, self.progress, indexed=True)
+        # The training streams continue after an evaluation as if there had been none: an eval set
+        # that draws random numbers in this process (num_workers=0) would otherwise move them, and a
+        # run stopped and resumed (the end-of-run evaluation, then the checkpoint) would no longer
+        # match an uninterrupted one.
+        streams = rng_state()
+        try:
+            self.last = evaluate(self.strategy, self.loader, self.task, self.cfg.max_batches, self.progress,
+                                 indexed=True)
+        finally:
+            set_rng_state(streams)
         self.last_step = step
         self.report(step, self.last, final)
 

@@ -1,0 +1,65 @@
+"""A run stopped and resumed continues as an uninterrupted one would (found by a review of users'
+habits): the learning rate of the first resumed step follows this run's schedule (a longer
+``train.max_steps`` stretches linear and cosine), and an evaluation that draws random numbers in
+the training process (``data.num_workers=0``) does not move the training streams."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import dist_train
+
+COMMON = ["logging.mlflow.enabled=false", "data.num_workers=0", "logging.every_steps=1", "data.batch_size=8",
+          "checkpoint.every_steps=0"]
+
+
+class _Noisy(Dataset):
+    """Items with noise drawn from torch's global generator (an augmentation of the user's own)."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.x = torch.randn(n, 6, generator=g) + self.y[:, None].float()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(6), self.y[i]
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def _fit(run_dir, steps, extra=()):
+    model = _net()
+    summary = dist_train.fit(model, _Noisy(96, 0), eval_data=_Noisy(24, 1), task="classification",
+                             overrides=[*COMMON, f"run.dir={run_dir}", f"train.max_steps={steps}", *extra])
+    assert summary["status"] == "completed", summary
+    records = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    return model, {r["step"]: r for r in records if "lr" in r}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_resume_with_a_longer_schedule_uses_its_learning_rate_from_the_first_step(tmp_path, schedule):
+    extra = [f"train.schedule={schedule}", "train.warmup_steps=2", "train.min_lr_ratio=0"]
+    _model, straight = _fit(tmp_path / "straight", 12, extra)
+    _fit(tmp_path / "stopped", 6, extra)
+    _model, resumed = _fit(tmp_path / "stopped", 12, extra)
+    for step in range(7, 13):
+        assert resumed[step]["lr"] == pytest.approx(straight[step]["lr"], rel=1e-9), (step, resumed[step], straight[step])
+
+
+def test_an_evaluation_drawing_random_numbers_does_not_move_the_training_streams(tmp_path):
+    # 6 steps, the end-of-run evaluation and checkpoint, then 6 more: the same weights as 12 at once.
+    straight, _ = _fit(tmp_path / "straight", 12)
+    _fit(tmp_path / "stopped", 6)
+    resumed, _ = _fit(tmp_path / "stopped", 12)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
