@@ -12,6 +12,7 @@ are what the optimizer updates. No autocast on top (as in torchtitan).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import ContextManager, Iterator, Optional, Tuple
 
 import torch
@@ -24,6 +25,8 @@ from torch.overrides import TorchFunctionMode
 from dist_train.config.schema import ConfigError
 from dist_train.strategy import compiling
 from dist_train.strategy.base import DTYPES, OptimizerFactory, SchedulerFactory, StepPlan, Strategy
+
+log = logging.getLogger("dist_train")
 
 # In-place random fills (what torch.nn.init and reset_parameters() use). Their values depend on
 # the element's position in the FULL tensor, so a shard cannot draw its own part: see _FullInit.
@@ -77,9 +80,10 @@ def block_classes(model: nn.Module) -> tuple:
     """The classes FSDP wraps one unit each: the model's ``block_classes`` when it declares them
     (dist_train's models do), else its repeated blocks: module classes that occur at least twice
     as elements of an ``nn.Sequential``/``nn.ModuleList`` and hold parameters of their own children
-    (torchvision's BasicBlock, Bottleneck, InvertedResidual, EncoderBlock; a user's layers)."""
+    (torchvision's BasicBlock, Bottleneck, InvertedResidual, EncoderBlock; a user's layers).
+    ``block_classes = ()`` on the model: no units but the root."""
     declared = getattr(model, "block_classes", None)
-    if declared:
+    if declared is not None:  # (an empty tuple: no units but the root)
         return tuple(declared)
     counts: dict = {}
     for container in model.modules():
@@ -91,9 +95,12 @@ def block_classes(model: nn.Module) -> tuple:
     return tuple(repeated)
 
 
-def outermost(model: nn.Module, classes: tuple) -> list:
+def outermost(model: nn.Module, classes: tuple) -> Tuple[list, list]:
     """Instances of ``classes`` in ``model`` that are not inside another such instance, in module
-    order (one FSDP unit each; a nested match stays part of its outer unit)."""
+    order (one FSDP unit each; a nested match stays part of its outer unit). A block that shares a
+    parameter with any module outside it (a weight tied across layers, an embedding tied to the
+    head) is left to the root's unit: a parameter belongs to one FSDP unit, and the other user
+    would meet it sharded. Returns (the units, the blocks left to the root)."""
     found, inside = [], set()
     for module in model.modules():
         if id(module) in inside:
@@ -101,7 +108,18 @@ def outermost(model: nn.Module, classes: tuple) -> list:
         if classes and isinstance(module, classes):
             found.append(module)
             inside.update(id(m) for m in module.modules())
-    return found
+    if not found:
+        return found, []
+    owners: dict = {}  # id(parameter) -> ids of the modules that hold it directly
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(module))
+    kept, left = [], []
+    for block in found:
+        mine = {id(m) for m in block.modules()}
+        (kept if all(owners[id(p)] <= mine for p in block.parameters()) else left).append(block)
+    return kept, left
 
 
 class FSDPStrategy(Strategy):
@@ -154,7 +172,11 @@ class FSDPStrategy(Strategy):
             norm = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
             for bn in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
                 fully_shard(bn, **dict(shard, mp_policy=norm))
-        blocks = outermost(model, block_classes(model))
+        blocks, left = outermost(model, block_classes(model))
+        if left and self.cluster.is_rank0:
+            names = {id(m): n for n, m in model.named_modules()}
+            log.info("fsdp: %s share parameters with modules outside them (tied weights): left to the root's "
+                     "unit", ", ".join(names.get(id(m), type(m).__name__) for m in left))
         for block in blocks:
             if fcfg.activation_checkpointing:
                 # The composable form adds hooks in place: parameter names (and so checkpoints)
