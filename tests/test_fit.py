@@ -64,6 +64,22 @@ def test_a_plain_module_trains_alike_under_every_strategy_through_fit(tmp_path, 
         assert worst < 1e-5, f"{name}: worst relative difference {worst:.2e}"
 
 
+@pytest.mark.slow
+def test_deepspeed_bf16_trains_a_copy_and_hands_back_the_fp32_weights(tmp_path, ok):
+    """Under bf16 the engine casts the module it is given in place and hooks it (ZeRO-1/2 too):
+    the instance given to fit came back bf16, its values rounded, and failed on fp32 input."""
+    runs = {stage: tmp_path / f"zero{stage}" for stage in (1, 2)}
+    batch = []
+    for stage, run in runs.items():
+        batch += [*FIT, "strategy.name=deepspeed", f"strategy.zero_stage={stage}", "train.precision=bf16",
+                  "data.batch_size=8", f"run.dir={run}", "---"]
+    ok(python_or_torchrun(SCRIPTS / "fit_parity.py", batch[:-1], 2))
+    for stage, run in runs.items():
+        for rank in (0, 1):
+            s = json.loads((run / f"fit.rank{rank}.json").read_text())
+            assert s["status"] == "completed" and s["instance_plain"] and s["instance_is_trained"], (stage, rank, s)
+
+
 def test_fit_rejects_bad_input_before_any_process_group(tmp_path):
     import dist_train
     from torch.utils.data import IterableDataset, TensorDataset
@@ -396,11 +412,13 @@ def test_init_from_a_file_of_one_ranks_shards_is_refused_naming_them(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3", "zero2-bf16", "zero3-bf16"])
 def test_frozen_parameters_stay_bitwise_unchanged(strategy, tmp_path, ok):
     """And the checkpoint's weights hold them: under ZeRO-3 a frozen parameter above DeepSpeed's
     persistence threshold (hidden2: 320x320 > 1e5 elements) is partitioned and not in the
-    optimizer, and was written as this rank's empty partition."""
+    optimizer, and was written as this rank's empty partition. Under DeepSpeed bf16 the engine
+    holds the module in bf16 and fp32 master copies only of what its optimizer holds: the frozen
+    parameters' fp32 values were written rounded to bf16."""
     from dist_train.checkpoint import storage
 
     src = tmp_path / "init.pt"
@@ -413,7 +431,10 @@ def test_frozen_parameters_stay_bitwise_unchanged(strategy, tmp_path, ok):
     info = SimpleNamespace(task="classification", input_shape=(1, 8, 8), num_classes=10, seq_len=None)
     torch.save(build_model(load_config(None, model).model, info).state_dict(), src)
     run = tmp_path / strategy
-    how = ["strategy.name=deepspeed", "strategy.zero_stage=3"] if strategy == "zero3" else [f"strategy.name={strategy}"]
+    how = {"zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
+           "zero2-bf16": ["strategy.name=deepspeed", "strategy.zero_stage=2", "train.precision=bf16"],
+           "zero3-bf16": ["strategy.name=deepspeed", "strategy.zero_stage=3", "train.precision=bf16"],
+           }.get(strategy, [f"strategy.name={strategy}"])
     ok(run_cli([*model, "data.name=digits", *how, f"model.init_from={src}",
                 "model.freeze=[hidden2.*]", "data.batch_size=16", *FIT, f"run.dir={run}"], nproc=2))
     before = torch.load(src, weights_only=True)

@@ -280,9 +280,10 @@ class Strategy(ABC):
         return self.model
 
     # --- the caller's own module instance (dist_train.fit) -----------------------------------------
-    #: Whether ``setup`` turns the module it is given into shards (FSDP; ZeRO-3): a caller's own
-    #: instance would come back from fit in pieces, tied to a process group that is gone. The job
-    #: then trains a copy and hands the trained weights back (``hand_back``).
+    #: Whether ``setup`` changes the module it is given (FSDP's shards; DeepSpeed's ZeRO-3
+    #: partitions, bf16/fp16 casts and hooks): a caller's own instance would come back from fit in
+    #: pieces, or cast, tied to a process group that is gone. The job then trains a copy and hands
+    #: the trained weights back (``hand_back``).
     shards_module: bool = False
     caller_module: Optional[nn.Module] = None  # the caller's instance, when a copy of it is trained
 

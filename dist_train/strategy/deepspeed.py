@@ -61,7 +61,14 @@ class DeepSpeedStrategy(Strategy):
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    dist_init_required=False)
         model = model.to(self.device)
+        # Under bf16/fp16 the engine keeps the module's parameters in that dtype, and fp32 master
+        # copies only of those its optimizer holds: frozen ones would be known only rounded. Their
+        # fp32 values are kept here (they never change), for checkpoints and fit's hand-back.
+        self._frozen_fp32: Dict[str, torch.Tensor] = {}
         if self.precision.precision != "fp32":
+            self._frozen_fp32 = {name: v.detach().to("cpu", torch.float32, copy=True)
+                                 for name, v in model.state_dict(keep_vars=True).items()
+                                 if isinstance(v, nn.Parameter) and not v.requires_grad}
             _norm_statistics_in(model, self.precision.dtype)
         optimizer = make_optimizer(model.parameters())
         scheduler = make_scheduler(optimizer)
@@ -152,18 +159,14 @@ class DeepSpeedStrategy(Strategy):
     def unwrapped_model(self) -> nn.Module:
         return self.model.module
 
-    @property
-    def shards_module(self) -> bool:  # ZeRO-3 partitions the parameters of the module it is given
-        return self.cfg.zero_stage == 3
+    # The engine changes the module it is given: ZeRO-3 partitions its parameters, bf16/fp16 cast
+    # them in place (and hooks stay on it). fit's instance is never handed over: a copy is.
+    shards_module = True
 
     def full_state(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        import deepspeed
-
-        model = self.unwrapped_model
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-                yield name, p.data
-        yield from model.named_buffers()
+        """Collective: the fp32 values (the optimizer's master copies; frozen parameters as they
+        were given), not the module's bf16/fp16 ones."""
+        yield from deepspeed_state.full_weights(self.unwrapped_model, self._frozen_fp32).items()
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -172,7 +175,7 @@ class DeepSpeedStrategy(Strategy):
             # Collective: every rank writes its partition under native/engine/, then the full
             # fp32 weights (assembled collectively) go where the other strategies read them.
             self.model.save_checkpoint(files.native_dir, tag=NATIVE_TAG, save_latest=False)
-            files.write_state({"model": deepspeed_state.full_weights(self.unwrapped_model)})
+            files.write_state({"model": deepspeed_state.full_weights(self.unwrapped_model, self._frozen_fp32)})
 
         return {"scheduler": self.scheduler.state_dict(), "scaler": None}, write
 
@@ -203,9 +206,18 @@ class DeepSpeedStrategy(Strategy):
                                                        load_lr_scheduler_states=True)
             if loaded is None:
                 raise RuntimeError(f"deepspeed: no engine checkpoint under {files.native_dir}/{NATIVE_TAG}")
+            if self._frozen_fp32:  # (the engine's files hold them rounded; the checkpoint's fp32 weights exactly)
+                self._keep_frozen(files.read_model())
             return
-        deepspeed_state.set_full_weights(self.unwrapped_model, files.read_model())
+        weights = files.read_model()
+        deepspeed_state.set_full_weights(self.unwrapped_model, weights)
+        self._keep_frozen(weights)
         self._load_small_state(meta, fresh_optimizer=True)
+
+    def _keep_frozen(self, weights: Dict[str, torch.Tensor]) -> None:
+        for name in self._frozen_fp32:
+            if name in weights:
+                self._frozen_fp32[name] = weights[name].detach().to("cpu", torch.float32, copy=True)
 
     def model_shapes(self) -> Dict[str, Tuple[int, ...]]:
         return deepspeed_state.model_shapes(self.unwrapped_model)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -20,11 +20,13 @@ def model_shapes(module: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in module.state_dict(keep_vars=True).items()}
 
 
-def full_weights(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def full_weights(module: torch.nn.Module, frozen: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """Collective: the full fp32 weights of an engine's model (DeepSpeed ZeRO 1/2/3 keep the fp32
     master copy partitioned in the optimizer; ``safe_get_full_fp32_param`` assembles it), as CPU
-    tensors. Parameters the optimizer does not hold (frozen) are the module's own, gathered under
-    ZeRO-3; buffers are copied, floating ones in fp32."""
+    tensors. Parameters the optimizer does not hold (frozen) come from ``frozen`` (their fp32
+    values, by name: under bf16/fp16 the module holds them rounded), else are the module's own,
+    gathered under ZeRO-3; buffers are copied, floating ones in fp32."""
+    frozen = frozen or {}
     from deepspeed import zero
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -32,6 +34,8 @@ def full_weights(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     seen: Dict[int, torch.Tensor] = {}
     for name, value in module.state_dict(keep_vars=True).items():
         if isinstance(value, torch.nn.Parameter):
+            if id(value) not in seen and name in frozen:
+                seen[id(value)] = frozen[name]
             if id(value) not in seen:  # tied weights: assemble once, store under every name
                 full = safe_get_full_fp32_param(value)
                 if full is None and hasattr(value, "ds_id"):

@@ -49,7 +49,12 @@ def fit_one(overrides):
 
     saved = load_weights(run_dir)
     state = model.state_dict()
-    summary["instance_plain"] = type(model) is Plain and all(type(t) is torch.Tensor for t in state.values())
+    # Plain: its own class, fp32 tensors (not the bf16 DeepSpeed trained in), no hooks left on it,
+    # and it runs as before.
+    hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    summary["instance_plain"] = type(model) is Plain and all(type(t) is torch.Tensor and t.dtype == torch.float32
+                                                             for t in state.values()) and not hooks
+    summary["instance_plain"] = summary["instance_plain"] and model(x[:2])[0].dtype == torch.float32
     summary["instance_is_trained"] = sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in state)
     with open(os.path.join(run_dir, f"fit.rank{rank}.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}, f)
