@@ -21,6 +21,35 @@ def _keys(mapping) -> str:
     return ", ".join(sorted(map(str, mapping)))
 
 
+def _check_freeze(job, user) -> None:
+    """``model.freeze`` patterns against the model's parameter names, where they are known without
+    building the data: fit's module instance, or a torchvision zoo model (built on the meta device:
+    its names do not depend on the dataset). Other models are checked when they are built."""
+    if not job.model.freeze:
+        return
+    from dist_train.train.sources import unmatched_freeze_pattern
+
+    model = user.model if user is not None else None
+    if isinstance(model, torch.nn.Module):
+        names = [n for n, _ in model.named_parameters()]
+    elif model is None and job.model.name.startswith("torchvision:"):
+        from dist_train import plugins
+
+        try:
+            with torch.device("meta"):
+                names = [n for n, _ in plugins.torchvision_model(job.model.name, dict(job.model.args), None)
+                         .named_parameters()]
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001  (the run builds it for real and says what is wrong)
+            return
+    else:
+        return
+    problem = unmatched_freeze_pattern(names, list(job.model.freeze))
+    if problem:
+        raise ConfigError("model.freeze", problem)
+
+
 def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None:
     """``user``: fit's objects (train.build.UserObjects); the config names they replace are not checked.
     ``machine=False`` leaves out the file-system checks (the doctor reports those in its table)."""
@@ -77,6 +106,7 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
             raise ConfigError("task.name", f"{job.task.name} does not fit data.name={job.data.name!r}, a "
                                            f"{dataset_task(job.data.name)} dataset (leave task.name empty: the "
                                            "dataset's own task is used)")
+    _check_freeze(job, user)
     if job.model.init_from and not os.path.exists(job.model.init_from):
         raise ConfigError("model.init_from", f"no such file or directory: {job.model.init_from}")
 

@@ -98,10 +98,24 @@ def test_fit_rejects_bad_input_before_any_process_group(tmp_path):
         dist_train.fit(torch.nn.Linear(2, 2), Stream(), overrides=[f"run.dir={tmp_path}", *FIT])
     with pytest.raises(dist_train.ConfigError, match="nn.Module"):
         dist_train.fit(lambda: "not a model", data, overrides=[f"run.dir={tmp_path / 'b'}", *FIT, "data.batch_size=4"])
+    # model.freeze against the instance's names: before the process group, not after it (exit 2 late)
+    with pytest.raises(dist_train.ConfigError, match=r"model.freeze.*'head\.\*' matches no parameter; names look "
+                                                     r"like weight, bias"):
+        dist_train.fit(torch.nn.Linear(2, 2), data, overrides=[f"run.dir={tmp_path / 'c'}", *FIT, "model.freeze=[head.*]"])
+    assert not torch.distributed.is_initialized()
+
     # The built-in datasets' preprocessing keys would be ignored: fit's data is used as it is.
     with pytest.raises(dist_train.ConfigError, match=r"data.augment: applies to the built-in image datasets only; "
                                                      r"a dataset of your own \(fit's train_data\)"):
         dist_train.fit(torch.nn.Linear(2, 2), data, overrides=[f"run.dir={tmp_path / 'c'}", *FIT, "data.augment=[hflip]"])
+
+
+def test_a_freeze_pattern_a_zoo_model_lacks_is_refused_by_the_check():
+    proc = run_cli(["--check", "model.name=torchvision:resnet18", "data.name=digits", "model.freeze=[layer9.*]"])
+    assert proc.returncode == 2 and "model.freeze" in proc.stderr and "'layer9.*' matches no parameter" in proc.stderr, \
+        proc.stderr
+    assert run_cli(["--check", "model.name=torchvision:resnet18", "data.name=digits",
+                    "model.freeze=[layer1.*]"]).returncode == 0
 
 
 def test_train_deterministic_holds_during_the_job_and_is_undone_after(tmp_path, monkeypatch):

@@ -189,16 +189,23 @@ def init_from(module: nn.Module, path: str, verbose: bool = True) -> Dict[str, L
     return report
 
 
+def unmatched_freeze_pattern(names: List[str], patterns: List[str]) -> Optional[str]:
+    """Why ``model.freeze`` is wrong for a model with these parameter names (a pattern that matches
+    none of them), else None."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            return f"{pattern!r} matches no parameter; names look like {', '.join(names[:4])}, ..."
+    return None
+
+
 def freeze(module: nn.Module, patterns: List[str], verbose: bool = True) -> List[str]:
     """Set ``requires_grad=False`` on the parameters whose names match a glob of ``patterns``
     (the optimizer only ever sees trainable parameters). Returns the frozen names."""
     if not patterns:
         return []
-    names = [n for n, _ in module.named_parameters()]
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ConfigError("model.freeze", f"{pattern!r} matches no parameter; names look like "
-                              f"{', '.join(names[:4])}, ...")
+    problem = unmatched_freeze_pattern([n for n, _ in module.named_parameters()], patterns)
+    if problem:
+        raise ConfigError("model.freeze", problem)
     frozen = []
     for name, p in module.named_parameters():
         if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
