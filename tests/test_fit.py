@@ -564,3 +564,34 @@ def test_batch_size_of_a_batch_without_a_target():
 
     assert batch_size({"input_ids": torch.zeros(4, 8), "mask": torch.ones(4, 8)}) == 4
     assert batch_size((torch.zeros(3, 2), torch.zeros(3))) == 3 and batch_size(()) == 0
+
+
+UNUSED = '''
+import sys, torch
+import dist_train
+from torch.utils.data import TensorDataset
+
+class Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+try:
+    dist_train.fit(Branchy(), data, overrides=sys.argv[1:])
+except dist_train.TrainingFailed as exc:
+    print("FAILED:", exc)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_names_find_unused_parameters_when_a_parameter_gets_no_gradient(tmp_path):
+    script = tmp_path / "unused.py"
+    script.write_text(UNUSED)
+    proc = python_or_torchrun(script, [*FIT, "strategy.name=ddp", "data.batch_size=4", f"run.dir={tmp_path / 'run'}"], 2)
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "failed" and "strategy.find_unused_parameters=true" in summary["error"], \
+        (summary, proc.stdout[-2000:], proc.stderr[-3000:])

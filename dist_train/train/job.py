@@ -156,7 +156,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                       type(exc).__name__, exc)
         else:
             code, summary["status"] = 1, "failed"
-            log.error("rank %d failed: %s\n%s", cluster.rank, exc, traceback.format_exc())
+            log.error("rank %d failed: %s%s\n%s", cluster.rank, exc, _peer_hint(exc), traceback.format_exc())
             # Kept without its traceback: the frames would keep the data pipeline alive.
             summary["error"] = f"rank {cluster.rank}: {type(exc).__name__}: {exc}{_peer_hint(exc)}"
             error = exc.with_traceback(None)
@@ -313,10 +313,19 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
               "NCCL communicator was aborted")
 
 
+# What DDP raises when some parameters got no gradient in a step (a branch not taken, a head left
+# unused): torch names its own keyword, not dist_train's key.
+_UNUSED_PARAMETERS = ("Expected to have finished reduction in the prior iteration",
+                      "parameters that were not used in producing loss")
+
+
 def _peer_hint(exc: BaseException) -> str:
     if any(words in str(exc) for words in _PEER_GONE):
         return (" (another rank is gone: it failed first, and its summary.rank<N>.json or the launcher's "
                 "'rank N failed first' line says why)")
+    if any(words in str(exc) for words in _UNUSED_PARAMETERS):
+        return (" (some parameters got no gradient in a step: set strategy.find_unused_parameters=true, or freeze "
+                "them with model.freeze)")
     return ""
 
 
