@@ -63,3 +63,39 @@ def test_an_evaluation_drawing_random_numbers_does_not_move_the_training_streams
     resumed, _ = _fit(tmp_path / "stopped", 12)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_when_no_checkpoint_verifies_the_run_stops_and_moves_nothing(tmp_path):
+    """Damage found before loading (here meta.json) in every checkpoint of the run: auto used to
+    start from scratch with exit 0 and rewrite the run's history; it stops instead, naming what
+    to do, and leaves the checkpoints where they are (a read error that has passed: a rerun resumes)."""
+    from conftest import read_summary, run_cli
+
+    run = tmp_path / "run"
+    args = ["model.name=mlp", "data.name=digits", "model.hidden=16", "logging.mlflow.enabled=false",
+            "checkpoint.every_steps=5", f"run.dir={run}"]
+    assert run_cli([*args, "train.max_steps=5"]).returncode == 0
+    meta = run / "checkpoints" / "step_00000005" / "meta.json"
+    good = meta.read_bytes()
+    meta.write_bytes(good[:-3] + b"  \n")  # same size, other bytes: only the checksum tells
+    proc = run_cli([*args, "train.max_steps=10"])
+    summary = read_summary(run)
+    assert proc.returncode == 1 and summary["status"] == "failed", (proc.returncode, summary)
+    assert "no checkpoint under" in summary["error"] and "checkpoint.resume=never" in summary["error"], summary
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000005"]
+    meta.write_bytes(good)  # (the storage problem passed)
+    assert run_cli([*args, "train.max_steps=10"]).returncode == 0
+    assert read_summary(run)["resumed_from_step"] == 5
+
+
+def test_a_rerun_killed_before_it_ends_leaves_no_earlier_summary(tmp_path):
+    """summary.json is the outcome of the run's newest attempt: a rerun that dies without writing
+    one (SIGKILL, the OOM killer; here a crash fault, a hard exit) leaves none, not the finished
+    attempt's "completed" that a requeue script would believe."""
+    from conftest import read_summary, run_cli
+
+    run = tmp_path / "run"
+    args = ["model.name=mlp", "data.name=digits", "model.hidden=16", "logging.mlflow.enabled=false", f"run.dir={run}"]
+    assert run_cli([*args, "train.max_steps=4"]).returncode == 0 and read_summary(run)["status"] == "completed"
+    proc = run_cli([*args, "train.max_steps=8", "debug.faults=crash@6"])
+    assert proc.returncode not in (0, 2, 3) and not (run / "summary.json").exists(), proc.returncode

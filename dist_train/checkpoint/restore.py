@@ -196,8 +196,17 @@ class Restorer:
             if not errors:
                 return path
             self._skip(path, errors)
-        if candidates and g.rank == 0 and below is None and own:
-            log.warning("no checkpoint under %s verifies: starting from scratch", self.m.dir)
+        if candidates and below is None and own:
+            # Work exists but cannot be trusted: a run that started over would overwrite its
+            # history (metrics.jsonl, newer checkpoints), and a read error that has passed (a
+            # network filesystem) would look the same. Nothing is moved; the user decides.
+            newest = os.path.basename(candidates[0])
+            raise CheckpointError(
+                f"no checkpoint under {self.m.dir} verifies ({len(candidates)} found; the newest, {newest}: "
+                f"{'; '.join(self.unusable.get(candidates[0], [])[:3])}). This run stops rather than start from "
+                f"scratch over them, and nothing was moved or deleted: `python -m dist_train.checkpoint inspect "
+                f"{self.m.dir}` shows each one's problem. After a storage problem that has passed, run the same "
+                f"command again; to start from scratch, move {self.m.dir} away or set checkpoint.resume=never")
         return None
 
     def _skip(self, path: str, errors: List[str]) -> None:

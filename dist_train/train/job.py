@@ -6,8 +6,9 @@ and the run directory of the contract (config.yaml, metrics.jsonl, summary.json)
 """
 from __future__ import annotations
 
-import logging
+import contextlib
 import glob
+import logging
 import os
 import signal
 import time
@@ -103,8 +104,13 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         os.makedirs(job.run.dir, exist_ok=True)
         with open(os.path.join(job.run.dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(to_yaml(job))
-        for stale in glob.glob(os.path.join(glob.escape(job.run.dir), "summary.rank*.json")):
-            os.remove(stale)  # (an earlier attempt's failures: this attempt writes its own)
+        # An earlier attempt's outcome: this attempt writes its own when it ends. Kept, summary.json
+        # would say "completed" (or "preempted") of a rerun that was then killed (SIGKILL, OOM),
+        # and a script deciding about a requeue would believe it.
+        for stale in [os.path.join(job.run.dir, "summary.json"),
+                      *glob.glob(os.path.join(glob.escape(job.run.dir), "summary.rank*.json"))]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
     set_cpu_threads(cluster)
     enable_nccl_flight_recorder(job.run.dir)
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
