@@ -99,3 +99,49 @@ def test_a_rerun_killed_before_it_ends_leaves_no_earlier_summary(tmp_path):
     assert run_cli([*args, "train.max_steps=4"]).returncode == 0 and read_summary(run)["status"] == "completed"
     proc = run_cli([*args, "train.max_steps=8", "debug.faults=crash@6"])
     assert proc.returncode not in (0, 2, 3) and not (run / "summary.json").exists(), proc.returncode
+
+
+ROLLBACK = ["data.name=synthetic_images", "model.name=mlp", "model.hidden=16", "data.num_workers=0",
+            "logging.mlflow.enabled=false", "train.max_steps=8", "train.warmup_steps=0", "train.schedule=constant",
+            "checkpoint.every_steps=4", "logging.every_steps=1", "eval.every_steps=0", "data.batch_size=16",
+            "data.synthetic_samples=512", "train.nonfinite=rollback", "train.nonfinite_patience=1"]
+
+
+def test_a_rollback_keeps_this_runs_learning_rate(tmp_path):
+    """Resumed with a lower train.lr (after a divergence), then rolled back by a NaN: the rollback
+    brought the checkpoint's learning rate back, without a word."""
+    from conftest import read_metrics, run_cli
+
+    run = tmp_path / "run"
+    assert run_cli([*ROLLBACK, f"run.dir={run}", "train.lr=0.01", "train.max_steps=4"]).returncode == 0
+    proc = run_cli([*ROLLBACK, f"run.dir={run}", "train.lr=0.001", "debug.faults=nan@6"])
+    assert proc.returncode == 0 and "rolled back to step_00000004" in proc.stderr, proc.stderr[-3000:]
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
+    assert all(lrs[s] == pytest.approx(0.001) for s in range(5, 9)), lrs
+
+
+@pytest.mark.slow
+def test_a_rollback_after_a_resume_across_strategies_loads_the_weights(tmp_path):
+    """The checkpoint this run resumed from is another strategy's (checkpoint.load_optimizer=false):
+    a rollback to it loaded its optimizer state regardless, and DeepSpeed failed on the missing files."""
+    from conftest import read_summary, run_cli
+
+    run = tmp_path / "run"
+    assert run_cli([*ROLLBACK, f"run.dir={run}", "strategy.name=single", "train.max_steps=4"]).returncode == 0
+    proc = run_cli([*ROLLBACK, f"run.dir={run}", "strategy.name=deepspeed", "checkpoint.load_optimizer=false",
+                    "debug.faults=nan@6"], env={"DS_ACCELERATOR": "cpu"})
+    summary = read_summary(run)
+    assert proc.returncode == 0 and summary["status"] == "completed" and summary["steps"] == 8, \
+        (summary, proc.stderr[-3000:])
+    assert "rolled back to step_00000004" in proc.stderr
+
+
+def test_deepspeed_without_its_gradient_norm_leaves_the_nonfinite_check_to_the_loop():
+    """fp32 DeepSpeed finds a NaN gradient through the global norm it computes: with
+    zero_optimization.compute_grad_norm=false it applied the update (weights all NaN)."""
+    from dist_train.strategy.deepspeed_config import engine_drops_nonfinite
+
+    assert engine_drops_nonfinite({"zero_optimization": {"stage": 2}})
+    assert not engine_drops_nonfinite({"zero_optimization": {"stage": 2, "compute_grad_norm": False}})
+    assert engine_drops_nonfinite({"fp16": {"enabled": True}, "zero_optimization": {"compute_grad_norm": False}})
+    assert not engine_drops_nonfinite({"bf16": {"enabled": True, "check_grad_overflow": False}})

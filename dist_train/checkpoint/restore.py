@@ -25,6 +25,8 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Set
 
+import torch
+
 from dist_train.checkpoint import checksum, decode, layout, retention
 from dist_train.checkpoint.files import CheckpointFiles
 from dist_train.checkpoint.storage import CorruptCheckpoint
@@ -318,11 +320,25 @@ class Restorer:
         """Collective: back to the newest verified checkpoint's weights, optimizer, schedule and
         step, keeping ``state``'s data position (so training goes on past the batches that failed).
         Returns the step rolled back to."""
-        chosen = self.newest_verified()
+        chosen = self.newest_verified(below=state.step + 1)
         if chosen is None:
             raise CheckpointError(f"rollback: no verified checkpoint under {self.m.dir} to roll back to")
         meta = read_meta(chosen)
-        self.m.strategy.load_checkpoint(CheckpointFiles(chosen, self.m.group.pg), meta, True)
+        files = CheckpointFiles(chosen, self.m.group.pg)
+        strategy = self.m.strategy
+        # The optimizer's state too, unless the checkpoint's cannot be loaded here (the checkpoint
+        # this run resumed from with checkpoint.load_optimizer=false: another strategy's format):
+        # then its weights and schedule, and the optimizer starts afresh, as at that resume.
+        with_optimizer = strategy.check_checkpoint(files, meta, True) is None
+        if not with_optimizer:
+            problem = strategy.check_checkpoint(files, meta, False)
+            if problem:
+                raise CheckpointError(f"rollback: {os.path.basename(chosen)} cannot be loaded: {problem}")
+            if isinstance(strategy.optimizer, torch.optim.Optimizer):
+                strategy.optimizer.state.clear()
+        settings = strategy.optimizer_settings()
+        strategy.load_checkpoint(files, meta, with_optimizer)
+        strategy.keep_optimizer_settings(settings)  # (this run's lr, weight decay and schedule, as at a resume)
         state.step = meta["step"]
         if self.m.rank0:
             log.warning("rolled back to %s (step %d); the data continues at sample %d of epoch %d",

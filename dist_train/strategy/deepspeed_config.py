@@ -92,12 +92,18 @@ def deepspeed_config(cfg, plan: StepPlan, precision: str, world_size: int) -> Di
 
 def engine_drops_nonfinite(config: Dict[str, Any]) -> bool:
     """Whether the engine refuses an update whose global gradient norm is not finite, the same on
-    every rank (DeepSpeed 0.19: ZeRO 1-3 under fp32 and fp16; under bf16 unless
-    ``bf16.check_grad_overflow`` is false). Then the loop needs no loss veto of its own."""
+    every rank (DeepSpeed 0.19: ZeRO 1-3 under fp16, its loss scaler's overflow check; under bf16
+    unless ``bf16.check_grad_overflow`` is false; under fp32 through the global norm it computes,
+    unless ``zero_optimization.compute_grad_norm`` is false: then a NaN gradient was applied).
+    Then the loop needs no loss veto of its own."""
     bf16 = config.get("bf16") or config.get("bfloat16") or {}
     if isinstance(bf16, dict) and bf16.get("enabled"):
         return bool(bf16.get("check_grad_overflow", True))
-    return True
+    fp16 = config.get("fp16") or {}
+    if isinstance(fp16, dict) and fp16.get("enabled"):
+        return True
+    zero = config.get("zero_optimization") or {}
+    return not isinstance(zero, dict) or bool(zero.get("compute_grad_norm", True))
 
 
 def check_extra_config(cfg, plan: StepPlan, precision: str, world_size: int) -> Optional[tuple]:
