@@ -121,7 +121,8 @@ class DeepSpeedStrategy(Strategy):
         step, scheduler step, zero grads. A vetoed step drops the reduced gradients and advances
         only the schedule. The engine itself drops an update whose global gradient norm is not
         finite (``global_grad_norm``): outside fp16, where that is the loss scaler's overflow
-        skip, such a step is reported non-finite and the schedule advances as for a veto."""
+        skip, such a step is reported non-finite. The schedule advances for every dropped update
+        (an fp16 overflow skip too), as under the other strategies."""
         per_module = self.module_grad_norms(grad_norms) if grad_norms else None
         if not apply:
             self.model.zero_grad()
@@ -136,7 +137,10 @@ class DeepSpeedStrategy(Strategy):
             loss_scale = float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 0.0)))
         elif not applied:  # the engine found the global norm not finite (the same on every rank)
             nonfinite = True
-            self.scheduler.step()  # the engine steps the schedule only for applied updates
+        if not applied:
+            # The engine steps the schedule only for applied updates; every strategy's LR is a
+            # function of the step, a loss scaler's overflow skip included (as GradScaler's).
+            self.scheduler.step()
         if norm is None:
             norm = torch.tensor(float("nan"))
         elif not isinstance(norm, torch.Tensor):
