@@ -54,7 +54,8 @@ def _save_and_finish(rank, world, run_dir):
     try:
         manager.save(TrainState(step=1))
         manager.finalize(TrainState(step=2))
-        if rank == 0:  # finalize waited: every file of both checkpoints has its SHA-256, and the right one
+        digest.wait()  # (what the end of a job does, after summary.json)
+        if rank == 0:  # every file of both checkpoints has its SHA-256, and the right one
             for step in (1, 2):
                 found = _sha256_of_every_file(_ckpt(run_dir, step))
                 assert found and all(recorded == actual for recorded, actual in found.values()), (step, found)
@@ -64,7 +65,15 @@ def _save_and_finish(rank, world, run_dir):
 
 
 def test_every_file_of_a_finished_run_has_its_sha256(tmp_path):
-    _save_and_finish(0, 1, str(tmp_path / "run"))
+    # A real run: the process waits for the digests before it exits.
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    assert run_cli(["model.name=mlp", "data.name=digits", "model.hidden=16", "train.max_steps=4",
+                    "checkpoint.every_steps=2", "logging.mlflow.enabled=false", f"run.dir={run}"]).returncode == 0
+    for step in (2, 4):
+        found = _sha256_of_every_file(_ckpt(str(run), step))
+        assert found and all(recorded == actual for recorded, actual in found.values()), (step, found)
     out = subprocess.run([sys.executable, "-m", "dist_train.checkpoint", "inspect", str(tmp_path / "run"), "--sha256"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "verification   OK" in out.stdout and "recorded for 4 of 4 files" in out.stdout, \
@@ -166,6 +175,7 @@ def test_checkpoint_sha256_key_turns_it_off(tmp_path, enabled):
     manager = _manager(run_dir, overrides=[f"checkpoint.sha256={str(enabled).lower()}"])
     try:
         manager.finalize(TrainState(step=1))
+        digest.wait()
     finally:
         manager.close()
     found = _sha256_of_every_file(_ckpt(run_dir, 1))

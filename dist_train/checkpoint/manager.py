@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from dist_train.checkpoint import digest, layout
+from dist_train.checkpoint import layout
 from dist_train.checkpoint.commit import CheckpointGroup, Committer, SaveDropped
 from dist_train.checkpoint.files import CheckpointFiles, Stager
 from dist_train.checkpoint.restore import CheckpointError, CheckpointRefused, Restorer
@@ -40,9 +40,6 @@ from dist_train.env.faults import NO_FAULTS, Faults
 from dist_train.env.seed import rng_state
 
 log = logging.getLogger("dist_train.checkpoint")
-
-
-_DIGEST_WAIT_S = 60.0  # close() waits this long for the SHA-256 checksums of committed checkpoints
 
 
 class _Pending:
@@ -199,9 +196,6 @@ class CheckpointManager:
             if self.last_step != state.step:
                 self.save(state, blocking=True)
             self.wait()
-            t0 = time.perf_counter()
-            digest.wait()  # (rank 0: the SHA-256 checksums of this run's checkpoints in their manifests)
-            self.stats["final_s"] = self.stats.get("final_s", 0.0) + time.perf_counter() - t0
         finally:
             # Training is over: this time is the end of the run's, not time training was held up.
             self.stats["final_s"] = self.stats.get("final_s", 0.0) + self.stats["blocking_s"] - blocked
@@ -372,11 +366,6 @@ class CheckpointManager:
             self._writer.stop()
             self._writer = None
         self._stager.close()
-        # (rank 0) the SHA-256 checksums of the checkpoints committed so far, unless that takes
-        # long: a process that exits leaves the rest out (the checkpoints are complete without).
-        if not digest.wait(timeout=_DIGEST_WAIT_S):
-            log.warning("SHA-256 checksums of the newest checkpoint not recorded within %.0f s; it verifies without",
-                        _DIGEST_WAIT_S)
 
 
 __all__ = ["CheckpointError", "CheckpointManager", "CheckpointRefused"]

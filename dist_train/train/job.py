@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from dist_train.checkpoint import CheckpointManager, CheckpointRefused, export_run
+from dist_train.checkpoint import CheckpointManager, CheckpointRefused, digest, export_run
 from dist_train.checkpoint.layout import write_json_atomic
 from dist_train.config import ConfigError, to_dict, to_yaml
 from dist_train.env.cluster import ClusterEnv
@@ -177,6 +177,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             _close_summary(summary, state, t_start, metrics, code)
         try:
             _finish(job, cluster, summary, metrics)
+            _await_digests()
         finally:
             pending = None  # a signal held off that the run did not act on
             if preemption is None:  # failed before the training: the handlers from before back
@@ -194,6 +195,22 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                 # going on after this run must still stop when the scheduler says so).
                 signal.raise_signal(signal.Signals[pending])
     return Outcome(code, summary, error)
+
+
+_DIGEST_WAIT_S = 120.0  # how long the end of a run waits for its checkpoints' SHA-256 checksums
+
+
+def _await_digests() -> None:
+    """(rank 0) The SHA-256 checksums of this run's checkpoints, which rank 0 adds to their manifests
+    in the background (``checkpoint/digest.py``): waited for after summary.json is written, so that a
+    preempted run's outcome is on disk first, and for a bounded time (a process that exits leaves the
+    rest out: the checkpoints are complete and verify without)."""
+    t0 = time.perf_counter()
+    if not digest.wait(timeout=_DIGEST_WAIT_S):
+        log.warning("the SHA-256 checksums of the newest checkpoint were not recorded within %.0f s; it is "
+                    "complete and verifies without them (XXH3-128)", _DIGEST_WAIT_S)
+    elif time.perf_counter() - t0 > 5:
+        log.info("recorded the SHA-256 checksums of the checkpoints in %.1f s", time.perf_counter() - t0)
 
 
 def _close_summary(summary: Dict[str, Any], state: TrainState, t_start: float, metrics, code: int) -> None:
