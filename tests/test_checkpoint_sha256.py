@@ -59,7 +59,7 @@ def _save_and_finish(rank, world, run_dir):
             for step in (1, 2):
                 found = _sha256_of_every_file(_ckpt(run_dir, step))
                 assert found and all(recorded == actual for recorded, actual in found.values()), (step, found)
-            assert not [n for n in os.listdir(_ckpt(run_dir, 2)) if n.startswith(digest.TMP_PREFIX)]
+            assert not [n for n in os.listdir(_ckpt(run_dir, 2)) if n.startswith((digest.TMP_PREFIX, digest.SIDE_PREFIX))]
     finally:
         manager.close()
 
@@ -81,7 +81,7 @@ def test_every_file_of_a_finished_run_has_its_sha256(tmp_path):
 
 
 def test_two_ranks_each_shard_gets_its_sha256(tmp_path):
-    # FSDP: each rank writes its own shard file; rank 0 reads them all back after the commit.
+    # FSDP: each rank writes its own shard file and hashes it; rank 0 merges the other's digests.
     spawn(_save_and_finish, 2, str(tmp_path / "run"))
     assert any(rel.startswith("dcp/__1_") for rel in _sha256_of_every_file(_ckpt(str(tmp_path / "run"), 2)))
 
@@ -180,3 +180,34 @@ def test_checkpoint_sha256_key_turns_it_off(tmp_path, enabled):
         manager.close()
     found = _sha256_of_every_file(_ckpt(run_dir, 1))
     assert all((recorded == actual) if enabled else recorded is None for recorded, actual in found.values()), found
+
+
+def test_each_rank_hashes_its_own_files_and_rank_0_merges_what_comes(tmp_path):
+    ckpt = _committed_without_sha256(tmp_path)
+    files = sorted(json.loads(open(os.path.join(ckpt, layout.MANIFEST)).read())["files"])
+    ours, theirs = [f for f in files if not f.startswith("dcp/__")], [f for f in files if f.startswith("dcp/__")]
+    # Rank 1 never answers (gone): rank 0 records its own files' after waiting, the others' stay without.
+    assert digest.add_sha256(ckpt, ours, rank=0, world=2, wait_s=0.2) == []
+    found = _sha256_of_every_file(ckpt)
+    assert all(found[rel][0] == found[rel][1] for rel in ours) and all(found[rel][0] is None for rel in theirs)
+    # Rank 1 leaves its digests; rank 0's next pass merges them (and removes the side file).
+    assert digest.add_sha256(ckpt, theirs, rank=1, world=2) == []
+    assert any(n.startswith(digest.SIDE_PREFIX) for n in os.listdir(ckpt))
+    assert digest.add_sha256(ckpt, [], rank=0, world=2, wait_s=5) == []
+    assert all(recorded == actual for recorded, actual in _sha256_of_every_file(ckpt).values())
+    assert not any(n.startswith(digest.SIDE_PREFIX) for n in os.listdir(ckpt))
+
+
+def test_a_resumed_checkpoint_without_them_gets_its_sha256(tmp_path):
+    """The attempt that wrote it ended before its digests were in (killed; a rank gone): the run
+    that resumes from it adds them."""
+    from dist_train.train.state import TrainState
+
+    ckpt = _committed_without_sha256(tmp_path)
+    manager = _manager(str(tmp_path / "run"))
+    try:
+        assert manager.resume(TrainState()) == ckpt
+        digest.wait()
+    finally:
+        manager.close()
+    assert all(recorded == actual for recorded, actual in _sha256_of_every_file(ckpt).values())

@@ -139,10 +139,7 @@ class Committer:
         outcome: Any = None
         if self.rank0:
             try:
-                final = os.path.join(self.dir, layout.step_name(step))
-                layout.commit(staging, final)
-                if self.sha256:
-                    digest.submit(final)  # (in the background)
+                layout.commit(staging, os.path.join(self.dir, layout.step_name(step)))
                 pruned = retention.prune(self.dir, self.keep_last, keep=step)
                 size = sum(e["size"] for e in entries.values())
                 outcome = ("ok", f"{len(entries)} files, {size / 2**20:.1f} MiB" +
@@ -153,6 +150,8 @@ class Committer:
         outcome = self.group.broadcast(outcome)
         if outcome[0] != "ok":
             raise CheckpointError(f"checkpoint of step {step} in {self.dir} not committed: {outcome[1]}")
+        if self.sha256:  # each rank the files it wrote, in the background; rank 0 merges (digest.py)
+            digest.submit(os.path.join(self.dir, layout.step_name(step)), sorted(mine or {}), self.rank, self.world)
         if self.rank0:
             log.info("checkpoint %s committed (%s)", layout.step_name(step), outcome[1])
         self.faults.crash_point("after_commit", step, self.rank)

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Set
 
 import torch
 
-from dist_train.checkpoint import checksum, decode, layout, retention
+from dist_train.checkpoint import checksum, decode, digest, layout, retention
 from dist_train.checkpoint.files import CheckpointFiles
 from dist_train.checkpoint.storage import CorruptCheckpoint
 from dist_train.env.seed import seed_everything, set_rng_state
@@ -253,6 +253,16 @@ class Restorer:
                 chosen = self.after_corrupt_load(chosen, exc.problems)
         if chosen:
             self.m.resumed_run_id = meta.get("mlflow_run_id")
+            if self.m.rank0 and self.m.cfg.sha256 and os.path.dirname(os.path.abspath(chosen)) == \
+                    os.path.abspath(self.m.dir):
+                # Its SHA-256 checksums, if the attempt that wrote it ended before they were all in
+                # (or an older release wrote it): rank 0 reads it back once, in the background.
+                try:
+                    complete = all("sha256" in e for e in layout.read_manifest(chosen)["files"].values())
+                except ValueError:
+                    complete = True
+                if not complete:
+                    digest.submit(chosen)
             if self.m.rank0:
                 log.info("resumed from %s: step %d, epoch %d, sample position %d (%s, world size %d -> %s, %d)",
                          chosen, state.step, state.epoch, state.position, meta["strategy"], meta["world_size"],

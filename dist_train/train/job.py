@@ -177,7 +177,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             _close_summary(summary, state, t_start, metrics, code)
         try:
             _finish(job, cluster, summary, metrics)
-            _await_digests()
+            _await_digests(code)
         finally:
             pending = None  # a signal held off that the run did not act on
             if preemption is None:  # failed before the training: the handlers from before back
@@ -198,17 +198,19 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
 
 
 _DIGEST_WAIT_S = 120.0  # how long the end of a run waits for its checkpoints' SHA-256 checksums
+_DIGEST_WAIT_FAILED_S = 5.0  # the same after a failure (a rank that is gone never sends its own)
 
 
-def _await_digests() -> None:
-    """(rank 0) The SHA-256 checksums of this run's checkpoints, which rank 0 adds to their manifests
-    in the background (``checkpoint/digest.py``): waited for after summary.json is written, so that a
-    preempted run's outcome is on disk first, and for a bounded time (a process that exits leaves the
-    rest out: the checkpoints are complete and verify without)."""
+def _await_digests(code: int) -> None:
+    """The SHA-256 checksums of this run's checkpoints, which every rank takes of the files it wrote
+    and rank 0 adds to the manifests, in the background (``checkpoint/digest.py``): waited for after
+    summary.json is written, so that a preempted run's outcome is on disk first, and for a bounded
+    time (a process that exits leaves the rest out: the checkpoints are complete and verify without)."""
     t0 = time.perf_counter()
-    if not digest.wait(timeout=_DIGEST_WAIT_S):
+    limit = _DIGEST_WAIT_S if code in (0, EXIT_PREEMPTED) else _DIGEST_WAIT_FAILED_S
+    if not digest.wait(timeout=limit):
         log.warning("the SHA-256 checksums of the newest checkpoint were not recorded within %.0f s; it is "
-                    "complete and verifies without them (XXH3-128)", _DIGEST_WAIT_S)
+                    "complete and verifies without them (XXH3-128)", limit)
     elif time.perf_counter() - t0 > 5:
         log.info("recorded the SHA-256 checksums of the checkpoints in %.1f s", time.perf_counter() - t0)
 
