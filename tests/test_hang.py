@@ -101,3 +101,28 @@ def test_a_long_evaluation_that_progresses_is_no_hang(tmp_path):
         assert [p.name for p in (tmp_path / "hangs").iterdir()] == ["rank00000-step00000001-evaluation.txt"]
     finally:
         dog.close()
+
+
+def test_the_watchdog_fires_before_the_collective_timeout_would_end_the_job(tmp_path):
+    """Before 3 iterations the limit was 10 x the floor (1200 s by default) against a 600 s
+    collective timeout: a hang in the first steps ended the job without its stacks. A checkpoint
+    save is bounded by that timeout only (its time grows with the state, not with the step's)."""
+    from dist_train.train.phases import PhaseClock, Watchdog
+
+    clock = PhaseClock()
+    dog = Watchdog(clock, str(tmp_path), rank=0, factor=10.0, floor_s=120.0, poll_s=60, collective_timeout_s=600.0)
+    try:
+        assert dog.limit() == 450.0  # (no iteration yet: 1200 s uncapped)
+        clock.iterations.extend([0.1] * 3)
+        assert dog.limit() == 120.0
+        with clock("checkpoint"):
+            assert dog.limit() == 450.0  # (a 130 s save of a large state is no hang)
+        clock.iterations.extend([70.0] * 5)
+        assert dog.limit() == 450.0  # (10 x 70 s uncapped)
+    finally:
+        dog.close()
+    single = Watchdog(PhaseClock(), str(tmp_path), rank=0, factor=10.0, floor_s=120.0, poll_s=60)
+    try:
+        assert single.limit() == 1200.0  # one process: no collective timeout to beat
+    finally:
+        single.close()

@@ -367,7 +367,8 @@ class DistConfig:
                                   "checkpoint saves' and preemption's collectives included")
     watchdog_factor: float = doc(10.0, "the hang watchdog dumps this rank's stacks to <run.dir>/hangs/ when a phase "
                                  "lasts this many times the recent median iteration ...")
-    watchdog_floor_s: float = doc(120.0, "... and at least this many seconds (0: no watchdog)")
+    watchdog_floor_s: float = doc(120.0, "... and at least this many seconds (0: no watchdog); in a multi-process job "
+                                  "never later than 3/4 of the collective timeout (min of the two above)")
 
     def __post_init__(self) -> None:
         _require(0 < self.init_timeout_s < float("inf"), "dist.init_timeout_s",

@@ -263,7 +263,9 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         data = batches_without_indices(data)  # a task gets the dataset's items as collated
         guard = NonFiniteGuard(job.train.nonfinite, job.train.nonfinite_patience, strategy.device)
         if job.dist.watchdog_floor_s > 0:
-            watchdog = Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s)
+            watchdog = Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s,
+                                collective_timeout_s=min(job.dist.init_timeout_s, job.dist.timeout_s)
+                                if cluster.world_size > 1 else float("inf"))
         ledger.begin(state.step, time.time() - started_unix, logged_before,
                      relaunched=bool(summary.get("restarts") or summary.get("requeues")))
         clock.reset()  # the breakdown (each record's and the run's) starts with the loop

@@ -155,12 +155,17 @@ class _Phase:
         self.clock._switch(self.previous)
 
 
+_CAP_SHARE = 0.75  # the watchdog fires by this share of the collective timeout at the latest
+
+
 class Watchdog:
     """A daemon thread that dumps this rank's stacks when a phase stalls (once per stall)."""
 
     def __init__(self, clock: PhaseClock, run_dir: str, rank: int, factor: float, floor_s: float,
-                 poll_s: float = 0.5):
+                 poll_s: float = 0.5, collective_timeout_s: float = float("inf")):
         self.clock, self.rank, self.factor, self.floor_s, self.poll_s = clock, rank, factor, floor_s, poll_s
+        # A hang in a collective ends the job at its timeout: the stacks must be taken before.
+        self.cap_s = _CAP_SHARE * collective_timeout_s
         self.dir = os.path.join(run_dir, "hangs")
         self.dumps = 0
         self._stop = threading.Event()
@@ -169,8 +174,15 @@ class Watchdog:
         self._thread.start()
 
     def limit(self) -> float:
+        """How long the current phase may make no progress: ``factor`` x the recent median iteration,
+        at least ``floor_s`` (10 x that before 3 iterations: a first step compiles, warms up); never
+        past 3/4 of the collective timeout, which would end a hung job without its stacks. A
+        checkpoint save (its time grows with the state, not with the step's) has only that bound."""
+        if self.clock.phase == "checkpoint":
+            return self.cap_s if self.cap_s < float("inf") else max(self.floor_s, 10 * self.floor_s)
         median = self.clock.median_iteration()
-        return max(self.floor_s, self.factor * median) if median else max(self.floor_s, 10 * self.floor_s)
+        limit = max(self.floor_s, self.factor * median) if median else max(self.floor_s, 10 * self.floor_s)
+        return min(limit, self.cap_s)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
