@@ -22,6 +22,23 @@ def scalars(log_dir: Path) -> dict:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+def loss_steps(run: Path) -> list:
+    """The steps of the ``loss`` points, from the event files in the order written, read as
+    TensorBoard reads a restart: a SessionLog START at step S (a resumed run's purge mark) drops
+    the earlier points at S and after."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    steps: list = []
+    for path in sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                steps = [s for s in steps if s < event.step]
+            elif event.HasField("summary") and any(v.tag == "loss" for v in event.summary.value):
+                steps.append(event.step)
+    return steps
+
+
 def test_sink_writes_numbers_and_skips_the_rest(tmp_path):
     sink = TensorBoardSink(str(tmp_path))
     sink.log(1, {"loss": 2.5, "lr": 1e-3, "note": "text", "flag": True, "missing": None, "big": 7})
@@ -82,8 +99,6 @@ def test_a_crashed_and_resumed_run_logs_each_step_once_to_tensorboard_and_mlflow
     """The run crashes at step 7 (checkpoint at 5) and is started again: it trains steps 6-7 again.
     metrics.jsonl was cut back, but TensorBoard and MLflow showed steps 6 and 7 twice."""
     from mlflow.tracking import MlflowClient
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.compat.proto.event_pb2 import SessionLog
 
     run, store = tmp_path / "run", tmp_path / "mlflow.db"
     uri = f"sqlite:///{store}"
@@ -94,16 +109,23 @@ def test_a_crashed_and_resumed_run_logs_each_step_once_to_tensorboard_and_mlflow
     crashed = run_cli([*args, "debug.faults=crash@7"], timeout=300)
     assert crashed.returncode not in (0, 2), crashed.stderr[-2000:]
     ok(run_cli(args, timeout=300))
-    # The event files in the order written, read as TensorBoard reads a restart: a SessionLog START
-    # at step S (the resumed run's purge mark) drops the earlier points at S and after.
-    steps: list = []
-    for path in sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
-        for event in EventFileLoader(str(path)).Load():
-            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
-                steps = [s for s in steps if s < event.step]
-            elif event.HasField("summary") and any(v.tag == "loss" for v in event.summary.value):
-                steps.append(event.step)
-    assert steps == list(range(1, 11))
+    assert loss_steps(run) == list(range(1, 11))
     history = MlflowClient(uri).get_metric_history(read_summary(run)["mlflow_run_id"], "loss")
     assert sorted(m.step for m in history) == list(range(1, 11))
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 11))
+
+
+def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(tmp_path, ok):
+    """An attempt that crashed before any checkpoint wrote points 1-6; the rerun starts at step 0:
+    its purge mark dropped nothing (it was set only when resuming from a step > 0)."""
+    run = tmp_path / "run"
+    args = ["model.name=mlp", "data.name=digits", "model.hidden=16", "train.max_steps=8", "logging.every_steps=1",
+            "eval.every_steps=0", "eval.max_batches=1", "data.num_workers=0", "logging.progress_bar=off",
+            "logging.tensorboard.enabled=true", "logging.mlflow.enabled=false", f"run.dir={run}"]
+    crashed = run_cli([*args, "debug.faults=crash@7"], timeout=300)
+    assert crashed.returncode not in (0, 2), crashed.stderr[-2000:]
+    ok(run_cli(args, timeout=300))
+    assert loss_steps(run) == list(range(1, 9))
+    fresh = tmp_path / "fresh"  # (a first attempt has no earlier events: no purge mark, one file)
+    ok(run_cli([*args[:-1], f"run.dir={fresh}"], timeout=300))
+    assert len(list((fresh / "tensorboard").glob("events.out.tfevents.*"))) == 1

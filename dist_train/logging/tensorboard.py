@@ -31,8 +31,11 @@ class TensorBoardSink:
         self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=flush_secs)
 
     def resume_from(self, step: int) -> None:
-        """The run continues after ``step``: TensorBoard drops earlier attempts' points past it."""
-        if step > 0:
+        """The run continues after ``step``: TensorBoard drops earlier attempts' points past it
+        (also at step 0: an attempt that ended before its first checkpoint wrote points too)."""
+        earlier = [n for n in os.listdir(self.log_dir) if n.startswith("events.out.tfevents")] \
+            if os.path.isdir(self.log_dir) else []
+        if step > 0 or len(earlier) > 1:  # (one file is this writer's own)
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer.close()
