@@ -145,3 +145,18 @@ def test_deepspeed_without_its_gradient_norm_leaves_the_nonfinite_check_to_the_l
     assert not engine_drops_nonfinite({"zero_optimization": {"stage": 2, "compute_grad_norm": False}})
     assert engine_drops_nonfinite({"fp16": {"enabled": True}, "zero_optimization": {"compute_grad_norm": False}})
     assert not engine_drops_nonfinite({"bf16": {"enabled": True, "check_grad_overflow": False}})
+
+
+def test_an_abort_on_a_logging_step_keeps_its_record(tmp_path):
+    """train.nonfinite=abort at step 10 (a logging step) checkpointed step 10 and stopped before its
+    record: the resumed run's metrics.jsonl had 5, 15, 20."""
+    from conftest import read_metrics, run_cli
+
+    run = tmp_path / "run"
+    args = ["model.name=mlp", "data.name=digits", "model.hidden=16", "train.max_steps=20", "logging.every_steps=5",
+            "logging.mlflow.enabled=false", "eval.every_steps=0", "train.nonfinite=abort", f"run.dir={run}"]
+    assert run_cli([*args, "debug.faults=nan@10"]).returncode == 1
+    assert run_cli(args).returncode == 0
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == [5, 10, 15, 20], records
+    assert records[1]["nonfinite_steps"] == 1

@@ -273,6 +273,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                           checkpointer=manager, preemption=preemption, guard=guard, clock=clock, ledger=ledger,
                           faults=faults, timeout_s=job.dist.timeout_s)
         with clock("checkpoint"):
+            metrics.flush()  # every record on disk (TensorBoard's queued events too) before the commit
             manager.finalize(state)  # the end-of-run (or preemption) checkpoint; every async save committed
         # Preempted at the last step, the loop skipped the final evaluation: still "preempted" (exit 3,
         # so the scheduler requeues it), and the resumed run evaluates without training further.

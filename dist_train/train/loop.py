@@ -67,6 +67,12 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
             reporter.rewind(state.step)
             mark = time.perf_counter()
             continue
+        if guard.abort is not None:  # train.nonfinite=abort: the step's record, the last good weights, then stop
+            reporter.maybe_log(state, output, step_s, time.perf_counter() - mark)
+            with clock("checkpoint"):
+                reporter.metrics.flush()
+                checkpointer.finalize(state)  # the weights are those before the bad step
+            raise guard.abort
         busy_s = time.perf_counter() - mark
         with clock("evaluation"):
             evaluator.maybe_run(state.step)

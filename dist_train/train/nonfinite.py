@@ -20,6 +20,7 @@ as ``skipped_steps`` and ``loss_scale``).
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
@@ -36,6 +37,7 @@ class NonFiniteGuard:
     def __init__(self, policy: str, patience: int, device: torch.device):
         self.policy, self.patience, self.device = policy, patience, device
         self.in_a_row = 0
+        self.abort: Optional[NonFiniteError] = None  # set by after_step under train.nonfinite=abort
 
     def veto(self, loss: torch.Tensor) -> bool:
         """Collective: True on every rank when any rank's loss is not finite."""
@@ -54,10 +56,9 @@ class NonFiniteGuard:
         output.metrics["nonfinite_steps"] = torch.tensor(float(state.nonfinite_steps), device=self.device)
         log.warning("step %d: non-finite loss or gradient on some rank; the update was dropped (train.nonfinite=%s)",
                     step, self.policy)
-        if self.policy == "abort":
-            checkpointer.finalize(state)  # the weights are those before the bad step
-            raise NonFiniteError(f"step {step}: non-finite loss or gradient; stopped (train.nonfinite=abort) after "
-                                 f"checkpointing the last good weights at step {step}")
+        if self.policy == "abort":  # (the loop logs the step's record, checkpoints, then raises it)
+            self.abort = NonFiniteError(f"step {step}: non-finite loss or gradient; stopped (train.nonfinite=abort) "
+                                        f"after checkpointing the last good weights at step {step}")
         if self.policy == "rollback" and self.in_a_row >= self.patience:
             self.in_a_row = 0
             return True
