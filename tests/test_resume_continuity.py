@@ -149,13 +149,17 @@ def test_deepspeed_without_its_gradient_norm_leaves_the_nonfinite_check_to_the_l
 
 def test_an_abort_on_a_logging_step_keeps_its_record(tmp_path):
     """train.nonfinite=abort at step 10 (a logging step) checkpointed step 10 and stopped before its
-    record: the resumed run's metrics.jsonl had 5, 15, 20."""
-    from conftest import read_metrics, run_cli
+    record: the resumed run's metrics.jsonl had 5, 15, 20. The failed attempt's summary.json had no
+    train_loss, throughput, breakdown or checkpoint statistics."""
+    from conftest import read_metrics, read_summary, run_cli
 
     run = tmp_path / "run"
     args = ["model.name=mlp", "data.name=digits", "model.hidden=16", "train.max_steps=20", "logging.every_steps=5",
             "logging.mlflow.enabled=false", "eval.every_steps=0", "train.nonfinite=abort", f"run.dir={run}"]
     assert run_cli([*args, "debug.faults=nan@10"]).returncode == 1
+    failed = read_summary(run)  # (what the failed attempt measured: reported, not dropped)
+    assert failed["status"] == "failed" and failed["samples_per_s"], failed  # (train_loss: step 10's, NaN: null)
+    assert failed["time_breakdown"] and failed["checkpoint"]["last_step"] == 10, failed
     assert run_cli(args).returncode == 0
     records = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [5, 10, 15, 20], records

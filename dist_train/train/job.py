@@ -236,7 +236,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                                 micro_global_batch=parts.sampler.global_batch_size,
                                 grad_accum_steps=job.train.grad_accum_steps, seed=job.run.seed,
                                 run_id=lambda: metrics.run_id, faults=faults)
-    progress = data = None
+    progress = data = reporter = evaluator = None
     try:
         # Collective: the newest verified checkpoint (or the one asked for), restored before
         # anything is logged, so metrics.jsonl and MLflow continue the resumed timeline.
@@ -286,6 +286,16 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
         return stopped, preemption.signal_name is not None
     finally:
+        if "checkpoint" not in summary:  # a failed attempt: what it measured is reported all the same
+            try:
+                summary["time_breakdown"] = {k: round(v, 3) for k, v in clock.totals.items()}
+                if reporter is not None:
+                    summary.update({k: v for k, v in reporter.summary().items() if v is not None})
+                if evaluator is not None:
+                    summary.update(evaluator.last)
+                summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
+            except Exception as exc:  # (never in the way of the failure being reported)
+                log.warning("summary: the failed attempt's measurements not recorded: %s", exc)
         if "goodput" not in summary and ledger.begun:  # a failed attempt: its time stays in the ledger
             try:
                 summary["goodput"] = ledger.finish(state.step, clock)
