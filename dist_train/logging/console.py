@@ -57,6 +57,8 @@ def setup_console(cluster: ClusterEnv, level: str = "INFO", own_process: bool = 
     target.setLevel(getattr(logging, level) if cluster.is_rank0 else logging.WARNING)
     if not own_process:
         target.propagate = False  # (not printed twice by a user's root handler)
+    else:
+        logging.captureWarnings(True)  # Python warnings through this handler: tagged with the rank too
 
     def restore() -> None:
         if not own_process:
