@@ -339,3 +339,25 @@ def test_slurm_torchrun_per_node_restarts_after_sigkill(slurm_two_nodes, tmp_pat
     assert summary["status"] == "completed" and summary["steps"] == 100 and summary["world_size"] == 2, summary
     assert summary["num_nodes"] == 2 and 10 <= summary["resumed_from_step"] < 100, summary
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 101))
+
+
+def test_a_restart_before_the_first_checkpoint_continues_the_same_mlflow_run(tmp_path):
+    """Rank 1 is killed after step 3, before any checkpoint: the restarted attempt starts from step 0
+    and opened a second MLflow run (the run id travelled only in checkpoints)."""
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    run = torchrun([*QUICK, "train.max_steps=40", "checkpoint.every_steps=0", f"run.dir={run_dir}",
+                    "debug.faults=step_sleep=0.05"], log, max_restarts=1)
+    try:
+        pids = wait_for(lambda: (lambda w: w if len(w) == 2 else None)(workers(run.pid)), run, log, "waiting for workers")
+        wait_for(lambda: last_step(run_dir) >= 3, run, log, "waiting for step 3")
+        os.kill(pids[1], signal.SIGKILL)
+        out = finish(run, log)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, out[-6000:]
+    summary = read_summary(run_dir)
+    assert summary["resumed_from_step"] is None and summary["restarts"] == 1, summary
+    assert mlflow_runs(run_dir) == [summary["mlflow_run_id"]]
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 41))

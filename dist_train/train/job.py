@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from dist_train.checkpoint import CheckpointManager, CheckpointRefused, digest, export_run
-from dist_train.checkpoint.layout import write_json_atomic
+from dist_train.checkpoint.layout import write_atomic, write_json_atomic
 from dist_train.config import ConfigError, to_dict, to_yaml
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.collectives import broadcast_object
@@ -215,6 +215,29 @@ def _await_digests(code: int) -> None:
         log.info("recorded the SHA-256 checksums of the checkpoints in %.1f s", time.perf_counter() - t0)
 
 
+MLFLOW_RUN_FILE = ".mlflow_run_id"  # in the run dir: the MLflow run of the job's latest attempt
+
+
+def _mlflow_run_to_continue(job, cluster: ClusterEnv, summary: Dict[str, Any], manager) -> Optional[str]:
+    """The MLflow run this attempt continues: the resumed checkpoint's; else, for a torchrun restart
+    or a SLURM requeue of an attempt that ended before its first checkpoint (the same job, from
+    step 0), the run that attempt opened (a new launch from scratch opens a new one)."""
+    if manager.resumed_run_id or not (summary.get("restarts") or summary.get("requeues")) or not cluster.is_rank0:
+        return manager.resumed_run_id
+    try:
+        with open(os.path.join(job.run.dir, MLFLOW_RUN_FILE), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _remember_mlflow_run(run_dir: str, run_id: str) -> None:
+    try:
+        write_atomic(os.path.join(run_dir, MLFLOW_RUN_FILE), run_id + "\n", sync_file=False)
+    except OSError as exc:
+        log.warning("could not record the MLflow run id in %s: %s", run_dir, exc)
+
+
 def _close_summary(summary: Dict[str, Any], state: TrainState, t_start: float, metrics, code: int) -> None:
     summary.update(steps=state.step, samples_seen=state.samples_trained, resumed_from_step=state.resumed_from_step,
                    skipped_steps=state.skipped_steps, nonfinite_steps=state.nonfinite_steps,
@@ -243,7 +266,10 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         manager.resume(state)
         logged_before = last_step(os.path.join(job.run.dir, "metrics.jsonl")) if cluster.is_rank0 else 0
         params, tags = describe_run(job, cluster, strategy.name)  # collective: gathers host names
-        metrics.start(params, tags, resume_run_id=manager.resumed_run_id, resume_step=state.step)
+        metrics.start(params, tags, resume_run_id=_mlflow_run_to_continue(job, cluster, summary, manager),
+                      resume_step=state.step)
+        if cluster.is_rank0 and metrics.run_id:
+            _remember_mlflow_run(job.run.dir, metrics.run_id)
         progress = Progress(job.train.max_steps, state.step, job.logging.progress_bar, job.logging.every_steps,
                             enabled=cluster.is_rank0)
         reporter = Reporter(strategy, metrics, progress, every=job.logging.every_steps, max_steps=job.train.max_steps,
