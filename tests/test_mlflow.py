@@ -309,3 +309,20 @@ def test_resumed_job_continues_the_same_run(tmp_path, ok):
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(5, 41, 5))
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")) == [20, 40]
     assert_same_series(client, run, read_metrics(run_dir))
+
+
+def test_a_job_started_from_another_runs_checkpoint_gets_its_own_run(tmp_path, ok):
+    """checkpoint.resume=<another run dir's checkpoint> with a shared store: the new job's points
+    went into the other job's MLflow run (and those up to its last step were skipped there)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{(tmp_path / 'shared.db').resolve()}"
+    base = [*COMMON, f"logging.mlflow.tracking_uri={uri}", "logging.every_steps=5"]
+    ok(run_cli([*base, f"run.dir={tmp_path / 'a'}", "train.max_steps=10"]))
+    ok(run_cli([*base, f"run.dir={tmp_path / 'b'}", "train.max_steps=20",
+                f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step_00000010'}"]))
+    a, b = read_summary(tmp_path / "a"), read_summary(tmp_path / "b")
+    assert b["resumed_from_step"] == 10 and a["mlflow_run_id"] != b["mlflow_run_id"], (a, b)
+    client = MlflowClient(uri)
+    assert sorted(m.step for m in client.get_metric_history(a["mlflow_run_id"], "loss")) == [5, 10]
+    assert sorted(m.step for m in client.get_metric_history(b["mlflow_run_id"], "loss")) == [15, 20]

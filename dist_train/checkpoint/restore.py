@@ -252,9 +252,11 @@ class Restorer:
             except CorruptCheckpoint as exc:  # (on every rank alike)
                 chosen = self.after_corrupt_load(chosen, exc.problems)
         if chosen:
-            self.m.resumed_run_id = meta.get("mlflow_run_id")
-            if self.m.rank0 and self.m.cfg.sha256 and os.path.dirname(os.path.abspath(chosen)) == \
-                    os.path.abspath(self.m.dir):
+            own = os.path.dirname(os.path.abspath(chosen)) == os.path.abspath(self.m.dir)
+            # This job's MLflow run goes on; a checkpoint of another run dir (checkpoint.resume=PATH)
+            # starts this job's own, rather than adding to that job's run.
+            self.m.resumed_run_id = meta.get("mlflow_run_id") if own else None
+            if self.m.rank0 and self.m.cfg.sha256 and own:
                 # Its SHA-256 checksums, if the attempt that wrote it ended before they were all in
                 # (or an older release wrote it): rank 0 reads it back once, in the background.
                 try:
