@@ -211,3 +211,20 @@ def test_a_resumed_checkpoint_without_them_gets_its_sha256(tmp_path):
     finally:
         manager.close()
     assert all(recorded == actual for recorded, actual in _sha256_of_every_file(ckpt).values())
+
+
+def test_rank_0_takes_a_peers_digest_only_for_the_bytes_listed_and_never_waits_in_vain(tmp_path):
+    ckpt = _committed_without_sha256(tmp_path)
+    files = json.loads(open(os.path.join(ckpt, layout.MANIFEST)).read())["files"]
+    shard = next(rel for rel in files if rel.endswith(".distcp"))
+    # A side file of another checkpoint of the same step (its XXH3 differs): not taken.
+    with open(os.path.join(ckpt, f"{digest.SIDE_PREFIX}00001.json"), "w") as f:
+        json.dump({shard: ["0" * 32, "a" * 64]}, f)
+    assert digest.add_sha256(ckpt, [], rank=0, world=2, wait_s=5) == []
+    assert _sha256_of_every_file(ckpt)[shard][0] is None
+    assert not any(n.startswith(digest.SIDE_PREFIX) for n in os.listdir(ckpt))
+    # A peer that cannot read its files still answers (with nothing), so rank 0 does not wait 300 s.
+    gone = os.path.join(str(tmp_path), "gone")
+    os.makedirs(gone)
+    assert digest.add_sha256(gone, None, rank=1, world=2) == []
+    assert os.listdir(gone) == [f"{digest.SIDE_PREFIX}00001.json"]

@@ -126,3 +126,18 @@ def test_the_watchdog_fires_before_the_collective_timeout_would_end_the_job(tmp_
         assert single.limit() == 1200.0  # one process: no collective timeout to beat
     finally:
         single.close()
+
+
+def test_until_the_first_step_is_done_the_cap_is_the_start_up_timeouts():
+    """The first step's collectives run under dist.init_timeout_s (a compile may take long there)."""
+    from dist_train.train.phases import PhaseClock, Watchdog
+
+    clock = PhaseClock()
+    dog = Watchdog(clock, "/nonexistent", rank=0, factor=10.0, floor_s=120.0, poll_s=60,
+                   collective_timeout_s=600.0, first_step_timeout_s=1800.0)
+    try:
+        assert dog.limit() == 1200.0  # (3/4 of 1800 s is 1350 s: the usual first-steps limit holds)
+        clock.iterations.append(30.0)
+        assert dog.limit() == 450.0
+    finally:
+        dog.close()

@@ -1,6 +1,6 @@
 """Numbers a task reports that were silently wrong (a review of data and evaluation): padded
 tokens (ignore_index) counted in evaluation, a regression target of shape [B, 1] against a [B]
-prediction broadcast to [B, B], and every rank drawing the same random stream (dropout masks)."""
+prediction broadcast to [B, B]; and run.seed_per_rank, each rank its own random stream (dropout masks)."""
 from __future__ import annotations
 
 import math
@@ -58,26 +58,34 @@ def test_regression_drops_a_trailing_dimension_of_one_on_either_side(pred_shape,
 
 
 def test_regression_refuses_shapes_that_would_broadcast():
-    with pytest.raises(ValueError, match=r"prediction has shape \(4, 3\) and the target \(4,\)"):
+    with pytest.raises(ValueError, match=r"prediction has shape \(4, 3\) and the target \(4,\): different numbers"):
         Regression().loss(_Fixed(torch.zeros(4, 3)), (torch.zeros(4), torch.zeros(4)))
 
 
 def _streams(rank, world, run_dir):
+    from dist_train.config import load_config
+
+    for per_rank in (True, False):
+        job = load_config(None, ["data.name=synthetic_images", "data.synthetic_samples=64", "data.batch_size=4",
+                                 "model.name=cnn", "model.dropout=0.5", "strategy.name=ddp", f"run.dir={run_dir}",
+                                 f"run.seed_per_rank={str(per_rank).lower()}"])
+        _drawn_on_each_rank(job, world, distinct=per_rank)
+
+
+def _drawn_on_each_rank(job, world, distinct):
     import torch.distributed as dist
 
-    from dist_train.config import load_config
     from dist_train.env.cluster import detect
     from dist_train.train.build import build_parts
 
-    job = load_config(None, ["data.name=synthetic_images", "data.synthetic_samples=64", "data.batch_size=4",
-                             "model.name=cnn", "model.dropout=0.5", "strategy.name=ddp", f"run.dir={run_dir}"])
     parts = build_parts(job, detect(), torch.device("cpu"))
     try:
         weights = torch.cat([p.detach().flatten() for p in parts.strategy.model.parameters()])
         drawn = torch.rand(64)
         got = [torch.zeros_like(drawn) for _ in range(world)]
         dist.all_gather(got, drawn)
-        assert not torch.equal(got[0], got[1]), "both ranks drew the same numbers (same dropout masks)"
+        # run.seed_per_rank: each its own (dropout masks); by default the same (random branches in step)
+        assert torch.equal(got[0], got[1]) is not distinct
         same = [torch.zeros_like(weights) for _ in range(world)]
         dist.all_gather(same, weights)
         assert torch.equal(same[0], same[1])  # (the model itself is the same on every rank)
@@ -85,5 +93,12 @@ def _streams(rank, world, run_dir):
         parts.close()
 
 
-def test_each_rank_draws_its_own_random_stream_after_the_model_is_built(tmp_path):
+def test_run_seed_per_rank_gives_each_rank_its_own_stream_after_the_model_is_built(tmp_path):
     spawn(_streams, 2, str(tmp_path / "run"))
+
+
+def test_a_squeezed_batch_of_one_is_no_error():
+    """A model ending in .squeeze() gives () for a batch of one against a [1, 1] target: one rank's
+    short last evaluation batch must not raise where the others do not (they would wait forever)."""
+    loss, _ = Regression().loss(_Fixed(torch.tensor(2.0)), (torch.zeros(1), torch.tensor([[1.5]])))
+    assert loss.item() == pytest.approx(0.25)

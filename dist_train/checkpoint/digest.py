@@ -62,48 +62,53 @@ def add_sha256(ckpt: str, mine: Optional[Iterable[str]] = None, rank: int = 0, w
     replaces the manifest. Returns the problems found (files that no longer match their checksum; a
     directory or manifest that changed meanwhile is no problem: nothing is written then)."""
     path = os.path.join(ckpt, layout.MANIFEST)
+    problems: List[str] = []
+    digests: Dict[str, List[str]] = {}  # rel -> [its XXH3-128 as read, its SHA-256]
     try:
         before = os.stat(path)
         manifest = layout.read_manifest(ckpt)
-    except (OSError, ValueError):
-        return []  # (moved, pruned or replaced since the commit: nothing to add to)
-    files = manifest["files"]
-    todo = [rel for rel in sorted(files if mine is None else mine) if rel in files and SHA256 not in files[rel]]
-    try:
-        # One file at a time, on this thread: the IO pool (``layout.parallel``) is the saves'.
-        found = [_hash_both(os.path.join(ckpt, rel)) for rel in todo]
-    except OSError:
-        return []  # (a file gone: the directory was pruned or set aside meanwhile)
-    problems, digests = [], {}
-    for rel, got in zip(todo, found):
-        problem = checksum.mismatch(got, files[rel])
-        if problem:
-            problems.append(f"{rel}: {problem}")
-        else:
-            digests[rel] = got[SHA256]
+        files = manifest["files"]
+        todo = [rel for rel in sorted(files if mine is None else mine) if rel in files and SHA256 not in files[rel]]
+        for rel in todo:  # one file at a time, on this thread: the IO pool (``layout.parallel``) is the saves'
+            got = _hash_both(os.path.join(ckpt, rel))
+            problem = checksum.mismatch(got, files[rel])
+            if problem:
+                problems.append(f"{rel}: {problem}")
+            else:
+                digests[rel] = [got[checksum.ALGORITHM], got[SHA256]]
+    except (OSError, ValueError):  # (moved, pruned or replaced since the commit; a file not readable)
+        if rank != 0:
+            _write_side(ckpt, rank, digests)  # (what it has, even nothing: rank 0 does not wait in vain)
+        return problems
     if rank != 0:
         _write_side(ckpt, rank, digests)
         return problems
-    missing = []
+    missing, deadline = [], time.monotonic() + wait_s  # (one deadline for every peer)
     for peer in range(1, world):
-        theirs = _read_side(ckpt, peer, time.monotonic() + wait_s)
+        theirs = _read_side(ckpt, peer, deadline)
         if theirs is None:
             if not os.path.isdir(ckpt):
                 return problems  # (pruned or set aside meanwhile)
             missing.append(peer)
             continue
-        digests.update({rel: sha for rel, sha in theirs.items()
-                        if rel in files and isinstance(sha, str) and _SHA256_RE.match(sha)})
+        # A peer's digest counts only for the very bytes the manifest lists (a side file of another
+        # checkpoint of the same step, renamed into this one, does not).
+        digests.update({rel: pair for rel, pair in theirs.items()
+                        if rel in files and isinstance(pair, list) and len(pair) == 2
+                        and pair[0] == files[rel].get(checksum.ALGORITHM) and isinstance(pair[1], str)
+                        and _SHA256_RE.match(pair[1])})
     if missing:
         log.warning("checkpoint %s: no SHA-256 checksums from rank(s) %s within %.0f s; their files are recorded "
                     "without", os.path.basename(ckpt), ", ".join(map(str, missing)), wait_s)
-    for rel, sha in digests.items():
+    for rel, (_fast, sha) in digests.items():
         files[rel][SHA256] = sha
     if digests:
         _replace_manifest(ckpt, manifest, before)
-    for peer in range(1, world):
-        with contextlib.suppress(OSError):
-            os.remove(_side_path(ckpt, peer))
+    with contextlib.suppress(OSError):  # every rank's side files (an earlier attempt's too)
+        for name in os.listdir(ckpt):
+            if name.startswith(SIDE_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(ckpt, name))
     return problems
 
 
@@ -111,7 +116,7 @@ def _side_path(ckpt: str, rank: int) -> str:
     return os.path.join(ckpt, f"{SIDE_PREFIX}{rank:05d}.json")
 
 
-def _write_side(ckpt: str, rank: int, digests: Dict[str, str]) -> None:
+def _write_side(ckpt: str, rank: int, digests: Dict[str, List[str]]) -> None:
     """A rank's digests for rank 0, written whole (a temporary file renamed) or not at all."""
     side = _side_path(ckpt, rank)
     tmp = f"{side}.tmp{os.getpid()}"
@@ -126,7 +131,7 @@ def _write_side(ckpt: str, rank: int, digests: Dict[str, str]) -> None:
             log.warning("rank %d could not leave its SHA-256 checksums in %s: %s", rank, ckpt, exc)
 
 
-def _read_side(ckpt: str, rank: int, deadline: float) -> Optional[Dict[str, str]]:
+def _read_side(ckpt: str, rank: int, deadline: float) -> Optional[Dict[str, List[str]]]:
     """Rank ``rank``'s digests once its side file is there (None: not by ``deadline``, or the
     checkpoint dir is gone)."""
     side = _side_path(ckpt, rank)

@@ -243,10 +243,11 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _forget_pool() -> None:
-    """(in a forked child: the parent's threads are not there)"""
-    global _pool_lock, _executor
+    """(in a forked child: the parent's threads are not there, nor a lock one of them held)"""
+    global _pool_lock, _executor, NAMES
     _pool_lock = threading.Lock()
     _executor = None
+    NAMES = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

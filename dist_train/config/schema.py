@@ -70,6 +70,10 @@ class RunConfig:
     name: str = doc("default", "run name; the run directory defaults to runs/<name>")
     dir: str = doc("", "run directory (config.yaml, metrics.jsonl, summary.json, checkpoints/); '' = runs/<run.name>")
     seed: int = doc(0, "global seed for weights, data order and every RNG")
+    seed_per_rank: bool = doc(False, "after the model is built, every rank but 0 re-seeds its RNG from (seed, rank): "
+                              "dropout masks and random transforms in the training process differ between ranks; "
+                              "off (as Lightning's and Accelerate's seeding): every rank draws the same stream, so "
+                              "random control flow (layer drop) stays in step under FSDP and DDP")
 
     def __post_init__(self) -> None:
         # run.dir defaults to runs/<name>: '.' or '..' would put the run into runs/ or the working dir.

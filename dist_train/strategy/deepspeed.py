@@ -66,9 +66,11 @@ class DeepSpeedStrategy(Strategy):
         # fp32 values are kept here (they never change), for checkpoints and fit's hand-back.
         self._frozen_fp32: Dict[str, torch.Tensor] = {}
         if self.precision.precision != "fp32":
+            # (Only fp32 ones: a frozen bf16 weight loses nothing to the engine's cast. A host copy
+            # on every rank: under ZeRO-3 too, where the module holds a partition.)
             self._frozen_fp32 = {name: v.detach().to("cpu", torch.float32, copy=True)
                                  for name, v in model.state_dict(keep_vars=True).items()
-                                 if isinstance(v, nn.Parameter) and not v.requires_grad}
+                                 if isinstance(v, nn.Parameter) and not v.requires_grad and v.dtype == torch.float32}
             _norm_statistics_in(model, self.precision.dtype)
         optimizer = make_optimizer(model.parameters())
         scheduler = make_scheduler(optimizer)
@@ -163,9 +165,12 @@ class DeepSpeedStrategy(Strategy):
     def unwrapped_model(self) -> nn.Module:
         return self.model.module
 
-    # The engine changes the module it is given: ZeRO-3 partitions its parameters, bf16/fp16 cast
-    # them in place (and hooks stay on it). fit's instance is never handed over: a copy is.
-    shards_module = True
+    @property
+    def shards_module(self) -> bool:
+        """The engine changes the module it is given when ZeRO-3 partitions its parameters or
+        bf16/fp16 cast them in place (and hooks stay on it): then fit's instance is not handed
+        over, a copy is. Under fp32 ZeRO-1/2 the instance trains in place, as under DDP."""
+        return self.cfg.zero_stage == 3 or self.precision.precision != "fp32"
 
     def full_state(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """Collective: the fp32 values (the optimizer's master copies; frozen parameters as they

@@ -142,10 +142,11 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
                     tokens[0] = int(inputs.shape[1])
 
     strategy = build_training(job, cluster, device, info, user.model, before_setup=count_flops)
-    # Every rank built the same model from the same seed; from here each draws its own stream
-    # (dropout masks, random transforms in this process), as the samples of one larger batch would.
-    # Rank 0 draws on as before (a one-process run is unchanged).
-    if cluster.rank:
+    # run.seed_per_rank: every rank built the same model from the same seed; from here each draws its
+    # own stream (dropout masks, random transforms in this process), as the samples of one larger
+    # batch would. Rank 0 draws on as before (a one-process run is unchanged). Off by default: a
+    # model whose forward takes random branches (layer drop) must take them alike on every rank.
+    if cluster.rank and job.run.seed_per_rank:
         seed_everything(rank_seed(job.run.seed, cluster.rank))
     eval_loader = None  # no held-out data: no evaluation
     if eval_ds is not None:

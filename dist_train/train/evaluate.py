@@ -6,6 +6,7 @@ would leave the others waiting forever.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
@@ -61,8 +62,11 @@ class Evaluator:
         try:
             self.last = evaluate(self.strategy, self.loader, self.task, self.cfg.max_batches, self.progress,
                                  indexed=True)
-        finally:
-            set_rng_state(streams)
+        except BaseException:
+            with contextlib.suppress(Exception):  # (never in place of the evaluation's own error)
+                set_rng_state(streams)
+            raise
+        set_rng_state(streams)
         self.last_step = step
         self.report(step, self.last, final)
 

@@ -222,7 +222,14 @@ def _mlflow_run_to_continue(job, cluster: ClusterEnv, summary: Dict[str, Any], m
     """The MLflow run this attempt continues: the resumed checkpoint's; else, for a torchrun restart
     or a SLURM requeue of an attempt that ended before its first checkpoint (the same job, from
     step 0), the run that attempt opened (a new launch from scratch opens a new one)."""
-    if manager.resumed_run_id or not (summary.get("restarts") or summary.get("requeues")) or not cluster.is_rank0:
+    if not cluster.is_rank0:
+        return manager.resumed_run_id
+    if not (summary.get("restarts") or summary.get("requeues")):
+        # A new launch: an earlier launch's run id must not be taken by this one's restarts.
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(job.run.dir, MLFLOW_RUN_FILE))
+        return manager.resumed_run_id
+    if manager.resumed_run_id:
         return manager.resumed_run_id
     try:
         with open(os.path.join(job.run.dir, MLFLOW_RUN_FILE), encoding="utf-8") as f:
@@ -289,9 +296,10 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         data = batches_without_indices(data)  # a task gets the dataset's items as collated
         guard = NonFiniteGuard(job.train.nonfinite, job.train.nonfinite_patience, strategy.device)
         if job.dist.watchdog_floor_s > 0:
+            multi = cluster.world_size > 1
             watchdog = Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s,
-                                collective_timeout_s=min(job.dist.init_timeout_s, job.dist.timeout_s)
-                                if cluster.world_size > 1 else float("inf"))
+                                collective_timeout_s=job.dist.timeout_s if multi else float("inf"),
+                                first_step_timeout_s=job.dist.init_timeout_s if multi else float("inf"))
         ledger.begin(state.step, time.time() - started_unix, logged_before,
                      relaunched=bool(summary.get("restarts") or summary.get("requeues")))
         clock.reset()  # the breakdown (each record's and the run's) starts with the loop

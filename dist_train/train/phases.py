@@ -162,16 +162,23 @@ class Watchdog:
     """A daemon thread that dumps this rank's stacks when a phase stalls (once per stall)."""
 
     def __init__(self, clock: PhaseClock, run_dir: str, rank: int, factor: float, floor_s: float,
-                 poll_s: float = 0.5, collective_timeout_s: float = float("inf")):
+                 poll_s: float = 0.5, collective_timeout_s: float = float("inf"),
+                 first_step_timeout_s: Optional[float] = None):
         self.clock, self.rank, self.factor, self.floor_s, self.poll_s = clock, rank, factor, floor_s, poll_s
-        # A hang in a collective ends the job at its timeout: the stacks must be taken before.
-        self.cap_s = _CAP_SHARE * collective_timeout_s
+        # A hang in a collective ends the job at its timeout: the stacks must be taken before. Until
+        # the first step is done the collectives run under dist.init_timeout_s.
+        self._cap_s = _CAP_SHARE * collective_timeout_s
+        self._first_cap_s = self._cap_s if first_step_timeout_s is None else _CAP_SHARE * first_step_timeout_s
         self.dir = os.path.join(run_dir, "hangs")
         self.dumps = 0
         self._stop = threading.Event()
         self._reported = None
         self._thread = threading.Thread(target=self._watch, name="dist_train-watchdog", daemon=True)
         self._thread.start()
+
+    @property
+    def cap_s(self) -> float:
+        return self._cap_s if self.clock.iterations else self._first_cap_s
 
     def limit(self) -> float:
         """How long the current phase may make no progress: ``factor`` x the recent median iteration,

@@ -205,17 +205,16 @@ class Regression(Task):
 
     @staticmethod
     def _align(pred, target):
-        """Prediction and target of one shape: a trailing size-1 dimension on either side (``[B, 1]``
-        against ``[B]``) is dropped, where broadcasting would compare every pair (``[B, B]``)."""
+        """Prediction and target of one shape: the same number of values in another shape (``[B, 1]``
+        against ``[B]``) are compared element by element, where broadcasting would compare every
+        pair (``[B, B]``)."""
         target = target.to(pred.dtype) if target.is_floating_point() else target.float()
-        if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1:
-            pred = pred.squeeze(-1)
-        elif target.dim() == pred.dim() + 1 and target.shape[-1] == 1:
-            target = target.squeeze(-1)
-        if pred.shape != target.shape:
+        if pred.shape != target.shape and pred.numel() == target.numel():
+            pred = pred.reshape(target.shape)  # ([B] against [B, 1], a squeezed batch of one: () against [1, 1])
+        elif pred.shape != target.shape:
+            # (the same on every rank, whatever its batch: never one rank alone in the middle of an evaluation)
             raise ValueError(f"regression: the model's prediction has shape {tuple(pred.shape)} and the target "
-                             f"{tuple(target.shape)}; they must match (a trailing dimension of 1 on either side "
-                             "is dropped)")
+                             f"{tuple(target.shape)}: different numbers of values")
         return pred.float(), target.float()
 
     def criterion(self, pred, target):
