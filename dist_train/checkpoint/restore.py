@@ -283,8 +283,10 @@ class Restorer:
         loaded. ``checkpoint.resume=PATH`` refuses it; ``auto`` goes on with the newest older
         checkpoint that verifies, this time wholly before it is loaded. With none, the run stops:
         the corrupt checkpoint's state may be partly in the model already (a GPU's or a shard's
-        tensors are filled in place), so it cannot start from scratch. The corrupt checkpoint
-        is moved aside either way (by the next ``tidy``)."""
+        tensors are filled in place), so it cannot start from scratch; and, as when no checkpoint
+        verifies before loading, nothing is moved (a read error that has passed looks the same,
+        and a later run must not start over the run's history unasked). With an older one, the
+        corrupt checkpoint is moved aside by the next ``tidy``."""
         mode = self.m.cfg.resume
         name = os.path.basename(os.path.normpath(path))
         if mode != "auto":
@@ -292,12 +294,13 @@ class Restorer:
         self._skip(path, problems)
         older = self.newest_verified(below=layout.parse_step(path))
         if older is None:
-            self._tidy(None, 0)
             raise CheckpointError(
                 f"checkpoint {name} is corrupt ({'; '.join(problems[:5])}): found while it was being loaded, and no "
                 f"older checkpoint under {self.m.dir} verifies. Part of its state may have been loaded already, so "
-                f"this run stops instead of starting from scratch; {name} has been moved aside: run the same "
-                f"command again to start from scratch")
+                f"this run stops instead of starting from scratch, and nothing was moved or deleted: `python -m "
+                f"dist_train.checkpoint inspect {self.m.dir}` shows each one's problem. After a storage problem that "
+                f"has passed, run the same command again; to start from scratch, move {self.m.dir} away or set "
+                f"checkpoint.resume=never")
         return older
 
     def check_fits(self, path: str, meta: Dict[str, Any], files: Optional[CheckpointFiles] = None) -> None:
