@@ -141,3 +141,48 @@ def test_until_the_first_step_is_done_the_cap_is_the_start_up_timeouts():
         assert dog.limit() == 450.0
     finally:
         dog.close()
+
+
+def test_outside_the_loop_only_the_collective_timeout_bounds_a_phase(tmp_path):
+    """The start-up (building the job, resuming) and the teardown (hand-back, summary broadcast, the
+    group's end) are watched too; like a checkpoint save, their length does not follow the step's."""
+    from dist_train.train.phases import STARTUP, TEARDOWN, PhaseClock, Watchdog
+
+    clock = PhaseClock(STARTUP)
+    dog = Watchdog(clock, str(tmp_path), rank=0, factor=10.0, floor_s=120.0, poll_s=60,
+                   collective_timeout_s=600.0, first_step_timeout_s=200.0)
+    try:
+        assert dog.limit() == 150.0  # (3/4 of the start-up timeout)
+        clock.reset()
+        assert clock.phase == "other" and not clock.totals  # (the breakdown starts with the loop)
+        clock.iterations.extend([0.1] * 3)
+        assert dog.limit() == 120.0
+        clock.enter(TEARDOWN)
+        assert dog.limit() == 450.0  # (a hand-back of a large model is no hang)
+    finally:
+        dog.close()
+
+
+@pytest.mark.slow
+def test_a_rank_stalled_before_the_first_step_is_diagnosed(tmp_path):
+    """A hang before the loop (here: one rank late to the resume's collectives) is dumped by both
+    ranks before dist.init_timeout_s ends the job."""
+    run = tmp_path / "hang"
+    args = ["model.name=mlp", "data.name=digits", "data.batch_size=16", "data.num_workers=0", "train.max_steps=5",
+            "logging.mlflow.enabled=false", "logging.progress_bar=off", "debug.faults=startup_stall@:1=30",
+            "dist.watchdog_floor_s=2", "dist.init_timeout_s=12", f"run.dir={run}"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_train", *args],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    dumps = sorted(p.name for p in (run / "hangs").iterdir())
+    assert dumps == ["rank00000-step00000001-startup.txt", "rank00001-step00000001-startup.txt"], dumps
+    stalled = (run / "hangs" / "rank00001-step00000001-startup.txt").read_text()
+    assert "faults.py\", line" in stalled and " in delay\n" in stalled, stalled  # (its stack: the stall)
+    waiting = (run / "hangs" / "rank00000-step00000001-startup.txt").read_text()
+    assert "restore.py\", line" in waiting and " in resume\n" in waiting, waiting  # (in the resume's collectives)
+    assert "rank 1 seems hung: the start-up before step 1 has been in phase startup" in proc.stderr
+    assert "rank 0 seems hung: the start-up before step 1" in proc.stderr
+    assert read_summary(run)["status"] == "failed"
+    assert _processes_mentioning(str(run)) == []

@@ -20,7 +20,7 @@ INIT_SCHEMES = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform",
 AUGMENTATIONS = ("random_crop", "random_resized_crop", "hflip", "vflip", "rotation", "color_jitter",
                  "gaussian_blur", "random_erasing")
 FAULTS = ("after_shards", "after_commit", "slow_write", "slow_staging", "step_sleep", "nan", "stall", "crash",
-          "worker_fork_hang")
+          "worker_fork_hang", "startup_stall")
 NONFINITE = ("skip", "abort", "rollback")
 # Checkpoint directories are named step_XXXXXXXX (8 digits): a step count past this would make
 # checkpoints that resume cannot find.
@@ -343,7 +343,8 @@ class DebugConfig:
     faults: str = doc("", "fault injection for tests of recovery paths, comma-separated: after_shards[@STEP] (exit "
                       "before a checkpoint commit), after_commit[@STEP[:RANK]] (exit right after it), slow_write=SECONDS, slow_staging=SECONDS, step_sleep=SECONDS, "
                       "nan@STEP[:RANK] (NaN inputs), stall@STEP[:RANK]=SECONDS, crash@STEP[:RANK], worker_fork_hang[@:RANK] "
-                      "(the first DataLoader worker forked hangs inside fork()); '' in production")
+                      "(the first DataLoader worker forked hangs inside fork()), startup_stall[@:RANK]=SECONDS (a stall "
+                      "before the resume); '' in production")
     record_sample_ids: bool = doc(False, "each rank appends the dataset indices of every micro-batch to "
                                   "<run.dir>/sample_ids.rank<r>.jsonl (proves a resume neither replays nor skips)")
 

@@ -16,6 +16,8 @@
     crash@STEP[:RANK]          the process exits hard (os._exit(FAULT_EXIT)) right after step STEP
     worker_fork_hang[@:RANK]   the first DataLoader worker this process forks for training stays inside
                                fork() for ever (as CPython 3.8-3.11's deadlock leaves one)
+    startup_stall[@:RANK]=SECONDS  RANK (or every rank) sleeps that long before its resume: a hang in
+                               the start-up, while its peers wait in the resume's collectives
 
 Production runs leave ``debug.faults`` empty: then every call here is a dictionary lookup that
 finds nothing. Components that can be faulted receive the parsed ``Faults`` object.
@@ -74,9 +76,11 @@ class Faults:
             logging.shutdown()
             os._exit(FAULT_EXIT)
 
-    def delay(self, name: str) -> None:
-        fault = self._match(name)
+    def delay(self, name: str, rank: Optional[int] = None) -> None:
+        fault = self._match(name, None, rank)
         if fault and fault.value:
+            if rank is not None:
+                log.warning("debug.faults: rank %d sleeps %s s at %s", rank, fault.value, name)
             time.sleep(float(fault.value))
 
     def arm_fork_hang(self, rank: int) -> None:

@@ -40,7 +40,7 @@ from dist_train.train.loop import micro_batches, train
 from dist_train.train.goodput import GoodputLedger
 from dist_train.train.goodput import describe as describe_goodput
 from dist_train.train.nonfinite import NonFiniteGuard
-from dist_train.train.phases import PhaseClock, Watchdog
+from dist_train.train.phases import STARTUP, TEARDOWN, PhaseClock, Watchdog
 from dist_train.train.reporting import Reporter
 from dist_train.train.state import TrainState
 from dist_train.train.tasks import batches_without_indices
@@ -115,6 +115,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
     enable_nccl_flight_recorder(job.run.dir)
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
     state, code, error, preemption, early = TrainState(), 1, None, None, None
+    clock, watchdog = PhaseClock(STARTUP), None  # (the watchdog: from the process group to its end)
     settled = False  # the training's outcome is known (completed or preempted): a later error does not undo it
     try:
         with deterministic_kernels(job.train.deterministic), \
@@ -123,6 +124,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             # A preemption while the job is built: its watcher stops at the first step. (Not during
             # the rendezvous: a signal still ends a process that waits for peers that may never come.)
             early = EarlySignals()
+            watchdog = _start_watchdog(job, cluster, clock)
             # The same count on every rank, whichever node's worker failed (torchrun's own is per node).
             restarts = group_restarts()
             summary.update(restarts=cluster.elastic_restarts if restarts is None else restarts,
@@ -137,7 +139,9 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             parts = build_parts(job, cluster, device, user)
             try:
                 preemption = PreemptionWatcher(parts.strategy.device, early)  # collective: a gloo group of its own
-                preempted, signalled = _train(job, cluster, parts, state, metrics, summary, started_unix, preemption)
+                preempted, signalled = _train(job, cluster, parts, state, metrics, summary, started_unix, preemption,
+                                              clock)
+                clock.enter(TEARDOWN)
                 if parts.strategy.caller_module is not None:  # (collective) fit's instance gets the weights
                     parts.strategy.hand_back(parts.strategy.caller_module)
             finally:
@@ -173,6 +177,8 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                     cluster.rank, state.step)
         raise
     finally:
+        if watchdog is not None:
+            watchdog.close()
         if summary.get("exit_code") != code:  # (a failure: not closed on the way out of the try)
             _close_summary(summary, state, t_start, metrics, code)
         try:
@@ -238,6 +244,18 @@ def _mlflow_run_to_continue(job, cluster: ClusterEnv, summary: Dict[str, Any], m
         return None
 
 
+def _start_watchdog(job, cluster: ClusterEnv, clock: PhaseClock) -> Optional[Watchdog]:
+    """The hang watchdog of this rank (``dist.watchdog_floor_s=0``: none). It fires before the
+    collective timeout that would end a hung job: ``dist.init_timeout_s``'s until the first step is
+    done, ``dist.timeout_s``'s after; a single process has no such bound."""
+    if job.dist.watchdog_floor_s <= 0:
+        return None
+    multi = cluster.world_size > 1
+    return Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s,
+                    collective_timeout_s=job.dist.timeout_s if multi else float("inf"),
+                    first_step_timeout_s=job.dist.init_timeout_s if multi else float("inf"))
+
+
 def _remember_mlflow_run(run_dir: str, run_id: str) -> None:
     try:
         write_atomic(os.path.join(run_dir, MLFLOW_RUN_FILE), run_id + "\n", sync_file=False)
@@ -253,14 +271,12 @@ def _close_summary(summary: Dict[str, Any], state: TrainState, t_start: float, m
 
 
 def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics, summary: Dict[str, Any],
-           started_unix: float, preemption: PreemptionWatcher) -> Tuple[bool, bool]:
+           started_unix: float, preemption: PreemptionWatcher, clock: PhaseClock) -> Tuple[bool, bool]:
     """Resume, run the loop, save the final checkpoint; (whether the run was preempted, whether
     this rank itself got a preemption signal). ``preemption`` is closed on the way out: from then on
     it holds the preemption signals off until ``run`` has written the summary."""
     faults = Faults(job.debug.faults)
     strategy = parts.strategy
-    clock = PhaseClock()
-    watchdog = None
     ledger = GoodputLedger(job.run.dir, cluster.is_rank0, started_unix)
     manager = CheckpointManager(job.checkpoint, job.run.dir, strategy, config=to_dict(job),
                                 micro_global_batch=parts.sampler.global_batch_size,
@@ -270,7 +286,9 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
     try:
         # Collective: the newest verified checkpoint (or the one asked for), restored before
         # anything is logged, so metrics.jsonl and MLflow continue the resumed timeline.
+        faults.delay("startup_stall", cluster.rank)
         manager.resume(state)
+        clock.step = state.step  # (a hang report names the step it waits to take)
         logged_before = last_step(os.path.join(job.run.dir, "metrics.jsonl")) if cluster.is_rank0 else 0
         params, tags = describe_run(job, cluster, strategy.name)  # collective: gathers host names
         metrics.start(params, tags, resume_run_id=_mlflow_run_to_continue(job, cluster, summary, manager),
@@ -295,11 +313,6 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
             data = record_sample_ids(data, state, os.path.join(job.run.dir, f"sample_ids.rank{cluster.rank}.jsonl"))
         data = batches_without_indices(data)  # a task gets the dataset's items as collated
         guard = NonFiniteGuard(job.train.nonfinite, job.train.nonfinite_patience, strategy.device)
-        if job.dist.watchdog_floor_s > 0:
-            multi = cluster.world_size > 1
-            watchdog = Watchdog(clock, job.run.dir, cluster.rank, job.dist.watchdog_factor, job.dist.watchdog_floor_s,
-                                collective_timeout_s=job.dist.timeout_s if multi else float("inf"),
-                                first_step_timeout_s=job.dist.init_timeout_s if multi else float("inf"))
         ledger.begin(state.step, time.time() - started_unix, logged_before,
                      relaunched=bool(summary.get("restarts") or summary.get("requeues")))
         clock.reset()  # the breakdown (each record's and the run's) starts with the loop
@@ -337,8 +350,6 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                 log.warning("goodput: not recorded for this failed attempt: %s", exc)
         if data is not None:
             data.close()  # the loader's iterator (and its worker processes) with it
-        if watchdog is not None:
-            watchdog.close()
         preemption.close()
         manager.close()
         if progress is not None:

@@ -5,6 +5,10 @@ watchdog that explains a hang before the collective timeout does.
     with clock("data"): batch = next(data)              # the loop and train_step mark phases
     clock.take()  -> {"data": s, "forward_backward": s, ...}  seconds since the previous take
 
+The clock is made before the job is built (phase ``startup``) and the watchdog watches from then
+until the process group is gone (phase ``teardown`` after the loop): a rank stuck in a collective
+outside the loop explains itself too.
+
 The watchdog thread reads only ``clock.phase`` / ``clock.entered`` / ``clock.progressed``: when
 one phase has gone far longer without progress than the recent median iteration (``dist.watchdog_factor`` x median, at least
 ``dist.watchdog_floor_s``), it writes every thread's Python stack of this rank (faulthandler;
@@ -30,6 +34,11 @@ from typing import Deque, Dict, List, Optional
 log = logging.getLogger("dist_train")
 
 PHASES = ("data", "forward_backward", "optimizer", "checkpoint", "evaluation", "other")
+# Outside the loop (not in the step-time breakdown): building the job and resuming, then the
+# hand-back of the weights, the summary's broadcast and the process group's end. Their collectives
+# can hang as well; their length, like a checkpoint save's, does not follow the step's.
+STARTUP, TEARDOWN = "startup", "teardown"
+_UNPACED = ("checkpoint", STARTUP, TEARDOWN)
 _MAX_CHILDREN = 8  # child processes whose stacks a hang dump includes
 
 
@@ -87,8 +96,8 @@ def describe_process(pid: int) -> str:
 
 
 class PhaseClock:
-    def __init__(self) -> None:
-        self.phase = "other"
+    def __init__(self, phase: str = "other") -> None:
+        self.phase = phase
         self.entered = time.perf_counter()
         self.progressed = self.entered  # the last progress() inside the current phase (the watchdog's)
         self.step = 0
@@ -132,10 +141,15 @@ class PhaseClock:
 
     def reset(self) -> None:
         """Start counting from now: the window and the totals (summary.json's ``time_breakdown``)
-        cover the loop, not the start-up before it (goodput counts that as ``startup_s``)."""
+        cover the loop, not the start-up before it (goodput counts that as ``startup_s``); the
+        time outside any phase is ``other`` from now."""
         self.window.clear()
         self.totals.clear()
-        self.entered = time.perf_counter()
+        self.phase, self.entered = "other", time.perf_counter()
+
+    def enter(self, name: str) -> None:
+        """From now on the time is phase ``name`` (``teardown``, after the loop: no ``with``)."""
+        self._switch(name)
 
     def median_iteration(self) -> Optional[float]:
         return statistics.median(self.iterations) if len(self.iterations) >= 3 else None
@@ -184,8 +198,9 @@ class Watchdog:
         """How long the current phase may make no progress: ``factor`` x the recent median iteration,
         at least ``floor_s`` (10 x that before 3 iterations: a first step compiles, warms up); never
         past 3/4 of the collective timeout, which would end a hung job without its stacks. A
-        checkpoint save (its time grows with the state, not with the step's) has only that bound."""
-        if self.clock.phase == "checkpoint":
+        checkpoint save (its time grows with the state, not with the step's), the start-up and the
+        teardown have only that bound."""
+        if self.clock.phase in _UNPACED:
             return self.cap_s if self.cap_s < float("inf") else max(self.floor_s, 10 * self.floor_s)
         median = self.clock.median_iteration()
         limit = max(self.floor_s, self.factor * median) if median else max(self.floor_s, 10 * self.floor_s)
@@ -197,7 +212,7 @@ class Watchdog:
             stalled = time.perf_counter() - since
             if stalled > self.limit() and self._reported != (phase, since):
                 self._reported = (phase, since)
-                self._dump(phase, step + 1, stalled)
+                self._dump(phase, step if phase == TEARDOWN else step + 1, stalled)
 
     def _dump(self, phase: str, step: int, stalled: float) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -220,9 +235,10 @@ class Watchdog:
                 if dump is not None:
                     f.write(dump)
         self.dumps += 1
-        log.error("rank %d seems hung: step %d has been in phase %s for %.0f s (recent median iteration %s s); "
-                  "Python stacks of every thread in %s", self.rank, step, phase, stalled,
-                  "-" if median is None else f"{median:.3f}", path)
+        where = {STARTUP: f"the start-up before step {step} has", TEARDOWN: f"the teardown after step {step} has"}
+        log.error("rank %d seems hung: %s been in phase %s for %.0f s (recent median iteration %s s); "
+                  "Python stacks of every thread in %s", self.rank, where.get(phase, f"step {step} has"), phase,
+                  stalled, "-" if median is None else f"{median:.3f}", path)
 
     def close(self) -> None:
         self._stop.set()
