@@ -25,6 +25,13 @@ def _processes_mentioning(text: str):
     return found
 
 
+def _torchrun(args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_train", *args],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240,
+                          stdin=subprocess.DEVNULL)
+
+
 @pytest.mark.slow
 def test_a_stalled_rank_is_diagnosed_and_the_job_ends_cleanly(tmp_path):
     run = tmp_path / "hang"
@@ -33,10 +40,7 @@ def test_a_stalled_rank_is_diagnosed_and_the_job_ends_cleanly(tmp_path):
             "logging.progress_bar=off", "checkpoint.resume=never", "debug.faults=stall@8:1=25",
             "dist.watchdog_floor_s=2", "dist.watchdog_factor=5", "dist.timeout_s=10", f"run.dir={run}"]
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_train", *args],
-                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240,
-                          stdin=subprocess.DEVNULL)
+    proc = _torchrun(args)
     assert proc.returncode != 0, proc.stderr[-3000:]
     dumps = sorted(p.name for p in (run / "hangs").iterdir())
     assert "rank00001-step00000008-data.txt" in dumps, dumps  # the stalled rank, waiting for its data
@@ -171,10 +175,7 @@ def test_a_rank_stalled_before_the_first_step_is_diagnosed(tmp_path):
     args = ["model.name=mlp", "data.name=digits", "data.batch_size=16", "data.num_workers=0", "train.max_steps=5",
             "logging.mlflow.enabled=false", "logging.progress_bar=off", "debug.faults=startup_stall@:1=30",
             "dist.watchdog_floor_s=2", "dist.init_timeout_s=12", f"run.dir={run}"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_train", *args],
-                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240,
-                          stdin=subprocess.DEVNULL)
+    proc = _torchrun(args)
     assert proc.returncode != 0, proc.stderr[-3000:]
     dumps = sorted(p.name for p in (run / "hangs").iterdir())
     assert dumps == ["rank00000-step00000001-startup.txt", "rank00001-step00000001-startup.txt"], dumps
