@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import dist_train
+from conftest import spawn
 
 COMMON = ["logging.mlflow.enabled=false", "data.num_workers=0", "logging.every_steps=1", "data.batch_size=8",
           "checkpoint.every_steps=0"]
@@ -164,3 +165,61 @@ def test_an_abort_on_a_logging_step_keeps_its_record(tmp_path):
     records = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [5, 10, 15, 20], records
     assert records[1]["nonfinite_steps"] == 1
+
+
+def _rollback_to_another_strategys_checkpoint(rank: int, world: int, run_dir: str) -> None:
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config import load_config, to_dict
+    from dist_train.data.registry import DataInfo
+    from dist_train.env.cluster import detect
+    from dist_train.train.build import build_training
+    from dist_train.train.state import TrainState
+    from dist_train.train.step import train_step
+
+    info = DataInfo("classification", (1, 8, 8), 10)
+    common = ["model.name=mlp", "model.hidden=16", "data.name=digits", "train.warmup_steps=0", "train.schedule=constant"]
+    batch = (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+
+    def manager_of(job, strategy):
+        return CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job), micro_global_batch=8,
+                                 grad_accum_steps=1, seed=0)
+
+    job = load_config(None, ["strategy.name=single", *common])
+    torch.manual_seed(0)
+    single = build_training(job, detect(), torch.device("cpu"), info)
+    train_step(single, iter([batch]), job.train)
+    manager = manager_of(job, single)
+    manager.save(TrainState(step=1))
+    manager.close()
+    saved = {k: v.clone() for k, v in single.model.state_dict().items()}
+
+    job = load_config(None, ["strategy.name=deepspeed", "checkpoint.load_optimizer=false", *common])
+    ds = build_training(job, detect(), torch.device("cpu"), info)
+    manager = manager_of(job, ds)
+    try:
+        state = TrainState()
+        manager.resume(state)
+        for _ in range(2):
+            train_step(ds, iter([batch]), job.train)
+        inner = ds.optimizer.optimizer  # (the engine's torch optimizer over its fp32 partitions)
+        assert inner.state, "no optimizer state to reset"
+        state.step = 3
+        manager.rollback(state)
+        assert state.step == 1
+        # The weights are the checkpoint's; the moments of the steps after it are gone (the
+        # optimizer starts afresh, as at the resume from that checkpoint).
+        assert not inner.state, "the rollback kept the diverged steps' AdamW moments"
+        weights = {k: v.float() for k, v in ds.unwrapped_model.state_dict().items()}
+        assert all(torch.equal(weights[k], saved[k]) for k in saved), "weights are not the checkpoint's"
+        train_step(ds, iter([batch]), job.train)  # (and training goes on)
+        assert inner.state
+    finally:
+        manager.close()
+        ds.teardown()
+
+
+@pytest.mark.slow
+def test_a_deepspeed_rollback_to_another_strategys_checkpoint_starts_the_optimizer_afresh(tmp_path):
+    """Resumed weights-only from another strategy's checkpoint, then rolled back to it: DeepSpeed's
+    engine kept the AdamW moments of the steps being undone (the torch strategies cleared theirs)."""
+    spawn(_rollback_to_another_strategys_checkpoint, 1, str(tmp_path / "run"))

@@ -25,8 +25,6 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Set
 
-import torch
-
 from dist_train.checkpoint import checksum, decode, digest, layout, retention
 from dist_train.checkpoint.files import CheckpointFiles
 from dist_train.checkpoint.storage import CorruptCheckpoint
@@ -349,8 +347,7 @@ class Restorer:
             problem = strategy.check_checkpoint(files, meta, False)
             if problem:
                 raise CheckpointError(f"rollback: {os.path.basename(chosen)} cannot be loaded: {problem}")
-            if isinstance(strategy.optimizer, torch.optim.Optimizer):
-                strategy.optimizer.state.clear()
+            strategy.reset_optimizer_state()  # (the moments of the diverged steps must not stay)
         settings = strategy.optimizer_settings()
         strategy.load_checkpoint(files, meta, with_optimizer)
         strategy.keep_optimizer_settings(settings)  # (this run's lr, weight decay and schedule, as at a resume)

@@ -380,6 +380,15 @@ class Strategy(ABC):
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
                 group["lr"] = lr
 
+    def reset_optimizer_state(self) -> None:
+        """Forget the optimizer's per-parameter state (AdamW's moments, SGD's momentum): the next
+        step starts it afresh, as a new optimizer would. DeepSpeed's engine wraps a torch optimizer
+        over its fp32 partitions: that one's state is cleared."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"{self.name}: cannot reset the state of optimizer {type(inner).__name__}")
+        inner.state.clear()
+
     def optimizer_settings(self) -> Tuple[List[Dict[str, Any]], List[float]]:
         """The optimizer's hyperparameters per param group (weight decay, betas, momentum ...) and
         the schedule's peak learning rates, as this run's config built them: taken before a
