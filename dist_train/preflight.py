@@ -104,6 +104,8 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
             raise ConfigError("task.name", f"{job.task.name} does not fit data.name={job.data.name!r}, a "
                                            f"{dataset_task(job.data.name)} dataset (leave task.name empty: the "
                                            "dataset's own task is used)")
+    if job.train.loss_average == "tokens":
+        _check_task_sums(job, user)
     _check_freeze(job, user)
     if job.model.init_from and not os.path.exists(job.model.init_from):
         raise ConfigError("model.init_from", f"no such file or directory: {job.model.init_from}")
@@ -147,3 +149,19 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
         from dist_train.preflight_io import check_io
 
         check_io(job, cluster)  # run dir writable, data.root present, resume path a checkpoint, sane worker count
+
+
+def _check_task_sums(job, user) -> None:
+    """``train.loss_average=tokens`` with a task known before the run (fit's ``task``, or
+    ``task.name``) that cannot sum its loss: refused now, not inside the process group."""
+    from dist_train.train.sources import check_loss_average
+    from dist_train.train.tasks import BUILTIN, Task
+
+    spec = user.task if user is not None and user.task is not None else job.task.name
+    if not spec or (isinstance(spec, str) and spec in BUILTIN):
+        return  # (the dataset's own task, or a built-in one; a dataset of one's own is checked once built)
+    if isinstance(spec, Task):
+        check_loss_average(job.train.loss_average, spec.sums_targets, spec.name)
+    else:
+        check_loss_average(job.train.loss_average, False,
+                           spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__))

@@ -22,6 +22,7 @@ AUGMENTATIONS = ("random_crop", "random_resized_crop", "hflip", "vflip", "rotati
 FAULTS = ("after_shards", "after_commit", "slow_write", "slow_staging", "step_sleep", "nan", "stall", "crash",
           "worker_fork_hang", "startup_stall")
 NONFINITE = ("skip", "abort", "rollback")
+LOSS_AVERAGES = ("micro_batch", "tokens")
 # Checkpoint directories are named step_XXXXXXXX (8 digits): a step count past this would make
 # checkpoints that resume cannot find.
 MAX_STEPS = 10**8 - 1
@@ -200,6 +201,10 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = doc(1500, "optimizer steps to run in total (a resumed run counts the steps already done)")
     grad_accum_steps: int = doc(1, "micro-batches per optimizer step")
+    loss_average: str = doc("micro_batch", "what a step's loss is the mean of: micro_batch (each micro-batch's "
+                            "own mean, averaged over micro-batches and ranks, as a plain loop computes it) or "
+                            "tokens (one mean over every counted target of the global batch: padding (-100) "
+                            "and uneven micro-batches weigh nothing; built-in tasks only; one all-reduce a step)")
     precision: str = doc("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; needs a GPU)")
     optimizer: str = doc("adamw", "adamw, adam or sgd (torch.optim.AdamW, Adam, SGD)")
     lr: float = doc(1e-3, "peak learning rate")
@@ -238,6 +243,7 @@ class TrainConfig:
         _one_of(self.precision, PRECISIONS, "train.precision")
         _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
         _one_of(self.schedule, SCHEDULES, "train.schedule")
+        _one_of(self.loss_average, LOSS_AVERAGES, "train.loss_average")
         _finite(self.lr, "train.lr", 0, lo_open=True)
         _finite(self.weight_decay, "train.weight_decay", 0)
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",

@@ -110,6 +110,15 @@ def make_datasets(cfg, train_data: Any = None, eval_data: Any = None) -> Tuple[D
 
 # --- task -----------------------------------------------------------------------------------------
 
+def check_loss_average(loss_average: str, sums_targets: bool, name: str) -> None:
+    """``train.loss_average=tokens`` needs a task that sums its loss and counts its targets (the
+    built-in ones); a task of one's own returns a mean whose weight is unknown."""
+    if loss_average == "tokens" and not sums_targets:
+        raise ConfigError("train.loss_average", f"tokens needs a built-in task ({', '.join(tasks.BUILTIN)}), which "
+                          f"sums its loss and counts its targets; task {name!r} returns a mean of unknown "
+                          "weight: use train.loss_average=micro_batch, or weigh the loss in the task")
+
+
 def make_task(name: str, user_task: Any, info) -> tasks.Task:
     """fit's ``task`` argument, else ``task.name``, else the dataset's own task."""
     spec = user_task if user_task is not None else (name or info.task)

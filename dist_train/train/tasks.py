@@ -137,11 +137,26 @@ class Task:
     """Training loss and evaluation sums of one kind of problem."""
 
     name = "task"
+    sums_targets = False  # loss_sum and target_count exist (train.loss_average=tokens)
 
     def loss(self, model, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The mean loss of ``batch`` (and extra training metrics, usually none)."""
         inputs, target = split_batch(batch)
         return self.criterion(prediction(call_model(model, inputs)), target), {}
+
+    def loss_sum(self, model, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss of ``batch`` summed over its counted targets (``loss`` is this over
+        ``target_count``), and extra training metrics."""
+        inputs, target = split_batch(batch)
+        return self.criterion_sum(prediction(call_model(model, inputs)), target), {}
+
+    def criterion_sum(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"task {self.name!r} has no summed loss")
+
+    def target_count(self, batch) -> torch.Tensor:
+        """How many targets of ``batch`` the loss averages over (a tensor on the batch's device),
+        known before the forward."""
+        raise NotImplementedError(f"task {self.name!r} does not count its targets")
 
     def criterion(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -156,11 +171,21 @@ class Task:
 
 class Classification(Task):
     name = "classification"
+    sums_targets = True
 
     def criterion(self, pred, target):
         if pred.dim() == 3:  # [B, T, C] token classification
             pred, target = pred.flatten(0, 1), target.flatten()
         return F.cross_entropy(pred.float(), target)
+
+    def criterion_sum(self, pred, target):
+        if pred.dim() == 3:
+            pred, target = pred.flatten(0, 1), target.flatten()
+        return F.cross_entropy(pred.float(), target, reduction="sum", ignore_index=IGNORE_INDEX)
+
+    def target_count(self, batch):
+        _, target = split_batch(batch)
+        return (target != IGNORE_INDEX).sum()
 
     def eval_sums(self, model, batch):
         inputs, target = split_batch(batch)
@@ -220,6 +245,16 @@ class Regression(Task):
     def criterion(self, pred, target):
         pred, target = self._align(pred, target)
         return F.mse_loss(pred, target)
+
+    sums_targets = True
+
+    def criterion_sum(self, pred, target):
+        pred, target = self._align(pred, target)
+        return F.mse_loss(pred, target, reduction="sum")
+
+    def target_count(self, batch):
+        _, target = split_batch(batch)
+        return torch.tensor(target.numel(), device=target.device)
 
     def eval_sums(self, model, batch):
         inputs, target = split_batch(batch)
