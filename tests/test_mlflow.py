@@ -175,6 +175,22 @@ def test_writer_resumes_the_same_run_and_records_changed_params(tmp_path, caplog
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 3.0), (2, 2.0)]
 
 
+def test_a_resume_with_denser_logging_sends_the_new_steps_and_none_twice(tmp_path):
+    """An attempt logged steps 4 and 8 (every 4) and died after its checkpoint of step 4; the rerun
+    logs every 2 from there. Steps 6 and 10 are new to the run, step 8 it has: the run skipped every
+    point up to the latest step it held (6 never reached MLflow)."""
+    def m(step, loss):
+        return {"t": "m", "step": step, "ts": step, "v": {"loss": loss}}
+
+    first = run_writer(tmp_path, [start(), m(4, 4.0), m(8, 8.0)])  # (EOF without close: died)
+    run_id = first[0]["run_id"]
+    again = {**start(resume=run_id), "resume_step": 4}
+    run_writer(tmp_path, [again, m(6, 6.0), m(8, 8.0), m(10, 10.0), {"t": "close", "status": "completed", "artifacts": []}])
+    client, _ = only_run(sqlite_uri(tmp_path))
+    assert [(p.step, p.value) for p in client.get_metric_history(run_id, "loss")] == [
+        (4, 4.0), (6, 6.0), (8, 8.0), (10, 10.0)]
+
+
 def test_writer_starts_a_new_run_when_the_resumed_one_is_not_in_the_store(tmp_path, caplog):
     emitted = run_writer(tmp_path, [start(resume="0123456789abcdef0123456789abcdef"),
                                     {"t": "close", "status": "completed", "artifacts": []}])

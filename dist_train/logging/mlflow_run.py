@@ -4,7 +4,7 @@ one a checkpoint names. Used by the writer process (``mlflow_writer.py``); no to
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from dist_train.logging.mlflow_buffer import sanitize_name
 
@@ -64,9 +64,33 @@ def logged_steps(run) -> Dict[str, int]:
     return out
 
 
-def open_run(client, experiment: str, start: Dict[str, Any], uri: str) -> Tuple[str, List[Any], Dict[str, int]]:
+class SentPoints:
+    """Which points a continued MLflow run holds already, so a resumed job sends none twice: up to
+    the resumed step, everything up to each metric's latest step (the earlier attempts sent their
+    points in step order); after it, exactly the steps of each metric's history there (the job
+    trains those steps again, bit for bit; with a denser ``logging.every_steps`` it logs steps in
+    between that the run lacks)."""
+
+    def __init__(self, latest: Optional[Dict[str, int]] = None, resume_step: int = 0,
+                 after: Optional[Dict[str, Set[int]]] = None):
+        self.latest, self.resume_step, self.after = latest or {}, resume_step, after or {}
+
+    def has(self, key: str, step: int) -> bool:
+        if step <= self.resume_step:
+            return step <= self.latest.get(key, -1)
+        return step in self.after.get(key, ())
+
+    @classmethod
+    def of(cls, client, run, resume_step: int) -> "SentPoints":
+        latest = logged_steps(run)
+        after = {key: {int(m.step) for m in client.get_metric_history(run.info.run_id, key) if m.step > resume_step}
+                 for key, step in latest.items() if step > resume_step}  # (only metrics logged past it)
+        return cls(latest, resume_step, after)
+
+
+def open_run(client, experiment: str, start: Dict[str, Any], uri: str) -> Tuple[str, List[Any], SentPoints]:
     """Continue ``start["resume_run_id"]`` (when it exists) or create a run; returns its id, the
-    params and tags still to send, and (continued) the step each metric was logged up to: a resumed
+    params and tags still to send, and (continued) the points it holds (``SentPoints``): a resumed
     job trains those steps again, bit for bit, and MLflow cannot delete points, so they are not
     sent twice. MLflow params are immutable: a value that changed on resume is recorded in the tag
     ``dist_train.changed_params``."""
@@ -86,9 +110,9 @@ def open_run(client, experiment: str, start: Dict[str, Any], uri: str) -> Tuple[
         if run is None or run.info.lifecycle_stage == "deleted":
             log.warning("MLflow run %s (from the checkpoint) is not in %s; starting a new run", resume, uri)
             run = None
-    steps: Dict[str, int] = {}
+    steps = SentPoints()
     if run is not None:
-        steps = logged_steps(run)
+        steps = SentPoints.of(client, run, int(start.get("resume_step") or 0))
         client.update_run(run.info.run_id, status="RUNNING")
         old = run.data.params
         changed = sorted(k for k in params if k in old and old[k] != params[k])

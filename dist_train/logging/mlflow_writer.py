@@ -62,7 +62,7 @@ class Writer:
         self.run_id: Optional[str] = None
         self.run_ready = False
         self.entities: List[Any] = []          # params and tags still to send, before any metric
-        self.sent_before: Dict[str, int] = {}  # a continued run: each metric's last step already in MLflow
+        self.sent = mlflow_run.SentPoints()  # a continued run: the points it holds already
         self.close: Optional[dict] = None
         self.deadline = math.inf
         self.gave_up: Optional[str] = None
@@ -189,7 +189,7 @@ class Writer:
 
     def _open_run(self) -> None:
         self._connect()
-        self.run_id, self.entities, self.sent_before = mlflow_run.open_run(self.client, self.experiment_id,
+        self.run_id, self.entities, self.sent = mlflow_run.open_run(self.client, self.experiment_id,
                                                                             self.start, self.uri)
         self._backfill(int(self.start.get("resume_step") or 0))
         self.run_ready = True
@@ -212,7 +212,7 @@ class Writer:
                 if step > resume_step:
                     break  # (the resumed job's own records: it logs them itself)
                 values = {k: v for k, v in record.items()
-                          if k != "step" and step > self.sent_before.get(sanitize_name(k), -1)}
+                          if k != "step" and not self.sent.has(sanitize_name(k), step)}
                 if values:
                     self.buffer.add(step, now, values)
                     added += 1
@@ -235,7 +235,7 @@ class Writer:
                 return
             rows = self.buffer.peek(MAX_BATCH)
             # (Points an earlier attempt sent, the resumed job logs again: not twice.)
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in rows if step > self.sent_before.get(k, -1)]
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in rows if not self.sent.has(k, step)]
             if metrics:
                 self._batch(metrics=metrics)
             self.buffer.pop(len(rows))
