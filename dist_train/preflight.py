@@ -104,8 +104,8 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
             raise ConfigError("task.name", f"{job.task.name} does not fit data.name={job.data.name!r}, a "
                                            f"{dataset_task(job.data.name)} dataset (leave task.name empty: the "
                                            "dataset's own task is used)")
-    if job.train.loss_average == "tokens":
-        _check_task_sums(job, user)
+    _check_task(job, user)
+    _check_user_model(user)
     _check_freeze(job, user)
     if job.model.init_from and not os.path.exists(job.model.init_from):
         raise ConfigError("model.init_from", f"no such file or directory: {job.model.init_from}")
@@ -151,17 +151,23 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
         check_io(job, cluster)  # run dir writable, data.root present, resume path a checkpoint, sane worker count
 
 
-def _check_task_sums(job, user) -> None:
-    """``train.loss_average=tokens`` with a task known before the run (fit's ``task``, or
-    ``task.name``) that cannot sum its loss: refused now, not inside the process group."""
-    from dist_train.train.sources import check_loss_average
-    from dist_train.train.tasks import BUILTIN, Task
+def _check_task(job, user) -> None:
+    """fit's ``task`` (a name, a callable or a Task) or ``task.name``, resolved as the run will; and
+    ``train.loss_average=tokens`` against it (a task of one's own cannot sum its loss). The
+    dataset's own task (no name given) is checked once the data is built."""
+    from dist_train import plugins
+    from dist_train.train import sources
 
-    spec = user.task if user is not None and user.task is not None else job.task.name
-    if not spec or (isinstance(spec, str) and spec in BUILTIN):
-        return  # (the dataset's own task, or a built-in one; a dataset of one's own is checked once built)
-    if isinstance(spec, Task):
-        check_loss_average(job.train.loss_average, spec.sums_targets, spec.name)
-    else:
-        check_loss_average(job.train.loss_average, False,
-                           spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__))
+    given = user is not None and user.task is not None
+    if not given and not job.task.name:
+        return
+    task = sources.make_task(job.task.name, user.task if given else None, plugins.DatasetInfo())
+    sources.check_loss_average(job.train.loss_average, task.sums_targets, task.name)
+
+
+def _check_user_model(user) -> None:
+    """fit's ``model``: a module, or a builder (a class or a function) that returns one when called."""
+    model = user.model if user is not None else None
+    if model is not None and not isinstance(model, torch.nn.Module) and not callable(model):
+        raise ConfigError("model", f"must be a torch.nn.Module or a zero-argument callable returning one; got "
+                                   f"{type(model).__name__}")

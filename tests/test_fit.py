@@ -102,6 +102,13 @@ def test_fit_rejects_bad_input_before_any_process_group(tmp_path):
     with pytest.raises(dist_train.ConfigError, match=r"model.freeze.*'head\.\*' matches no parameter; names look "
                                                      r"like weight, bias"):
         dist_train.fit(torch.nn.Linear(2, 2), data, overrides=[f"run.dir={tmp_path / 'c'}", *FIT, "model.freeze=[head.*]"])
+    # fit's own objects, checked as the run would take them: before the run starts, nothing written
+    for kwargs, words in (({"task": "nope"}, r"^task: unknown task 'nope'"), ({"task": 42}, r"^task: .*int"),
+                          ({"model": 42}, r"^model: must be a torch.nn.Module or a zero-argument callable")):
+        with pytest.raises(dist_train.ConfigError, match=words):
+            dist_train.fit(**{"model": torch.nn.Linear(2, 2), "train_data": data, **kwargs},
+                           overrides=[f"run.dir={tmp_path / 'd'}", *FIT])
+    assert not (tmp_path / "d").exists()
     assert not torch.distributed.is_initialized()
 
     # The built-in datasets' preprocessing keys would be ignored: fit's data is used as it is.
@@ -595,3 +602,21 @@ def test_ddp_names_find_unused_parameters_when_a_parameter_gets_no_gradient(tmp_
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "failed" and "strategy.find_unused_parameters=true" in summary["error"], \
         (summary, proc.stdout[-2000:], proc.stderr[-3000:])
+
+
+class _Squares(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.full((2,), float(i)), i % 2
+
+
+def test_a_dataset_class_is_a_builder_like_a_function(tmp_path):
+    """fit(Net, DatasetClass): the class was taken for a dataset (a class has __getitem__ too) and
+    the run failed on len(class)."""
+    import dist_train
+
+    summary = dist_train.fit(lambda: torch.nn.Linear(2, 2), _Squares, eval_data=_Squares,
+                             overrides=[f"run.dir={tmp_path}", *FIT, "data.batch_size=4"])
+    assert summary["status"] == "completed" and summary["eval_loss"] is not None

@@ -77,7 +77,8 @@ class MapDataset(Dataset):
 def _dataset(obj: Any, key: str) -> Optional[Dataset]:
     if obj is None:
         return None
-    if not isinstance(obj, Dataset) and callable(obj) and not hasattr(obj, "__getitem__"):
+    # A builder: a function, or a Dataset class (a class has __getitem__ too, as an attribute).
+    if isinstance(obj, type) or (not isinstance(obj, Dataset) and callable(obj) and not hasattr(obj, "__getitem__")):
         obj = plugins.call_builder(obj, key)
     return MapDataset(obj, key)
 
