@@ -51,7 +51,13 @@ def fit(model: Any, train_data: Any, eval_data: Any = None, task: Any = None,
         job.model.name = f"fit:{_name(model)}"
     job.data.name = f"fit:{_name(train_data)}"
     cluster = detect()
-    preflight(job, cluster, user)
+    try:
+        preflight(job, cluster, user)
+    except ConfigError as exc:
+        from dist_train.train.job import record_refused
+
+        record_refused(job, cluster, exc)  # (a run dir's summary.json never tells of an older attempt)
+        raise
     outcome = run(job, cluster, user)
     if outcome.code == 0 or outcome.code == EXIT_PREEMPTED:
         return outcome.summary

@@ -72,6 +72,21 @@ def _usage_error(message: str, cluster: ClusterEnv) -> int:
     return EXIT_USAGE
 
 
+def _record_refused(job, args, cluster: ClusterEnv, exc: ConfigError) -> None:
+    """summary.json of a run refused for its config, in its run dir if that exists (a run dir's
+    summary never tells of an older attempt). When the config itself did not load, the run dir is
+    taken from the preset and the ``run.*`` overrides alone, if those load."""
+    from dist_train.train.job import record_refused
+
+    partial = job is None
+    if partial:
+        try:
+            job = load_config(args.config, [o for o in args.overrides if o.strip().startswith("run.")])
+        except (ConfigError, OSError):
+            return
+    record_refused(job, cluster, exc, partial=partial)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cluster = detect()
@@ -83,6 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_OK
     if unknown:
         return _usage_error(f"unknown option(s) {' '.join(unknown)}; see --help", cluster)
+    job = None
     try:
         job = load_config(args.config, args.overrides)
         if args.print_config:
@@ -97,6 +113,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"dist_train: config OK (run dir {job.run.dir})")
             return EXIT_OK
     except ConfigError as exc:
+        if not args.check and not args.print_config:
+            _record_refused(job, args, cluster, exc)
         return _usage_error(
             f"bad config: {exc.key}: {exc.reason}. " + (
                 "Fix the name in the YAML preset or the override" if exc.reason.startswith("unknown key") else

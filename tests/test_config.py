@@ -273,3 +273,32 @@ def test_the_config_reference_in_docs_is_the_schemas():
     assert all(f"| `{key}` |" in text for key, _, _ in describe_fields())
     faults_help = next(help_ for key, _, help_ in describe_fields() if key == "debug.faults")
     assert all(name in faults_help for name in FAULTS), faults_help
+
+
+def test_a_config_refused_before_the_run_replaces_the_run_dirs_old_summary(tmp_path, capsys):
+    """A run dir's summary.json said "completed" (exit 0) of an attempt whose config was then
+    refused (exit 2): a script deciding about a requeue would believe it. A dry --check writes
+    nothing; a run dir that does not exist is not made."""
+    import json
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "exit_code": 0}))
+    (run_dir / "summary.rank1.json").write_text("{}")
+    assert cli.main(["--check", "train.lr=-1", f"run.dir={run_dir}"]) == 2
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert cli.main(["train.lr=-1", f"run.dir={run_dir}"]) == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 2 and "train.lr" in summary["error"], summary
+    assert sorted(p.name for p in run_dir.iterdir()) == ["summary.json"]
+    assert cli.main(["train.lr=-1", f"run.dir={tmp_path / 'new'}"]) == 2 and not (tmp_path / "new").exists()
+    # fit's refusal likewise
+    import dist_train
+    import torch
+
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "exit_code": 0}))
+    with pytest.raises(ConfigError, match="^task: unknown task"):
+        dist_train.fit(torch.nn.Linear(2, 2), torch.utils.data.TensorDataset(torch.randn(4, 2), torch.zeros(4).long()),
+                       task="nope", overrides=[f"run.dir={run_dir}"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["model"] == "fit:Linear" and "unknown task" in summary["error"]

@@ -107,10 +107,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         # An earlier attempt's outcome: this attempt writes its own when it ends. Kept, summary.json
         # would say "completed" (or "preempted") of a rerun that was then killed (SIGKILL, OOM),
         # and a script deciding about a requeue would believe it.
-        for stale in [os.path.join(job.run.dir, "summary.json"),
-                      *glob.glob(os.path.join(glob.escape(job.run.dir), "summary.rank*.json"))]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(stale)
+        _remove_summaries(job.run.dir)
     set_cpu_threads(cluster)
     enable_nccl_flight_recorder(job.run.dir)
     metrics = build_metric_logger(job.run.dir, cluster.is_rank0, job.logging.mlflow, job.logging.tensorboard)
@@ -242,6 +239,32 @@ def _mlflow_run_to_continue(job, cluster: ClusterEnv, summary: Dict[str, Any], m
             return f.read().strip() or None
     except OSError:
         return None
+
+
+def _remove_summaries(run_dir: str) -> None:
+    for stale in [os.path.join(run_dir, "summary.json"),
+                  *glob.glob(os.path.join(glob.escape(run_dir), "summary.rank*.json"))]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+
+
+def record_refused(job, cluster: ClusterEnv, exc: ConfigError, partial: bool = False) -> None:
+    """A config refused before the run started (exit 2), in a run dir that exists already: its
+    summary.json says so, instead of an earlier attempt's outcome that a script deciding about a
+    requeue would believe. (A run dir that does not exist is not made for a config refused.)
+    ``partial``: ``job`` holds only the run's own keys (the rest did not load): what it would have
+    trained is left null."""
+    if not cluster.is_rank0 or not os.path.isdir(job.run.dir):
+        return
+    try:
+        _remove_summaries(job.run.dir)
+        summary = _new_summary(job, cluster, job.strategy.name)
+        if partial:
+            summary.update(strategy=None, precision=None, model=None, dataset=None)
+        summary.update(exit_code=2, error=f"ConfigError: {exc}")  # (exit 2: a usage error)
+        write_json_atomic(os.path.join(job.run.dir, "summary.json"), summary)
+    except OSError as exc2:  # (an unwritable run dir is the config's problem, reported already)
+        log.debug("summary.json of the refused config not written: %s", exc2)
 
 
 def _start_watchdog(job, cluster: ClusterEnv, clock: PhaseClock) -> Optional[Watchdog]:
