@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import signal
 import subprocess
@@ -169,6 +170,10 @@ def test_a_signal_while_the_job_is_built_stops_it_at_the_first_step_with_a_check
             "logging.mlflow.enabled=false", "logging.progress_bar=off", "checkpoint.every_steps=0"])
         assert SignalledWhileBuilt.sent and got == []
         assert summary["status"] == "preempted" and summary["exit_code"] == 3 and summary["steps"] == 1
+        # The step it stopped at has a record (off the cadence: every 10 steps), so the summary
+        # has its loss; it had none (null), or an earlier logged step's.
+        records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1] and summary["train_loss"] == records[0]["loss"], summary
         assert (tmp_path / "checkpoints" / "step_00000001" / "manifest.json").exists()
         _sigterm_self()
         assert got == [signal.SIGTERM]

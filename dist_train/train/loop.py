@@ -90,6 +90,8 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         faults.delay("step_sleep")
         faults.crash_point("crash", state.step, rank())
         stopping = preemption.requested()
+        if stopping:
+            reporter.log_stop(state, output, step_s)  # (its record before its checkpoint, as every step's)
         clock.iteration_done(state.step)
         ledger.maybe_update(state.step, clock)
         if state.step == first + 1 and timeout_s:

@@ -123,6 +123,16 @@ class Reporter:
         self.recorded = state.step
         self.progress.update(state.step, self.last)
 
+    def log_stop(self, state, output, step_s: float) -> None:
+        """The step a preemption stops at gets a record, off the cadence too (on every rank alike:
+        the ranks agreed to stop), so that summary.json's ``train_loss`` is the loss of the last
+        step trained, not of an earlier logged one (or none)."""
+        if self.recorded != state.step or self.due(state.step):
+            return  # (logged already, or not this step's output)
+        self.last = self._metrics(state, output, step_s)
+        self.metrics.log(state.step, dict(self.last))
+        self.progress.update(state.step, self.last)
+
     def _metrics(self, state, output, step_s: float) -> Dict[str, Any]:
         result, names = output.result, sorted(output.metrics)
         # The loss and a task's own metrics, averaged over ranks in one all-reduce (every rank joins).
