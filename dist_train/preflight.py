@@ -6,6 +6,7 @@ to each strategy (``Strategy.check_config``); this module only asks the registry
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 
@@ -22,10 +23,11 @@ def _keys(mapping) -> str:
 
 
 def _check_freeze(job, user) -> None:
-    """``model.freeze`` patterns against the model's parameter names, where they are known without
-    building the data: fit's module instance, or a torchvision zoo model (built on the meta device:
-    its names do not depend on the dataset). Other models are checked when they are built."""
-    if not job.model.freeze:
+    """``model.freeze`` and ``train.lr_scale`` patterns against the model's parameter names, where
+    they are known without building the data: fit's module instance, or a torchvision zoo model
+    (built on the meta device: its names do not depend on the dataset). Other models are checked
+    when they are built."""
+    if not job.model.freeze and not job.train.lr_scale:
         return
     from dist_train.train.sources import unmatched_freeze_pattern
 
@@ -46,6 +48,12 @@ def _check_freeze(job, user) -> None:
     problem = unmatched_freeze_pattern(names, list(job.model.freeze))
     if problem:
         raise ConfigError("model.freeze", problem)
+    from dist_train.train.optim import unmatched_lr_scale
+
+    trainable = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in job.model.freeze)]
+    problem = unmatched_lr_scale(trainable, dict(job.train.lr_scale))
+    if problem:
+        raise ConfigError("train.lr_scale", problem)
 
 
 def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None:

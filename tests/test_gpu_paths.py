@@ -137,7 +137,7 @@ def test_deepspeed_runs_on_the_ranks_own_gpu_when_each_task_sees_one(monkeypatch
             return self
 
     with pytest.raises(_Initialized) as seen:
-        strategy.setup(Model(2, 2), lambda params: torch.optim.SGD(params, lr=0.1),
+        strategy.setup(Model(2, 2), lambda module: torch.optim.SGD(module.parameters(), lr=0.1),
                        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
     assert seen.value.args[0].device_rank == 0, vars(seen.value.args[0])
 

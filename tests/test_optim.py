@@ -430,3 +430,75 @@ def test_param_groups_and_schedule_survive_fsdp_and_deepspeed(tmp_path, ok):
     cfg = load_config(None, args).train
     assert lrs_logged == {k: pytest.approx(0.05 * lr_factor(k - 1, cfg), rel=1e-9) for k in lrs_logged}
 
+
+
+def test_lr_scale_gives_each_pattern_its_group_and_keeps_the_default_first():
+    from dist_train.config import load_config
+    from dist_train.config.schema import ConfigError
+    from dist_train.train.optim import param_groups
+
+    model = torch.nn.Sequential()
+    model.add_module("body", torch.nn.Linear(4, 4))
+    model.add_module("norm", torch.nn.LayerNorm(4))
+    model.add_module("head", torch.nn.Linear(4, 2))
+    cfg = load_config(None, ["train.lr=0.1", "train.weight_decay=0.5", "train.decay_norm_and_bias=false",
+                             "train.lr_scale={head.*: 10, 'norm.*': 0.5, '*': 0.1}"]).train
+    groups = param_groups(model, cfg)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    got = [(sorted(ids[id(p)] for p in g["params"]), g.get("lr"), g.get("weight_decay")) for g in groups]
+    # first match wins ('*' takes the body: no parameter stays at train.lr, so no default group)
+    assert got == [(["body.weight"], pytest.approx(0.01), None), (["head.weight"], pytest.approx(1.0), None),
+                   (["body.bias"], pytest.approx(0.01), 0.0), (["norm.bias", "norm.weight"], 0.05, 0.0),
+                   (["head.bias"], pytest.approx(1.0), 0.0)], got
+    plain = load_config(None, ["train.lr_scale={head.*: 10}"]).train
+    first, head = param_groups(model, plain)
+    assert "lr" not in first and head["lr"] == pytest.approx(plain.lr * 10) and len(head["params"]) == 2
+    with pytest.raises(ConfigError, match=r"train.lr_scale: 'fc\.\*' matches no trainable parameter; names look like body"):
+        param_groups(model, load_config(None, ["train.lr_scale={fc.*: 10}"]).train)
+    with pytest.raises(ConfigError, match="needs the parameters' names"):
+        param_groups(model.parameters(), plain)
+
+
+def _lr_scale_on(rank: int, world: int) -> None:
+    from dist_train.config import load_config
+    from dist_train.data.registry import DataInfo
+    from dist_train.env.cluster import detect
+    from dist_train.train.build import build_training
+    from dist_train.train.step import train_step
+
+    info = DataInfo("classification", (1, 8, 8), 10)
+    g = torch.Generator().manual_seed(rank)
+    batch = (torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+    for name in ("ddp", "fsdp", "deepspeed"):
+        job = load_config(None, [f"strategy.name={name}", "model.name=mlp", "model.hidden=16", "data.name=digits",
+                                 "train.optimizer=sgd", "train.momentum=0", "train.weight_decay=0", "train.lr=0.1",
+                                 "train.warmup_steps=2", "train.schedule=constant", "train.grad_clip=0",
+                                 "train.lr_scale={out.*: 10}"])
+        torch.manual_seed(0)
+        strategy = build_training(job, detect(), torch.device("cpu"), info)
+        full = lambda: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().clone()
+                        for k, v in strategy.unwrapped_model.state_dict().items()}
+        before = full()
+        # the gradient of the mean over both ranks' batches, by a plain module
+        from dist_train.models import build_model
+
+        ref = build_model(job.model, info)
+        ref.load_state_dict(before)
+        xs, ys = zip(*[(torch.randn(8, 1, 8, 8, generator=gr), torch.randint(0, 10, (8,), generator=gr))
+                       for gr in (torch.Generator().manual_seed(r) for r in range(world))])
+        torch.nn.functional.cross_entropy(ref(torch.cat(xs)), torch.cat(ys)).backward()
+        train_step(strategy, iter([batch]), job.train)
+        after = full()
+        warm = 0.5  # (the first of 2 warmup steps: the schedule scales every group alike)
+        for key, p in ref.named_parameters():
+            lr = 0.1 * warm * (10 if key.startswith("out.") else 1)
+            torch.testing.assert_close(after[key], before[key] - lr * p.grad, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name} {key}: {m}")
+        lrs = [group["lr"] for group in strategy.optimizer.param_groups]
+        assert len(lrs) == 2 and lrs[1] == pytest.approx(10 * lrs[0]), (name, lrs)  # (after the schedule's step)
+        strategy.teardown()
+
+
+@pytest.mark.slow
+def test_lr_scale_trains_each_group_at_its_rate_under_every_strategy():
+    spawn(_lr_scale_on, 2)

@@ -223,3 +223,22 @@ def test_a_deepspeed_rollback_to_another_strategys_checkpoint_starts_the_optimiz
     """Resumed weights-only from another strategy's checkpoint, then rolled back to it: DeepSpeed's
     engine kept the AdamW moments of the steps being undone (the torch strategies cleared theirs)."""
     spawn(_rollback_to_another_strategys_checkpoint, 1, str(tmp_path / "run"))
+
+
+def test_a_resume_into_other_param_groups_is_refused_unless_weights_only(tmp_path):
+    """train.lr_scale (or model.freeze) changed on resume: the optimizer state of other groups
+    failed to load deep inside DCP ("Missing key in checkpoint state_dict: optim.param_groups.1.lr",
+    exit 1); weights only, the schedule's state of one group broke the step of two."""
+    from conftest import read_metrics, read_summary, run_cli
+
+    run = tmp_path / "run"
+    args = [*ROLLBACK[:-2], f"run.dir={run}", "train.schedule=linear", "train.max_steps=8"]
+    assert run_cli([*args, "train.max_steps=4"]).returncode == 0
+    proc = run_cli([*args, "train.lr_scale={out.*: 10}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("optimizer state belongs to other param groups: train.lr_scale={} there, {'out.*': 10.0} here" in proc.stderr
+            and "checkpoint.load_optimizer=false" in proc.stderr), proc.stderr[-2000:]
+    proc = run_cli([*args, "train.lr_scale={out.*: 10}", "checkpoint.load_optimizer=false"])
+    assert proc.returncode == 0 and read_summary(run)["steps"] == 8, proc.stderr[-3000:]
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run)}
+    assert lrs[5] == pytest.approx(0.001 * (1 - 4 / 8 * 0.9)), lrs  # (train.lr's group: the schedule goes on)

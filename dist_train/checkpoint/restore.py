@@ -70,6 +70,14 @@ def identity(config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in IDENTITY_SKIP}
 
 
+def grouping(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The entries of a resolved config that decide the optimizer's param groups (which parameters
+    train, and how they are split): an optimizer state loads only into the same groups."""
+    train, model = config.get("train", {}), config.get("model", {})
+    return {"model.freeze": list(model.get("freeze") or []), "train.lr_scale": dict(train.get("lr_scale") or {}),
+            "train.decay_norm_and_bias": bool(train.get("decay_norm_and_bias", True) or not train.get("weight_decay"))}
+
+
 META_KEYS = ("step", "train_state", "world_size", "micro_global_batch", "grad_accum_steps", "strategy")
 
 
@@ -311,6 +319,15 @@ class Restorer:
                     f"checkpoint {name} was written for {key}={stored.get(key)!r} but this run has {key}="
                     f"{current.get(key)!r}; resume it with the same model and dataset, or start fresh "
                     f"(checkpoint.resume=never or another run.dir)")
+        if self.m.cfg.load_optimizer:
+            stored, current = grouping(meta.get("config", {})), grouping(self.m.config)
+            changed = [key for key in stored if stored[key] != current[key]]
+            if changed:
+                raise CheckpointRefused(
+                    f"checkpoint {name}'s optimizer state belongs to other param groups: "
+                    + ", ".join(f"{k}={stored[k]!r} there, {current[k]!r} here" for k in changed)
+                    + ". Resume with the same settings, or set checkpoint.load_optimizer=false to go on from its "
+                      "weights, step, data position and schedule with a fresh optimizer state")
         position, gbs = meta["train_state"]["position"], self.m.micro_global_batch
         if position % gbs:
             raise CheckpointRefused(

@@ -208,6 +208,10 @@ class TrainConfig:
     precision: str = doc("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; needs a GPU)")
     optimizer: str = doc("adamw", "adamw, adam or sgd (torch.optim.AdamW, Adam, SGD)")
     lr: float = doc(1e-3, "peak learning rate")
+    lr_scale: Dict[str, float] = doc(None, "per-parameter learning rates: {glob of parameter names: multiplier of "
+                                     "train.lr}, first match wins, e.g. {'fc.*': 10, 'layer4.*': 0.5} (a new head "
+                                     "faster than a pretrained backbone); each its own param group under every "
+                                     "strategy, following the schedule", factory=dict)
     weight_decay: float = doc(0.01, "decoupled weight decay (adamw) or L2 (adam, sgd)")
     decay_norm_and_bias: bool = doc(True, "false: no weight decay on biases and normalisation weights (parameters "
                                     "with ndim <= 1; a second param group with weight_decay 0)")
@@ -244,6 +248,10 @@ class TrainConfig:
         _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
         _one_of(self.schedule, SCHEDULES, "train.schedule")
         _one_of(self.loss_average, LOSS_AVERAGES, "train.loss_average")
+        for pattern, scale in self.lr_scale.items():
+            _require(isinstance(scale, (int, float)) and not isinstance(scale, bool), f"train.lr_scale.{pattern}",
+                     f"must be a number (a multiplier of train.lr); got {scale!r}")
+            _finite(float(scale), f"train.lr_scale.{pattern}", 0, lo_open=True)
         _finite(self.lr, "train.lr", 0, lo_open=True)
         _finite(self.weight_decay, "train.weight_decay", 0)
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",

@@ -39,7 +39,9 @@ def _storage_ptr(t: torch.Tensor) -> int:
     return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
 
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+# Called with the module after the strategy wrapped or sharded it (its parameter names unchanged:
+# train.lr_scale matches them); an iterable of parameters is taken too.
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 Writer = Callable[[], None]
 
@@ -410,9 +412,13 @@ class Strategy(ABC):
                     changed.setdefault(key, (group[key], value))
                 group[key] = value
         old = list(self.scheduler.base_lrs)
-        peak_changed = any(_differs(a, b) for a, b in zip(old, base_lrs))
+        # Other groups (a weights-only resume after train.lr_scale or model.freeze changed): the
+        # checkpoint's schedule has a peak per group of its run; this run's groups keep theirs.
+        regrouped = len(old) != len(base_lrs)
+        peak_changed = regrouped or any(_differs(a, b) for a, b in zip(old, base_lrs))
         if peak_changed:
-            changed["lr"] = (old[0], base_lrs[0])
+            if not regrouped:
+                changed["lr"] = (old[0], base_lrs[0])
             self.scheduler.base_lrs = list(base_lrs)
         lambdas = getattr(self.scheduler, "lr_lambdas", None)
         before = [g["lr"] for g in self.optimizer.param_groups]
@@ -425,7 +431,7 @@ class Strategy(ABC):
             if lambdas is not None:
                 group["lr"] = base * lambdas[i](self.scheduler.last_epoch)
             elif peak_changed:
-                group["lr"] = group["lr"] * base / old[i] if old[i] else base
+                group["lr"] = group["lr"] * base / old[i] if i < len(old) and old[i] else base
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         if not peak_changed and any(_differs(a, g["lr"]) for a, g in zip(before, self.optimizer.param_groups)):
             changed["lr at this step (schedule)"] = (before[0], self.optimizer.param_groups[0]["lr"])

@@ -28,7 +28,7 @@ class DDPStrategy(Strategy):
             # After wrapping, in place: DDPOptimizer splits the graph at the gradient buckets so
             # their all-reduces still overlap the backward (see compiling.py).
             self.model.compile()
-        self.optimizer = make_optimizer(self.model.parameters())
+        self.optimizer = make_optimizer(model)  # (DDP's own parameters, under the module's names)
         self.scheduler = make_scheduler(self.optimizer)
 
     def accumulate(self, sync: bool) -> ContextManager:

@@ -72,7 +72,7 @@ class DeepSpeedStrategy(Strategy):
                                  for name, v in model.state_dict(keep_vars=True).items()
                                  if isinstance(v, nn.Parameter) and not v.requires_grad and v.dtype == torch.float32}
             _norm_statistics_in(model, self.precision.dtype)
-        optimizer = make_optimizer(model.parameters())
+        optimizer = make_optimizer(model)
         scheduler = make_scheduler(optimizer)
         config = ds_config.deepspeed_config(self.cfg, self.plan, self.precision.precision, self.cluster.world_size)
         self.global_grad_norm = ds_config.engine_drops_nonfinite(config)

@@ -195,7 +195,7 @@ class FSDPStrategy(Strategy):
         if any(p.is_meta for p in model.parameters()):
             self._materialise(model)
         self.model = model
-        self.optimizer = make_optimizer(model.parameters())
+        self.optimizer = make_optimizer(model)
         self.scheduler = make_scheduler(self.optimizer)
 
     shards_module = True

@@ -22,5 +22,5 @@ class SingleStrategy(Strategy):
         self.model = model.to(self.device)
         if compiling.wanted(self):
             self.model.compile()  # in place: parameter names unchanged (see compiling.py)
-        self.optimizer = make_optimizer(self.model.parameters())
+        self.optimizer = make_optimizer(self.model)
         self.scheduler = make_scheduler(self.optimizer)

@@ -21,28 +21,79 @@ restarts its second scheduler there).
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import math
-from typing import Any, Callable, Dict, Iterable, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dist_train.config.schema import ConfigError
 
-def param_groups(params: Iterable[nn.Parameter], cfg) -> List[Dict[str, Any]]:
+
+Named = List[Tuple[Optional[str], nn.Parameter]]
+
+
+def named_parameters(source: Any) -> Named:
+    """``(name, parameter)`` pairs of what a strategy hands the optimizer factory: its module
+    (wrapped or sharded, the names unchanged), or, from a strategy of one's own, an iterable of
+    parameters (names unknown: None) or of pairs."""
+    if isinstance(source, nn.Module):
+        return list(source.named_parameters())
+    return [item if isinstance(item, tuple) else (None, item) for item in source]
+
+
+def lr_scale_of(name: str, scales: Dict[str, float]) -> float:
+    """``train.lr_scale``'s multiplier for parameter ``name``: the first pattern it matches, else 1."""
+    return next((float(s) for pattern, s in scales.items() if fnmatch.fnmatchcase(name, pattern)), 1.0)
+
+
+def unmatched_lr_scale(names: List[str], scales: Dict[str, float]) -> Optional[str]:
+    """Why ``train.lr_scale`` is wrong for trainable parameters of these names (a pattern that
+    matches none of them), else None."""
+    for pattern in scales:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            return (f"{pattern!r} matches no trainable parameter; names look like "
+                    f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+    return None
+
+
+def param_groups(params: Any, cfg) -> List[Dict[str, Any]]:
     """The trainable parameters as optimizer param groups.
 
-    ``train.decay_norm_and_bias=false``: two groups, the second (biases and normalisation
-    weights, i.e. every parameter with ``ndim <= 1``) with ``weight_decay=0``. ``ndim`` is the
-    full parameter's, also for FSDP's DTensor shards, so every rank sorts the same way.
+    ``params``: a module, or parameters (see :func:`named_parameters`). ``train.lr_scale``: the
+    parameters each pattern matches first get a group of their own with ``lr = train.lr x
+    multiplier`` (the schedule scales every group's learning rate alike); the rest stay in the
+    first group, at ``train.lr`` (the ``lr`` logged). ``train.decay_norm_and_bias=false``: each of
+    those is split in two, the biases and normalisation weights (every parameter with
+    ``ndim <= 1``) with ``weight_decay=0``. ``ndim`` is the full parameter's, also for FSDP's
+    DTensor shards, so every rank sorts the same way. Empty groups are dropped (DeepSpeed's ZeRO
+    optimizers cannot flatten one).
     """
-    params = [p for p in params if p.requires_grad]
-    if cfg.decay_norm_and_bias or cfg.weight_decay == 0:
-        return [{"params": params}]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim <= 1]
-    # An empty group is dropped: DeepSpeed's ZeRO optimizers cannot flatten one.
-    return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    named = [(n, p) for n, p in named_parameters(params) if p.requires_grad]
+    scales = dict(getattr(cfg, "lr_scale", None) or {})
+    if scales:
+        if any(n is None for n, _ in named):
+            raise ConfigError("train.lr_scale", "needs the parameters' names: this strategy hands the optimizer "
+                                                "bare parameters (a strategy of one's own: hand it the module)")
+        problem = unmatched_lr_scale([n for n, _ in named], scales)
+        if problem:
+            raise ConfigError("train.lr_scale", problem)
+    split = not (cfg.decay_norm_and_bias or cfg.weight_decay == 0)
+    groups: Dict[Tuple[float, bool], List[nn.Parameter]] = {(1.0, True): []}  # (the first: train.lr, decayed)
+    for name, p in named:
+        key = (lr_scale_of(name, scales) if scales else 1.0, not split or p.ndim >= 2)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (scale, decayed), members in sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0, not kv[0][1])):
+        group: Dict[str, Any] = {"params": members}
+        if scale != 1.0:
+            group["lr"] = cfg.lr * scale
+        if not decayed:
+            group["weight_decay"] = 0.0
+        out.append(group)
+    return [g for g in out if g["params"]]
 
 
 # Devices whose Adam/AdamW get torch's fused kernel (one kernel for every parameter of a step).
@@ -80,10 +131,10 @@ def implementation(groups: List[Dict[str, Any]], optimizer: str, precision: str 
     return {"fused": True}
 
 
-def make_optimizer_factory(cfg) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
+def make_optimizer_factory(cfg) -> Callable[[Any], torch.optim.Optimizer]:
     """``make(params) -> optimizer`` for ``train.optimizer`` (adamw, adam, sgd)."""
 
-    def make(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    def make(params: Any) -> torch.optim.Optimizer:  # (the strategy's module, or its parameters)
         groups = param_groups(params, cfg)
         impl = implementation(groups, cfg.optimizer, cfg.precision)
         if cfg.optimizer == "sgd":
