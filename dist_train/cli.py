@@ -8,6 +8,7 @@ printed once: by rank 0; see ``_usage_error``), any other non-zero for a failed 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
 import time
@@ -72,6 +73,14 @@ def _usage_error(message: str, cluster: ClusterEnv) -> int:
     return EXIT_USAGE
 
 
+def _override_hint(key: str) -> str:
+    """How to override ``key`` on the command line: a list item (``data.augment[1]``) is set by
+    giving the whole list (an override of one item is refused)."""
+    key = key.split(" ")[0]
+    whole = re.sub(r"(\[\d+\])+$", "", key)
+    return f"{whole}=[...] (the whole list)" if whole != key else f"{key}=VALUE"
+
+
 def _record_refused(job, args, cluster: ClusterEnv, exc: ConfigError) -> None:
     """summary.json of a run refused for its config, in its run dir if that exists (a run dir's
     summary never tells of an older attempt). When the config itself did not load, the run dir is
@@ -118,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _usage_error(
             f"bad config: {exc.key}: {exc.reason}. " + (
                 "Fix the name in the YAML preset or the override" if exc.reason.startswith("unknown key") else
-                f"Fix it in the YAML preset or override it with {exc.key.split(' ')[0]}=VALUE")
+                f"Fix it in the YAML preset or override it with {_override_hint(exc.key)}")
             + "; `python -m dist_train --help` lists every key.",
             cluster,
         )

@@ -90,9 +90,12 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
         except ValueError as exc:
             raise ConfigError("model.name", str(exc)) from None
     if not own_data and job.data.name in dataset_names():
-        from dist_train.data.transforms import preprocessing_problem
+        from dist_train.data.registry import dataset_has_pixels
+        from dist_train.data.transforms import pixels_problem, preprocessing_problem
 
         problem = preprocessing_problem(job.data, dataset_task(job.data.name))
+        if problem is None and dataset_has_pixels(job.data.name) is not None:
+            problem = pixels_problem(job.data, dataset_has_pixels(job.data.name))
         if problem:
             raise ConfigError(*problem)
     else:  # fit's dataset, or an import path's: its samples are what it returns

@@ -302,3 +302,43 @@ def test_a_config_refused_before_the_run_replaces_the_run_dirs_old_summary(tmp_p
                        task="nope", overrides=[f"run.dir={run_dir}"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["model"] == "fit:Linear" and "unknown task" in summary["error"]
+
+
+def test_progress_lines_without_a_bar(capsys):
+    """logging.progress_bar=off dropped the step log lines too, though its help said only "auto (a bar
+    on a terminal, log lines otherwise), on or off": lines asks for the lines alone, off for neither."""
+    import logging
+
+    from dist_train.logging.progress import Progress
+
+    seen = {}
+    for mode in ("lines", "off"):
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logger = logging.getLogger("dist_train")
+        logger.addHandler(handler)
+        level, logger.level = logger.level, logging.INFO
+        try:
+            progress = Progress(4, 0, mode, every=1, enabled=True)
+            for step in range(1, 5):
+                progress.update(step, {"loss": 1.0})
+            progress.close()
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        seen[mode] = [r.getMessage() for r in records if "step" in r.getMessage()]
+    assert len(seen["lines"]) >= 2 and seen["off"] == [], seen
+
+
+def test_the_check_refuses_what_the_run_would_and_hints_at_a_whole_list(capsys):
+    """--check passed data.augment=[color_jitter] on synthetic_images (standardised values, no
+    pixels), which the run then refused; and a bad list item's hint said `data.augment[1]=VALUE`,
+    an override that is itself refused."""
+    assert cli.main(["--check", "data.name=synthetic_images", "data.augment=[color_jitter]"]) == 2
+    assert "data.augment: color_jitter needs [0, 1] pixels" in capsys.readouterr().err
+    assert cli.main(["--check", "data.name=synthetic_images", "data.augment=[hflip]"]) == 0
+    capsys.readouterr()
+    assert cli.main(["--check", "data.augment=[random_crop,blur]"]) == 2
+    err = capsys.readouterr().err
+    assert "data.augment[1]: unknown augmentation 'blur'" in err and "override it with data.augment=[...] (the whole list)" in err

@@ -329,7 +329,10 @@ def test_each_bad_import_path_exits_2_naming_the_key(override, key, words, tmp_p
     assert cli.main(["data.name=digits", *FIT, *override.split(), f"run.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert key in err and words in err, err
-    assert "Traceback" not in err
+    if override == "model.name=plugin_pkg:raises":  # a builder of one's own that raised: where, in its code
+        assert "raised by:\nTraceback" in err and 'plugin_pkg.py", line 75, in raises' in err, err
+    else:
+        assert "Traceback" not in err
 
 
 def test_entry_points_of_an_installed_package(tmp_path, ok):
@@ -620,3 +623,12 @@ def test_a_dataset_class_is_a_builder_like_a_function(tmp_path):
     summary = dist_train.fit(lambda: torch.nn.Linear(2, 2), _Squares, eval_data=_Squares,
                              overrides=[f"run.dir={tmp_path}", *FIT, "data.batch_size=4"])
     assert summary["status"] == "completed" and summary["eval_loss"] is not None
+
+
+def test_a_vision_transformer_on_small_images_is_told_about_data_resize():
+    """torchvision:vit_b_16 on 28x28 images failed with torchvision's bare assertion."""
+    from dist_train.train.job import _peer_hint
+
+    hint = _peer_hint(AssertionError("Wrong image height! Expected 224 but got 28!"))
+    assert "data.resize=224" in hint
+    assert _peer_hint(ValueError("something else")) == ""

@@ -44,8 +44,10 @@ def describe(path: str, sha256: bool = False) -> dict:
         entries = layout.read_manifest(path)["files"]
         info["sha256_recorded"] = sum("sha256" in e for e in entries.values())
         if sha256 and not errors:
+            info["sha256_checked"] = 0
             for rel, entry in sorted(entries.items()):
                 if "sha256" in entry:
+                    info["sha256_checked"] += 1
                     found = checksum.hash_file(os.path.join(path, rel), "sha256")
                     if found["sha256"] != entry["sha256"]:
                         errors.append(f"{rel}: sha256 {found['sha256'][:12]}... != {entry['sha256'][:12]}... "
@@ -94,7 +96,10 @@ def _print(info: dict) -> None:
     for rel, size in sorted(info["files"].items()):
         print(f"    {rel:40s} {size:>12d}")
     if "sha256_recorded" in info:
-        print(f"  sha256         recorded for {info['sha256_recorded']} of {len(info['files'])} files")
+        checked = info.get("sha256_checked")
+        print(f"  sha256         recorded for {info['sha256_recorded']} of {len(info['files'])} files"
+              + ("" if checked is None else f"; {checked} checked (--sha256), "
+                 + ("every one matches" if info["verified"] else "see the errors below")))
     if info["verified"]:
         print("  verification   OK (every file's size and checksum match manifest.json: XXH3-128, "
               "or SHA-256 in a format-1 manifest)")

@@ -336,7 +336,8 @@ class TensorBoardConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = doc(10, "how often rank 0 logs metrics (metrics.jsonl, MLflow, console)")
-    progress_bar: str = doc("auto", "auto (a bar on a terminal, log lines otherwise), on or off")
+    progress_bar: str = doc("auto", "auto (a bar on a terminal, step log lines otherwise), on (a bar), lines (step "
+                            "log lines, on a terminal too) or off (neither: warnings, errors and the closing lines)")
     level: str = doc("INFO", "console log level")
     grad_norms: int = doc(0, "at logging steps, also log the gradient norms of the K modules with the largest ones "
                           "(grad_norm/<module>; 0: off)")
@@ -348,7 +349,7 @@ class LoggingConfig:
         _require(self.grad_norms >= 0, "logging.grad_norms", f"must be >= 0; got {self.grad_norms}")
         # YAML reads a bare on/off as a boolean; take it as the word the user wrote.
         self.progress_bar = {"True": "on", "False": "off"}.get(str(self.progress_bar), self.progress_bar)
-        _one_of(self.progress_bar, ("auto", "on", "off"), "logging.progress_bar")
+        _one_of(self.progress_bar, ("auto", "on", "lines", "off"), "logging.progress_bar")
         _one_of(self.level, ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level")
 
 

@@ -90,7 +90,7 @@ def _load_fashion_split(root: Path, prefix: str) -> InMemoryDataset:
                            pixel_norm=(FASHION_MNIST_MEAN, FASHION_MNIST_STD))
 
 
-@register_dataset("fashion_mnist")
+@register_dataset("fashion_mnist", pixels=True)
 def build_fashion_mnist(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, DataInfo]:
     """Fashion-MNIST from the idx files in `cfg.root` (default: the Debian package's folder)."""
     root = Path(cfg.root or FASHION_MNIST_DEFAULT_ROOT)
@@ -145,7 +145,7 @@ def _digits_train_size(_cfg: Any) -> int:
     return _DIGITS_SAMPLES - _digits_eval_count(_DIGITS_SAMPLES)
 
 
-@register_dataset("digits", train_size=_digits_train_size)
+@register_dataset("digits", train_size=_digits_train_size, pixels=True)
 def build_digits(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, DataInfo]:
     """scikit-learn's 1797 8x8 digits: 80% train / 20% eval after a fixed permutation."""
     pixels, targets = _digits_arrays()
@@ -181,7 +181,7 @@ def _synthetic_split(templates: torch.Tensor, n: int, seed: int) -> InMemoryData
     return InMemoryDataset(x, labels, name=f"synthetic_images/{seed}")
 
 
-@register_dataset("synthetic_images", train_size=lambda cfg: int(cfg.synthetic_samples))
+@register_dataset("synthetic_images", train_size=lambda cfg: int(cfg.synthetic_samples), pixels=False)
 def build_synthetic_images(cfg: Any) -> tuple[InMemoryDataset, InMemoryDataset, DataInfo]:
     """Random (3, 32, 32) images whose label sets a class-dependent mean image; for benchmarks.
 

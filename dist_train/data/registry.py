@@ -100,16 +100,20 @@ Builder = Callable[[Any], tuple[Dataset, Dataset, DataInfo]]
 _BUILDERS: dict[str, Builder] = {}
 _TASKS: dict[str, str] = {}
 _TRAIN_SIZES: dict[str, Callable[[Any], Optional[int]]] = {}
+_PIXELS: dict[str, bool] = {}
 
 
 def register_dataset(name: str, task: str = "classification",
-                     train_size: Optional[Callable[[Any], Optional[int]]] = None) -> Callable[[Builder], Builder]:
+                     train_size: Optional[Callable[[Any], Optional[int]]] = None,
+                     pixels: Optional[bool] = None) -> Callable[[Builder], Builder]:
     """Decorator: register `fn(cfg) -> (train_ds, eval_ds, DataInfo)` under `name`.
 
     `task` is declared up front so config validation can match models to datasets without
     reading any data; so is `train_size(cfg)`, the number of training samples when it is known
     without reading the data (None: not known), so that a global batch larger than the training
-    set is refused before any process starts.
+    set is refused before any process starts. `pixels`: whether its images are standardised
+    [0, 1] pixels it can give back (`pixel_norm`), which the pixel-space augmentations need
+    (None: not known before it is built).
     """
     if task not in TASKS:
         raise ValueError(f"dataset {name!r}: task must be one of {TASKS}, got {task!r}")
@@ -121,6 +125,8 @@ def register_dataset(name: str, task: str = "classification",
         _TASKS[name] = task
         if train_size is not None:
             _TRAIN_SIZES[name] = train_size
+        if pixels is not None:
+            _PIXELS[name] = pixels
         return fn
 
     return decorator
@@ -130,6 +136,11 @@ def dataset_train_size(cfg: Any) -> Optional[int]:
     """The training samples of the registered dataset `cfg.name`, if known without reading it."""
     size = _TRAIN_SIZES.get(cfg.name)
     return None if size is None else size(cfg)
+
+
+def dataset_has_pixels(name: str) -> Optional[bool]:
+    """Whether the registered dataset `name` gives back [0, 1] pixels (None: not declared)."""
+    return _PIXELS.get(name)
 
 
 def is_builtin_dataset(name: str) -> bool:

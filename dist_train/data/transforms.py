@@ -162,6 +162,19 @@ def preprocessing_problem(cfg: Any, task: str, input_shape: tuple | None = None)
     return None
 
 
+def pixels_problem(cfg: Any, has_pixels: bool) -> tuple[str, str] | None:
+    """``(key, reason)`` when ``data.augment`` or ``data.normalize=false`` needs [0, 1] pixels and
+    the dataset holds standardised values it cannot give back, else None."""
+    if has_pixels:
+        return None
+    names, _, normalize = _settings(cfg)
+    needs_pixels = [n for n in names if n in _NEEDS_PIXELS]
+    if not needs_pixels and normalize:
+        return None
+    key, what = (("data.augment", needs_pixels[0]) if needs_pixels else ("data.normalize", "false"))
+    return key, f"{what} needs [0, 1] pixels, and data.name={cfg.name!r} holds standardised values"
+
+
 def apply_preprocessing(train: Dataset, evals: Dataset, info: Any, cfg: Any) -> tuple[Dataset, Dataset, Any]:
     """``(train, eval, info)`` with ``data.resize``, ``data.augment`` (train only) and
     ``data.normalize`` applied; unchanged (the same objects) when none of them asks for anything.
@@ -177,12 +190,9 @@ def apply_preprocessing(train: Dataset, evals: Dataset, info: Any, cfg: Any) -> 
     if problem:
         raise ConfigError(*problem)
     pixel_norm = getattr(train, "pixel_norm", None)
-    if pixel_norm is None:
-        needs_pixels = [n for n in names if n in _NEEDS_PIXELS]
-        if needs_pixels or not normalize:
-            key, what = (("data.augment", needs_pixels[0]) if needs_pixels else ("data.normalize", "false"))
-            raise ConfigError(key, f"{what} needs [0, 1] pixels, and data.name={cfg.name!r} holds standardised "
-                                   "values")
+    problem = pixels_problem(cfg, pixel_norm is not None)
+    if problem:
+        raise ConfigError(*problem)
     hw = (side, side) if side else (shape[1], shape[2])
     common = dict(resize=hw if side else None, normalize=normalize)
     augment = build_augment(names, hw) if names else None

@@ -31,7 +31,7 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
             set_bar_active(True)  # (the console's log lines go above the bar meanwhile)
-        self.lines = enabled and self.bar is None and mode != "off"
+        self.lines = enabled and self.bar is None and mode != "off"  # (auto off a terminal, and lines)
         self.t0 = time.perf_counter()
         self._posted = None  # the metrics the bar's postfix shows
 

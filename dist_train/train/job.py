@@ -156,6 +156,9 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         code = 2
         if cluster.is_rank0:
             log.error("bad checkpoint: %s" if isinstance(exc, CheckpointRefused) else "bad config: %s", exc)
+            if exc.__cause__ is not None and not isinstance(exc.__cause__, (ConfigError, CheckpointRefused)):
+                # A builder of one's own that raised: where, in its own code (the one line says what).
+                log.error("raised by:\n%s", "".join(traceback.format_exception(exc.__cause__)).rstrip())
         summary["error"], error = f"{type(exc).__name__}: {exc}", exc.with_traceback(None)
     except Exception as exc:
         if settled:  # (sharing the summary, or the group's teardown: the checkpoint and the outcome stand)
@@ -425,7 +428,14 @@ _UNUSED_PARAMETERS = ("Expected to have finished reduction in the prior iteratio
                       "parameters that were not used in producing loss")
 
 
+# What torchvision's vision transformers raise for images of another size than they were built for.
+_IMAGE_SIZE = ("Wrong image height!", "Wrong image width!")
+
+
 def _peer_hint(exc: BaseException) -> str:
+    if any(words in str(exc) for words in _IMAGE_SIZE):
+        return (" (the model takes images of another size than the dataset's: resize them with data.resize, e.g. "
+                "data.resize=224 for torchvision's ViTs)")
     if any(words in str(exc) for words in _PEER_GONE):
         return (" (another rank is gone: it failed first, and its summary.rank<N>.json or the launcher's "
                 "'rank N failed first' line says why)")
