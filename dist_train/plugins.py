@@ -23,6 +23,8 @@ import importlib
 import inspect
 import os
 import sys
+import sysconfig
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -121,7 +123,21 @@ def call_builder(fn: Callable, key: str, *args: Any) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(key, f"the builder {getattr(fn, '__qualname__', fn)!r} failed: "
-                          f"{type(exc).__name__}: {exc}") from exc
+                          f"{type(exc).__name__}: {exc}{_raised_at(exc)}") from exc
+
+
+def _raised_at(exc: BaseException) -> str:
+    """Where in the user's own code ``exc`` was raised (`` (raised at FILE:LINE, in FUNCTION)``):
+    an exit-2 message is one line without a traceback, and should still say where to look. The
+    deepest frame outside dist_train, installed packages and the standard library; else the
+    deepest frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    here = os.path.dirname(os.path.abspath(__file__))
+    library = tuple({sysconfig.get_path("stdlib"), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+                    - {None})
+    own = [f for f in frames if not os.path.abspath(f.filename).startswith((here, *library))]
+    frame = (own or frames or [None])[-1]
+    return "" if frame is None else f" (raised at {frame.filename}:{frame.lineno}, in {frame.name})"
 
 
 def torchvision_model(name: str, args: Dict[str, Any], info) -> Any:

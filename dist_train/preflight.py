@@ -33,24 +33,25 @@ def _check_freeze(job, user) -> None:
 
     model = user.model if user is not None else None
     if isinstance(model, torch.nn.Module):
-        names = [n for n, _ in model.named_parameters()]
+        named = list(model.named_parameters())
     elif model is None and job.model.name.startswith("torchvision:"):
         from dist_train import plugins
 
         try:
             with torch.device("meta"):
-                names = [n for n, _ in plugins.torchvision_model(job.model.name, dict(job.model.args), None)
-                         .named_parameters()]
+                named = list(plugins.torchvision_model(job.model.name, dict(job.model.args), None).named_parameters())
         except Exception:  # noqa: BLE001  (some zoo models cannot be built on the meta device, e.g. RegNet's
             return  # .tolist(): the run builds it for real and checks the names then)
     else:
         return
+    names = [n for n, _ in named]
     problem = unmatched_freeze_pattern(names, list(job.model.freeze))
     if problem:
         raise ConfigError("model.freeze", problem)
     from dist_train.train.optim import unmatched_lr_scale
 
-    trainable = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in job.model.freeze)]
+    # (what the optimizer gets: not frozen by model.freeze, nor by hand, requires_grad=False on fit's module)
+    trainable = [n for n, p in named if p.requires_grad and not any(fnmatch.fnmatchcase(n, f) for f in job.model.freeze)]
     problem = unmatched_lr_scale(trainable, dict(job.train.lr_scale))
     if problem:
         raise ConfigError("train.lr_scale", problem)

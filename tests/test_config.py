@@ -69,8 +69,8 @@ def test_a_misspelt_key_is_named_with_the_key_it_resembles(override, key, guess,
     ("model.args.hidden=8", "model.args"),             # the built-in cnn reads model.hidden: ignored
     ("data.args={n: 3}", "data.args"),                 # the built-in fashion_mnist reads no data.args
 ])
-def test_bad_config_exits_2_naming_the_key(override, key, capsys):
-    assert cli.main([override]) == 2
+def test_bad_config_exits_2_naming_the_key(override, key, capsys, tmp_path):
+    assert cli.main([override, f"run.dir={tmp_path}"]) == 2  # (a refusal writes summary.json to the run dir)
     err = capsys.readouterr().err
     assert f"bad config: {key}" in err, err
     assert "Traceback" not in err

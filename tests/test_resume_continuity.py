@@ -242,3 +242,12 @@ def test_a_resume_into_other_param_groups_is_refused_unless_weights_only(tmp_pat
     assert proc.returncode == 0 and read_summary(run)["steps"] == 8, proc.stderr[-3000:]
     lrs = {r["step"]: r["lr"] for r in read_metrics(run)}
     assert lrs[5] == pytest.approx(0.001 * (1 - 4 / 8 * 0.9)), lrs  # (train.lr's group: the schedule goes on)
+    # Only a multiplier changed: the same groups, so the optimizer state loads (this run's rates apply).
+    proc = run_cli([*args, "train.max_steps=10", "train.lr_scale={out.*: 5}"])
+    assert proc.returncode == 0 and read_summary(run)["resumed_from_step"] == 8, proc.stderr[-3000:]
+    # A rollback to a checkpoint of other groups (after a weights-only resume): its weights, and a
+    # fresh optimizer state, as at that resume (DCP failed on the missing group).
+    proc = run_cli([*args, "train.max_steps=12", "train.lr_scale={out.*: 5, hidden1.*: 2}",
+                    "checkpoint.load_optimizer=false", *ROLLBACK[-2:], "debug.faults=nan@11"])
+    assert proc.returncode == 0 and "rolled back to step_00000010" in proc.stderr, proc.stderr[-3000:]
+    assert read_summary(run)["steps"] == 12

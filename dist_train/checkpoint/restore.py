@@ -320,14 +320,12 @@ class Restorer:
                     f"{current.get(key)!r}; resume it with the same model and dataset, or start fresh "
                     f"(checkpoint.resume=never or another run.dir)")
         if self.m.cfg.load_optimizer:
-            stored, current = grouping(meta.get("config", {})), grouping(self.m.config)
-            changed = [key for key in stored if stored[key] != current[key]]
-            if changed:
+            problem = self.other_groups(meta)
+            if problem:
                 raise CheckpointRefused(
-                    f"checkpoint {name}'s optimizer state belongs to other param groups: "
-                    + ", ".join(f"{k}={stored[k]!r} there, {current[k]!r} here" for k in changed)
-                    + ". Resume with the same settings, or set checkpoint.load_optimizer=false to go on from its "
-                      "weights, step, data position and schedule with a fresh optimizer state")
+                    f"checkpoint {name}'s optimizer state belongs to other param groups: {problem}. Resume with the "
+                    "same settings, or set checkpoint.load_optimizer=false to go on from its weights, step, data "
+                    "position and schedule with a fresh optimizer state")
         position, gbs = meta["train_state"]["position"], self.m.micro_global_batch
         if position % gbs:
             raise CheckpointRefused(
@@ -346,6 +344,21 @@ class Restorer:
         if problem:
             raise CheckpointRefused(f"checkpoint {name} cannot be loaded: {problem}")
 
+    def other_groups(self, meta: Dict[str, Any]) -> Optional[str]:
+        """How the checkpoint's optimizer param groups differ from this run's (None: the same). Its
+        recorded groups (parameter names) against this optimizer's; a checkpoint without them (an
+        older release, an optimizer of another origin): the config keys that decide them."""
+        there, here = grouping(meta.get("config", {})), grouping(self.m.config)
+        keys = ", ".join(f"{k}={there[k]!r} there, {here[k]!r} here" for k in there if there[k] != here[k])
+        stored, current = meta.get("param_groups"), self.m.strategy.param_group_names()
+        if stored is None or current is None:
+            return keys or None
+        if stored == current:
+            return None  # (e.g. only a multiplier of train.lr_scale changed: this run's rates apply)
+        sizes = (f"{len(stored)} group(s) of {[len(g) for g in stored]} parameters there, {len(current)} of "
+                 f"{[len(g) for g in current]} here")
+        return f"{keys} ({sizes})" if keys else f"other trainable parameters or another split ({sizes})"
+
     def rollback(self, state) -> int:
         """Collective: back to the newest verified checkpoint's weights, optimizer, schedule and
         step, keeping ``state``'s data position (so training goes on past the batches that failed).
@@ -359,7 +372,7 @@ class Restorer:
         # The optimizer's state too, unless the checkpoint's cannot be loaded here (the checkpoint
         # this run resumed from with checkpoint.load_optimizer=false: another strategy's format):
         # then its weights and schedule, and the optimizer starts afresh, as at that resume.
-        with_optimizer = strategy.check_checkpoint(files, meta, True) is None
+        with_optimizer = strategy.check_checkpoint(files, meta, True) is None and self.other_groups(meta) is None
         if not with_optimizer:
             problem = strategy.check_checkpoint(files, meta, False)
             if problem:

@@ -372,7 +372,20 @@ class Strategy(ABC):
         return dcp_state.model_shapes(self.model)
 
     def _small_state(self) -> Dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict()}
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
+                "param_groups": self.param_group_names()}
+
+    def param_group_names(self) -> Optional[List[List[str]]]:
+        """The optimizer's param groups as parameter names, as dist_train's optimizer factory built
+        them (DeepSpeed's engine keeps ours inside it); None for an optimizer of another origin.
+        Checkpoints record them: an optimizer state loads only into the same groups."""
+        from dist_train.train.optim import GROUP_NAMES
+
+        for optimizer in (self.optimizer, getattr(self.optimizer, "optimizer", None)):
+            names = getattr(optimizer, GROUP_NAMES, None)
+            if names is not None:
+                return names
+        return None
 
     def _load_small_state(self, meta: Dict[str, Any], fresh_optimizer: bool) -> None:
         self.scheduler.load_state_dict(meta["scheduler"])
@@ -388,7 +401,9 @@ class Strategy(ABC):
         over its fp32 partitions: that one's state is cleared."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if not isinstance(inner, torch.optim.Optimizer):
-            raise TypeError(f"{self.name}: cannot reset the state of optimizer {type(inner).__name__}")
+            logging.getLogger(__name__).warning("%s: the state of optimizer %s cannot be reset; it is kept",
+                                                self.name, type(inner).__name__)
+            return
         inner.state.clear()
 
     def optimizer_settings(self) -> Tuple[List[Dict[str, Any]], List[float]]:

@@ -186,7 +186,7 @@ class DeepSpeedStrategy(Strategy):
             self.model.save_checkpoint(files.native_dir, tag=NATIVE_TAG, save_latest=False)
             files.write_state({"model": deepspeed_state.full_weights(self.unwrapped_model, self._frozen_fp32)})
 
-        return {"scheduler": self.scheduler.state_dict(), "scaler": None}, write
+        return {"scheduler": self.scheduler.state_dict(), "scaler": None, "param_groups": self.param_group_names()}, write
 
     def _own_format(self, meta: Dict[str, Any]) -> bool:
         return meta.get("kind") == self.checkpoint_kind and meta.get("strategy") == self.name

@@ -121,6 +121,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             # A preemption while the job is built: its watcher stops at the first step. (Not during
             # the rendezvous: a signal still ends a process that waits for peers that may never come.)
             early = EarlySignals()
+            clock.enter(STARTUP)  # (from now: the rendezvous, however long the ranks took to come, is behind)
             watchdog = _start_watchdog(job, cluster, clock)
             # The same count on every rank, whichever node's worker failed (torchrun's own is per node).
             restarts = group_restarts()
@@ -134,6 +135,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                             "as long on an AVX2 machine); train.precision=fp32 is the fast choice on this machine",
                             torch.backends.cpu.get_cpu_capability())
             parts = build_parts(job, cluster, device, user)
+            clock.progress()  # (each stage of the start-up has its own bound: the data may take long to build)
             try:
                 preemption = PreemptionWatcher(parts.strategy.device, early)  # collective: a gloo group of its own
                 preempted, signalled = _train(job, cluster, parts, state, metrics, summary, started_unix, preemption,
@@ -156,9 +158,6 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         code = 2
         if cluster.is_rank0:
             log.error("bad checkpoint: %s" if isinstance(exc, CheckpointRefused) else "bad config: %s", exc)
-            if exc.__cause__ is not None and not isinstance(exc.__cause__, (ConfigError, CheckpointRefused)):
-                # A builder of one's own that raised: where, in its own code (the one line says what).
-                log.error("raised by:\n%s", "".join(traceback.format_exception(exc.__cause__)).rstrip())
         summary["error"], error = f"{type(exc).__name__}: {exc}", exc.with_traceback(None)
     except Exception as exc:
         if settled:  # (sharing the summary, or the group's teardown: the checkpoint and the outcome stand)
@@ -315,8 +314,10 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         faults.delay("startup_stall", cluster.rank)
         manager.resume(state)
         clock.step = state.step  # (a hang report names the step it waits to take)
+        clock.progress()
         logged_before = last_step(os.path.join(job.run.dir, "metrics.jsonl")) if cluster.is_rank0 else 0
         params, tags = describe_run(job, cluster, strategy.name)  # collective: gathers host names
+        clock.progress()
         metrics.start(params, tags, resume_run_id=_mlflow_run_to_continue(job, cluster, summary, manager),
                       resume_step=state.step)
         if cluster.is_rank0 and metrics.run_id:

@@ -33,6 +33,7 @@ from dist_train.config.schema import ConfigError
 
 
 Named = List[Tuple[Optional[str], nn.Parameter]]
+GROUP_NAMES = "dist_train_group_names"  # an optimizer's param groups as parameter names (set by make)
 
 
 def named_parameters(source: Any) -> Named:
@@ -65,7 +66,8 @@ def param_groups(params: Any, cfg) -> List[Dict[str, Any]]:
     ``params``: a module, or parameters (see :func:`named_parameters`). ``train.lr_scale``: the
     parameters each pattern matches first get a group of their own with ``lr = train.lr x
     multiplier`` (the schedule scales every group's learning rate alike); the rest stay in the
-    first group, at ``train.lr`` (the ``lr`` logged). ``train.decay_norm_and_bias=false``: each of
+    first group, at ``train.lr`` (the ``lr`` logged is the first group's: ``train.lr``'s unless
+    every trainable parameter is scaled). ``train.decay_norm_and_bias=false``: each of
     those is split in two, the biases and normalisation weights (every parameter with
     ``ndim <= 1``) with ``weight_decay=0``. ``ndim`` is the full parameter's, also for FSDP's
     DTensor shards, so every rank sorts the same way. Empty groups are dropped (DeepSpeed's ZeRO
@@ -135,18 +137,27 @@ def make_optimizer_factory(cfg) -> Callable[[Any], torch.optim.Optimizer]:
     """``make(params) -> optimizer`` for ``train.optimizer`` (adamw, adam, sgd)."""
 
     def make(params: Any) -> torch.optim.Optimizer:  # (the strategy's module, or its parameters)
-        groups = param_groups(params, cfg)
+        named = named_parameters(params)
+        groups = param_groups(named, cfg)
         impl = implementation(groups, cfg.optimizer, cfg.precision)
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                   weight_decay=cfg.weight_decay, **impl)
-        if cfg.optimizer == "adam":  # weight decay as an L2 term in the gradient (torch's Adam)
-            return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **impl)
-        if cfg.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **impl)
-        raise ValueError(f"train.optimizer={cfg.optimizer!r} is not one of adamw, adam, sgd")
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                        weight_decay=cfg.weight_decay, **impl)
+        elif cfg.optimizer == "adam":  # weight decay as an L2 term in the gradient (torch's Adam)
+            optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                         **impl)
+        elif cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                          **impl)
+        else:
+            raise ValueError(f"train.optimizer={cfg.optimizer!r} is not one of adamw, adam, sgd")
+        names = {id(p): n for n, p in named}
+        if all(n is not None for n in names.values()):  # (checkpoints record them: a resume needs the same)
+            setattr(optimizer, GROUP_NAMES, [[names[id(p)] for p in g["params"]] for g in groups])
+        return optimizer
 
     return make
+
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

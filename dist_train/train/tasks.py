@@ -185,6 +185,9 @@ class Classification(Task):
 
     def target_count(self, batch):
         _, target = split_batch(batch)
+        if target.is_floating_point():  # (class probabilities: one count per sample, not per class)
+            raise ValueError("train.loss_average=tokens counts class-index targets; this batch has float targets "
+                             "(class probabilities): use train.loss_average=micro_batch")
         return (target != IGNORE_INDEX).sum()
 
     def eval_sums(self, model, batch):
