@@ -29,7 +29,7 @@ def _check_freeze(job, user) -> None:
     when they are built."""
     if not job.model.freeze and not job.train.lr_scale:
         return
-    from dist_train.train.sources import unmatched_freeze_pattern
+    from dist_train.train.optim import unmatched_pattern
 
     model = user.model if user is not None else None
     if isinstance(model, torch.nn.Module):
@@ -45,14 +45,12 @@ def _check_freeze(job, user) -> None:
     else:
         return
     names = [n for n, _ in named]
-    problem = unmatched_freeze_pattern(names, list(job.model.freeze))
+    problem = unmatched_pattern(names, job.model.freeze)
     if problem:
         raise ConfigError("model.freeze", problem)
-    from dist_train.train.optim import unmatched_lr_scale
-
     # (what the optimizer gets: not frozen by model.freeze, nor by hand, requires_grad=False on fit's module)
     trainable = [n for n, p in named if p.requires_grad and not any(fnmatch.fnmatchcase(n, f) for f in job.model.freeze)]
-    problem = unmatched_lr_scale(trainable, dict(job.train.lr_scale))
+    problem = unmatched_pattern(trainable, job.train.lr_scale, "trainable parameter")
     if problem:
         raise ConfigError("train.lr_scale", problem)
 

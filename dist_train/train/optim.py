@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import fnmatch
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -50,12 +50,12 @@ def lr_scale_of(name: str, scales: Dict[str, float]) -> float:
     return next((float(s) for pattern, s in scales.items() if fnmatch.fnmatchcase(name, pattern)), 1.0)
 
 
-def unmatched_lr_scale(names: List[str], scales: Dict[str, float]) -> Optional[str]:
-    """Why ``train.lr_scale`` is wrong for trainable parameters of these names (a pattern that
-    matches none of them), else None."""
-    for pattern in scales:
+def unmatched_pattern(names: List[str], patterns: Iterable[str], what: str = "parameter") -> Optional[str]:
+    """Why glob ``patterns`` of parameter names (``model.freeze``, ``train.lr_scale``) are wrong
+    for a model whose ``what``s have these names (a pattern that matches none of them), else None."""
+    for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            return (f"{pattern!r} matches no trainable parameter; names look like "
+            return (f"{pattern!r} matches no {what}; names look like "
                     f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
     return None
 
@@ -79,7 +79,7 @@ def param_groups(params: Any, cfg) -> List[Dict[str, Any]]:
         if any(n is None for n, _ in named):
             raise ConfigError("train.lr_scale", "needs the parameters' names: this strategy hands the optimizer "
                                                 "bare parameters (a strategy of one's own: hand it the module)")
-        problem = unmatched_lr_scale([n for n, _ in named], scales)
+        problem = unmatched_pattern([n for n, _ in named], scales, "trainable parameter")
         if problem:
             raise ConfigError("train.lr_scale", problem)
     split = not (cfg.decay_norm_and_bias or cfg.weight_decay == 0)

@@ -17,6 +17,7 @@ from dist_train.config.schema import ConfigError
 from dist_train.data.loader import seed_generators
 from dist_train.data.registry import is_namedtuple
 from dist_train.train import tasks
+from dist_train.train.optim import unmatched_pattern
 
 log = logging.getLogger("dist_train")
 
@@ -199,21 +200,12 @@ def init_from(module: nn.Module, path: str, verbose: bool = True) -> Dict[str, L
     return report
 
 
-def unmatched_freeze_pattern(names: List[str], patterns: List[str]) -> Optional[str]:
-    """Why ``model.freeze`` is wrong for a model with these parameter names (a pattern that matches
-    none of them), else None."""
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            return f"{pattern!r} matches no parameter; names look like {', '.join(names[:4])}, ..."
-    return None
-
-
 def freeze(module: nn.Module, patterns: List[str], verbose: bool = True) -> List[str]:
     """Set ``requires_grad=False`` on the parameters whose names match a glob of ``patterns``
     (the optimizer only ever sees trainable parameters). Returns the frozen names."""
     if not patterns:
         return []
-    problem = unmatched_freeze_pattern([n for n, _ in module.named_parameters()], patterns)
+    problem = unmatched_pattern([n for n, _ in module.named_parameters()], patterns)
     if problem:
         raise ConfigError("model.freeze", problem)
     frozen = []

@@ -47,6 +47,7 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
     per_target = getattr(train_cfg, "loss_average", "micro_batch") == "tokens"
     fetched = _fetch_all(data, accum, strategy.device, clock) if per_target else None
     weight = _per_target_weight(task, fetched, strategy.device) if per_target else None
+    divide = accum > 1 and weight is None  # (micro_batch: each micro-loss is 1/accum of the mean)
     for micro in range(accum):
         if fetched is None:
             with clock("data"):
@@ -61,16 +62,13 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
                     else:
                         summed, extra = task.loss_sum(strategy.model, batch)
                         loss = summed * weight
-                if weight is not None:
-                    strategy.backward(loss)
-                else:
-                    strategy.backward(loss if accum == 1 else loss / accum)  # (a division is two kernels)
+                strategy.backward(loss / accum if divide else loss)  # (a division is two kernels)
             micro_loss = loss.detach().float().to(strategy.device)  # (a task's loss may sit elsewhere)
             total = micro_loss if total is None else total + micro_loss
             for key, value in extra.items():
                 share = value.float() if accum == 1 else value.float() / accum
                 metrics[key] = share if key not in metrics else metrics[key] + share
-    mean = total if accum == 1 or weight is not None else total / accum
+    mean = total / accum if divide else total
     if strategy.device.type == "cuda":
         # The host only queues kernels: without this wait the device's forward and backward would be
         # timed where the host first waits for it, the optimizer's read of the gradient norm. That

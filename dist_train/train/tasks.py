@@ -230,6 +230,7 @@ class LanguageModel(Classification):
 
 class Regression(Task):
     name = "regression"
+    sums_targets = True
 
     @staticmethod
     def _align(pred, target):
@@ -248,8 +249,6 @@ class Regression(Task):
     def criterion(self, pred, target):
         pred, target = self._align(pred, target)
         return F.mse_loss(pred, target)
-
-    sums_targets = True
 
     def criterion_sum(self, pred, target):
         pred, target = self._align(pred, target)
