@@ -123,3 +123,23 @@ def test_the_summed_losses_are_the_means_times_their_counts():
         total = task.criterion_sum(pred, target)
         assert float(count) == float((target != -100).sum()) and float(total / count) == pytest.approx(
             float(task.criterion(pred, target)), rel=1e-6), task.name
+
+
+def test_a_micro_batch_of_padding_only_adds_nothing_instead_of_nan():
+    # Under the default micro_batch average, a micro-batch whose every label is padding had the
+    # mean 0/0 = NaN, and train.nonfinite dropped the whole step on every rank.
+    batches = _micro_batches(0, ignored=(0, 8))  # 8 and 0 counted labels
+    job, info, start, loss, after = _step("single", "micro_batch", batches, 1)
+    ref_loss, ref = _reference(job, info, start, batches[:1])  # the first micro-batch's mean...
+    assert loss == pytest.approx(ref_loss / 2, rel=1e-5)  # ...over 2 micro-batches
+    for name, value in ref.items():
+        half = start[name] + (value - start[name]) / 2
+        torch.testing.assert_close(after[name], half, rtol=1e-5, atol=1e-6)
+    from dist_train.train.tasks import Classification, LanguageModel
+
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    padding = torch.full((2, 5), -100)
+    for task, pred, target in ((LanguageModel(), logits, padding), (Classification(), logits[:, 0], padding[:, 0])):
+        value = task.criterion(pred, target)
+        value.backward()
+        assert float(value.detach()) == 0.0 and torch.all(logits.grad == 0), task.name

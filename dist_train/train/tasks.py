@@ -176,7 +176,14 @@ class Classification(Task):
     def criterion(self, pred, target):
         if pred.dim() == 3:  # [B, T, C] token classification
             pred, target = pred.flatten(0, 1), target.flatten()
-        return F.cross_entropy(pred.float(), target)
+        if target.is_floating_point():  # (class probabilities: nothing is ignored)
+            return F.cross_entropy(pred.float(), target)
+        # cross_entropy's mean, but 0 (with zero gradients) for a micro-batch whose every target
+        # is padding, where the mean is 0/0 = NaN: with gradient accumulation a short sequence's
+        # padding can fill a whole micro-batch, and the NaN dropped the step on every rank.
+        # (Bitwise the mean otherwise, the loss and its gradient; no host sync.)
+        total = F.cross_entropy(pred.float(), target, reduction="sum", ignore_index=IGNORE_INDEX)
+        return total / (target != IGNORE_INDEX).sum().clamp(min=1)
 
     def criterion_sum(self, pred, target):
         if pred.dim() == 3:
