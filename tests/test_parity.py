@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import REPO, clean_env, free_port, read_metrics  # noqa: E402
+from conftest import REPO, clean_env, free_port, read_metrics, spawn  # noqa: E402
 
 SEP = "---"
 TOL = 1e-4
@@ -155,8 +156,8 @@ def test_bf16_trains_under_every_strategy(tmp_path, ok):
 def test_bf16_with_batchnorm_under_fsdp_and_deepspeed_trains_and_resumes(tmp_path, ok):
     """A ResNet's BatchNorm under bf16: FSDP's and DeepSpeed's bf16 cast its weights while its running
     statistics stayed fp32, and batch_norm refused the mix at the first forward. FSDP keeps it in an
-    fp32 unit (as autocast does), DeepSpeed keeps its statistics in bf16 (and its checkpoint's full
-    weights in fp32); both train, save, and resume from that checkpoint."""
+    fp32 unit (as autocast does), DeepSpeed reads its weights as fp32 for the normalisation (its
+    statistics stay fp32); both train, save, and resume from that checkpoint."""
     base = ["model.name=resnet18", "data.name=synthetic_images", "data.synthetic_samples=64", "data.resize=8",
             "data.batch_size=2", "data.num_workers=0", "train.precision=bf16", "train.warmup_steps=0",
             "logging.every_steps=1", "logging.mlflow.enabled=false", "logging.progress_bar=off", "eval.max_batches=1",
@@ -170,6 +171,46 @@ def test_bf16_with_batchnorm_under_fsdp_and_deepspeed_trains_and_resumes(tmp_pat
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["steps"] == 3 and summary["resumed_from_step"] == 2, summary
         assert all(math.isfinite(v) for v in series(tmp_path / name, "loss").values()), name
+
+
+def _deepspeed_bf16_batchnorm_statistics(rank: int, world_size: int) -> None:
+    from types import SimpleNamespace
+
+    from dist_train.config import load_config
+    from dist_train.env.cluster import detect
+    from dist_train.train.build import build_training
+    from dist_train.train.step import train_step
+
+    job = load_config(None, ["strategy.name=deepspeed", "strategy.zero_stage=2", "train.precision=bf16",
+                             "train.warmup_steps=0", "train.schedule=constant", "train.grad_clip=0"])
+    info = SimpleNamespace(task="classification", input_shape=(4,), num_classes=2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    strategy = build_training(job, detect(), torch.device("cpu"), info, model=lambda: net)
+    try:
+        x = torch.randn(8, 4) * 3 + 5
+        for _ in range(2):
+            train_step(strategy, iter([(x, torch.randint(0, 2, (8,)))]), job.train)
+        bn = strategy.unwrapped_model[0]
+        assert bn.weight.dtype == torch.bfloat16  # (the engine's cast)
+        assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+        seen = x.bfloat16().float()  # (the input reaches the engine's module in bf16)
+        mean, var = seen.mean(0), seen.var(0)  # (batch_norm's running variance: unbiased)
+        torch.testing.assert_close(bn.running_mean, 0.19 * mean, rtol=1e-5, atol=1e-6)  # two momentum 0.1 updates
+        torch.testing.assert_close(bn.running_var, 0.81 + 0.19 * var, rtol=1e-5, atol=1e-6)
+        assert int(bn.num_batches_tracked) == 2
+        bn.eval()  # the running statistics normalise a bf16 input in eval mode as well
+        assert torch.isfinite(strategy.unwrapped_model(x.bfloat16()).float()).all()
+    finally:
+        strategy.teardown()
+
+
+def test_deepspeed_bf16_keeps_batchnorm_statistics_in_fp32():
+    """DeepSpeed's bf16 section casts every parameter; BatchNorm's running statistics were kept in
+    bf16 with them (batch_norm refuses bf16 weights with fp32 statistics), so each momentum update
+    kept 3 significant digits: a running variance near 1 moved in steps of 1/128. They now stay
+    fp32 and take the exact update, as under autocast."""
+    spawn(_deepspeed_bf16_batchnorm_statistics, 1)
 
 
 if __name__ == "__main__":

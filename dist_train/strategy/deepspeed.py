@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 from typing import Any, ContextManager, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dist_train.strategy import compiling
 from dist_train.strategy import deepspeed_config as ds_config
@@ -277,12 +278,34 @@ def _cast_at_the_edges(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _norm_statistics_in(model: nn.Module, dtype: torch.dtype) -> None:
-    """BatchNorm's running statistics in ``dtype``: the engine's bf16/fp16 section casts every
-    parameter (BatchNorm's affine too) and keeps buffers fp32, and batch_norm refuses half-precision
-    weights with fp32 statistics. (The checkpoint's full weights hold them in fp32 again.)"""
+    """BatchNorm under the engine's bf16/fp16 section, which casts every parameter (BatchNorm's affine
+    too) and keeps buffers fp32, where batch_norm refuses half-precision weights with fp32 statistics.
+    The running statistics stay fp32, as under autocast and FSDP's fp32 unit (accumulated in bf16 a
+    momentum update kept 3 significant digits, and a pretrained model's statistics were rounded):
+    the forward normalises the half-precision input with the affine weights read as fp32, the mix
+    batch_norm takes on CPU and CUDA (its output in the input's dtype). A subclass with a forward of
+    its own (SyncBatchNorm) keeps its statistics in ``dtype`` instead."""
     for bn in model.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            for name in ("running_mean", "running_var"):
-                buffer = getattr(bn, name, None)
-                if buffer is not None:
-                    buffer.data = buffer.data.to(dtype)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            continue
+        if type(bn).forward is nn.modules.batchnorm._BatchNorm.forward:
+            bn.forward = MethodType(_batch_norm_fp32_forward, bn)
+            continue
+        for name in ("running_mean", "running_var"):
+            buffer = getattr(bn, name, None)
+            if buffer is not None:
+                buffer.data = buffer.data.to(dtype)
+
+
+def _batch_norm_fp32_forward(self: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> torch.Tensor:
+    """``_BatchNorm.forward`` with the affine weights read as fp32 (the engine holds them in bf16/fp16)."""
+    self._check_input_dim(input)
+    factor = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+    batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    running = not self.training or self.track_running_stats
+    return F.batch_norm(input, self.running_mean if running else None, self.running_var if running else None,
+                        None if self.weight is None else self.weight.float(),
+                        None if self.bias is None else self.bias.float(), batch_stats, factor, self.eps)

@@ -45,7 +45,7 @@ def full_weights(module: torch.nn.Module, frozen: Optional[Dict[str, torch.Tenso
                         full = value.detach().to("cpu", torch.float32, copy=True)
                 seen[id(value)] = (full if full is not None else value.detach()).detach().to("cpu", torch.float32, copy=True)
             out[name] = seen[id(value)]
-        else:  # (floating buffers in fp32, as the weights: BatchNorm's statistics run in bf16/fp16 here)
+        else:  # (floating buffers in fp32, as the weights: a SyncBatchNorm's statistics run in bf16/fp16 here)
             out[name] = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype, copy=True)
     return out
 
