@@ -251,3 +251,41 @@ def test_a_resume_into_other_param_groups_is_refused_unless_weights_only(tmp_pat
                     "checkpoint.load_optimizer=false", *ROLLBACK[-2:], "debug.faults=nan@11"])
     assert proc.returncode == 0 and "rolled back to step_00000010" in proc.stderr, proc.stderr[-3000:]
     assert read_summary(run)["steps"] == 12
+
+
+def test_a_resume_into_a_training_set_of_another_length_is_refused_mid_epoch(tmp_path):
+    """An epoch's order is a permutation of the training set's indices: resumed mid-epoch over one
+    more sample, the rest of the epoch came from another permutation (13 of 96 samples seen twice
+    and 13 never, exit 0); over fewer, the sampler failed at the first step (exit 1, a traceback).
+    At an epoch boundary the next epoch simply draws from the new set."""
+    from dist_train.checkpoint.restore import CheckpointRefused
+
+    run, base = tmp_path / "run", [*COMMON, f"run.dir={tmp_path / 'run'}", "checkpoint.every_steps=3"]
+    dist_train.fit(_net(), _Noisy(96, 0), overrides=[*base, "train.max_steps=3"])  # 24 of 96: mid-epoch
+    for n in (97, 40):
+        with pytest.raises(CheckpointRefused, match=rf"sample 24 of an epoch over 96 training samples, and this "
+                                                    rf"run's training set has {n}"):
+            dist_train.fit(_net(), _Noisy(n, 0), overrides=[*base, "train.max_steps=6"])
+    summary = dist_train.fit(_net(), _Noisy(96, 0), overrides=[*base, "train.max_steps=12"])  # to step 12: 96 samples
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 3, summary
+    summary = dist_train.fit(_net(), _Noisy(100, 0), overrides=[*base, "train.max_steps=15"])  # an epoch boundary
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 12, summary
+
+
+def _datasets_of_other_lengths(rank: int, world: int) -> None:
+    from dist_train.config.schema import ConfigError
+    from dist_train.train.build import same_lengths_on_every_rank
+
+    same_lengths_on_every_rank(_Noisy(96, 0), None)
+    same_lengths_on_every_rank(_Noisy(96, 0), _Noisy(10, 0))
+    with pytest.raises(ConfigError, match=r"the ranks' training sets differ in length \(rank 0: 96, rank 1: 97\)"):
+        same_lengths_on_every_rank(_Noisy(96 + rank, 0), None)
+    with pytest.raises(ConfigError, match=r"the ranks' evaluation sets differ in length \(rank 0: 10, rank 1: 11\)"):
+        same_lengths_on_every_rank(_Noisy(96, 0), _Noisy(10 + rank, 0))
+
+
+def test_ranks_whose_datasets_differ_in_length_are_refused_on_every_rank():
+    """Each rank draws its share of one order over its own dataset's indices: one more sample on
+    one rank (files listed on a node's own disk) repeated and dropped a quarter of each epoch
+    without a word."""
+    spawn(_datasets_of_other_lengths, 2)

@@ -97,7 +97,7 @@ class _Writer:
 
 class CheckpointManager:
     def __init__(self, cfg, run_dir: str, strategy, *, config: Dict[str, Any], micro_global_batch: int,
-                 grad_accum_steps: int, seed: int, run_id: Callable[[], Optional[str]] = lambda: None,
+                 grad_accum_steps: int, seed: int, train_samples: Optional[int] = None, run_id: Callable[[], Optional[str]] = lambda: None,
                  faults: Faults = NO_FAULTS):
         # The strategies' checkpoint code imports DCP's state_dict module when first used: now, not
         # in the first save (4 ms of training held up); not at import (preflight never needs it).
@@ -109,6 +109,7 @@ class CheckpointManager:
         self.strategy = strategy
         self.config = config
         self.micro_global_batch = micro_global_batch
+        self.train_samples = train_samples  # the training set's length (an epoch's order is a permutation of it)
         self.grad_accum_steps = grad_accum_steps
         self.run_id = run_id
         self.faults = faults
@@ -346,6 +347,7 @@ class CheckpointManager:
             "strategy": self.strategy.name,
             "world_size": self.world,
             "micro_global_batch": self.micro_global_batch,
+            "train_samples": self.train_samples,
             "grad_accum_steps": self.grad_accum_steps,
             "mlflow_run_id": self.run_id(),
             "config": self.config,

@@ -81,6 +81,11 @@ def grouping(config: Dict[str, Any]) -> Dict[str, Any]:
 META_KEYS = ("step", "train_state", "world_size", "micro_global_batch", "grad_accum_steps", "strategy")
 
 
+def _epoch_end(meta: Dict[str, Any]) -> int:
+    """Where the epoch of a checkpoint's training set ends (its last incomplete global batch dropped)."""
+    return meta["train_samples"] // meta["micro_global_batch"] * meta["micro_global_batch"]
+
+
 def read_meta(path: str) -> Dict[str, Any]:
     """A checkpoint's meta.json; CheckpointRefused naming the checkpoint when it is not usable."""
     name = os.path.basename(os.path.normpath(path))
@@ -309,6 +314,11 @@ class Restorer:
                 f"checkpoint.resume=never")
         return older
 
+    def other_train_set(self, meta: Dict[str, Any]) -> bool:
+        """The checkpoint was trained on a training set of another length than this run's."""
+        stored = meta.get("train_samples")
+        return stored is not None and self.m.train_samples is not None and stored != self.m.train_samples
+
     def check_fits(self, path: str, meta: Dict[str, Any], files: Optional[CheckpointFiles] = None) -> None:
         """Refuse (same verdict on every rank) a checkpoint of another model, dataset or batch."""
         name = os.path.basename(os.path.normpath(path))
@@ -327,6 +337,19 @@ class Restorer:
                     "same settings, or set checkpoint.load_optimizer=false to go on from its weights, step, data "
                     "position and schedule with a fresh optimizer state")
         position, gbs = meta["train_state"]["position"], self.m.micro_global_batch
+        stored_samples, samples = meta.get("train_samples"), self.m.train_samples
+        if self.other_train_set(meta):  # (an older checkpoint does not say: not checked)
+            if 0 < position < _epoch_end(meta):
+                raise CheckpointRefused(
+                    f"checkpoint {name} stopped at sample {position} of an epoch over {stored_samples} training "
+                    f"samples, and this run's training set has {samples}: the rest of that epoch cannot be drawn "
+                    f"(its order is a permutation of the old indices: samples would repeat or be skipped). Resume "
+                    f"with the same training data, or start fresh from its weights (model.init_from with "
+                    f"`python -m dist_train.checkpoint export`, or checkpoint.resume=never)")
+            if self.m.rank0:
+                log.warning("checkpoint %s was trained on %d samples, this run's training set has %d: "
+                            "the next epoch draws from the new set", name, stored_samples, samples)
+            position = 0  # (the resume starts the next epoch: any global batch divides it)
         if position % gbs:
             raise CheckpointRefused(
                 f"checkpoint {name} stopped at sample {position} of its epoch, which this run's global micro-batch "
@@ -401,6 +424,8 @@ class Restorer:
         if later:
             self.check_rest(path, later, files.hashed)
         state.load_state_dict(meta["train_state"])
+        if self.other_train_set(meta) and state.position:  # (check_fits: at the end of its epoch)
+            state.epoch, state.position = state.epoch + 1, 0  # (the new set's epoch may go further)
         state.resumed_from_step = meta["step"]
         self.restore_rng(path, meta)
 

@@ -23,7 +23,8 @@ from torch import nn
 
 from dist_train.data.loader import build_eval_loader, build_train_loader
 from dist_train.env.cluster import ClusterEnv
-from dist_train.env.collectives import broadcast_module
+from dist_train.config.schema import ConfigError
+from dist_train.env.collectives import all_gather_object, broadcast_module
 from dist_train.env.preemption import shield_workers
 from dist_train.env.seed import rank_seed, seed_everything
 from dist_train.strategy import StepPlan, Strategy, build_strategy
@@ -114,11 +115,28 @@ def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: 
     return strategy
 
 
+def same_lengths_on_every_rank(train_ds, eval_ds) -> None:
+    """Collective: ConfigError (on every rank alike) when the ranks' datasets differ in length.
+    Each rank draws its share of one order over the indices of its own copy: a rank with one more
+    sample (files listed on a node's own disk) drew from another order, repeating samples and
+    dropping others every epoch without a word, and a different number of evaluation batches
+    would leave the ranks waiting on each other."""
+    lengths = all_gather_object((len(train_ds), None if eval_ds is None else len(eval_ds)))
+    for i, what in enumerate(("training", "evaluation")):
+        if len({n[i] for n in lengths}) > 1:
+            shown = ", ".join(f"rank {r}: {n[i]}" for r, n in enumerate(lengths[:8]))
+            raise ConfigError("data", f"the ranks' {what} sets differ in length ({shown}{', ...' if len(lengths) > 8 else ''}"
+                                      "): every rank must build the same dataset (each draws its share of one "
+                                      "order over the indices); check that every node sees the same files")
+
+
 def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[UserObjects] = None) -> JobParts:
     """Every part of the training job ``job`` for this rank (inside its process group)."""
     user = user or UserObjects()
     seed_everything(job.run.seed)
     train_ds, eval_ds, info = sources.make_datasets(job.data, user.train_data, user.eval_data)
+    if cluster.world_size > 1:
+        same_lengths_on_every_rank(train_ds, eval_ds)
     task = sources.make_task(job.task.name, user.task, info)
     sources.check_loss_average(job.train.loss_average, task.sums_targets, task.name)
     # The loader first (its sampler has its own generator: the model's init draws are unchanged), so

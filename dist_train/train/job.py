@@ -305,6 +305,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
     ledger = GoodputLedger(job.run.dir, cluster.is_rank0, started_unix)
     manager = CheckpointManager(job.checkpoint, job.run.dir, strategy, config=to_dict(job),
                                 micro_global_batch=parts.sampler.global_batch_size,
+                                train_samples=parts.sampler.num_samples,
                                 grad_accum_steps=job.train.grad_accum_steps, seed=job.run.seed,
                                 run_id=lambda: metrics.run_id, faults=faults)
     progress = data = reporter = evaluator = None
