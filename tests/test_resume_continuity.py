@@ -289,3 +289,21 @@ def test_ranks_whose_datasets_differ_in_length_are_refused_on_every_rank():
     one rank (files listed on a node's own disk) repeated and dropped a quarter of each epoch
     without a word."""
     spawn(_datasets_of_other_lengths, 2)
+
+
+def test_an_evaluation_with_random_transforms_in_workers_is_the_same_after_a_resume(tmp_path):
+    """Evaluation batches in DataLoader workers were not seeded: each persistent worker's stream
+    ran on from one evaluation to the next, and started over at a resume (eval_loss at step 8:
+    another value than the uninterrupted run's). Each is seeded from its first index now: every
+    evaluation draws the same transforms."""
+    extra = ["data.num_workers=1", "eval.every_steps=4", "checkpoint.every_steps=4"]
+
+    def evals(run_dir):
+        records = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+        return {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+
+    _fit(tmp_path / "straight", 8, extra)
+    _fit(tmp_path / "stopped", 4, extra)
+    _fit(tmp_path / "stopped", 8, extra)
+    straight, resumed = evals(tmp_path / "straight"), evals(tmp_path / "stopped")
+    assert sorted(straight) == [4, 8] and straight == resumed, (straight, resumed)

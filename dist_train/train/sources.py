@@ -35,6 +35,11 @@ class MapDataset(Dataset):
     hash of run seed, epoch and index, from the sampler). Seeded once per worker, a resumed run's
     workers replayed their streams from the start of the run. In the training process itself
     (``data.num_workers=0``) the generators are left alone: they are checkpointed with the run.
+    An evaluation batch in a worker is seeded from its first index alone, so that every evaluation
+    draws the same transforms (comparable from step to step, and alike after a resume: a worker
+    seeded once ran on from one evaluation to the next and started over at a resume). The seeds
+    follow batches, not samples: with random transforms, another split of the batch over ranks
+    draws other numbers (the built-in ``data.augment`` seeds each sample).
     """
 
     needs_sample_seeds = True  # (the training sampler hands (index, seed) pairs; evaluation plain indices)
@@ -64,6 +69,8 @@ class MapDataset(Dataset):
             indices = [int(k[0]) for k in keys]
         else:
             indices = [int(k) for k in keys]
+            if indices and get_worker_info() is not None:
+                seed_generators((indices[0] * 0x9E3779B97F4A7C15 + 0x5EED) % 2**63)
         items = [self.dataset[i] for i in indices]
         if not items:
             return items
