@@ -102,3 +102,24 @@ def test_a_squeezed_batch_of_one_is_no_error():
     short last evaluation batch must not raise where the others do not (they would wait forever)."""
     loss, _ = Regression().loss(_Fixed(torch.tensor(2.0)), (torch.zeros(1), torch.tensor([[1.5]])))
     assert loss.item() == pytest.approx(0.25)
+
+
+def test_class_labels_of_any_integer_dtype_train_and_evaluate(tmp_path):
+    """Labels kept as uint8 or int32 (a NumPy array's, a TensorDataset's) failed in cross_entropy
+    with "expected scalar type Long"; they are class indices like int64 ones."""
+    import dist_train
+
+    logits = torch.randn(6, 3)
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
+    task = Classification()
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert torch.equal(task.criterion(logits, labels.to(dtype)), task.criterion(logits, labels)), dtype
+        assert torch.equal(task.eval_sums(_Fixed(logits), (None, labels.to(dtype))),
+                           task.eval_sums(_Fixed(logits), (None, labels))), dtype
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g,
+                                                                                          dtype=torch.int32))
+    summary = dist_train.fit(torch.nn.Linear(4, 3), data, eval_data=data,
+                             overrides=[f"run.dir={tmp_path}", "train.max_steps=2", "data.batch_size=8",
+                                        "data.num_workers=0", "logging.mlflow.enabled=false"])
+    assert summary["status"] == "completed" and math.isfinite(summary["eval_loss"]), summary

@@ -169,11 +169,18 @@ class Task:
         raise NotImplementedError
 
 
+def _class_indices(target: torch.Tensor) -> torch.Tensor:
+    """Class-index targets as int64, which cross_entropy requires: labels kept as uint8 or int32
+    (a NumPy array's, a TensorDataset's) failed with "expected scalar type Long"."""
+    return target if target.is_floating_point() or target.dtype == torch.int64 else target.long()
+
+
 class Classification(Task):
     name = "classification"
     sums_targets = True
 
     def criterion(self, pred, target):
+        target = _class_indices(target)
         if pred.dim() == 3:  # [B, T, C] token classification
             pred, target = pred.flatten(0, 1), target.flatten()
         if target.is_floating_point():  # (class probabilities: nothing is ignored)
@@ -186,6 +193,7 @@ class Classification(Task):
         return total / (target != IGNORE_INDEX).sum().clamp(min=1)
 
     def criterion_sum(self, pred, target):
+        target = _class_indices(target)
         if pred.dim() == 3:
             pred, target = pred.flatten(0, 1), target.flatten()
         return F.cross_entropy(pred.float(), target, reduction="sum", ignore_index=IGNORE_INDEX)
@@ -199,7 +207,7 @@ class Classification(Task):
 
     def eval_sums(self, model, batch):
         inputs, target = split_batch(batch)
-        pred = prediction(call_model(model, inputs)).float()
+        pred, target = prediction(call_model(model, inputs)).float(), _class_indices(target)
         if pred.dim() == 3:
             pred, target = pred.flatten(0, 1), target.flatten()
         # Targets equal to cross_entropy's ignore_index (-100: padding) count nowhere, as in the
