@@ -564,3 +564,22 @@ def test_json_files_are_standard_json_even_with_a_nan(tmp_path):
 
     assert _json.loads(path.read_text(), parse_constant=refuse) == {"train_loss": None, "nested": {"x": [1.0, None]},
                                                                      "n": 3}
+
+
+def test_a_resume_at_a_smaller_world_size_trims_the_sample_ids_of_the_ranks_it_lacks(tmp_path):
+    """debug.record_sample_ids: a run resumed on 1 rank kept rank 1's records past the resumed
+    step, an abandoned timeline that a check over every rank's file took for replayed samples."""
+    import json
+
+    from dist_train.logging.sample_ids import trim_other_ranks
+
+    for rank in range(3):
+        (tmp_path / f"sample_ids.rank{rank}.jsonl").write_text(
+            "".join(json.dumps({"step": s, "ids": [rank, s]}) + "\n" for s in range(1, 6)))
+    trim_other_ranks(str(tmp_path), 1, 3)
+
+    def steps(rank):
+        return [json.loads(line)["step"] for line in (tmp_path / f"sample_ids.rank{rank}.jsonl").read_text().splitlines()]
+
+    assert steps(0) == [1, 2, 3, 4, 5]  # (this run's own rank trims its file itself)
+    assert steps(1) == steps(2) == [1, 2, 3]

@@ -5,10 +5,22 @@ Used by the tests that prove a resume neither replays nor skips a sample; off in
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Iterator
 
 from dist_train.data.registry import sample_indices
 from dist_train.logging.jsonl import trim_jsonl
+
+
+def trim_other_ranks(run_dir: str, world_size: int, step: int) -> None:
+    """Rank 0, after a resume at a smaller world size: the files of ranks this run does not have
+    lose their records past ``step`` too (an abandoned timeline that a check over every rank's
+    file would take for replayed samples)."""
+    for name in os.listdir(run_dir):
+        match = re.fullmatch(r"sample_ids\.rank(\d+)\.jsonl", name)
+        if match and int(match.group(1)) >= world_size:
+            trim_jsonl(os.path.join(run_dir, name), step)
 
 
 def record_sample_ids(batches: Iterator[tuple], state, path: str) -> Iterator[tuple]:

@@ -32,7 +32,7 @@ from dist_train.logging.jsonl import last_step
 from dist_train.logging.metrics import build_metric_logger
 from dist_train.logging.mlflow import describe_run
 from dist_train.logging.progress import Progress
-from dist_train.logging.sample_ids import record_sample_ids
+from dist_train.logging.sample_ids import record_sample_ids, trim_other_ranks
 from dist_train.strategy import resolve_name, strategy_class
 from dist_train.train.build import JobParts, UserObjects, build_parts
 from dist_train.train.evaluate import Evaluator
@@ -338,6 +338,8 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
             faults.arm_fork_hang(cluster.rank)  # (the training loader forks its workers first)
             data = faults.wrap(data, state, cluster.rank)
         if job.debug.record_sample_ids:
+            if cluster.is_rank0:
+                trim_other_ranks(job.run.dir, cluster.world_size, state.step)
             data = record_sample_ids(data, state, os.path.join(job.run.dir, f"sample_ids.rank{cluster.rank}.jsonl"))
         data = batches_without_indices(data)  # a task gets the dataset's items as collated
         guard = NonFiniteGuard(job.train.nonfinite, job.train.nonfinite_patience, strategy.device)
