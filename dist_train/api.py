@@ -8,7 +8,7 @@ Launched exactly like the CLI (``python my_train.py``, ``torchrun --nproc_per_no
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from dist_train.config import ConfigError, load_config
 from dist_train.env.cluster import detect
@@ -24,7 +24,8 @@ class TrainingFailed(RuntimeError):
 
 
 def fit(model: Any, train_data: Any, eval_data: Any = None, task: Any = None,
-        config: Union[str, Mapping, None] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+        config: Union[str, Mapping, None] = None, overrides: Sequence[str] = (),
+        collate_fn: Optional[Callable[[List[Any]], Any]] = None) -> Dict[str, Any]:
     """Train ``model`` on ``train_data``; return the summary (the ``summary.json`` dict) on every rank.
 
     ``model``: an ``nn.Module``, or a zero-argument callable returning one. Every rank starts from
@@ -33,7 +34,9 @@ def fit(model: Any, train_data: Any, eval_data: Any = None, task: Any = None,
     ``task``: ``"classification"``, ``"language_model"``, ``"regression"``, a registered name, or a
     callable ``task(model, batch) -> loss`` or ``-> (loss, {name: value})``; default: classification.
     ``config``: a YAML path, a mapping of sections, or None (the built-in defaults); ``overrides``:
-    ``key=value`` strings, as on the command line.
+    ``key=value`` strings, as on the command line. ``collate_fn``: batches a list of items, as the
+    DataLoader argument does (padding items of different lengths); its batch may be a tuple (its
+    last element then gets the sample indices, taken off before the task sees it) or a dict.
 
     Raises ConfigError (naming the key) for a bad config, before any process group starts, and
     for a builder or dataset that cannot be used; TrainingFailed when the run fails. A preempted
@@ -45,8 +48,10 @@ def fit(model: Any, train_data: Any, eval_data: Any = None, task: Any = None,
 
     if train_data is None:
         raise ConfigError("train_data", "fit needs a training Dataset")
+    if collate_fn is not None and not callable(collate_fn):
+        raise ConfigError("collate_fn", f"must be a callable (a list of items -> a batch); got {type(collate_fn).__name__}")
     job = load_config(config, overrides)
-    user = UserObjects(model=model, train_data=train_data, eval_data=eval_data, task=task)
+    user = UserObjects(model=model, train_data=train_data, eval_data=eval_data, task=task, collate_fn=collate_fn)
     if model is not None:  # config.yaml, summary.json and checkpoints name what really trains
         job.model.name = f"fit:{_name(model)}"
     job.data.name = f"fit:{_name(train_data)}"

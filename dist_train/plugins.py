@@ -43,6 +43,7 @@ class DatasetInfo:
     num_classes: Optional[int] = None
     seq_len: Optional[int] = None
     bytes_per_token: Optional[float] = None
+    collate_fn: Optional[Callable] = None  # a list of items -> a batch (default: torch's default_collate)
 
 
 def _register(key: str, name: str) -> Callable[[Callable], Callable]:

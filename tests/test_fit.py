@@ -631,3 +631,40 @@ def test_a_vision_transformer_on_small_images_is_told_about_data_resize():
     hint = _peer_hint(AssertionError("Wrong image height! Expected 224 but got 28!"))
     assert "data.resize=224" in hint
     assert _peer_hint(ValueError("something else")) == ""
+
+
+class _VarLen(torch.utils.data.Dataset):
+    """Sequences of 2 to 6 features, labelled by their mean's sign."""
+
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(0)
+        self.items = [torch.randn(int(torch.randint(2, 7, (1,), generator=g)), generator=g) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i], int(self.items[i].mean() > 0)
+
+
+def _pad(items):
+    xs, ys = zip(*items)
+    return torch.stack([torch.nn.functional.pad(x, (0, 6 - len(x))) for x in xs]), torch.tensor(ys)
+
+
+def test_collate_fn_batches_items_of_different_lengths(tmp_path):
+    """A DataLoader's collate_fn (padding variable-length items) is fit's too; without one, the
+    error of default_collate says what to do."""
+    from dist_train.api import TrainingFailed, fit
+    from dist_train.config.schema import ConfigError
+
+    base = [f"run.dir={tmp_path}", "train.max_steps=3", "data.batch_size=4", "logging.mlflow.enabled=false",
+            "checkpoint.every_steps=0"]
+    with pytest.raises(TrainingFailed, match="items of a batch have different shapes.*collate_fn"):
+        fit(torch.nn.Linear(6, 2), _VarLen(16), overrides=base)
+    with pytest.raises(ConfigError, match="collate_fn: must be a callable"):
+        fit(torch.nn.Linear(6, 2), _VarLen(16), collate_fn="pad", overrides=base)
+    for workers in (0, 1):
+        summary = fit(torch.nn.Linear(6, 2), _VarLen(16), eval_data=_VarLen(6), collate_fn=_pad,
+                      overrides=[*base, f"data.num_workers={workers}", "checkpoint.resume=never"])
+        assert summary["status"] == "completed" and summary["eval_loss"] is not None, summary

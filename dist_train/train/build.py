@@ -44,6 +44,7 @@ class UserObjects:
     train_data: Any = None   # a map-style Dataset, or a callable returning one
     eval_data: Any = None
     task: Any = None         # a task name, or a callable task(model, batch)
+    collate_fn: Any = None   # a list of items -> a batch, for train_data and eval_data (default_collate)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
     """Every part of the training job ``job`` for this rank (inside its process group)."""
     user = user or UserObjects()
     seed_everything(job.run.seed)
-    train_ds, eval_ds, info = sources.make_datasets(job.data, user.train_data, user.eval_data)
+    train_ds, eval_ds, info = sources.make_datasets(job.data, user.train_data, user.eval_data, user.collate_fn)
     if cluster.world_size > 1:
         same_lengths_on_every_rank(train_ds, eval_ds)
     task = sources.make_task(job.task.name, user.task, info)

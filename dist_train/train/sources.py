@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ class MapDataset(Dataset):
 
     needs_sample_seeds = True  # (the training sampler hands (index, seed) pairs; evaluation plain indices)
 
-    def __init__(self, dataset: Dataset, key: str):
+    def __init__(self, dataset: Dataset, key: str, collate_fn: Optional[Callable[[List[Any]], Any]] = None):
         if isinstance(dataset, IterableDataset):
             raise ConfigError(key, "an IterableDataset cannot be used: dist_train shards one global sample order "
                               "across ranks and resumes mid-epoch from a position in it, and a stream has no such "
@@ -54,7 +54,9 @@ class MapDataset(Dataset):
                               "__getitem__)")
         if len(dataset) == 0:
             raise ConfigError(key, "the dataset is empty")
-        self.dataset = dataset
+        if collate_fn is not None and not callable(collate_fn):
+            raise ConfigError("collate_fn", f"must be a callable (a list of items -> a batch); got {type(collate_fn).__name__}")
+        self.dataset, self.collate_fn = dataset, collate_fn
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -74,27 +76,40 @@ class MapDataset(Dataset):
         items = [self.dataset[i] for i in indices]
         if not items:
             return items
-        batch = default_collate(items)
-        if isinstance(items[0], (tuple, list)) and not is_namedtuple(items[0]):
-            # (A namedtuple's batch stays the user's type, without the indices: it has no room for them.)
+        if self.collate_fn is not None:
+            batch = self.collate_fn(items)
+        else:
+            try:
+                batch = default_collate(items)
+            except RuntimeError as exc:
+                if "equal size" not in str(exc):
+                    raise
+                raise RuntimeError(f"{exc}: the items of a batch have different shapes; pad them in the dataset, or "
+                                   "give fit(..., collate_fn=...) (a data.name builder: its info's collate_fn) a "
+                                   "function that pads a list of items into one batch") from None
+        if isinstance(batch, (tuple, list)) and not is_namedtuple(batch):
+            # (A namedtuple's or dict's batch stays as collated, without the indices: no room for them.)
             index = torch.as_tensor(list(indices), dtype=torch.int64)
             return [*batch, index] if isinstance(batch, list) else (*batch, index)
         return batch
 
 
-def _dataset(obj: Any, key: str) -> Optional[Dataset]:
+def _dataset(obj: Any, key: str, collate_fn: Optional[Callable] = None) -> Optional[Dataset]:
     if obj is None:
         return None
     # A builder: a function, or a Dataset class (a class has __getitem__ too, as an attribute).
     if isinstance(obj, type) or (not isinstance(obj, Dataset) and callable(obj) and not hasattr(obj, "__getitem__")):
         obj = plugins.call_builder(obj, key)
-    return MapDataset(obj, key)
+    return MapDataset(obj, key, collate_fn)
 
 
-def make_datasets(cfg, train_data: Any = None, eval_data: Any = None) -> Tuple[Dataset, Dataset, Any]:
-    """``(train, eval or None, info)`` from fit's objects, a built-in ``data.name``, or a user builder."""
+def make_datasets(cfg, train_data: Any = None, eval_data: Any = None,
+                  collate_fn: Optional[Callable] = None) -> Tuple[Dataset, Dataset, Any]:
+    """``(train, eval or None, info)`` from fit's objects (batched by ``collate_fn``, if given), a
+    built-in ``data.name``, or a user builder (whose info may name a ``collate_fn``)."""
     if train_data is not None:
-        return _dataset(train_data, "train_data"), _dataset(eval_data, "eval_data"), plugins.DatasetInfo()
+        return (_dataset(train_data, "train_data", collate_fn), _dataset(eval_data, "eval_data", collate_fn),
+                plugins.DatasetInfo())
     from dist_train.data import build_datasets, dataset_names
 
     if cfg.name in dataset_names():
@@ -114,7 +129,9 @@ def make_datasets(cfg, train_data: Any = None, eval_data: Any = None) -> Tuple[D
         info = plugins.DatasetInfo(**extra)
     except TypeError as exc:
         raise ConfigError("data.name", f"the builder's info: {exc}") from None
-    return MapDataset(out[0], "data.name"), (MapDataset(out[1], "data.name") if out[1] is not None else None), info
+    collate = info.collate_fn
+    return (MapDataset(out[0], "data.name", collate),
+            (MapDataset(out[1], "data.name", collate) if out[1] is not None else None), info)
 
 
 # --- task -----------------------------------------------------------------------------------------
