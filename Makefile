@@ -30,10 +30,11 @@ data:
 	  else echo "NOTE: $(FMNIST) is missing: apt-get install dataset-fashion-mnist (or set data.root)"; fi; \
 	fi
 
-# --check first: a bad config stops with one clear message before torchrun starts any rank.
+# torchrun through dist_train.launch: the config is checked first at this world size (a bad config
+# stops with one clear message, exit 2, before any rank starts), and a failed rank's own exit code
+# comes back without torchrun's traceback (2 refused, 3 preempted: rerun to resume, 1 failed).
 train: setup
-	$(PY) -m dist_train --check $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dist_train $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+	$(PY) -m dist_train.launch --standalone --nproc_per_node=$(NPROC) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 debug: setup
 	$(PY) -m dist_train --config configs/debug.yaml $(ARGS)

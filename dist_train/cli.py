@@ -73,6 +73,16 @@ def _usage_error(message: str, cluster: ClusterEnv) -> int:
     return EXIT_USAGE
 
 
+def _what_to_fix(exc: ConfigError) -> str:
+    if exc.key.startswith("-"):  # (--config: the option itself, not a key)
+        return f"Fix the {exc.key} option"
+    if exc.reason.startswith("overrides are written"):
+        return "Fix the override"
+    if exc.reason.startswith("unknown key"):
+        return "Fix the name in the YAML preset or the override"
+    return f"Fix it in the YAML preset or override it with {_override_hint(exc.key)}"
+
+
 def _override_hint(key: str) -> str:
     """How to override ``key`` on the command line: a list item (``data.augment[1]``) is set by
     giving the whole list (an override of one item is refused)."""
@@ -124,13 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         if not args.check and not args.print_config:
             _record_refused(job, args, cluster, exc)
-        return _usage_error(
-            f"bad config: {exc.key}: {exc.reason}. " + (
-                "Fix the name in the YAML preset or the override" if exc.reason.startswith("unknown key") else
-                f"Fix it in the YAML preset or override it with {_override_hint(exc.key)}")
-            + "; `python -m dist_train --help` lists every key.",
-            cluster,
-        )
+        return _usage_error(f"bad config: {exc.key}: {exc.reason}. {_what_to_fix(exc)}; `python -m dist_train "
+                            "--help` lists every key.", cluster)
     from dist_train.train.job import run_job
 
     try:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One process, no process group (strategy single): the fastest loop for debugging a model.
-#   launch/debug.sh [key=value ...]      (defaults to configs/debug.yaml)
+#   launch/debug.sh [key=value ...]      (defaults to the repository's configs/debug.yaml)
+# Runs in the caller's directory, as `python -m dist_train` would: relative paths (--config,
+# run.dir, the default runs/) and the modules that builders are imported from are the caller's.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-exec "${PY:-.venv/bin/python}" -m dist_train --config "${CONFIG:-configs/debug.yaml}" "$@"
+repo=$(cd "$(dirname "$0")/.." && pwd)
+exec "${PY:-$repo/.venv/bin/python}" -m dist_train --config "${CONFIG:-$repo/configs/debug.yaml}" "$@"

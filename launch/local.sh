@@ -4,8 +4,10 @@
 # dist_train.launch checks the config once (as rank 0 of this world size: a bad config exits 2
 # with one message, before any rank starts), then runs torchrun; a failed rank's exit code is
 # passed on (2 bad config, 3 preempted, 1 failed) without torchrun's own traceback.
+# Runs in the caller's directory, as `torchrun -m dist_train` would: relative paths (--config,
+# run.dir, the default runs/) and the modules that builders are imported from are the caller's.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PY:-$repo/.venv/bin/python}
 NPROC=${NPROC:-$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")}
 exec "$PY" -m dist_train.launch --standalone --nproc_per_node="$NPROC" "$@"

@@ -344,6 +344,12 @@ def test_inspect_and_export_give_weights_plain_pytorch_can_use(reference, tmp_pa
         loss = nn.functional.cross_entropy(model(eval_ds.x).double(), eval_ds.y).item()
     # The training run's own final evaluation of its live model, at step 60.
     assert abs(loss - read_summary(reference)["eval_loss"]) < 1e-5, (loss, read_summary(reference)["eval_loss"])
+    # A .pt name gets torch.save's format (safetensors bytes under it failed torch.load); another
+    # suffix is refused (exit 2) and writes nothing.
+    assert main(["export", str(ckpt), str(tmp_path / "weights.pt")]) == 0
+    assert all(torch.equal(v, load_file(str(out_file))[k]) for k, v in torch.load(tmp_path / "weights.pt").items())
+    assert main(["export", str(ckpt), str(tmp_path / "weights.bin")]) == 2 and not (tmp_path / "weights.bin").exists()
+    assert "name the output .safetensors, or .pt / .pth" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (REPO / "dist_train/strategy/deepspeed.py").exists()

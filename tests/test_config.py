@@ -342,3 +342,14 @@ def test_the_check_refuses_what_the_run_would_and_hints_at_a_whole_list(capsys):
     assert cli.main(["--check", "data.augment=[random_crop,blur]"]) == 2
     err = capsys.readouterr().err
     assert "data.augment[1]: unknown augmentation 'blur'" in err and "override it with data.augment=[...] (the whole list)" in err
+
+
+def test_the_fix_hint_names_an_option_or_override_not_a_key(capsys, tmp_path):
+    """A missing --config file was told to "override it with --config=VALUE", an override
+    without a key to "override it with =5=VALUE"."""
+    assert cli.main(["--check", "--config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Fix the --config option;" in err and "--config=VALUE" not in err, err
+    assert cli.main(["--check", "=5"]) == 2
+    err = capsys.readouterr().err
+    assert "Fix the override;" in err and "=5=VALUE" not in err, err

@@ -7,10 +7,11 @@
         the commit, see digest.py), as an outside tool would.
         Exit 0 when every checkpoint shown verifies, 1 otherwise.
 
-    python -m dist_train.checkpoint export PATH OUT.safetensors
+    python -m dist_train.checkpoint export PATH OUT.safetensors   (or OUT.pt / OUT.pth)
         Writes the consolidated model weights (whatever strategy and world size wrote them) as one
-        safetensors file that plain PyTorch loads: ``model.load_state_dict(safetensors.torch.load_file(OUT))``.
-        PATH must verify. Exit 0 on success, 1 if it does not verify, 2 on bad usage.
+        safetensors file that plain PyTorch loads: ``model.load_state_dict(safetensors.torch.load_file(OUT))``;
+        a .pt / .pth name gets torch.save's format (``model.load_state_dict(torch.load(OUT))``).
+        PATH must verify. Exit 0 on success, 1 if it does not verify, 2 on bad usage (another suffix).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sys
 from typing import List, Optional
 
 from dist_train.checkpoint import checksum, layout, storage
-from dist_train.checkpoint.export import export_run
+from dist_train.checkpoint.export import EXPORT_SUFFIXES, export_run
 from dist_train.checkpoint.restore import CheckpointError
 
 
@@ -127,7 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pi.add_argument("path")
     pi.add_argument("--json", action="store_true", help="machine-readable output")
     pi.add_argument("--sha256", action="store_true", help="also check every file against its recorded SHA-256")
-    pe = sub.add_parser("export", help="consolidated model weights as one safetensors file")
+    pe = sub.add_parser("export", help="consolidated model weights as one file: OUT.safetensors, or OUT.pt / "
+                                       "OUT.pth in torch.save's format")
     pe.add_argument("path")
     pe.add_argument("out")
     args = p.parse_args(argv)
@@ -136,6 +138,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"no checkpoint at {args.path}", file=sys.stderr)
         return 2
     if args.cmd == "export":
+        if not args.out.endswith(EXPORT_SUFFIXES):
+            print(f"export: {args.out}: name the output .safetensors, or .pt / .pth for torch.save's format",
+                  file=sys.stderr)
+            return 2
         return export(args.path, args.out)
     infos = [describe(path, sha256=getattr(args, "sha256", False)) for path in found]
     if args.json:

@@ -1,18 +1,25 @@
-"""Consolidated model weights of a committed checkpoint, as one safetensors file that plain
-PyTorch loads (``model.load_state_dict(safetensors.torch.load_file(OUT))``): any strategy, any
-world size, no process group (it reads the committed files)."""
+"""Consolidated model weights of a committed checkpoint, as one file that plain PyTorch loads:
+safetensors (``model.load_state_dict(safetensors.torch.load_file(OUT))``), or for a ``.pt`` /
+``.pth`` name ``torch.save``'s format (``model.load_state_dict(torch.load(OUT))``). Any strategy,
+any world size, no process group (it reads the committed files)."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Any, Dict
 
+import torch
+
 from dist_train.checkpoint import layout, storage
 from dist_train.checkpoint.restore import CheckpointError, resolve_path
 
 
+EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
 def export_weights(path: str, out: str) -> Dict[str, Any]:
-    """Write the weights of checkpoint ``path`` to ``out``; ``path`` must verify. Returns what
+    """Write the weights of checkpoint ``path`` to ``out`` (safetensors, or ``torch.save``'s format
+    for a ``.pt``/``.pth`` name: see ``EXPORT_SUFFIXES``); ``path`` must verify. Returns what
     was written (step, tensors, parameters); raises CheckpointError otherwise."""
     from safetensors.torch import save_file
 
@@ -25,8 +32,14 @@ def export_weights(path: str, out: str) -> Dict[str, Any]:
     # safetensors refuses shared storage (tied weights): every tensor gets its own copy.
     tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(tensors, out, metadata={"step": str(meta["step"]), "model": json.dumps(meta["config"]["model"]),
-                                      "dataset": str(meta["config"]["data"]["name"]), "source": os.path.abspath(path)})
+    partial = f"{out}.partial"  # (renamed into place once whole: an interrupted export leaves no half file)
+    if out.endswith(".safetensors"):
+        save_file(tensors, partial, metadata={"step": str(meta["step"]), "model": json.dumps(meta["config"]["model"]),
+                                              "dataset": str(meta["config"]["data"]["name"]),
+                                              "source": os.path.abspath(path)})
+    else:  # .pt / .pth: the state dict torch.save writes, for torch.load + load_state_dict
+        torch.save(tensors, partial)
+    os.replace(partial, out)
     return {"step": meta["step"], "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values())}
 
 
