@@ -668,3 +668,14 @@ def test_collate_fn_batches_items_of_different_lengths(tmp_path):
         summary = fit(torch.nn.Linear(6, 2), _VarLen(16), eval_data=_VarLen(6), collate_fn=_pad,
                       overrides=[*base, f"data.num_workers={workers}", "checkpoint.resume=never"])
         assert summary["status"] == "completed" and summary["eval_loss"] is not None, summary
+    # A mapping that is not a dict (a UserDict; Hugging Face collators return a BatchEncoding) is
+    # a dict batch: it was never moved to the device and split_batch refused it.
+    from collections import UserDict
+
+    def to_mapping(items):
+        x, y = _pad(items)
+        return UserDict(input=x, target=y)
+
+    summary = fit(torch.nn.Linear(6, 2), _VarLen(16), collate_fn=to_mapping,
+                  overrides=[*base, "checkpoint.resume=never"])
+    assert summary["status"] == "completed", summary

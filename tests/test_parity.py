@@ -205,6 +205,42 @@ def _deepspeed_bf16_batchnorm_statistics(rank: int, world_size: int) -> None:
         strategy.teardown()
 
 
+def _deepspeed_bf16_batchnorm_with_cast_statistics(rank: int, world_size: int) -> None:
+    from types import SimpleNamespace
+
+    from dist_train.config import load_config
+    from dist_train.env.cluster import detect
+    from dist_train.train.build import build_training
+    from dist_train.train.step import train_step
+
+    # A user's data_types.buffer_dtype casts the statistics with the weights, as DeepSpeed releases
+    # before that key did for every module: the forward then reads the weights in their dtype.
+    job = load_config(None, ["strategy.name=deepspeed", "strategy.zero_stage=2", "train.precision=bf16",
+                             "train.warmup_steps=0", "train.grad_clip=0",
+                             "strategy.deepspeed.config={data_types: {buffer_dtype: bf16}}"])
+    info = SimpleNamespace(task="classification", input_shape=(4,), num_classes=2)
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    strategy = build_training(job, detect(), torch.device("cpu"), info, model=lambda: net)
+    try:
+        train_step(strategy, iter([(torch.randn(8, 4), torch.randint(0, 2, (8,)))]), job.train)
+        assert strategy.unwrapped_model[0].running_mean.dtype == torch.bfloat16
+    finally:
+        strategy.teardown()
+
+
+def test_batchnorm_statistics_cast_by_the_engine_are_put_back_or_followed():
+    from dist_train.strategy.deepspeed import _keep_fp32, _norm_statistics_in
+
+    bn = torch.nn.BatchNorm1d(4)
+    bn.running_mean.data = torch.tensor([0.1234567, 1.0, -2.0, 3.3333333])
+    kept = _norm_statistics_in(torch.nn.Sequential(bn), torch.bfloat16)
+    bn.bfloat16()  # (an older engine's cast: parameters and buffers)
+    _keep_fp32(kept)
+    assert bn.running_mean.dtype == torch.float32 and bn.running_mean[0].item() == pytest.approx(0.1234567, abs=1e-7)
+    assert bn.weight.dtype == torch.bfloat16 and bn(torch.randn(8, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    spawn(_deepspeed_bf16_batchnorm_with_cast_statistics, 1)
+
+
 def test_deepspeed_bf16_keeps_batchnorm_statistics_in_fp32():
     """DeepSpeed's bf16 section casts every parameter; BatchNorm's running statistics were kept in
     bf16 with them (batch_norm refuses bf16 weights with fp32 statistics), so each momentum update

@@ -268,26 +268,47 @@ def test_a_resume_into_a_training_set_of_another_length_is_refused_mid_epoch(tmp
             dist_train.fit(_net(), _Noisy(n, 0), overrides=[*base, "train.max_steps=6"])
     summary = dist_train.fit(_net(), _Noisy(96, 0), overrides=[*base, "train.max_steps=12"])  # to step 12: 96 samples
     assert summary["status"] == "completed" and summary["resumed_from_step"] == 3, summary
+    # At an epoch's end any global batch takes over (96 % 10 was refused, though the next epoch starts at 0).
+    import shutil
+
+    shutil.copytree(run, tmp_path / "copy")
+    summary = dist_train.fit(_net(), _Noisy(96, 0), overrides=[*base, f"run.dir={tmp_path / 'copy'}",
+                                                                  "data.batch_size=10", "train.max_steps=13"])
+    assert summary["status"] == "completed" and summary["samples_seen"] == 96 + 10, summary
     summary = dist_train.fit(_net(), _Noisy(100, 0), overrides=[*base, "train.max_steps=15"])  # an epoch boundary
     assert summary["status"] == "completed" and summary["resumed_from_step"] == 12, summary
 
 
 def _datasets_of_other_lengths(rank: int, world: int) -> None:
     from dist_train.config.schema import ConfigError
-    from dist_train.train.build import same_lengths_on_every_rank
+    from dist_train.train.build import datasets_on_every_rank
 
-    same_lengths_on_every_rank(_Noisy(96, 0), None)
-    same_lengths_on_every_rank(_Noisy(96, 0), _Noisy(10, 0))
+    def made(train, evaluation=None):
+        return lambda: (train, evaluation, None)
+
+    assert datasets_on_every_rank(made(_Noisy(96, 0)), world)[2] is None
+    datasets_on_every_rank(made(_Noisy(96, 0), _Noisy(10, 0)), world)
     with pytest.raises(ConfigError, match=r"the ranks' training sets differ in length \(rank 0: 96, rank 1: 97\)"):
-        same_lengths_on_every_rank(_Noisy(96 + rank, 0), None)
+        datasets_on_every_rank(made(_Noisy(96 + rank, 0)), world)
     with pytest.raises(ConfigError, match=r"the ranks' evaluation sets differ in length \(rank 0: 10, rank 1: 11\)"):
-        same_lengths_on_every_rank(_Noisy(96, 0), _Noisy(10 + rank, 0))
+        datasets_on_every_rank(made(_Noisy(96, 0), _Noisy(10 + rank, 0)), world)
+
+    def missing_on_rank_1():
+        if rank == 1:
+            raise FileNotFoundError("/data/train.csv")
+        return _Noisy(96, 0), None, None
+
+    # One rank that cannot build its data: it raises its own error, the others say which rank.
+    with pytest.raises(FileNotFoundError if rank == 1 else ConfigError,
+                       match=r"/data/train.csv" if rank == 1 else r"rank 1 could not build its datasets "
+                                                                  r"\(FileNotFoundError: /data/train.csv\)"):
+        datasets_on_every_rank(missing_on_rank_1, world)
 
 
 def test_ranks_whose_datasets_differ_in_length_are_refused_on_every_rank():
     """Each rank draws its share of one order over its own dataset's indices: one more sample on
     one rank (files listed on a node's own disk) repeated and dropped a quarter of each epoch
-    without a word."""
+    without a word; a rank that could not build its data left the others waiting."""
     spawn(_datasets_of_other_lengths, 2)
 
 

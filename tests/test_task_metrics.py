@@ -123,3 +123,11 @@ def test_class_labels_of_any_integer_dtype_train_and_evaluate(tmp_path):
                              overrides=[f"run.dir={tmp_path}", "train.max_steps=2", "data.batch_size=8",
                                         "data.num_workers=0", "logging.mlflow.enabled=false"])
     assert summary["status"] == "completed" and math.isfinite(summary["eval_loss"]), summary
+
+
+def test_token_class_probabilities_are_averaged_over_tokens():
+    """[B, T, C] logits with [B, T, C] class-probability targets (soft labels per token) failed: the
+    target was flattened to one dimension ("Expected input batch_size (6) to match target batch_size (30)")."""
+    logits, soft = torch.randn(2, 3, 5), torch.softmax(torch.randn(2, 3, 5), dim=-1)
+    torch.testing.assert_close(Classification().criterion(logits, soft),
+                               F.cross_entropy(logits.flatten(0, 1), soft.flatten(0, 1)))

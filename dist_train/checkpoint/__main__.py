@@ -138,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"no checkpoint at {args.path}", file=sys.stderr)
         return 2
     if args.cmd == "export":
-        if not args.out.endswith(EXPORT_SUFFIXES):
+        if not args.out.lower().endswith(EXPORT_SUFFIXES):
             print(f"export: {args.out}: name the output .safetensors, or .pt / .pth for torch.save's format",
                   file=sys.stderr)
             return 2

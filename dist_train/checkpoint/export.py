@@ -4,6 +4,7 @@ safetensors (``model.load_state_dict(safetensors.torch.load_file(OUT))``), or fo
 any world size, no process group (it reads the committed files)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Dict
@@ -23,6 +24,8 @@ def export_weights(path: str, out: str) -> Dict[str, Any]:
     was written (step, tensors, parameters); raises CheckpointError otherwise."""
     from safetensors.torch import save_file
 
+    if not out.lower().endswith(EXPORT_SUFFIXES):
+        raise ValueError(f"{out}: name the output .safetensors, or .pt / .pth for torch.save's format")
     errors = layout.verify(path)
     if errors:
         raise CheckpointError(f"{path} does not verify, refusing to export it: " + "; ".join(errors[:5]))
@@ -33,13 +36,19 @@ def export_weights(path: str, out: str) -> Dict[str, Any]:
     tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     partial = f"{out}.partial"  # (renamed into place once whole: an interrupted export leaves no half file)
-    if out.endswith(".safetensors"):
-        save_file(tensors, partial, metadata={"step": str(meta["step"]), "model": json.dumps(meta["config"]["model"]),
-                                              "dataset": str(meta["config"]["data"]["name"]),
-                                              "source": os.path.abspath(path)})
-    else:  # .pt / .pth: the state dict torch.save writes, for torch.load + load_state_dict
-        torch.save(tensors, partial)
-    os.replace(partial, out)
+    try:
+        if out.lower().endswith(".safetensors"):
+            save_file(tensors, partial, metadata={"step": str(meta["step"]),
+                                                  "model": json.dumps(meta["config"]["model"]),
+                                                  "dataset": str(meta["config"]["data"]["name"]),
+                                                  "source": os.path.abspath(path)})
+        else:  # .pt / .pth: the state dict torch.save writes, for torch.load + load_state_dict
+            torch.save(tensors, partial)
+        os.replace(partial, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
     return {"step": meta["step"], "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values())}
 
 

@@ -319,6 +319,13 @@ class Restorer:
         stored = meta.get("train_samples")
         return stored is not None and self.m.train_samples is not None and stored != self.m.train_samples
 
+    @staticmethod
+    def at_epoch_end(meta: Dict[str, Any]) -> bool:
+        """The checkpoint stopped after the last global batch of its epoch (its next one starts a new
+        epoch, from position 0: any global batch size and any training set can take it up)."""
+        position = meta["train_state"]["position"]
+        return meta.get("train_samples") is not None and position > 0 and position >= _epoch_end(meta)
+
     def check_fits(self, path: str, meta: Dict[str, Any], files: Optional[CheckpointFiles] = None) -> None:
         """Refuse (same verdict on every rank) a checkpoint of another model, dataset or batch."""
         name = os.path.basename(os.path.normpath(path))
@@ -349,6 +356,7 @@ class Restorer:
             if self.m.rank0:
                 log.warning("checkpoint %s was trained on %d samples, this run's training set has %d: "
                             "the next epoch draws from the new set", name, stored_samples, samples)
+        if self.at_epoch_end(meta):
             position = 0  # (the resume starts the next epoch: any global batch divides it)
         if position % gbs:
             raise CheckpointRefused(
@@ -424,8 +432,8 @@ class Restorer:
         if later:
             self.check_rest(path, later, files.hashed)
         state.load_state_dict(meta["train_state"])
-        if self.other_train_set(meta) and state.position:  # (check_fits: at the end of its epoch)
-            state.epoch, state.position = state.epoch + 1, 0  # (the new set's epoch may go further)
+        if self.at_epoch_end(meta):  # (what the loop would do first; another set's epoch may go further)
+            state.epoch, state.position = state.epoch + 1, 0
         state.resumed_from_step = meta["step"]
         self.restore_rng(path, meta)
 

@@ -32,8 +32,8 @@ def record_sample_ids(batches: Iterator[tuple], state, path: str) -> Iterator[tu
         for batch in batches:
             index = sample_indices(batch)
             if index is None:
-                raise ValueError("debug.record_sample_ids needs a dataset of tuple or list items (the loaders "
-                                 f"append the indices to those); this one's batches are {type(batch).__name__}s")
+                raise ValueError("debug.record_sample_ids needs tuple or list batches (the loaders append the "
+                                 f"indices to those); this dataset's batches are {type(batch).__name__}s")
             f.write(json.dumps({"step": state.step + 1, "ids": index.tolist()}) + "\n")
             f.flush()
             yield batch

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 from types import MethodType, SimpleNamespace
-from typing import Any, ContextManager, Dict, Iterator, Optional, Tuple
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -66,13 +66,14 @@ class DeepSpeedStrategy(Strategy):
         # copies only of those its optimizer holds: frozen ones would be known only rounded. Their
         # fp32 values are kept here (they never change), for checkpoints and fit's hand-back.
         self._frozen_fp32: Dict[str, torch.Tensor] = {}
+        statistics: List[Tuple[nn.Module, str, torch.Tensor]] = []
         if self.precision.precision != "fp32":
             # (Only fp32 ones: a frozen bf16 weight loses nothing to the engine's cast. A host copy
             # on every rank: under ZeRO-3 too, where the module holds a partition.)
             self._frozen_fp32 = {name: v.detach().to("cpu", torch.float32, copy=True)
                                  for name, v in model.state_dict(keep_vars=True).items()
                                  if isinstance(v, nn.Parameter) and not v.requires_grad and v.dtype == torch.float32}
-            _norm_statistics_in(model, self.precision.dtype)
+            statistics = _norm_statistics_in(model, self.precision.dtype)
         optimizer = make_optimizer(model)
         scheduler = make_scheduler(optimizer)
         config = ds_config.deepspeed_config(self.cfg, self.plan, self.precision.precision, self.cluster.world_size)
@@ -83,6 +84,8 @@ class DeepSpeedStrategy(Strategy):
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
             args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
             dist_init_required=False)
+        if self.precision.precision != "fp32" and "buffer_dtype" not in (config.get("data_types") or {}):
+            _keep_fp32(statistics)  # (older DeepSpeed releases cast every buffer with the parameters)
         if compiling.wanted(self):
             if self.cfg.zero_stage == 3 and self.cluster.is_rank0:
                 log.warning("train.compile under ZeRO stage 3: TorchDynamo traces DeepSpeed's parameter hooks at "
@@ -277,28 +280,44 @@ def _cast_at_the_edges(module: nn.Module, dtype: torch.dtype) -> None:
     module.register_forward_hook(outputs)
 
 
-def _norm_statistics_in(model: nn.Module, dtype: torch.dtype) -> None:
+def _norm_statistics_in(model: nn.Module, dtype: torch.dtype) -> List[Tuple[nn.Module, str, torch.Tensor]]:
     """BatchNorm under the engine's bf16/fp16 section, which casts every parameter (BatchNorm's affine
-    too) and keeps buffers fp32, where batch_norm refuses half-precision weights with fp32 statistics.
-    The running statistics stay fp32, as under autocast and FSDP's fp32 unit (accumulated in bf16 a
-    momentum update kept 3 significant digits, and a pretrained model's statistics were rounded):
-    the forward normalises the half-precision input with the affine weights read as fp32, the mix
-    batch_norm takes on CPU and CUDA (its output in the input's dtype). A subclass with a forward of
-    its own (SyncBatchNorm) keeps its statistics in ``dtype`` instead."""
+    too), where batch_norm refuses half-precision weights with fp32 statistics. The running
+    statistics stay fp32, as under autocast and FSDP's fp32 unit (accumulated in bf16 a momentum
+    update kept 3 significant digits, and a pretrained model's statistics were rounded): the forward
+    normalises the half-precision input with the affine weights read as fp32, the mix batch_norm
+    takes on CPU and CUDA (its output in the input's dtype). A subclass with a forward of its own
+    (SyncBatchNorm) keeps its statistics in ``dtype`` instead. Returns (module, buffer name, its
+    fp32 values) of the statistics kept fp32, for ``_keep_fp32``."""
+    kept: List[Tuple[nn.Module, str, torch.Tensor]] = []
     for bn in model.modules():
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             continue
+        names = [n for n in ("running_mean", "running_var") if getattr(bn, n, None) is not None]
         if type(bn).forward is nn.modules.batchnorm._BatchNorm.forward:
             bn.forward = MethodType(_batch_norm_fp32_forward, bn)
+            kept.extend((bn, n, getattr(bn, n).detach().clone()) for n in names
+                        if getattr(bn, n).dtype == torch.float32)
             continue
-        for name in ("running_mean", "running_var"):
-            buffer = getattr(bn, name, None)
-            if buffer is not None:
-                buffer.data = buffer.data.to(dtype)
+        for n in names:
+            getattr(bn, n).data = getattr(bn, n).data.to(dtype)
+    return kept
+
+
+def _keep_fp32(kept: List[Tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Put back the fp32 values of statistics that the engine cast to its dtype: DeepSpeed releases
+    older than its ``data_types.buffer_dtype`` cast every buffer with the parameters. A
+    ``buffer_dtype`` of the user's own is left as given: the forward then reads the weights in the
+    statistics' dtype."""
+    for bn, name, fp32 in kept:
+        buffer = getattr(bn, name)
+        if buffer.dtype != torch.float32:
+            buffer.data = fp32.to(buffer.device)
 
 
 def _batch_norm_fp32_forward(self: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> torch.Tensor:
-    """``_BatchNorm.forward`` with the affine weights read as fp32 (the engine holds them in bf16/fp16)."""
+    """``_BatchNorm.forward`` with the affine weights read in the statistics' dtype: fp32 (the engine
+    holds the weights in bf16/fp16), or the engine's dtype where it cast the statistics too."""
     self._check_input_dim(input)
     factor = 0.0 if self.momentum is None else self.momentum
     if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -306,6 +325,7 @@ def _batch_norm_fp32_forward(self: nn.modules.batchnorm._BatchNorm, input: torch
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
     batch_stats = self.training or (self.running_mean is None and self.running_var is None)
     running = not self.training or self.track_running_stats
+    dtype = torch.float32 if self.running_mean is None else self.running_mean.dtype
     return F.batch_norm(input, self.running_mean if running else None, self.running_var if running else None,
-                        None if self.weight is None else self.weight.float(),
-                        None if self.bias is None else self.bias.float(), batch_stats, factor, self.eps)
+                        None if self.weight is None else self.weight.to(dtype),
+                        None if self.bias is None else self.bias.to(dtype), batch_stats, factor, self.eps)

@@ -116,28 +116,46 @@ def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: 
     return strategy
 
 
-def same_lengths_on_every_rank(train_ds, eval_ds) -> None:
-    """Collective: ConfigError (on every rank alike) when the ranks' datasets differ in length.
-    Each rank draws its share of one order over the indices of its own copy: a rank with one more
-    sample (files listed on a node's own disk) drew from another order, repeating samples and
-    dropping others every epoch without a word, and a different number of evaluation batches
-    would leave the ranks waiting on each other."""
-    lengths = all_gather_object((len(train_ds), None if eval_ds is None else len(eval_ds)))
+def datasets_on_every_rank(make: Callable[[], tuple], world_size: int) -> tuple:
+    """``make()`` (the datasets and their info) on every rank, checked together (a collective when
+    ``world_size > 1``): the same ConfigError on every rank when one rank could not build its
+    datasets (the others waited in the next collective until its timeout) or when the ranks'
+    datasets differ in length. Each rank draws its share of one order over the indices of its own
+    copy: a rank with one more sample (files listed on a node's own disk) drew from another order,
+    repeating samples and dropping others every epoch without a word, and a different number of
+    evaluation batches would leave the ranks waiting on each other."""
+    try:
+        made, failure = make(), None
+    except Exception as exc:  # noqa: BLE001  (re-raised below, once every rank knows)
+        if world_size == 1:
+            raise
+        made, failure = None, exc
+    if world_size == 1:
+        return made
+    mine = (f"{type(failure).__name__}: {failure}"[:500] if failure is not None else None,
+            None if made is None else (len(made[0]), None if made[1] is None else len(made[1])))
+    everyone = all_gather_object(mine)
+    if failure is not None:
+        raise failure
+    failed = [(r, text) for r, (text, _) in enumerate(everyone) if text]
+    if failed:
+        raise ConfigError("data", f"rank {failed[0][0]} could not build its datasets ({failed[0][1]})"
+                                  + (f", and {len(failed) - 1} more rank(s)" if len(failed) > 1 else ""))
     for i, what in enumerate(("training", "evaluation")):
-        if len({n[i] for n in lengths}) > 1:
-            shown = ", ".join(f"rank {r}: {n[i]}" for r, n in enumerate(lengths[:8]))
-            raise ConfigError("data", f"the ranks' {what} sets differ in length ({shown}{', ...' if len(lengths) > 8 else ''}"
+        if len({n[i] for _, n in everyone}) > 1:
+            shown = ", ".join(f"rank {r}: {n[i]}" for r, (_, n) in enumerate(everyone[:8]))
+            raise ConfigError("data", f"the ranks' {what} sets differ in length ({shown}{', ...' if len(everyone) > 8 else ''}"
                                       "): every rank must build the same dataset (each draws its share of one "
                                       "order over the indices); check that every node sees the same files")
+    return made
 
 
 def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[UserObjects] = None) -> JobParts:
     """Every part of the training job ``job`` for this rank (inside its process group)."""
     user = user or UserObjects()
     seed_everything(job.run.seed)
-    train_ds, eval_ds, info = sources.make_datasets(job.data, user.train_data, user.eval_data, user.collate_fn)
-    if cluster.world_size > 1:
-        same_lengths_on_every_rank(train_ds, eval_ds)
+    train_ds, eval_ds, info = datasets_on_every_rank(
+        lambda: sources.make_datasets(job.data, user.train_data, user.eval_data, user.collate_fn), cluster.world_size)
     task = sources.make_task(job.task.name, user.task, info)
     sources.check_loss_average(job.train.loss_average, task.sums_targets, task.name)
     # The loader first (its sampler has its own generator: the model's init draws are unchanged), so

@@ -5,6 +5,7 @@ act on a built model before it is wrapped: ``model.init_from`` and ``model.freez
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -78,6 +79,8 @@ class MapDataset(Dataset):
             return items
         if self.collate_fn is not None:
             batch = self.collate_fn(items)
+            if isinstance(batch, Mapping) and not isinstance(batch, dict):
+                batch = dict(batch)  # (a UserDict, Hugging Face's BatchEncoding: a dict batch from here on)
         else:
             try:
                 batch = default_collate(items)

@@ -181,8 +181,8 @@ class Classification(Task):
 
     def criterion(self, pred, target):
         target = _class_indices(target)
-        if pred.dim() == 3:  # [B, T, C] token classification
-            pred, target = pred.flatten(0, 1), target.flatten()
+        if pred.dim() == 3:  # [B, T, C] token classification (class probabilities: [B, T, C] too)
+            pred, target = pred.flatten(0, 1), target.flatten(0, 1) if target.is_floating_point() else target.flatten()
         if target.is_floating_point():  # (class probabilities: nothing is ignored)
             return F.cross_entropy(pred.float(), target)
         # cross_entropy's mean, but 0 (with zero gradients) for a micro-batch whose every target
