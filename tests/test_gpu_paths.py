@@ -11,6 +11,7 @@ CUDA one would be reported on a GPU, and train through the very code the CLI run
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -127,7 +128,7 @@ def test_deepspeed_runs_on_the_ranks_own_gpu_when_each_task_sees_one(monkeypatch
 
     monkeypatch.setattr(deepspeed, "initialize", recording)
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: None)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # (SLURM_LOCALID's value)
     job = load_config(None, ["strategy.name=deepspeed"])
     cluster = ClusterEnv(source="slurm", rank=3, local_rank=3, world_size=8, local_world_size=8)
     strategy = build_strategy(job.strategy, cluster, torch.device("cuda", 0), "fp32", StepPlan(8, 1, 0.0))
@@ -140,6 +141,7 @@ def test_deepspeed_runs_on_the_ranks_own_gpu_when_each_task_sees_one(monkeypatch
         strategy.setup(Model(2, 2), lambda module: torch.optim.SGD(module.parameters(), lr=0.1),
                        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
     assert seen.value.args[0].device_rank == 0, vars(seen.value.args[0])
+    assert os.environ["LOCAL_RANK"] == "0"  # (ZeRO-3's zero.Init takes its device from it)
 
 
 def test_bf16_on_a_gpu_before_ampere_is_checked_without_touching_a_device(monkeypatch, caplog):
@@ -165,3 +167,23 @@ def test_bf16_on_a_gpu_before_ampere_is_checked_without_touching_a_device(monkey
     assert asked == [torch.device("cuda", 0), torch.device("cuda", 5)], asked
     warnings = [r.getMessage() for r in caplog.records if "bf16" in r.getMessage()]
     assert len(warnings) == 1 and "emulates" in warnings[0], warnings  # (once: rank 0)
+
+
+def test_fsdp_cpu_offload_keeps_buffers_on_the_device_the_forward_runs_on():
+    """strategy.fsdp.cpu_offload with meta_init (the default): the model was materialised in host
+    memory whole, buffers too, and neither CPUOffloadPolicy (parameters only) nor fully_shard (which
+    moved only real buffers, these were on meta) put them back: a GPU forward met BatchNorm's host
+    statistics. "meta" stands in for the GPU here."""
+    from dist_train.config import load_config
+    from dist_train.env.cluster import ClusterEnv
+    from dist_train.models import build_model
+    from dist_train.strategy import StepPlan, build_strategy
+
+    job = load_config(None, ["strategy.name=fsdp", "strategy.fsdp.cpu_offload=true", "model.name=resnet18"])
+    cluster = ClusterEnv(source="torchrun", rank=0, local_rank=0, world_size=1, local_world_size=1)
+    strategy = build_strategy(job.strategy, cluster, torch.device("meta"), "fp32", StepPlan(8, 1, 0.0))
+    with strategy.init_context():
+        model = build_model(job.model, SimpleNamespace(task="classification", input_shape=(3, 8, 8), num_classes=10))
+    strategy._materialise(model)
+    assert {b.device.type for b in model.buffers()} == {"meta"}  # (the strategy's device)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}  # (fully_shard then offloads the shards)

@@ -283,6 +283,7 @@ class CheckpointManager:
             # compact JSON, the strategy's state staged in host memory when the write goes to the
             # background); everything else, the staging dir included, is the commit protocol's.
             rng = rng_state()  # fresh objects: serialised by the writer
+            self.strategy.sync_buffers()  # (rank 0's BatchNorm statistics: DCP keeps one rank's copy)
             small, write = self.strategy.save_checkpoint(files, stage=background)
             meta = json.dumps(self._meta(state, small)) if self.rank0 else None
         except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement in the commit)

@@ -12,8 +12,9 @@ never loaded):
 BatchNorm: ResNet keeps its BatchNorm layers, and their statistics are per rank (no
 SyncBatchNorm): each rank normalises with the mean and variance of its own micro-batch, so a
 multi-rank run is not bitwise the same as one process with the same global batch. Running
-averages are per rank too (DDP overwrites them with rank 0's at each forward, by its default
-``broadcast_buffers``; FSDP and DeepSpeed leave each rank its own).
+averages are per rank too while training (DDP overwrites them with rank 0's at each forward, by
+its default ``broadcast_buffers``); every checkpoint, evaluation and fit's hand-back takes rank 0's
+under every strategy (``Strategy.sync_buffers``).
 """
 
 from __future__ import annotations

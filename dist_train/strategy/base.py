@@ -289,6 +289,30 @@ class Strategy(ABC):
     shards_module: bool = False
     caller_module: Optional[nn.Module] = None  # the caller's instance, when a copy of it is trained
 
+    def sync_buffers(self) -> None:
+        """Collective: every rank's buffers take rank 0's values. Each rank updates BatchNorm's
+        running statistics from its own batches; DDP copies rank 0's over the others' before every
+        forward, FSDP and DeepSpeed never did: a checkpoint kept whichever rank's copy DCP chose
+        (so a resumed run evaluated with other statistics than an uninterrupted one), each rank
+        evaluated its shard with its own, and fit handed back each rank's own. Called before every
+        checkpoint, evaluation and hand-back, so that these see one model, with rank 0's statistics
+        as under DDP (the training forward normalises with its batch's, so training is unchanged).
+        One broadcast per dtype; a model without buffers costs nothing."""
+        if self.cluster.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        groups: Dict[torch.dtype, List[torch.Tensor]] = {}
+        for buffer in self.unwrapped_model.buffers():
+            if buffer.numel() and not buffer.is_meta:
+                groups.setdefault(buffer.dtype, []).append(buffer)
+        with torch.no_grad():
+            for dtype, buffers in sorted(groups.items(), key=lambda kv: str(kv[0])):  # (the same order on every rank)
+                flat = torch.cat([b.detach().reshape(-1).to(self.device) for b in buffers])
+                torch.distributed.broadcast(flat.view(torch.uint8) if dtype == torch.bool else flat, src=0)
+                offset = 0
+                for b in buffers:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+
     def full_state(self) -> Iterable[Tuple[str, torch.Tensor]]:
         """Collective: ``(name, whole tensor)`` for each parameter and buffer of the trained model,
         one at a time (a sharded strategy gathers each in turn: one whole tensor in memory at once)."""
@@ -302,6 +326,7 @@ class Strategy(ABC):
         target = dict(module.named_parameters())
         target.update(module.named_buffers())
         failed: List[str] = []
+        self.sync_buffers()  # (rank 0's BatchNorm statistics on every rank, as in the checkpoints)
         with torch.no_grad():
             for name, value in self.full_state():  # (every rank gathers every tensor, whatever fails here)
                 if name in target:

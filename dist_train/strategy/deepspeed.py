@@ -57,7 +57,13 @@ class DeepSpeedStrategy(Strategy):
         deepspeed = ds_config.import_deepspeed()
         # DeepSpeed requires LOCAL_RANK, which only torchrun sets (not SLURM or a plain
         # `python -m dist_train`); its device is set below.
-        os.environ.setdefault("LOCAL_RANK", str(self.cluster.local_rank))
+        # On a GPU it is the index of this rank's device: ZeRO-3's zero.Init and its utilities put
+        # tensors on cuda:LOCAL_RANK, and under SLURM's --gpus-per-task=1 task 3 of a node sees only
+        # cuda:0 ("invalid device ordinal").
+        if self.device.type == "cuda":
+            os.environ["LOCAL_RANK"] = str(self.device.index or 0)
+        else:
+            os.environ.setdefault("LOCAL_RANK", str(self.cluster.local_rank))
         # Reuses the process group we made (gloo on CPU, NCCL on GPU); never starts its own.
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    dist_init_required=False)

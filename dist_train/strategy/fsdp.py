@@ -213,6 +213,13 @@ class FSDPStrategy(Strategy):
         if self._init_rng is None:
             raise RuntimeError("fsdp: a model on the meta device must be built inside strategy.init_context()")
         model.to_empty(device="cpu" if self.cfg.fsdp.cpu_offload else self.device)
+        if self.cfg.fsdp.cpu_offload:
+            # CPUOffloadPolicy keeps parameters in host memory, not buffers: they belong where the
+            # forward runs. fully_shard moved them there only if they were real then (these were on
+            # the meta device), so a BatchNorm met a GPU input with host statistics.
+            for module in model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    module._buffers[name] = buffer.to(self.device)
         # Afterwards the generator is where a plain build leaves it, so dropout draws match too.
         torch.set_rng_state(self._init_rng)
         with _FullInit():

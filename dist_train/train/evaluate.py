@@ -85,6 +85,7 @@ def evaluate(strategy, loader, task: Task, max_batches: int = 0,
     end with the sample indices (taken off before the task sees a batch)."""
     model = strategy.model
     was_training = model.training
+    strategy.sync_buffers()  # (every rank evaluates with rank 0's BatchNorm statistics, as the checkpoint holds)
     model.eval()
     device = strategy.device
     local = len(loader) if max_batches <= 0 else min(len(loader), max_batches)

@@ -3,9 +3,12 @@ build "correct by construction", exercised for real in a few minutes.
 
     python tests/scripts/gpu_check.py [--out DIR] [--steps 30] [--only single-bf16,fsdp-fp16] [--jobs 5]
 
-On this machine's GPUs (``torchrun --nproc_per_node=<GPUs>``, NCCL; ``single`` runs one process),
-for each case (strategy x precision: single, ddp and fsdp; bf16, and fp16 with the gradient
-scaler), the ``cnn`` model (BatchNorm buffers) on ``synthetic_images``:
+On this machine's GPUs (``torchrun --nproc_per_node=<GPUs>``, NCCL; ``single`` runs one process;
+on a one-GPU machine the distributed cases run one rank, so no collective crosses ranks), for each
+case (strategy x precision: single, ddp and fsdp; bf16, and fp16 with the gradient scaler; FSDP
+with ``cpu_offload``; DeepSpeed ZeRO-3 bf16), ``resnet18`` (BatchNorm's buffers: staged, sharded
+units of their own, kept on the device under offload) on ``synthetic_images`` (``--cpu``: the
+``cnn``, no buffers, to check this script quickly):
 
 - a reference run of ``--steps`` steps, checkpointing every third of them asynchronously, with
   ``debug.faults=slow_staging=0.2``: each save's deferred copy of parameters and optimizer state
@@ -33,7 +36,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Dict, List, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-CASES = [("single", "bf16"), ("single", "fp16"), ("ddp", "bf16"), ("fsdp", "bf16"), ("fsdp", "fp16")]
+CASES = [("single", "bf16"), ("single", "fp16"), ("ddp", "bf16"), ("fsdp", "bf16"), ("fsdp", "fp16"),
+         ("fsdp_offload", "bf16"), ("zero3", "bf16")]
+# A case's strategy overrides (the others: strategy.name=<case>).
+STRATEGIES = {"fsdp_offload": ["strategy.name=fsdp", "strategy.fsdp.cpu_offload=true"],
+              "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"]}
 
 
 def run(args: List[str], nproc: int, run_dir: str, log: str) -> int:
@@ -60,12 +67,13 @@ def summary(run_dir: str) -> dict:
         return json.load(f)
 
 
-def check(strategy: str, precision: str, steps: int, gpus: int, out: str) -> Tuple[bool, str]:
+def check(strategy: str, precision: str, steps: int, gpus: int, out: str, model: str) -> Tuple[bool, str]:
     nproc = 0 if strategy == "single" else gpus
     every = max(1, steps // 3)
     stop = 2 * every
-    common = ["model.name=cnn", "data.name=synthetic_images", "data.synthetic_samples=4096", "data.batch_size=32",
-              f"strategy.name={strategy}", f"train.precision={precision}", f"checkpoint.every_steps={every}",
+    common = [f"model.name={model}", "data.name=synthetic_images", "data.synthetic_samples=4096", "data.batch_size=32",
+              *STRATEGIES.get(strategy, [f"strategy.name={strategy}"]), f"train.precision={precision}",
+              f"checkpoint.every_steps={every}",
               "checkpoint.async=true", "debug.faults=slow_staging=0.2", "eval.every_steps=0",
               "logging.every_steps=1", "logging.mlflow.enabled=false", "logging.progress_bar=off",
               "train.deterministic=true"]
@@ -123,8 +131,9 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    cases = CASES
+    cases, model = CASES, "resnet18"
     if args.cpu:
+        model = "cnn"
         gpus, cases = 2, [(strategy, "fp32") for strategy in ("single", "ddp", "fsdp")]
         print(f"torch {torch.__version__}, CPU (--cpu: fp32 on 2 gloo ranks; the GPU paths are not run)")
     elif not torch.cuda.is_available():
@@ -141,7 +150,7 @@ def main() -> None:
         shutil.rmtree(os.path.join(out, f"{strategy}-{precision}"), ignore_errors=True)
     failed = 0
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {pool.submit(check, strategy, precision, args.steps, gpus, out): f"{strategy}-{precision}"
+        futures = {pool.submit(check, strategy, precision, args.steps, gpus, out, model): f"{strategy}-{precision}"
                    for strategy, precision in todo}
         for future in as_completed(futures):
             try:

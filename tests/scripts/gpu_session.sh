@@ -4,7 +4,8 @@
 #   bash tests/scripts/gpu_wheels.sh        # here, once: the wheels the machine lacks, in .whl/
 #   device run: command "bash tests/scripts/gpu_session.sh", carry [".whl"], timeout_s 570
 #
-# 1. gpu_check.py: bf16 and fp16 (scaler) x single, DDP, FSDP on NCCL; async saves whose copy runs
+# 1. gpu_check.py: bf16 and fp16 (scaler) x single, DDP, FSDP on NCCL, FSDP cpu_offload and
+#    DeepSpeed ZeRO-3 bf16, on ResNet-18 (BatchNorm buffers); async saves whose copy runs
 #    on a side stream; an exact resume of each, bit for bit (tests/scripts/gpu_check.py).
 # 2. throughput.py --explain: dist_train's single-GPU job against a plain loop (ResNet-18, 3x32x32,
 #    batch 32, bf16), and the host time of each part of dist_train's loop (the GPU run's
@@ -57,7 +58,7 @@ if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then
     part step_overhead 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
         benchmarks/step_overhead.py --workload vision-ddp --smoke
 else
-    part gpu_check 240 "$PY" tests/scripts/gpu_check.py --jobs 5
+    part gpu_check 300 "$PY" tests/scripts/gpu_check.py --jobs 7
     part throughput 120 "$PY" benchmarks/throughput.py --explain --precision bf16 --model resnet18 \
         --data synthetic_images --batch-size 32 --steps 300 --repeats 3
     part step_overhead 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
