@@ -187,3 +187,20 @@ def test_fsdp_cpu_offload_keeps_buffers_on_the_device_the_forward_runs_on():
     strategy._materialise(model)
     assert {b.device.type for b in model.buffers()} == {"meta"}  # (the strategy's device)
     assert {p.device.type for p in model.parameters()} == {"cpu"}  # (fully_shard then offloads the shards)
+
+
+def test_the_cuda_rng_state_is_this_ranks_devices_whatever_the_layout(monkeypatch):
+    """Every visible device's CUDA RNG state was saved, and restored only on a machine with as many:
+    a resume under SLURM's one GPU per task of a torchrun run (8 visible) lost the exact resume.
+    Now the rank's current device's state goes into its own device. (torch.cuda stands in here.)"""
+    from dist_train.env import seed
+
+    mine, restored = torch.tensor([7, 7], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": mine)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    state = seed.rng_state()
+    assert torch.equal(state["torch_cuda_current"], mine) and "torch_cuda" not in state
+    seed.set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], mine)

@@ -80,17 +80,24 @@ def rng_state() -> Dict[str, Any]:
         "python": (version, torch.tensor(internal, dtype=torch.int64), python_gauss),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This rank's own device's only (the current one: set at the process group's start). Every
+        # visible device's, as before, were restored only on a machine with as many: a resume under
+        # another layout (torchrun's 8 visible GPUs, SLURM's one per task) lost its exactness.
+        "torch_cuda_current": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states only when the device count matches)."""
+    """Restore what :func:`rng_state` captured; the CUDA state into this rank's current device
+    (a checkpoint from before 2026-12-07 holds every device's: restored when the count matches)."""
     version, internal, gauss = state["python"]  # (a tuple of ints in checkpoints before 2026-12-07)
     random.setstate((version, tuple(internal.tolist() if torch.is_tensor(internal) else internal), gauss))
     kind, keys, pos, has_gauss, gauss_np = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
     torch.set_rng_state(state["torch_cpu"])
+    current = state.get("torch_cuda_current")
+    if current is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(current)  # (the current device's)
     cuda = state.get("torch_cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+    if current is None and cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
