@@ -83,6 +83,21 @@ def _as_rank0(world: int, per_node: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _more_ranks_than_gpus(per_node: int) -> str:
+    """Why ``per_node`` ranks cannot run on this node's GPUs, or "": each rank trains on the GPU
+    of its local rank, and NCCL refuses two ranks on one GPU ("Duplicate GPU detected") once every
+    rank has started. (Under SLURM's one GPU per task each task sees one device: srun starts those,
+    not this launcher.)"""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not gpus or per_node <= gpus:
+        return ""
+    return (f"--nproc_per_node={per_node} starts {per_node} ranks on this node, which has {gpus} GPU(s) "
+            f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one rank per GPU, "
+            f"so --nproc_per_node={gpus} or fewer (NCCL refuses two ranks on one GPU)")
+
+
 def _exit_code(failure_code: int) -> int:
     """A worker's exit code as a shell reports it (a signal N as 128 + N)."""
     return 128 - failure_code if failure_code < 0 else failure_code
@@ -108,6 +123,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         world, per_node = world_of(args)
     except (ValueError, RuntimeError) as exc:  # torchrun's own parsers raise both
         print(f"dist_train.launch: error: --nnodes/--nproc_per_node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = _more_ranks_than_gpus(per_node)
+    if problem:
+        print(f"dist_train.launch: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     with _as_rank0(world, per_node):
         code = cli.main(["--check", *job_args])

@@ -204,3 +204,16 @@ def test_the_cuda_rng_state_is_this_ranks_devices_whatever_the_layout(monkeypatc
     assert torch.equal(state["torch_cuda_current"], mine) and "torch_cuda" not in state
     seed.set_rng_state(state)
     assert len(restored) == 1 and torch.equal(restored[0], mine)
+
+
+def test_the_launcher_refuses_more_ranks_than_gpus_before_any_starts(monkeypatch, capsys):
+    """--nproc_per_node=4 on a node with 2 visible GPUs: two ranks shared each GPU and NCCL failed
+    once every rank had started ("Duplicate GPU detected"). Refused up front (exit 2), naming both.
+    (torch.cuda stands in for the GPUs here.)"""
+    from dist_train import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert launch.main(["--standalone", "--nproc_per_node=4", "train.max_steps=1"]) == 2
+    assert "--nproc_per_node=4 starts 4 ranks on this node, which has 2 GPU(s)" in capsys.readouterr().err
+    assert launch._more_ranks_than_gpus(2) == ""

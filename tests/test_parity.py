@@ -219,6 +219,38 @@ def test_batchnorm_statistics_cast_by_the_engine_are_put_back_or_followed():
     spawn(_deepspeed_bf16_batchnorm_with_cast_statistics, 1)
 
 
+def _deepspeed_bf16_batchnorm_statistics(rank: int, world_size: int) -> None:
+    from types import SimpleNamespace
+
+    from dist_train.config import load_config
+    from dist_train.env.cluster import detect
+    from dist_train.train.build import build_training
+    from dist_train.train.step import train_step
+
+    job = load_config(None, ["strategy.name=deepspeed", "strategy.zero_stage=2", "train.precision=bf16",
+                             "train.warmup_steps=0", "train.schedule=constant", "train.grad_clip=0"])
+    info = SimpleNamespace(task="classification", input_shape=(4,), num_classes=2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    strategy = build_training(job, detect(), torch.device("cpu"), info, model=lambda: net)
+    try:
+        x = torch.randn(8, 4) * 3 + 5
+        for _ in range(2):
+            train_step(strategy, iter([(x, torch.randint(0, 2, (8,)))]), job.train)
+        bn = strategy.unwrapped_model[0]
+        assert bn.weight.dtype == torch.bfloat16  # (the engine's cast)
+        assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+        seen = x.bfloat16().float()  # (the input reaches the engine's module in bf16)
+        mean, var = seen.mean(0), seen.var(0)  # (batch_norm's running variance: unbiased)
+        torch.testing.assert_close(bn.running_mean, 0.19 * mean, rtol=1e-5, atol=1e-6)  # two momentum 0.1 updates
+        torch.testing.assert_close(bn.running_var, 0.81 + 0.19 * var, rtol=1e-5, atol=1e-6)
+        assert int(bn.num_batches_tracked) == 2
+        bn.eval()  # the running statistics normalise a bf16 input in eval mode as well
+        assert torch.isfinite(strategy.unwrapped_model(x.bfloat16()).float()).all()
+    finally:
+        strategy.teardown()
+
+
 def test_deepspeed_bf16_keeps_batchnorm_statistics_in_fp32():
     """DeepSpeed's bf16 section casts every parameter; BatchNorm's running statistics were kept in
     bf16 with them (batch_norm refuses bf16 weights with fp32 statistics), so each momentum update
