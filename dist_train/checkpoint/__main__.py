@@ -22,7 +22,7 @@ import sys
 from typing import List, Optional
 
 from dist_train.checkpoint import checksum, layout, storage
-from dist_train.checkpoint.export import EXPORT_SUFFIXES, export_run
+from dist_train.checkpoint.export import export_run, suffix_problem
 from dist_train.checkpoint.restore import CheckpointError
 
 
@@ -138,9 +138,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"no checkpoint at {args.path}", file=sys.stderr)
         return 2
     if args.cmd == "export":
-        if not args.out.lower().endswith(EXPORT_SUFFIXES):
-            print(f"export: {args.out}: name the output .safetensors, or .pt / .pth for torch.save's format",
-                  file=sys.stderr)
+        problem = suffix_problem(args.out)
+        if problem:
+            print(f"export: {problem}", file=sys.stderr)
             return 2
         return export(args.path, args.out)
     infos = [describe(path, sha256=getattr(args, "sha256", False)) for path in found]

@@ -18,14 +18,22 @@ from dist_train.checkpoint.restore import CheckpointError, resolve_path
 EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
+def suffix_problem(out: str) -> str:
+    """Why ``out`` cannot name an export (its suffix picks the format), or ""."""
+    if out.lower().endswith(EXPORT_SUFFIXES):
+        return ""
+    return f"{out}: name the output .safetensors, or .pt / .pth for torch.save's format"
+
+
 def export_weights(path: str, out: str) -> Dict[str, Any]:
     """Write the weights of checkpoint ``path`` to ``out`` (safetensors, or ``torch.save``'s format
     for a ``.pt``/``.pth`` name: see ``EXPORT_SUFFIXES``); ``path`` must verify. Returns what
     was written (step, tensors, parameters); raises CheckpointError otherwise."""
     from safetensors.torch import save_file
 
-    if not out.lower().endswith(EXPORT_SUFFIXES):
-        raise ValueError(f"{out}: name the output .safetensors, or .pt / .pth for torch.save's format")
+    problem = suffix_problem(out)
+    if problem:
+        raise ValueError(problem)
     errors = layout.verify(path)
     if errors:
         raise CheckpointError(f"{path} does not verify, refusing to export it: " + "; ".join(errors[:5]))

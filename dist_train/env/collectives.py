@@ -6,7 +6,7 @@ job. ``group=None`` is the default group.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -118,6 +118,32 @@ def set_collective_timeout(seconds: float, group=None) -> None:
             setter(datetime.timedelta(seconds=seconds), g)
 
 
+def broadcast_tensors(tensors, device: torch.device, src: int = 0, group=None,
+                      bucket_bytes: int = 64 << 20) -> None:
+    """Collective: every rank's ``tensors`` (the same list on every rank) take rank ``src``'s
+    values, in place. Same-dtype tensors go flattened on ``device`` (the group's: the CPU for
+    gloo), one broadcast per bucket of at most ``bucket_bytes``, not one per tensor."""
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.numel() and not tensor.is_meta:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    with torch.no_grad():
+        for dtype, same in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):  # (one order on every rank)
+            bucket: List[torch.Tensor] = []
+            size = 0
+            for i, tensor in enumerate(same):
+                bucket.append(tensor)
+                size += tensor.numel() * tensor.element_size()
+                if size >= bucket_bytes or i == len(same) - 1:
+                    flat = torch.cat([t.detach().reshape(-1).to(device) for t in bucket])
+                    dist.broadcast(flat.view(torch.uint8) if dtype == torch.bool else flat, src=src, group=group)
+                    offset = 0
+                    for t in bucket:
+                        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                        offset += t.numel()
+                    bucket, size = [], 0
+
+
 def broadcast_module(module, src: int = 0) -> None:
     """Make every rank's parameters and buffers equal to rank ``src``'s, in place (on a temporary
     gloo group, so that CPU tensors work whatever the default backend)."""
@@ -125,12 +151,6 @@ def broadcast_module(module, src: int = 0) -> None:
         return
     group = new_gloo_group(kept=False)
     try:
-        with torch.no_grad():
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                data = tensor.data
-                cpu = data if data.device.type == "cpu" else data.cpu()
-                dist.broadcast(cpu, src=src, group=group)
-                if cpu is not data:
-                    data.copy_(cpu)
+        broadcast_tensors([*module.parameters(), *module.buffers()], torch.device("cpu"), src=src, group=group)
     finally:
         dist.destroy_process_group(group)

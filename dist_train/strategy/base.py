@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dist_train.env.cluster import ClusterEnv
-from dist_train.env.collectives import all_reduce
+from dist_train.env.collectives import all_reduce, broadcast_tensors
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -297,21 +297,9 @@ class Strategy(ABC):
         evaluated its shard with its own, and fit handed back each rank's own. Called before every
         checkpoint, evaluation and hand-back, so that these see one model, with rank 0's statistics
         as under DDP (the training forward normalises with its batch's, so training is unchanged).
-        One broadcast per dtype; a model without buffers costs nothing."""
-        if self.cluster.world_size <= 1 or not torch.distributed.is_initialized():
-            return
-        groups: Dict[torch.dtype, List[torch.Tensor]] = {}
-        for buffer in self.unwrapped_model.buffers():
-            if buffer.numel() and not buffer.is_meta:
-                groups.setdefault(buffer.dtype, []).append(buffer)
-        with torch.no_grad():
-            for dtype, buffers in sorted(groups.items(), key=lambda kv: str(kv[0])):  # (the same order on every rank)
-                flat = torch.cat([b.detach().reshape(-1).to(self.device) for b in buffers])
-                torch.distributed.broadcast(flat.view(torch.uint8) if dtype == torch.bool else flat, src=0)
-                offset = 0
-                for b in buffers:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
+        (``collectives.broadcast_tensors``: one broadcast per dtype; no buffers, no broadcast.)"""
+        if self.cluster.world_size > 1 and torch.distributed.is_initialized():
+            broadcast_tensors(list(self.unwrapped_model.buffers()), self.device)
 
     def full_state(self) -> Iterable[Tuple[str, torch.Tensor]]:
         """Collective: ``(name, whole tensor)`` for each parameter and buffer of the trained model,
