@@ -346,6 +346,98 @@ def test_fsdp_async_save_keeps_the_values_of_its_step(tmp_path):
     spawn(_fsdp_async_save_stages_dtensors, 2, str(tmp_path / "run"))
 
 
+def _ddp_async_save_stages_a_share(rank: int, world: int, run_dir: str) -> None:
+    """Under DDP every tensor is replicated: an async save stages on each rank only the tensors it
+    writes (about half the bytes each here, every tensor on exactly one rank), and a resume gets
+    the whole model and optimizer state of the save's step."""
+    import torch.distributed as dist
+
+    from dist_train.checkpoint import files as files_module
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config import load_config, to_dict
+    from dist_train.env.cluster import detect
+    from dist_train.strategy import build_strategy
+    from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
+    from dist_train.train.state import TrainState
+
+    job = load_config(None, ["strategy.name=ddp", "checkpoint.async_save=true", "train.lr=0.1"])
+
+    def built():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+        strategy = build_strategy(job.strategy, detect(), torch.device("cpu"), "fp32")
+        strategy.setup(model, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+        return model, strategy, CheckpointManager(job.checkpoint, run_dir, strategy, config=to_dict(job),
+                                                  micro_global_batch=32, grad_accum_steps=1, seed=0)
+
+    def train_step(strategy):
+        torch.manual_seed(rank)  # each rank its own batch: DDP averages the gradients
+        batch = torch.randn(16, 8)
+        strategy.backward(torch.nn.functional.cross_entropy(strategy.model(batch), torch.randint(0, 3, (16,))))
+        strategy.step(0.0)
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    model, strategy, m = built()
+    try:
+        train_step(strategy)  # AdamW state exists
+        strategy.sync_buffers()  # (what the save does first: rank 0's BatchNorm statistics)
+        expected_model = {k: v.clone() for k, v in model.state_dict().items()}
+        expected_optim = [{k: v.clone() for k, v in strategy.optimizer.state[p].items()}
+                          for p in strategy.model.parameters()]
+        whole = nbytes(expected_model.values()) + nbytes(t for s in expected_optim for t in s.values())
+        m.save(TrainState(step=1))
+        train_step(strategy)  # waits for the copy, then changes everything
+        m.wait()
+        mine = torch.tensor([nbytes(m._stager._buffers.values()), len(m._stager._buffers)])
+        assert 0.35 * whole < mine[0] < 0.65 * whole, (rank, int(mine[0]), whole)
+        dist.all_reduce(mine)
+        assert int(mine[0]) == whole and int(mine[1]) == len(expected_model) + sum(map(len, expected_optim))
+    finally:
+        m.close()
+    model2, strategy2, m2 = built()
+    try:
+        m2.resume(TrainState())
+        for key, value in model2.state_dict().items():
+            assert torch.equal(value, expected_model[key]), key
+        got = [strategy2.optimizer.state[p] for p in strategy2.model.parameters()]
+        assert len(got) == len(expected_optim) == 8
+        for have, want in zip(got, expected_optim):
+            assert have.keys() == want.keys() and all(torch.equal(have[k], want[k]) for k in have)
+    finally:
+        m2.close()
+    # Ranks whose replicated tensors differ (names, shapes or dtypes: stood in for by rank 1's
+    # digest) cannot split them: every rank stages everything, now and at every later save.
+    real = files_module.own_share
+
+    def other_list(state, rank, world):
+        share, digest = real(state, rank, world)
+        return share, digest + rank
+
+    files_module.own_share = other_list
+    try:
+        model3, strategy3, m3 = built()
+        train_step(strategy3)
+        m3.save(TrainState(step=2))
+        m3.wait()
+        assert not m3._stager.share and nbytes(m3._stager._buffers.values()) == whole
+        m3.save(TrainState(step=3))
+        m3.wait()
+        assert nbytes(m3._stager._buffers.values()) == whole
+        m3.group.barrier()
+        saved = storage.load_full_model(os.path.join(run_dir, "checkpoints", "step_00000003", "dcp"))
+        assert sorted(saved) == sorted(model3.state_dict())
+    finally:
+        files_module.own_share = real
+        m3.close()
+
+
+def test_ddp_async_save_stages_each_replicated_tensor_on_one_rank(tmp_path):
+    spawn(_ddp_async_save_stages_a_share, 2, str(tmp_path / "run"))
+
+
 def test_async_save_copies_buffers_at_once_and_waits_before_the_next_update(tmp_path):
     """An async save copies module buffers (BatchNorm's running statistics change in the forward)
     at once, and parameters and optimizer state on the writer thread while the next forward and

@@ -289,6 +289,12 @@ class CheckpointManager:
         except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement in the commit)
             error = exc
             log.error("rank %d could not prepare checkpoint step %d: %s", self.rank, step, exc)
+        if background and self.world > 1 and not self._shares_add_up(files, error is not None, step):
+            try:  # (every rank alike: stage all of it now, and at every later save)
+                small, write = self.strategy.save_checkpoint(files, stage=True)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+                log.error("rank %d could not prepare checkpoint step %d: %s", self.rank, step, exc)
         commit = lambda: self._committer.run(step, staging, write, rng, meta, error)  # noqa: E731
         if background:  # (a failure, this rank's or another's, is raised by the next wait())
             if self._writer is None:
@@ -305,6 +311,24 @@ class CheckpointManager:
         self.stats["saves"] += 1
         if background:
             self.stats["blocking_s"] += time.perf_counter() - t0
+
+    def _shares_add_up(self, files: CheckpointFiles, failed: bool, step: int) -> bool:
+        """Collective (one all-reduce, on every rank of a background save, whatever failed): did
+        every rank stage its share of the replicated tensors from the same list
+        (``files.share_digest``), so that together they hold the whole state? If not, and no rank
+        failed (a failed save is aborted in its commit anyway), sharing stops on every rank: the
+        caller stages everything again, and so does every later save."""
+        digest = files.share_digest
+        t = torch.tensor([digest, -digest, int(failed)], dtype=torch.int64)
+        collectives.all_reduce(t, "max", self.group.pg)
+        if int(t[2]) or int(t[0]) == -int(t[1]):
+            return True
+        self._stager.share = False
+        if self.rank0:
+            log.warning("checkpoint of step %d: the ranks' replicated tensors differ (names, shapes or dtypes), so "
+                        "each rank cannot stage only its share of them: async saves stage the whole state on every "
+                        "rank from now on", step)
+        return False
 
     def _background(self, step: int, staging: str, write: Optional[Callable[[], None]], rng: Any,
                     meta: Optional[str], error: Optional[BaseException]) -> _Pending:

@@ -341,7 +341,8 @@ class Strategy(ABC):
         if stage:
             # The optimizer's state and the parameters only its step changes are copied while the
             # next forward and backward run (``before_update`` holds that step until they are);
-            # buffers, frozen parameters and the rest at once.
+            # buffers, frozen parameters and the rest at once. Under DDP each rank copies only
+            # the replicated tensors it writes (``files.own_share``).
             stepped = self._changed_only_by_step()
             state = files.stage(state, defer=lambda path, t: path[0] == "optim" or _storage_ptr(t) in stepped)
         return self._small_state(), lambda: files.write_state(state)
