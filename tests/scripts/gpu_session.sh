@@ -52,11 +52,11 @@ part() {  # part NAME SECONDS COMMAND...
 cat "$OUT/env.txt"
 
 if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then
-    part gpu_check 600 "$PY" tests/scripts/gpu_check.py --cpu --steps 6
+    part gpu_check 600 "$PY" tests/scripts/gpu_check.py --cpu --steps 6 --only single-fp32,fsdp-fp32
     part throughput 300 "$PY" benchmarks/throughput.py --explain --model mlp --data digits --batch-size 8 \
         --steps 40 --repeats 1
     part step_overhead 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
-        benchmarks/step_overhead.py --workload vision-ddp --smoke
+        benchmarks/step_overhead.py --workload vision-ddp --smoke --blocks 2 --steps 2
 else
     part gpu_check 300 "$PY" tests/scripts/gpu_check.py --jobs 7
     part throughput 120 "$PY" benchmarks/throughput.py --explain --precision bf16 --model resnet18 \
