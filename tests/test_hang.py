@@ -37,7 +37,7 @@ def test_a_stalled_rank_is_diagnosed_and_the_job_ends_cleanly(tmp_path):
     run = tmp_path / "hang"
     args = ["model.name=mlp", "data.name=digits", "data.batch_size=16", "data.num_workers=1", "train.max_steps=30",
             "train.warmup_steps=0", "logging.every_steps=1", "logging.mlflow.enabled=false",
-            "logging.progress_bar=off", "checkpoint.resume=never", "debug.faults=stall@8:1=25",
+            "logging.progress_bar=off", "checkpoint.resume=never", "debug.faults=stall@8:1=20",
             "dist.watchdog_floor_s=2", "dist.watchdog_factor=5", "dist.timeout_s=10", f"run.dir={run}"]
     t0 = time.time()
     proc = _torchrun(args)
@@ -173,7 +173,7 @@ def test_a_rank_stalled_before_the_first_step_is_diagnosed(tmp_path):
     ranks before dist.init_timeout_s ends the job."""
     run = tmp_path / "hang"
     args = ["model.name=mlp", "data.name=digits", "data.batch_size=16", "data.num_workers=0", "train.max_steps=5",
-            "logging.mlflow.enabled=false", "logging.progress_bar=off", "debug.faults=startup_stall@:1=30",
+            "logging.mlflow.enabled=false", "logging.progress_bar=off", "debug.faults=startup_stall@:1=20",
             "dist.watchdog_floor_s=2", "dist.init_timeout_s=12", f"run.dir={run}"]
     proc = _torchrun(args)
     assert proc.returncode != 0, proc.stderr[-3000:]
