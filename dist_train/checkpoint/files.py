@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import logging
+import heapq
 import os
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from dist_train.checkpoint import decode, layout, storage
 from dist_train.env import collectives
-
-log = logging.getLogger("dist_train.checkpoint")
 
 #: ``defer(path in the state dict, tensor)``: may this tensor be copied after ``stage`` returns?
 Defer = Callable[[Tuple[Any, ...], torch.Tensor], bool]
@@ -103,12 +102,12 @@ def own_share(state: Dict[str, Any], rank: int, world: int) -> Tuple[Dict[str, A
     leaves: List[Tuple[Tuple[Any, ...], torch.Tensor]] = []
     _replicated_leaves(state, (), leaves)
     digest = hashlib.blake2b(repr([(p, tuple(t.shape), str(t.dtype)) for p, t in leaves]).encode(), digest_size=8)
-    load = [0] * world
+    loads = [(0, r) for r in range(world)]  # (bytes so far, rank): a heap, the least loaded first
     others: Set[Tuple[Any, ...]] = set()
     size = [t.numel() * t.element_size() for _, t in leaves]
     for i in sorted(range(len(leaves)), key=lambda i: (-size[i], i)):
-        owner = min(range(world), key=lambda r: (load[r], r))
-        load[owner] += max(1, size[i])
+        load, owner = loads[0]
+        heapq.heapreplace(loads, (load + max(1, size[i]), owner))
         if owner != rank:
             others.add(leaves[i][0])
     return _without(state, (), others), 1 + (int.from_bytes(digest.digest(), "little") >> 2)
@@ -118,8 +117,8 @@ def _replicated_leaves(obj: Any, path: Tuple[Any, ...], out: List[Tuple[Tuple[An
     for key, value in obj.items():
         if isinstance(value, dict):
             _replicated_leaves(value, path + (key,), out)
-        elif isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
-            out.append((path + (key,), value))
+        elif isinstance(value, torch.Tensor) and not isinstance(value, (DTensor, ShardedTensor)):
+            out.append((path + (key,), value))  # (a sharded tensor is each rank's own pieces)
 
 
 def _without(obj: Any, path: Tuple[Any, ...], drop: Set[Tuple[Any, ...]]) -> Any:
@@ -191,8 +190,12 @@ class Stager:
             raise
         finally:
             self._defer = None
-        for path in [p for p in self._buffers if p not in self._used]:
+        stale = [p for p in self._buffers if p not in self._used]
+        pinned = any(self._buffers[p].is_pinned() for p in stale)
+        for path in stale:
             del self._buffers[path]  # (a tensor this save no longer holds, or another rank now writes)
+        if pinned:  # (torch's caching host allocator keeps freed pinned blocks: give them back)
+            torch._C._host_emptyCache()
         if self._pending_device_copies:
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         return staged

@@ -10,9 +10,11 @@ meta.json) and a function that writes the rest into a ``CheckpointFiles`` (``fil
 
 Every public method is called on every rank: the collectives inside never depend on the rank.
 Checkpoint collectives run on their own gloo group, so an async save's background thread never
-interleaves with the training collectives on the default group. The one collective of an async
-save on the training thread (the ranks' verdict on its deferred copy, ``_wait_staged``) runs on a
-third gloo group, at the next optimizer step, ``settle`` or ``wait``, alike on every rank.
+interleaves with the training collectives on the default group. An async save has two collectives
+on the training thread. Its ranks' check that their staged shares add up (``_shares_add_up``)
+runs on the checkpoint group in ``save``, which first waits (``wait``) until the previous save's
+writer thread is done with that group. The verdict on its deferred copy (``_wait_staged``) runs on
+a third gloo group, at the next optimizer step, ``settle`` or ``wait``, alike on every rank.
 
 A save, on every rank: take what must be taken at this step (RNG states, meta.json's contents, the
 strategy's state, copied to host memory when written in the background), then hand the writing to
@@ -289,7 +291,8 @@ class CheckpointManager:
         except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement in the commit)
             error = exc
             log.error("rank %d could not prepare checkpoint step %d: %s", self.rank, step, exc)
-        if background and self.world > 1 and not self._shares_add_up(files, error is not None, step):
+        if (background and self.world > 1 and self._stager.share
+                and not self._shares_add_up(files, error is not None, step)):
             try:  # (every rank alike: stage all of it now, and at every later save)
                 small, write = self.strategy.save_checkpoint(files, stage=True)
             except Exception as exc:  # noqa: BLE001
