@@ -409,7 +409,8 @@ def _ddp_async_save_stages_a_share(rank: int, world: int, run_dir: str) -> None:
     finally:
         m2.close()
     # Ranks whose replicated tensors differ (names, shapes or dtypes: stood in for by rank 1's
-    # digest) cannot split them: every rank stages everything, now and at every later save.
+    # digest) cannot split them: that save is dropped alike on every rank (its shares do not make
+    # up the state), and every later save stages everything.
     real = files_module.own_share
 
     def other_list(state, rank, world):
@@ -422,11 +423,13 @@ def _ddp_async_save_stages_a_share(rank: int, world: int, run_dir: str) -> None:
         train_step(strategy3)
         m3.save(TrainState(step=2))
         m3.wait()
-        assert not m3._stager.share and nbytes(m3._stager._buffers.values()) == whole
+        assert not m3._stager.share and m3.stats["dropped_saves"] == 1 and "failed_saves" not in m3.stats
+        assert m3.last_step is None  # (the end of a run saves again)
         m3.save(TrainState(step=3))
         m3.wait()
         assert nbytes(m3._stager._buffers.values()) == whole
         m3.group.barrier()
+        assert not os.path.exists(os.path.join(run_dir, "checkpoints", "step_00000002"))
         saved = storage.load_full_model(os.path.join(run_dir, "checkpoints", "step_00000003", "dcp"))
         assert sorted(saved) == sorted(model3.state_dict())
     finally:

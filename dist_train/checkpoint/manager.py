@@ -10,11 +10,9 @@ meta.json) and a function that writes the rest into a ``CheckpointFiles`` (``fil
 
 Every public method is called on every rank: the collectives inside never depend on the rank.
 Checkpoint collectives run on their own gloo group, so an async save's background thread never
-interleaves with the training collectives on the default group. An async save has two collectives
-on the training thread. Its ranks' check that their staged shares add up (``_shares_add_up``)
-runs on the checkpoint group in ``save``, which first waits (``wait``) until the previous save's
-writer thread is done with that group. The verdict on its deferred copy (``_wait_staged``) runs on
-a third gloo group, at the next optimizer step, ``settle`` or ``wait``, alike on every rank.
+interleaves with the training collectives on the default group. The one collective of an async
+save on the training thread (the ranks' verdict on its deferred copy, ``_wait_staged``) runs on a
+third gloo group, at the next optimizer step, ``settle`` or ``wait``, alike on every rank.
 
 A save, on every rank: take what must be taken at this step (RNG states, meta.json's contents, the
 strategy's state, copied to host memory when written in the background), then hand the writing to
@@ -291,18 +289,12 @@ class CheckpointManager:
         except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement in the commit)
             error = exc
             log.error("rank %d could not prepare checkpoint step %d: %s", self.rank, step, exc)
-        if (background and self.world > 1 and self._stager.share
-                and not self._shares_add_up(files, error is not None, step)):
-            try:  # (every rank alike: stage all of it now, and at every later save)
-                small, write = self.strategy.save_checkpoint(files, stage=True)
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-                log.error("rank %d could not prepare checkpoint step %d: %s", self.rank, step, exc)
         commit = lambda: self._committer.run(step, staging, write, rng, meta, error)  # noqa: E731
         if background:  # (a failure, this rank's or another's, is raised by the next wait())
             if self._writer is None:
                 self._writer = _Writer()
-            self._pending = self._writer.submit(self._background(step, staging, write, rng, meta, error))
+            self._pending = self._writer.submit(self._background(step, staging, write, rng, meta, error,
+                                                                 files.share_digest))
         else:
             t1 = time.perf_counter()
             try:
@@ -315,28 +307,28 @@ class CheckpointManager:
         if background:
             self.stats["blocking_s"] += time.perf_counter() - t0
 
-    def _shares_add_up(self, files: CheckpointFiles, failed: bool, step: int) -> bool:
-        """Collective (one all-reduce, on every rank of a background save, whatever failed): did
-        every rank stage its share of the replicated tensors from the same list
-        (``files.share_digest``), so that together they hold the whole state? If not, and no rank
-        failed (a failed save is aborted in its commit anyway), sharing stops on every rank: the
-        caller stages everything again, and so does every later save."""
-        digest = files.share_digest
+    def _shares_add_up(self, digest: int, failed: bool, step: int) -> bool:
+        """Collective, on the writer thread (one all-reduce on the checkpoint group, by every rank
+        at every background save while sharing is on, whatever failed): did every rank stage its
+        share of the replicated tensors from the same list (``digest``: ``files.share_digest``),
+        so that together they hold the whole state? If not, and no rank failed (a failed save is
+        aborted in its commit anyway), sharing stops on every rank from the next save on."""
         t = torch.tensor([digest, -digest, int(failed)], dtype=torch.int64)
         collectives.all_reduce(t, "max", self.group.pg)
         if int(t[2]) or int(t[0]) == -int(t[1]):
             return True
-        self._stager.share = False
+        self._stager.share = False  # (read by the next save, after its wait() for this one)
         if self.rank0:
-            log.warning("checkpoint of step %d: the ranks' replicated tensors differ (names, shapes or dtypes), so "
-                        "each rank cannot stage only its share of them: async saves stage the whole state on every "
-                        "rank from now on", step)
+            log.warning("checkpoint of step %d is dropped: the ranks' replicated tensors differ (names, shapes or "
+                        "dtypes), so the shares they staged do not make up the whole state; async saves stage the "
+                        "whole state on every rank from now on", step)
         return False
 
     def _background(self, step: int, staging: str, write: Optional[Callable[[], None]], rng: Any,
-                    meta: Optional[str], error: Optional[BaseException]) -> _Pending:
-        """The writer thread's job for an async save: first the copies ``stage`` deferred (then the
-        next optimizer step may go ahead), then the commit protocol, whose write also waits for the
+                    meta: Optional[str], error: Optional[BaseException], share_digest: int) -> _Pending:
+        """The writer thread's job for an async save: first the ranks' check that their staged
+        shares make up the whole state (``_shares_add_up``: if not, the save is dropped), then the
+        copies ``stage`` deferred (then the next optimizer step may go ahead), then the commit protocol, whose write also waits for the
         training thread's verdict on those copies (a dropped save fails its write on every rank,
         so all abort it alike). A failed copy is this rank's failure to prepare: every rank still
         meets in the commit and aborts the save alike."""
@@ -350,6 +342,14 @@ class CheckpointManager:
 
         def job() -> None:
             failed = error
+            if self.world > 1 and self._stager.share:
+                try:
+                    if not self._shares_add_up(share_digest, failed is not None, step):
+                        pending.dropped = ("the ranks' replicated tensors differ: their staged shares do not make up "
+                                           "the whole state; dropped, not committed")
+                        failed = SaveDropped(pending.dropped)
+                except Exception as exc:  # noqa: BLE001
+                    failed = failed or exc
             if failed is None:
                 try:
                     self.faults.delay("slow_staging")
