@@ -238,6 +238,12 @@ def test_a_resume_into_other_param_groups_is_refused_unless_weights_only(tmp_pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert ("optimizer state belongs to other param groups: train.lr_scale={} there, {'out.*': 10.0} here" in proc.stderr
             and "checkpoint.load_optimizer=false" in proc.stderr), proc.stderr[-2000:]
+    # Another optimizer (SGD's momentum buffer is not in AdamW's state): refused alike, not a
+    # traceback from inside DCP ("Missing key ... momentum", exit 1).
+    proc = run_cli([*args, "train.optimizer=sgd"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("saved with train.optimizer=adamw and this run has train.optimizer=sgd with train.momentum=0.9"
+            in proc.stderr and "checkpoint.load_optimizer=false" in proc.stderr), proc.stderr[-2000:]
     proc = run_cli([*args, "train.lr_scale={out.*: 10}", "checkpoint.load_optimizer=false"])
     assert proc.returncode == 0 and read_summary(run)["steps"] == 8, proc.stderr[-3000:]
     lrs = {r["step"]: r["lr"] for r in read_metrics(run)}
@@ -251,6 +257,40 @@ def test_a_resume_into_other_param_groups_is_refused_unless_weights_only(tmp_pat
                     "checkpoint.load_optimizer=false", *ROLLBACK[-2:], "debug.faults=nan@11"])
     assert proc.returncode == 0 and "rolled back to step_00000010" in proc.stderr, proc.stderr[-3000:]
     assert read_summary(run)["steps"] == 12
+
+
+def test_which_optimizer_states_load_into_which_optimizers():
+    """Adam and AdamW keep the same state; SGD with momentum a buffer, without none."""
+    from dist_train.checkpoint.restore import other_optimizer
+
+    def cfg(optimizer, momentum=0.9):
+        return {"train": {"optimizer": optimizer, "momentum": momentum}}
+
+    for there, here in [(cfg("adam"), cfg("adamw")), (cfg("adamw"), cfg("adam")), (cfg("sgd"), cfg("sgd", 0.5)),
+                        (cfg("sgd"), cfg("sgd", 0.0)), (cfg("sgd", 0), cfg("sgd", 0)), ({}, cfg("sgd"))]:
+        assert other_optimizer(there, here) is None, (there, here)
+    for there, here in [(cfg("adamw"), cfg("sgd")), (cfg("sgd"), cfg("adam")), (cfg("sgd", 0.0), cfg("sgd"))]:
+        assert other_optimizer(there, here).startswith("it was saved with train.optimizer="), (there, here)
+
+
+def test_deepspeed_refuses_optimizer_partitions_of_the_other_zero_family():
+    """ZeRO-3's partitions load only into ZeRO-3, ZeRO-1/2's only into ZeRO-1/2 (DeepSpeed's own
+    load failed with a bare AssertionError, exit 1)."""
+    from types import SimpleNamespace
+
+    from dist_train.strategy.deepspeed import DeepSpeedStrategy
+
+    files = SimpleNamespace(stored_shapes=lambda: {})
+    for stored, current, refused in [(3, 2, True), (2, 3, True), (1, 3, True), (1, 2, False), (3, 3, False)]:
+        strategy = SimpleNamespace(cfg=SimpleNamespace(zero_stage=current), cluster=SimpleNamespace(world_size=2),
+                                   name="deepspeed", model_shapes=lambda: {},
+                                   _own_format=lambda meta: True)
+        meta = {"config": {"strategy": {"zero_stage": stored}}, "world_size": 2}
+        problem = DeepSpeedStrategy.check_checkpoint(strategy, files, meta, load_optimizer=True)
+        assert (problem is not None) == refused, (stored, current, problem)
+        if refused:
+            assert f"ZeRO-{stored} optimizer partitions" in problem and "checkpoint.load_optimizer=false" in problem
+        assert DeepSpeedStrategy.check_checkpoint(strategy, files, meta, load_optimizer=False) is None
 
 
 def test_a_resume_into_a_training_set_of_another_length_is_refused_mid_epoch(tmp_path):

@@ -78,6 +78,32 @@ def grouping(config: Dict[str, Any]) -> Dict[str, Any]:
             "train.decay_norm_and_bias": bool(train.get("decay_norm_and_bias", True) or not train.get("weight_decay"))}
 
 
+def other_optimizer(stored: Dict[str, Any], current: Dict[str, Any]) -> Optional[str]:
+    """Why an optimizer state saved under the config ``stored`` does not load into the optimizer of
+    ``current`` (None: it does). Adam and AdamW keep the same state (moments and step), SGD with
+    momentum a momentum buffer, SGD without momentum none: a state loads into an optimizer of the
+    same kind, or into SGD without momentum from SGD with it (the buffer is then unused). A config
+    without a train section (an older checkpoint of a fit() run? never written): not checked."""
+    def kind(config: Dict[str, Any]) -> Optional[str]:
+        train = config.get("train") or {}
+        name = train.get("optimizer")
+        if name in ("adam", "adamw"):
+            return "adam"
+        if name == "sgd":
+            return "sgd+momentum" if float(train.get("momentum") or 0) > 0 else "sgd"
+        return None
+
+    there, here = kind(stored), kind(current)
+    if there is None or here is None or there == here or (there, here) == ("sgd+momentum", "sgd"):
+        return None
+    def describe(config: Dict[str, Any]) -> str:
+        train = config["train"]
+        return f"train.optimizer={train['optimizer']}" + (
+            f" with train.momentum={train.get('momentum')}" if train["optimizer"] == "sgd" else "")
+
+    return f"it was saved with {describe(stored)} and this run has {describe(current)}"
+
+
 META_KEYS = ("step", "train_state", "world_size", "micro_global_batch", "grad_accum_steps", "strategy")
 
 
@@ -343,6 +369,12 @@ class Restorer:
                     f"checkpoint {name}'s optimizer state belongs to other param groups: {problem}. Resume with the "
                     "same settings, or set checkpoint.load_optimizer=false to go on from its weights, step, data "
                     "position and schedule with a fresh optimizer state")
+            problem = other_optimizer(meta.get("config", {}), self.m.config)
+            if problem:
+                raise CheckpointRefused(
+                    f"checkpoint {name}'s optimizer state cannot be loaded into this run's optimizer: {problem}. "
+                    "Resume with the checkpoint's optimizer settings, or set checkpoint.load_optimizer=false to go on "
+                    "from its weights, step, data position and schedule with a fresh optimizer state")
         position, gbs = meta["train_state"]["position"], self.m.micro_global_batch
         stored_samples, samples = meta.get("train_samples"), self.m.train_samples
         if self.other_train_set(meta):  # (an older checkpoint does not say: not checked)

@@ -211,6 +211,12 @@ class DeepSpeedStrategy(Strategy):
             return None
         if not self._own_format(meta):
             return foreign_optimizer_reason(meta, self.name)
+        stored = (meta.get("config") or {}).get("strategy", {}).get("zero_stage")
+        if stored is not None and (stored == 3) != (self.cfg.zero_stage == 3):
+            return (f"it holds ZeRO-{stored} optimizer partitions and this run uses strategy.zero_stage="
+                    f"{self.cfg.zero_stage}: DeepSpeed loads ZeRO-3's partitions only into ZeRO-3, and ZeRO-1/2's only "
+                    f"into ZeRO-1/2. Resume with strategy.zero_stage={stored}, or set checkpoint.load_optimizer=false "
+                    f"to continue from its full model weights with a fresh optimizer state")
         if meta.get("world_size") != self.cluster.world_size:
             return (f"it holds deepspeed optimizer partitions for world size {meta.get('world_size')}, and deepspeed "
                     f"cannot re-partition them for world size {self.cluster.world_size}. Resume at world size "
