@@ -106,7 +106,10 @@ def _record_refused(job, args, cluster: ClusterEnv, exc: ConfigError) -> None:
     record_refused(job, cluster, exc, partial=partial)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, record_refusal: Optional[bool] = None) -> int:
+    """``python -m dist_train``. ``record_refusal``: a config refused writes summary.json into the
+    run dir, if that exists (default: unless --check or --print-config; dist_train.launch's check
+    records it, as the run it stands for would)."""
     argv = sys.argv[1:] if argv is None else argv
     cluster = detect()
     # Intermixed: overrides may come before and after options (launch/deepspeed.sh puts its own first).
@@ -132,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"dist_train: config OK (run dir {job.run.dir})")
             return EXIT_OK
     except ConfigError as exc:
-        if not args.check and not args.print_config:
+        if record_refusal if record_refusal is not None else not (args.check or args.print_config):
             _record_refused(job, args, cluster, exc)
         return _usage_error(f"bad config: {exc.key}: {exc.reason}. {_what_to_fix(exc)}; `python -m dist_train "
                             "--help` lists every key.", cluster)

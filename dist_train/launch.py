@@ -129,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dist_train.launch: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     with _as_rank0(world, per_node):
-        code = cli.main(["--check", *job_args])
+        code = cli.main(["--check", *job_args], record_refusal=True)  # (summary.json: never an older outcome)
     if code != 0:
         return code
     _graceful_defaults(args, launch)

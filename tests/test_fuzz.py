@@ -639,6 +639,18 @@ def test_launch_checks_at_the_world_size_torchrun_will_start(capsys):
     assert "always runs -m dist_train" in capsys.readouterr().err
 
 
+def test_launch_refusing_a_config_rewrites_an_existing_run_dirs_summary(tmp_path, capsys):
+    """A run dir's summary.json never tells an older attempt's outcome: the launcher's check
+    records its refusal there, as the CLI does (it left "completed", exit 0, in place)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "exit_code": 0, "steps": 12}))
+    assert launch_main(["--nproc_per_node=2", "--standalone", *TINY, f"run.dir={run}", "data.batch_size=0"]) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 2 and "data.batch_size" in summary["error"]
+    assert "bad config: data.batch_size" in capsys.readouterr().err
+
+
 def test_launch_splits_torchrun_options_from_dist_train_arguments():
     assert split_args(["--nproc_per_node", "2", "--standalone", "--max-restarts=1", "--config", "f.yaml", "a=b"]) == (
         ["--nproc_per_node", "2", "--standalone", "--max-restarts=1"], ["--config", "f.yaml", "a=b"])
