@@ -244,6 +244,8 @@ def test_a_resume_into_other_param_groups_is_refused_unless_weights_only(tmp_pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert ("saved with train.optimizer=adamw and this run has train.optimizer=sgd with train.momentum=0.9"
             in proc.stderr and "checkpoint.load_optimizer=false" in proc.stderr), proc.stderr[-2000:]
+    refused = read_summary(run)  # (the run's progress so far: its newest checkpoint's, not 0)
+    assert (refused["exit_code"], refused["steps"], refused["samples_seen"]) == (2, 4, 4 * 16), refused
     proc = run_cli([*args, "train.lr_scale={out.*: 10}", "checkpoint.load_optimizer=false"])
     assert proc.returncode == 0 and read_summary(run)["steps"] == 8, proc.stderr[-3000:]
     lrs = {r["step"]: r["lr"] for r in read_metrics(run)}

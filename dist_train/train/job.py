@@ -179,7 +179,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         if watchdog is not None:
             watchdog.close()
         if summary.get("exit_code") != code:  # (a failure: not closed on the way out of the try)
-            _close_summary(summary, state, t_start, metrics, code)
+            _close_summary(summary, state, t_start, metrics, code, job)
         try:
             _finish(job, cluster, summary, metrics)
             _await_digests(code)
@@ -263,7 +263,8 @@ def record_refused(job, cluster: ClusterEnv, exc: ConfigError, partial: bool = F
         summary = _new_summary(job, cluster, job.strategy.name)
         if partial:
             summary.update(strategy=None, precision=None, model=None, dataset=None)
-        summary.update(exit_code=2, error=f"ConfigError: {exc}")  # (exit 2: a usage error)
+        steps, samples = kept_progress(job)
+        summary.update(exit_code=2, error=f"ConfigError: {exc}", steps=steps, samples_seen=samples)  # (2: usage)
         write_json_atomic(os.path.join(job.run.dir, "summary.json"), summary)
     except OSError as exc2:  # (an unwritable run dir is the config's problem, reported already)
         log.debug("summary.json of the refused config not written: %s", exc2)
@@ -288,7 +289,29 @@ def _remember_mlflow_run(run_dir: str, run_id: str) -> None:
         log.warning("could not record the MLflow run id in %s: %s", run_dir, exc)
 
 
-def _close_summary(summary: Dict[str, Any], state: TrainState, t_start: float, metrics, code: int) -> None:
+def kept_progress(job) -> Tuple[int, int]:
+    """``(steps, samples)`` the newest checkpoint of ``job``'s run dir holds ((0, 0): none, or
+    ``checkpoint.resume=never``): a run's progress so far when this attempt stopped before it
+    resumed (a config or checkpoint refused, a failure during the start-up). Read from its
+    meta.json, not verified: what summary.json reports, not what a resume loads."""
+    from dist_train.checkpoint import layout
+    from dist_train.checkpoint.restore import read_meta
+
+    if str(job.checkpoint.resume) == "never":
+        return 0, 0
+    for _, path in layout.committed(os.path.join(job.run.dir, layout.CHECKPOINTS)):
+        try:
+            train_state = read_meta(path)["train_state"]
+            return int(train_state["step"]), int(train_state.get("samples_seen", 0))
+        except Exception:  # noqa: BLE001  (any unreadable one: the next older)
+            continue
+    return 0, 0
+
+
+def _close_summary(summary: Dict[str, Any], state: TrainState, t_start: float, metrics, code: int,
+                   job=None) -> None:
+    if job is not None and state.step == 0 and state.resumed_from_step is None:
+        state.step, state.samples_trained = kept_progress(job)  # (stopped before it resumed: the run's so far)
     summary.update(steps=state.step, samples_seen=state.samples_trained, resumed_from_step=state.resumed_from_step,
                    skipped_steps=state.skipped_steps, nonfinite_steps=state.nonfinite_steps,
                    wall_s=round(time.perf_counter() - t_start, 3),
