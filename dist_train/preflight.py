@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -22,18 +23,40 @@ def _keys(mapping) -> str:
     return ", ".join(sorted(map(str, mapping)))
 
 
+def _builtin_parameter_names(job) -> Optional[List[Tuple[str, torch.nn.Parameter]]]:
+    """A built-in model's named parameters, built on the meta device for a stand-in dataset: their
+    names do not depend on the dataset's shapes (only their sizes do). None: it cannot be built so
+    (the run checks the patterns when it builds the model)."""
+    from dist_train.data.registry import DataInfo
+    from dist_train.models.registry import build_model
+
+    for info in (DataInfo("classification", (3, 32, 32), 10), DataInfo("language_model", (16,), 256, 16)):
+        try:
+            with torch.device("meta"):
+                return list(build_model(job.model, info).named_parameters())
+        except Exception:  # noqa: BLE001  (a model of the other task, or one that needs the real data)
+            continue
+    return None
+
+
 def _check_freeze(job, user) -> None:
     """``model.freeze`` and ``train.lr_scale`` patterns against the model's parameter names, where
-    they are known without building the data: fit's module instance, or a torchvision zoo model
-    (built on the meta device: its names do not depend on the dataset). Other models are checked
-    when they are built."""
+    they are known without building the data: fit's module instance, a built-in model or a
+    torchvision zoo model (built on the meta device: their names do not depend on the dataset).
+    Other models are checked when they are built."""
     if not job.model.freeze and not job.train.lr_scale:
         return
     from dist_train.train.optim import unmatched_pattern
 
+    from dist_train.models.registry import is_builtin_model
+
     model = user.model if user is not None else None
     if isinstance(model, torch.nn.Module):
         named = list(model.named_parameters())
+    elif model is None and is_builtin_model(job.model.name):
+        named = _builtin_parameter_names(job)
+        if named is None:
+            return
     elif model is None and job.model.name.startswith("torchvision:"):
         from dist_train import plugins
 

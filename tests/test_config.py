@@ -64,6 +64,8 @@ def test_a_misspelt_key_is_named_with_the_key_it_resembles(override, key, guess,
     ("train.max_steps", "train.max_steps"),            # not key=value
     ("[=nan", "["),                                    # OmegaConf's key parser: IndexError (found by fuzzing)
     ("model.freeze=[conv*,[fc*]]", "model.freeze[1]"),  # an item that is not text
+    ("model.freeze=[nomatch*]", "model.freeze"),       # no parameter of the built-in cnn: before any rank starts
+    ("train.lr_scale={head.9.*: 2}", "train.lr_scale"),
     ("data.augment=[hflip,{p: 1}]", "data.augment[1]"),
     ("train.max_steps=???", "train.max_steps"),        # OmegaConf's merge would keep the default
     ("model.args.hidden=8", "model.args"),             # the built-in cnn reads model.hidden: ignored
