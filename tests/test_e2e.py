@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import read_metrics, read_summary, run_cli
+from conftest import REPO, read_metrics, read_summary, run_cli
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 QUICK = ["checkpoint.resume=never", "logging.mlflow.enabled=false"]
@@ -82,6 +82,19 @@ def test_a_survivor_of_a_dead_rank_says_another_rank_failed(tmp_path):
     assert s["status"] == "failed" and "another rank is gone: it failed first" in s["error"], s["error"]
     # The samples of completed steps (the batch of the step that never finished was counted too).
     assert s["steps"] >= 3 and s["samples_seen"] == s["steps"] * 2 * 16, s
+
+
+def test_the_summary_of_a_run_says_which_rank_failed_first_and_why(tmp_path):
+    """Rank 1's task raises at its third step: rank 0's own error is only that its peer is gone;
+    summary.json leads with rank 1's error (from its summary.rank1.json), then rank 0's."""
+    run = tmp_path / "raised"
+    proc = run_cli(["model.name=mlp", "data.name=digits", "train.max_steps=20", "task.name=plugin_pkg:fails_on_rank_1",
+                    "data.batch_size=16", "logging.mlflow.enabled=false", "logging.progress_bar=off",
+                    f"run.dir={run}"], nproc=2, timeout=180, cwd=REPO / "tests" / "scripts")
+    assert proc.returncode != 0
+    error = read_summary(run)["error"]
+    assert error.startswith("rank 1: RuntimeError: the task's own error on rank 1 (then rank 0: "), error
+    assert "another rank is gone" in error, error
 
 
 def test_a_rerun_removes_the_failure_summaries_of_earlier_attempts(tmp_path, ok):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import signal
@@ -428,6 +429,11 @@ def _finish(job, cluster: ClusterEnv, summary: Dict[str, Any], metrics) -> None:
         os.makedirs(job.run.dir, exist_ok=True)
         name = "summary.json" if cluster.is_rank0 else f"summary.rank{cluster.rank}.json"
         write_json_atomic(os.path.join(job.run.dir, name), summary)
+        if cluster.is_rank0 and code not in (0, EXIT_PREEMPTED) and _peer_gone(summary.get("error")):
+            cause = first_failure(job.run.dir, cluster.world_size)
+            if cause:  # (written again: a launcher that kills this rank meanwhile leaves the first)
+                summary["error"] = f"{cause} (then {summary['error']})"
+                write_json_atomic(os.path.join(job.run.dir, name), summary)
     if code == 0 and cluster.is_rank0 and job.logging.mlflow.enabled and job.logging.mlflow.log_model:
         out = os.path.join(os.path.abspath(job.run.dir), "model", "model.safetensors")
         try:
@@ -457,6 +463,33 @@ _UNUSED_PARAMETERS = ("Expected to have finished reduction in the prior iteratio
 
 # What torchvision's vision transformers raise for images of another size than they were built for.
 _IMAGE_SIZE = ("Wrong image height!", "Wrong image width!")
+
+
+def _peer_gone(error: Optional[str]) -> bool:
+    return bool(error) and any(words in error for words in _PEER_GONE)
+
+
+def first_failure(run_dir: str, world_size: int, wait_s: float = 2.0) -> Optional[str]:
+    """The error of the rank that failed first, from the ``summary.rank<N>.json`` files the failing
+    ranks write (its own error, not a collective's report that a peer is gone), waiting up to
+    ``wait_s`` for one (that rank may still be writing it); None: none says more (a rank that died
+    hard writes none). The first: the oldest file."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        causes = []
+        for rank in range(1, world_size):
+            path = os.path.join(run_dir, f"summary.rank{rank}.json")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    error = json.load(f).get("error")
+                mtime = os.stat(path).st_mtime
+            except (OSError, ValueError, AttributeError):
+                continue
+            if error and not _peer_gone(error):
+                causes.append((mtime, rank, error))
+        if causes or time.monotonic() >= deadline:
+            return min(causes)[2] if causes else None
+        time.sleep(0.1)
 
 
 def _peer_hint(exc: BaseException) -> str:

@@ -77,3 +77,16 @@ def raises(args, info):
 
 def not_a_module(args, info):
     return 42
+
+
+_calls = {"n": 0}
+
+
+def fails_on_rank_1(model, batch):
+    """Cross-entropy, until rank 1's third micro-batch: then a task's own error on that rank only."""
+    import torch.distributed as dist
+
+    _calls["n"] += 1
+    if _calls["n"] == 3 and dist.is_initialized() and dist.get_rank() == 1:
+        raise RuntimeError("the task's own error on rank 1")
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
