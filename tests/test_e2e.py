@@ -103,6 +103,11 @@ def test_a_rerun_removes_the_failure_summaries_of_earlier_attempts(tmp_path, ok)
     (run / "summary.rank1.json").write_text('{"status": "failed", "error": "rank 1: an earlier attempt"}')
     ok(run_cli(["model.name=mlp", "data.name=digits", "train.max_steps=2", f"run.dir={run}", *QUICK], timeout=120))
     assert read_summary(run)["status"] == "completed" and not (run / "summary.rank1.json").exists()
+    # A rerun asking for fewer steps than were done trains nothing, and says so.
+    proc = ok(run_cli(["model.name=mlp", "data.name=digits", "train.max_steps=1", f"run.dir={run}",
+                       "logging.mlflow.enabled=false"], timeout=120))
+    assert "is at step 2, past train.max_steps=1: nothing to train" in proc.stderr, proc.stderr[-2000:]
+    assert read_summary(run)["steps"] == 2
 
 
 def test_progress_bar_shows_each_logging_steps_metrics(capsys):

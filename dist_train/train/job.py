@@ -357,6 +357,10 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         reporter.evaluates = evaluator.scheduled  # (an evaluated step gets a record: its grad norms too)
         if state.step >= job.train.max_steps:  # a rerun of a finished run: its final evaluation is logged
             evaluator.already_done(state.step, broadcast_object(metrics.logged_at(state.step, "eval_")))
+            if state.step > job.train.max_steps and cluster.is_rank0:
+                log.warning("the checkpoint resumed is at step %d, past train.max_steps=%d: nothing to train (a run "
+                            "is not shortened; raise train.max_steps to go on, or start afresh with another run.dir "
+                            "or checkpoint.resume=never)", state.step, job.train.max_steps)
         data = micro_batches(parts.loader, parts.sampler, state)
         if faults.active:
             faults.arm_fork_hang(cluster.rank)  # (the training loader forks its workers first)
