@@ -103,7 +103,7 @@ def test_random_sigkills_restart_resume_and_match_an_uninterrupted_run(tmp_path)
     try:
         seen_pids: set = set()
         floor = 6  # after the first checkpoint (step 5), so every restart resumes from one
-        for _ in range(3):
+        for _ in range(2):
             # A full new set of workers (the previous attempt's are all gone by then) that has
             # trained past everything the file showed before it: this attempt's own steps.
             pids = wait_for(lambda: (lambda w: w if len(w) == 2 and not set(w.values()) & seen_pids else None)(
@@ -125,8 +125,8 @@ def test_random_sigkills_restart_resume_and_match_an_uninterrupted_run(tmp_path)
     assert run.returncode == 0, out[-8000:]
     assert ref.returncode == 0, ref_out[-8000:]
     assert all(step < STEPS for step, _ in kills), kills  # every kill landed mid-run
-    assert out.count("process group formed again after") == 2 * 3, out[-8000:]  # both ranks, 3 times
-    assert "process group formed again after 3 restart(s)" in out
+    assert out.count("process group formed again after") == 2 * 2, out[-8000:]  # both ranks, twice
+    assert "process group formed again after 2 restart(s)" in out
 
     summary, ref_summary = read_summary(run_dir), read_summary(ref_dir)
     assert summary["status"] == "completed" and summary["steps"] == ref_summary["steps"] == STEPS, summary

@@ -52,7 +52,7 @@ part() {  # part NAME SECONDS COMMAND...
 cat "$OUT/env.txt"
 
 if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then
-    part gpu_check 600 "$PY" tests/scripts/gpu_check.py --cpu --steps 6 --only single-fp32,fsdp-fp32
+    part gpu_check 600 "$PY" tests/scripts/gpu_check.py --cpu --steps 6 --only fsdp-fp32
     part throughput 300 "$PY" benchmarks/throughput.py --explain --model mlp --data digits --batch-size 8 \
         --steps 40 --repeats 1
     part step_overhead 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
