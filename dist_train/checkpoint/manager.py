@@ -328,10 +328,10 @@ class CheckpointManager:
                     meta: Optional[str], error: Optional[BaseException], share_digest: int) -> _Pending:
         """The writer thread's job for an async save: first the ranks' check that their staged
         shares make up the whole state (``_shares_add_up``: if not, the save is dropped), then the
-        copies ``stage`` deferred (then the next optimizer step may go ahead), then the commit protocol, whose write also waits for the
-        training thread's verdict on those copies (a dropped save fails its write on every rank,
-        so all abort it alike). A failed copy is this rank's failure to prepare: every rank still
-        meets in the commit and aborts the save alike."""
+        copies ``stage`` deferred (then the next optimizer step may go ahead), then the commit
+        protocol, whose write also waits for the training thread's verdict on those copies (a
+        dropped save fails its write on every rank, so all abort it alike). A failed copy is this
+        rank's failure to prepare: every rank still meets in the commit and aborts the save alike."""
         pending = _Pending(step)
 
         def checked_write() -> None:
