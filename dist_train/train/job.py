@@ -500,7 +500,7 @@ def _peer_hint(exc: BaseException) -> str:
     if any(words in str(exc) for words in _IMAGE_SIZE):
         return (" (the model takes images of another size than the dataset's: resize them with data.resize, e.g. "
                 "data.resize=224 for torchvision's ViTs)")
-    if any(words in str(exc) for words in _PEER_GONE):
+    if _peer_gone(str(exc)):
         return (" (another rank is gone: it failed first, and its summary.rank<N>.json or the launcher's "
                 "'rank N failed first' line says why)")
     if any(words in str(exc) for words in _UNUSED_PARAMETERS):
