@@ -351,6 +351,8 @@ def main() -> None:
     if fresh < 0:
         p.error("--fresh must be >= 0")
     train = (not args.smoke) if args.train is None else args.train
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     for label, overrides in [mlp_case(mb) for mb in sizes] + [model_case(name) for name in models]:
         print_size(bench_case(label, overrides, args.repeats, args.dir, fresh), args.repeats)
