@@ -1,6 +1,6 @@
 """Command line: argv -> config -> preflight -> run; exit codes of the contract.
 
-    python -m dist_train [--config FILE] [--print-config] [key=value ...]
+    python -m dist_train [--config FILE] [--print-config] [--check] [key=value ...]
 
 Exit 0 on success, 2 on bad usage or bad config (one paragraph naming the key, no traceback,
 printed once: by rank 0; see ``_usage_error``), any other non-zero for a failed run.
@@ -22,11 +22,12 @@ EXIT_OK, EXIT_USAGE = 0, 2
 
 def _help_text() -> str:
     lines = [
-        "usage: python -m dist_train [--config FILE] [--print-config] [key=value ...]",
+        "usage: python -m dist_train [--config FILE] [--print-config] [--check] [key=value ...]",
         "       torchrun --nproc_per_node=N -m dist_train [--config FILE] [key=value ...]",
         "",
         "Train with the built-in defaults, a YAML preset (--config) and key=value overrides",
-        "(merged in that order). Exit codes: 0 success, 2 bad usage or config, other: failed run.",
+        "(merged in that order). Exit codes: 0 success, 2 bad usage or config, 3 preempted",
+        "(checkpoint saved: rerun to resume), 130 Ctrl-C, other: failed run.",
         "",
         "options:",
         "  --config FILE     YAML preset merged over the defaults",

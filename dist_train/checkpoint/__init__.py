@@ -4,7 +4,7 @@ follows to a committed checkpoint; ``restore.py`` chooses and loads; ``files.py`
 strategy writes into and reads from; ``layout.py`` is the on-disk format and the atomic commit,
 ``retention.py`` what is kept and cleaned up; ``storage.py`` reads and writes
 torch.distributed.checkpoint files (``decode.py``: without running code from them);
-``export.py`` writes plain safetensors weights. ``python -m dist_train.checkpoint`` inspects and
+``export.py`` writes the model's plain weights (safetensors, or ``torch.save``'s format). ``python -m dist_train.checkpoint`` inspects and
 exports.
 
 The package never asks which strategy it checkpoints: a strategy saves and loads its own state

@@ -2,10 +2,9 @@
 
 What a checkpoint restores per rank: python's ``random``, numpy's global generator, torch's CPU
 generator and every CUDA device's generator. DataLoader workers are not captured: each worker is
-seeded from (run.seed, rank, worker id) when its process starts (see ``data/loader.py``), and our
-datasets draw no random numbers, so a restarted worker produces exactly the batches the old one
-would have. (A dataset with random augmentation would have to seed from (seed, epoch, sample
-index) per sample to keep that property.) The data order itself comes from a generator seeded by
+seeded from (run.seed, rank, worker id) when its process starts (see ``data/loader.py``), and
+random augmentation (``data/transforms.py``) seeds each sample from (seed, epoch, sample index), so
+a restarted worker produces exactly the batches the old one would have. The data order itself comes from a generator seeded by
 (seed, epoch), and the position in it is checkpointed as a global sample index.
 """
 from __future__ import annotations
