@@ -235,7 +235,8 @@ def test_corrupt_checkpoints_and_a_crash_before_commit_fall_back_to_a_good_one(r
     assert "resumed from" in err and "step_00000030" in err
     assert (ckpts / ".staging_step_00000045").is_dir()          # written, never committed
     assert latest(run) == "step_00000030"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000030", "step_00000045.corrupt", "step_00000060.corrupt"]
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000030"]
+    assert sorted(p.name for p in (ckpts / "set_aside").iterdir()) == ["step_00000045.corrupt", "step_00000060.corrupt"]
 
     # The same command again: the stale staging dir is removed, 30 is resumed, the run completes.
     again = run_cli(args, nproc=2, timeout=300)
@@ -244,8 +245,8 @@ def test_corrupt_checkpoints_and_a_crash_before_commit_fall_back_to_a_good_one(r
     assert read_summary(run)["resumed_from_step"] == N
     assert_bitwise(train_losses(reference), train_losses(run), range(1, STEPS + 1))
     # Retention (keep_last=2): the two newest remain, 30 was pruned.
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000045", "step_00000045.corrupt",
-                                                           "step_00000060", "step_00000060.corrupt"]
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000045", "step_00000060"]
+    assert sorted(p.name for p in (ckpts / "set_aside").iterdir()) == ["step_00000045.corrupt", "step_00000060.corrupt"]
     assert not list(ckpts.glob(".staging_*")) and latest(run) == "step_00000060"
     assert all(layout.verify(str(ckpts / n)) == [] for n in ("step_00000045", "step_00000060"))
 

@@ -281,7 +281,8 @@ def test_a_shard_found_corrupt_while_loading_falls_back_to_the_previous_checkpoi
         got = _weights(strategy)
         assert all(torch.equal(got[k], saved[1][k]) for k in saved[1])
         names = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
-        assert names == ["latest", "step_00000001", "step_00000002.corrupt"], names
+        assert names == ["latest", "set_aside", "step_00000001"], names
+        assert os.listdir(os.path.join(run_dir, "checkpoints", "set_aside")) == ["step_00000002.corrupt"]
     finally:
         manager.close()
 
@@ -447,8 +448,8 @@ def test_a_damaged_item_header_in_a_shard_read_in_part_falls_back_like_any_damag
         assert f"dcp/{info.relative_path}: xxh3_128" in manager.restorer.unusable[_ckpt(run_dir, 2)][0]
     finally:
         manager.close()
-    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["latest", "step_00000001",
-                                                                        "step_00000002.corrupt"]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["latest", "set_aside", "step_00000001"]
+    assert os.listdir(os.path.join(run_dir, "checkpoints", "set_aside")) == ["step_00000002.corrupt"]
 
 
 def _fsdp_corrupt_shard_of_one_rank(rank: int, world: int, run_dir: str) -> None:

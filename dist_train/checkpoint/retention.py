@@ -4,7 +4,8 @@
 to a hidden ``.deleting_*`` name at once (a crash mid-delete never leaves a half-deleted directory
 that looks like a checkpoint) and their files are removed by a background thread. Staging dirs,
 ``.deleting_*`` dirs and temporary ``latest`` files of a crashed process are removed at the next
-save or start; a checkpoint that cannot be loaded is set aside under another name, never deleted.
+save or start; a checkpoint that cannot be loaded (or, at a resume, one newer than the step resumed)
+is moved into ``set_aside/`` under another name, never deleted.
 """
 from __future__ import annotations
 
@@ -101,12 +102,18 @@ def remove_stale(ckpt_dir: str) -> List[str]:
     return removed
 
 
+SET_ASIDE_DIR = "set_aside"  # under checkpoints/: the checkpoints a resume moved out of the way
+
+
 def set_aside(path: str, suffix: str) -> str:
-    """Rename a checkpoint dir out of the ``step_XXXXXXXX`` namespace (kept for inspection,
-    never loaded, never pruned); returns the new name."""
-    target = f"{path}.{suffix}"
-    if os.path.exists(target):
-        target = f"{path}.{suffix}.{int(time.time())}"
+    """Move a checkpoint dir out of the ``step_XXXXXXXX`` namespace, into ``set_aside/`` next to it
+    as ``step_XXXXXXXX.<suffix>`` (kept for inspection, never loaded, never pruned; a ``step_*``
+    glob of the checkpoints dir finds only checkpoints); returns its path relative to that dir."""
+    aside = os.path.join(os.path.dirname(os.path.abspath(path)), SET_ASIDE_DIR)
+    os.makedirs(aside, exist_ok=True)
+    name = f"{os.path.basename(os.path.normpath(path))}.{suffix}"
+    if os.path.exists(os.path.join(aside, name)):
+        name = f"{name}.{int(time.time())}"
     with layout.NAMES:
-        os.rename(path, target)
-    return os.path.basename(target)
+        os.rename(path, os.path.join(aside, name))
+    return os.path.join(SET_ASIDE_DIR, name)
