@@ -217,3 +217,30 @@ def test_the_launcher_refuses_more_ranks_than_gpus_before_any_starts(monkeypatch
     assert launch.main(["--standalone", "--nproc_per_node=4", "train.max_steps=1"]) == 2
     assert "--nproc_per_node=4 starts 4 ranks on this node, which has 2 GPU(s)" in capsys.readouterr().err
     assert launch._more_ranks_than_gpus(2) == ""
+
+
+def test_batches_of_any_mapping_type_reach_the_device():
+    """A dataset's own ``__getitems__`` may return a Mapping that is not a dict: its tensors stayed
+    on the host, where a GPU's forward refuses them (the meta device stands in for the GPU)."""
+    from collections.abc import Mapping
+    from types import MappingProxyType
+
+    from dist_train.train.tasks import to_device
+
+    class Batch(Mapping):
+        def __init__(self, **items):
+            self._items = items
+
+        def __getitem__(self, key):
+            return self._items[key]
+
+        def __iter__(self):
+            return iter(self._items)
+
+        def __len__(self):
+            return len(self._items)
+
+    meta = torch.device("meta")
+    for batch in (Batch(x=torch.ones(2, 3), y=[torch.zeros(2)]), MappingProxyType({"x": torch.ones(2, 3), "y": [torch.zeros(2)]})):
+        moved = to_device(batch, meta)
+        assert moved["x"].device == meta and moved["y"][0].device == meta and moved["x"].shape == (2, 3)

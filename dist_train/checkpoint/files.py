@@ -170,7 +170,7 @@ class Stager:
     def __init__(self):
         self._buffers: Dict[Tuple[Any, ...], torch.Tensor] = {}
         self._used: Set[Tuple[Any, ...]] = set()  # the paths the last stage copied
-        self._pending_device_copies = False
+        self._pending_device_copies: Set[torch.device] = set()  # devices with copies to wait for
         self._defer: Optional[Defer] = None
         self._deferred: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, source)
         self._versions: List[Tuple[Tuple[Any, ...], torch.Tensor, int]] = []  # (path, source, version)
@@ -179,7 +179,7 @@ class Stager:
         self.share = True  # stage only this rank's share of the replicated tensors (``own_share``)
 
     def stage(self, state: Dict[str, Any], defer: Optional[Defer] = None) -> Dict[str, Any]:
-        self._pending_device_copies = False
+        self._pending_device_copies = set()
         self._deferred, self._versions, self._ready = [], [], {}
         self._defer = None if self.eager else defer
         self._used: Set[Tuple[Any, ...]] = set()
@@ -196,8 +196,8 @@ class Stager:
             del self._buffers[path]  # (a tensor this save no longer holds, or another rank now writes)
         if pinned:  # (torch's caching host allocator keeps freed pinned blocks: give them back)
             torch._C._host_emptyCache()
-        if self._pending_device_copies:
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        for device in self._pending_device_copies:  # the non-blocking device-to-host copies have landed
+            torch.cuda.current_stream(device).synchronize()  # (the stream they were issued on, above)
         return staged
 
     @property
@@ -281,7 +281,8 @@ class Stager:
             return buf
         non_blocking = t.device.type == "cuda" and buf.is_pinned()
         buf.copy_(t, non_blocking=non_blocking)
-        self._pending_device_copies |= non_blocking
+        if non_blocking:
+            self._pending_device_copies.add(t.device)
         return buf
 
     def close(self) -> None:

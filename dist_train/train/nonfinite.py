@@ -48,12 +48,12 @@ class NonFiniteGuard:
         step = state.step  # (state.nonfinite_steps: the run's count, checkpointed)
         if not getattr(output.result, "nonfinite", False):
             self.in_a_row = 0
-            if state.nonfinite_steps:
-                output.metrics["nonfinite_steps"] = torch.tensor(float(state.nonfinite_steps), device=self.device)
+            if state.nonfinite_steps:  # (torch.full: a fill kernel; torch.tensor on a GPU waits for the device)
+                output.metrics["nonfinite_steps"] = torch.full((), float(state.nonfinite_steps), device=self.device)
             return False
         state.nonfinite_steps += 1
         self.in_a_row += 1
-        output.metrics["nonfinite_steps"] = torch.tensor(float(state.nonfinite_steps), device=self.device)
+        output.metrics["nonfinite_steps"] = torch.full((), float(state.nonfinite_steps), device=self.device)
         log.warning("step %d: non-finite loss or gradient on some rank; the update was dropped (train.nonfinite=%s)",
                     step, self.policy)
         if self.policy == "abort":  # (the loop logs the step's record, checkpoints, then raises it)

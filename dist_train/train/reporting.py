@@ -136,7 +136,8 @@ class Reporter:
     def _metrics(self, state, output, step_s: float) -> Dict[str, Any]:
         result, names = output.result, sorted(output.metrics)
         # The loss and a task's own metrics, averaged over ranks in one all-reduce (every rank joins).
-        values = torch.stack([output.loss.detach().double()] + [output.metrics[k].detach().double() for k in names])
+        values = torch.stack([output.loss.detach().double()]
+                             + [output.metrics[k].detach().double().to(output.loss.device) for k in names])
         means = (collectives.all_reduce(values) / collectives.world_size()).tolist()
         out = {
             "loss": means[0],
