@@ -65,6 +65,38 @@ def test_a_plain_module_trains_alike_under_every_strategy_through_fit(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_task_that_reaches_into_the_model_trains_alike_under_every_strategy(tmp_path, ok):
+    """A task of one's own that calls a method of the model and a submodule directly and adds an
+    L2 penalty on a parameter (``fit_parity.reaching``), as a plain loop's loss may: under DDP the
+    task got the wrapper (no attribute ``out``), and going around it (``model.module``) reduced no
+    gradient, so the ranks' weights drifted apart without an error; under FSDP the root's
+    parameters were sharded outside its forward ("mixed torch.Tensor and DTensor"). The task now
+    runs inside the wrapper's forward (``Strategy.run_task``): every strategy takes the single
+    process's steps, and each rank's instance holds the checkpoint's weights (rank 0's)."""
+    runs = {"single": ["strategy.name=single", "data.batch_size=16"],
+            "ddp": ["strategy.name=ddp", "data.batch_size=8"],
+            "fsdp": ["strategy.name=fsdp", "data.batch_size=8"],
+            "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2", "data.batch_size=8"]}
+    dirs = {name: tmp_path / name for name in runs}
+    common = ["TASK=reaching", *FIT, "train.max_steps=6"]
+    ok(python_or_torchrun(SCRIPTS / "fit_parity.py", [*common, *runs["single"], f"run.dir={dirs['single']}"], 0))
+    batch = []
+    for name in ("ddp", "fsdp", "zero2"):
+        batch += [*common, *runs[name], f"run.dir={dirs[name]}", "---"]
+    ok(python_or_torchrun(SCRIPTS / "fit_parity.py", batch[:-1], 2))
+    ref = train_losses(dirs["single"])
+    assert sorted(ref) == list(range(1, 7)) and ref[6] < ref[1], ref
+    for name in ("ddp", "fsdp", "zero2"):
+        losses = train_losses(dirs[name])
+        worst = max(abs(losses[s] - ref[s]) / abs(ref[s]) for s in ref)
+        assert worst < 1e-5, f"{name}: worst relative difference {worst:.2e}"
+        for rank in (0, 1):
+            s = json.loads((dirs[name] / f"fit.rank{rank}.json").read_text())
+            assert s["status"] == "completed" and s["instance_is_trained"], (name, rank, s)
+            assert s["eval_penalty"] > 0, s
+
+
+@pytest.mark.slow
 def test_deepspeed_bf16_trains_a_copy_and_hands_back_the_fp32_weights(tmp_path, ok):
     """Under bf16 the engine casts the module it is given in place and hooks it (ZeRO-1/2 too):
     the instance given to fit came back bf16, its values rounded, and failed on fp32 input."""
@@ -679,3 +711,32 @@ def test_collate_fn_batches_items_of_different_lengths(tmp_path):
     summary = fit(torch.nn.Linear(6, 2), _VarLen(16), collate_fn=to_mapping,
                   overrides=[*base, "checkpoint.resume=never"])
     assert summary["status"] == "completed", summary
+
+
+def test_a_plain_pytorch_criterion_is_a_task(tmp_path):
+    """``task=nn.CrossEntropyLoss()`` or ``task=F.mse_loss``, the criterion of a plain loop: applied
+    to the model's prediction and the batch's target (it got the model as its prediction and
+    failed in the first step); cross-entropy takes the classification task's steps."""
+    import dist_train
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x[:, :3].argmax(dim=1)
+    runs = {}
+    for name, task in (("builtin", "classification"), ("module", torch.nn.CrossEntropyLoss()),
+                       ("functional", F.cross_entropy)):
+        torch.manual_seed(0)
+        summary = dist_train.fit(torch.nn.Linear(4, 3), TensorDataset(x, y), TensorDataset(x[:16], y[:16]), task=task,
+                                 overrides=[*FIT, "data.batch_size=8", "train.max_steps=4", f"run.dir={tmp_path / name}"])
+        assert summary["status"] == "completed", summary
+        runs[name] = (train_losses(tmp_path / name), summary["eval_loss"])
+    for name in ("module", "functional"):
+        assert all(abs(runs[name][0][s] - runs["builtin"][0][s]) < 1e-6 for s in range(1, 5)), (name, runs)
+        assert abs(runs[name][1] - runs["builtin"][1]) < 1e-6, (name, runs)
+    # A regression criterion with a target of the prediction's shape.
+    t = x.sum(dim=1, keepdim=True)
+    summary = dist_train.fit(torch.nn.Linear(4, 1), TensorDataset(x, t), TensorDataset(x[:16], t[:16]), task=F.mse_loss,
+                             overrides=[*FIT, "data.batch_size=8", "train.max_steps=4", f"run.dir={tmp_path / 'mse'}"])
+    assert summary["status"] == "completed" and summary["eval_loss"] is not None, summary

@@ -24,13 +24,15 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Set, Tuple, TypeVar
 
 import torch
 from torch import nn
 
 from dist_train.env.cluster import ClusterEnv
 from dist_train.env.collectives import all_reduce, broadcast_tensors
+
+T = TypeVar("T")
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -196,6 +198,13 @@ class Strategy(ABC):
     def accumulate(self, sync: bool) -> ContextManager:
         """Context for one micro-step; ``sync=False`` skips the gradient reduce."""
         return contextlib.nullcontext()
+
+    def run_task(self, fn: Callable[[nn.Module], T]) -> T:
+        """``fn(model)``: a task's loss (or evaluation) of one batch. A wrapper whose own forward
+        does the distributed work (DDP, FSDP's root) runs ``fn`` inside that forward, with the
+        module itself: a task may then call the model's submodules and methods, or use its
+        parameters directly (a regulariser), and still get the wrapper's gradient reduction."""
+        return fn(self.model)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.precision.scale(loss).backward()

@@ -8,9 +8,10 @@ state dicts, checkpoints and exports are the same with and without compile.
 Where each strategy compiles (compilation itself is lazy: it happens at the first forward):
 
     single     the whole model
-    ddp        the DDP wrapper, after wrapping: TorchDynamo's DDPOptimizer then splits the graph
-               at the gradient buckets, so the all-reduce of one bucket still overlaps the
-               backward of the next (PyTorch's documented order: wrap, then compile)
+    ddp        the module inside the DDP wrapper: the task runs it inside DDP's forward
+               (``DDPStrategy.run_task``), where TorchDynamo's DDPOptimizer splits the graph at
+               the gradient buckets, so the all-reduce of one bucket still overlaps the backward
+               of the next
     fsdp       each FSDP block, before ``fully_shard`` (as torchtitan does); FSDP's hooks stay
                outside the compiled code (TorchDynamo skips FSDP hooks) and run eagerly between
                the blocks; the root's own layers (embeddings, head) stay eager

@@ -12,13 +12,15 @@ are what the optimizer updates. No autocast on top (as in torchtitan).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from typing import ContextManager, Iterator, Optional, Tuple
+from typing import Callable, ContextManager, Iterator, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
@@ -122,6 +124,26 @@ def outermost(model: nn.Module, classes: tuple) -> Tuple[list, list]:
     return kept, left
 
 
+T = TypeVar("T")
+
+
+def _call_with(model: nn.Module) -> Callable[[Callable[[nn.Module], T]], T]:
+    """The root's "forward method" for run_task: ``fn(model)``."""
+    def call(fn: Callable[[nn.Module], T]) -> T:
+        return fn(model)
+    return call
+
+
+def _root_reshard(configured: bool) -> Optional[bool]:
+    """``reshard_after_forward`` for the root: FSDP's own choice (``None``: the root keeps its
+    parameters gathered until the backward) unless the config says to keep every unit's; a torch
+    whose ``fully_shard`` has no ``None`` (2.6) keeps the root's gathered itself."""
+    if not configured:
+        return False
+    default = inspect.signature(fully_shard).parameters["reshard_after_forward"].default
+    return None if default is None else configured
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
 
@@ -191,7 +213,15 @@ class FSDPStrategy(Strategy):
             fully_shard(block, **shard)
         if compiling.wanted(self) and not blocks:
             model.compile()  # no blocks to compile one by one: the whole model, its one FSDP unit
-        fully_shard(model, **shard)
+        # The root's parameters are needed again at once by the backward: left to FSDP, which then
+        # keeps them gathered after the forward. Passed True (strategy.fsdp.reshard_after_forward's
+        # default), FSDP took it as the user's wish and freed them, to gather them again in the
+        # backward: one all-gather of the root's unit (embeddings, head) per step more than a plain
+        # fully_shard loop.
+        fully_shard(model, **dict(shard, reshard_after_forward=_root_reshard(fcfg.reshard_after_forward)))
+        # The task runs inside the root's forward (run_task): FSDP's pre- and post-forward around it.
+        model._dist_train_task = _call_with(model)
+        register_fsdp_forward_method(model, "_dist_train_task")
         if any(p.is_meta for p in model.parameters()):
             self._materialise(model)
         self.model = model
@@ -199,6 +229,15 @@ class FSDPStrategy(Strategy):
         self.scheduler = make_scheduler(self.optimizer)
 
     shards_module = True
+
+    def run_task(self, fn: Callable[[nn.Module], T]) -> T:
+        """``fn(model)`` inside the root's forward (FSDP's pre- and post-forward around it, as
+        ``register_fsdp_forward_method`` does for a method): the root unit's parameters are gathered
+        for the whole task, which may then call the model's submodules and methods or use those
+        parameters directly; its ``model(x)`` inside is a nested forward, for which FSDP does not
+        repeat the root's set-up. Called outside a forward, ``model.embed(x)`` met sharded
+        parameters ("mixed torch.Tensor and DTensor")."""
+        return self.model._dist_train_task(fn)
 
     def full_state(self) -> Iterator[Tuple[str, torch.Tensor]]:
         for name, value in self.model.state_dict().items():

@@ -103,8 +103,9 @@ def evaluate(strategy, loader, task: Task, max_batches: int = 0,
             # shard is empty borrows the split's first sample.
             batch, weight = (first if first is not None else _one_sample(loader, indexed)), 0.0
         first = first if first is not None else batch
-        with strategy.autocast():
-            part = task.eval_sums(model, to_device(batch, device)) * weight
+        batch = to_device(batch, device)
+        with strategy.autocast():  # (inside the wrapper's forward: see Strategy.run_task)
+            part = strategy.run_task(lambda module: task.eval_sums(module, batch)) * weight
         sums = part if sums is None else sums + part
         if progress is not None:
             progress()

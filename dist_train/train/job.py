@@ -182,7 +182,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
         if summary.get("exit_code") != code:  # (a failure: not closed on the way out of the try)
             _close_summary(summary, state, t_start, metrics, code, job)
         try:
-            _finish(job, cluster, summary, metrics)
+            _finish(job, cluster, summary, metrics, fit=user is not None)
             _await_digests(code)
         finally:
             pending = None  # a signal held off that the run did not act on
@@ -424,8 +424,9 @@ def _new_summary(job, cluster: ClusterEnv, strategy_name: str) -> Dict[str, Any]
     }
 
 
-def _finish(job, cluster: ClusterEnv, summary: Dict[str, Any], metrics) -> None:
-    """summary.json, the exported weights for MLflow, the final log line; then close the logger."""
+def _finish(job, cluster: ClusterEnv, summary: Dict[str, Any], metrics, fit: bool = False) -> None:
+    """summary.json, the exported weights for MLflow, the final log line; then close the logger.
+    ``fit``: the run is ``dist_train.fit``'s, which returns its summary (no exit code of its own)."""
     code = summary["exit_code"]
     if cluster.is_rank0 or code not in (0, EXIT_PREEMPTED):
         # A failing rank other than 0 writes its own summary next to rank 0's: rank 0 may be
@@ -447,11 +448,20 @@ def _finish(job, cluster: ClusterEnv, summary: Dict[str, Any], metrics) -> None:
             log.warning("logging.mlflow.log_model: could not export the final weights: %s; not logged", exc)
     metrics.close(summary["status"])  # after the summary: it is logged to MLflow as an artifact
     if code == 0:
-        log.info("done: %d steps, train_loss %s, eval_loss %s, eval_accuracy %s, %s samples/s, %.1f s",
-                 summary["steps"], _f(summary["train_loss"]), _f(summary["eval_loss"]), _f(summary["eval_accuracy"]),
-                 _f(summary["samples_per_s"], ".1f"), summary["wall_s"])
+        # (a task's own evaluation metrics, eval_<name>, after the loss; eval_accuracy when there is one)
+        evals = [k for k, v in summary.items() if k.startswith("eval_") and k != "eval_loss"
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)] or ["eval_accuracy"]
+        log.info("done: %d steps, train_loss %s, eval_loss %s, %s, %s samples/s, %.1f s", summary["steps"],
+                 _f(summary["train_loss"]), _f(summary["eval_loss"]),
+                 ", ".join(f"{k} {_f(summary.get(k))}" for k in evals), _f(summary["samples_per_s"], ".1f"),
+                 summary["wall_s"])
     elif code == EXIT_PREEMPTED:
-        log.warning("preempted at step %d: checkpoint saved; exit %d (requeue the job to resume)", summary["steps"], code)
+        if fit:
+            log.warning("preempted at step %d: checkpoint saved; fit returns status 'preempted' (run it again "
+                        "to resume)", summary["steps"])
+        else:
+            log.warning("preempted at step %d: checkpoint saved; exit %d (requeue the job to resume)",
+                        summary["steps"], code)
 
 
 # What a collective raises on a rank whose peer died (gloo; NCCL): the peer, not this rank, failed.

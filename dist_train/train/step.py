@@ -57,10 +57,11 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
         with clock("forward_backward"):
             with strategy.accumulate(sync=micro == accum - 1):
                 with strategy.autocast():
+                    # (inside the wrapper's forward: see Strategy.run_task)
                     if weight is None:
-                        loss, extra = task.loss(strategy.model, batch)
+                        loss, extra = strategy.run_task(lambda model: task.loss(model, batch))
                     else:
-                        summed, extra = task.loss_sum(strategy.model, batch)
+                        summed, extra = strategy.run_task(lambda model: task.loss_sum(model, batch))
                         loss = summed * weight
                 strategy.backward(loss / accum if divide else loss)  # (a division is two kernels)
             micro_loss = loss.detach().float().to(strategy.device)  # (a task's loss may sit elsewhere)
@@ -73,8 +74,10 @@ def train_step(strategy, data: Iterator, train_cfg, task: Optional[Task] = None,
         # The host only queues kernels: without this wait the device's forward and backward would be
         # timed where the host first waits for it, the optimizer's read of the gradient norm. That
         # read waits right after, so this costs the launch of the norm's kernels, not a host stall.
+        # The training stream only: an async save's copy on its side stream is waited for (and
+        # timed) by before_update below.
         with clock("forward_backward"):
-            torch.cuda.synchronize(strategy.device)
+            torch.cuda.current_stream(strategy.device).synchronize()
     with clock("checkpoint"):
         strategy.before_update()  # an async save's copy of what the step changes (else nothing)
     with clock("optimizer"):

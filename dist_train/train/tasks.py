@@ -17,10 +17,12 @@ values) to count the FLOPs of a step: a task that needs values there only loses 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dist_train.data.registry import is_namedtuple, sample_indices
 
@@ -101,7 +103,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor of a (nested) batch to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # (a dataset's own mapping type becomes a dict)
         return {k: to_device(v, device) for k, v in batch.items()}
     if is_namedtuple(batch):  # (built from its fields, not from one iterable)
         return type(batch)(*(to_device(v, device) for v in batch))
@@ -271,7 +273,8 @@ class Regression(Task):
 
     def target_count(self, batch):
         _, target = split_batch(batch)
-        return torch.tensor(target.numel(), device=target.device)
+        # (torch.full: a fill kernel; torch.tensor of a number on a GPU copies it and waits for the device)
+        return torch.full((), target.numel(), dtype=torch.int64, device=target.device)
 
     def eval_sums(self, model, batch):
         inputs, target = split_batch(batch)
@@ -312,7 +315,7 @@ class CallableTask(Task):
             self.metric_names = sorted(metrics)
         n = float(batch_size(batch))
         values = [loss.detach().double() * n] + [metrics[k].double() * n for k in self.metric_names]
-        return torch.stack(values + [torch.tensor(n, dtype=torch.float64, device=loss.device)])
+        return torch.stack(values + [torch.full((), n, dtype=torch.float64, device=loss.device)])
 
     def eval_metrics(self, sums):
         count = max(float(sums[-1]), 1.0)
@@ -320,6 +323,34 @@ class CallableTask(Task):
         for i, key in enumerate(self.metric_names or []):
             out[f"eval_{key}"] = float(sums[i + 1]) / count
         return out
+
+
+class CriterionTask(CallableTask):
+    """A plain PyTorch criterion as the task: a loss module (``nn.CrossEntropyLoss()``,
+    ``nn.MSELoss()``, any ``nn.modules.loss._Loss``) or a ``torch.nn.functional`` loss
+    (``F.cross_entropy``), applied as a plain loop does: ``criterion(model(input), target)``, the
+    model's prediction (the first of a tuple, a dict's ``logits``) against the batch's target.
+    Evaluation reports its mean over the samples (``eval_loss``). Passed as ``task(model, batch)``,
+    such a criterion got the model as its prediction and failed inside the first step."""
+
+    def __init__(self, criterion: Callable):
+        name = type(criterion).__name__ if isinstance(criterion, nn.Module) else getattr(criterion, "__name__", "")
+        super().__init__(self._apply, name or "criterion")
+        self.criterion = criterion
+
+    def _apply(self, model, batch):
+        inputs, target = split_batch(batch)
+        pred = prediction(call_model(model, inputs))
+        if isinstance(self.criterion, nn.Module):
+            self.criterion.to(pred.device)  # (a class weight, a pos_weight: buffers made on the host)
+        return self.criterion(pred, target)
+
+
+def is_criterion(spec: Any) -> bool:
+    """A loss module or a ``torch.nn.functional`` function: ``(prediction, target) -> loss``."""
+    if isinstance(spec, nn.modules.loss._Loss):
+        return True
+    return callable(spec) and not isinstance(spec, nn.Module) and getattr(spec, "__module__", None) == F.__name__
 
 
 _TASKS: Dict[str, Callable[..., Task]] = {"classification": Classification, "language_model": LanguageModel,
@@ -351,6 +382,8 @@ def make_task(spec: Any, **options: Any) -> Task:
             raise KeyError(f"unknown task {spec!r}; registered: {', '.join(task_names())}")
         factory = _TASKS[spec]
         return factory(**options) if spec == "language_model" else factory()
+    if is_criterion(spec):
+        return CriterionTask(spec)
     if callable(spec):
         return CallableTask(spec)
     raise TypeError(f"a task is a name or a callable; got {type(spec).__name__}")

@@ -7,7 +7,8 @@ weights. The model returns a tuple, which the classification task handles.
 Several jobs in one launch (the test's distributed strategies, to save each launch's start-up):
     torchrun --nproc_per_node=2 fit_parity.py key=value ... --- key=value ...
 one ``fit`` after another in the same processes, each with a fresh process group (as a script
-that pretrains and then fine-tunes would do).
+that pretrains and then fine-tunes would do). ``TASK=reaching`` (an argument of this script's, not
+an override) trains with ``reaching`` below instead of the built-in classification task.
 """
 import json
 import os
@@ -32,15 +33,30 @@ class Plain(nn.Module):
         h = torch.tanh(self.hidden(x))
         return self.out(h), h  # (prediction, extras): the task takes the first
 
+    def features(self, x):
+        return torch.tanh(self.hidden(x))
+
+
+def reaching(model, batch):
+    """A plain loop's loss that reaches into the model: a method of its own, a submodule called
+    directly, and an L2 penalty on a parameter; the model's forward is never called."""
+    x, y = batch[0], batch[1]
+    logits = model.out(model.features(x))
+    penalty = model.out.weight.pow(2).sum()
+    return nn.functional.cross_entropy(logits, y) + 1e-2 * penalty, {"penalty": penalty}
+
 
 def fit_one(overrides):
+    task = "classification"
+    if "TASK=reaching" in overrides:
+        overrides, task = [a for a in overrides if a != "TASK=reaching"], reaching
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(100 + rank)  # different weights on every rank
     model = Plain()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=g)
     y = (x[:, :4] + 0.5 * x[:, 4:]).argmax(dim=1)
-    summary = dist_train.fit(model, TensorDataset(x, y), TensorDataset(x[:128], y[:128]), task="classification",
+    summary = dist_train.fit(model, TensorDataset(x, y), TensorDataset(x[:128], y[:128]), task=task,
                              overrides=overrides)
     run_dir = next(a.split("=", 1)[1] for a in overrides if a.startswith("run.dir="))
     # The instance passed in comes back whole, holding the trained weights, under every strategy
