@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     setup_console(cluster, job.logging.level)
     try:
-        with process_group(cluster, init_timeout_s=job.dist.init_timeout_s) as device:
+        with process_group(cluster, init_timeout_s=job.dist.init_timeout_s, backend=job.dist.backend) as device:
             rows = run_checks(job, cluster, device)
     except Exception as exc:  # the group never formed, or a collective broke: that is the finding
         rows = [("process group", False, f"rank {cluster.rank}: {type(exc).__name__}: {exc}")]

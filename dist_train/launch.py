@@ -83,15 +83,24 @@ def _as_rank0(world: int, per_node: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _more_ranks_than_gpus(per_node: int) -> str:
+def _backend(job_args: Sequence[str]) -> str:
+    """The job's ``dist.backend`` (its config was checked already)."""
+    from dist_train import cli
+    from dist_train.config import load_config
+
+    ns = cli._parser().parse_args(list(job_args))
+    return load_config(ns.config, ns.overrides).dist.backend
+
+
+def _more_ranks_than_gpus(per_node: int, backend: str = "auto") -> str:
     """Why ``per_node`` ranks cannot run on this node's GPUs, or "": each rank trains on the GPU
     of its local rank, and NCCL refuses two ranks on one GPU ("Duplicate GPU detected") once every
-    rank has started. (Under SLURM's one GPU per task each task sees one device: srun starts those,
-    not this launcher.)"""
+    rank has started; gloo (``dist.backend=gloo``) lets ranks share one. (Under SLURM's one GPU per
+    task each task sees one device: srun starts those, not this launcher.)"""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if not gpus or per_node <= gpus:
+    if not gpus or per_node <= gpus or backend == "gloo":
         return ""
     return (f"--nproc_per_node={per_node} starts {per_node} ranks on this node, which has {gpus} GPU(s) "
             f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one rank per GPU, "
@@ -124,14 +133,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, RuntimeError) as exc:  # torchrun's own parsers raise both
         print(f"dist_train.launch: error: --nnodes/--nproc_per_node: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    problem = _more_ranks_than_gpus(per_node)
-    if problem:
-        print(f"dist_train.launch: error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
     with _as_rank0(world, per_node):
         code = cli.main(["--check", *job_args], record_refusal=True)  # (summary.json: never an older outcome)
     if code != 0:
         return code
+    problem = _more_ranks_than_gpus(per_node, _backend(job_args))
+    if problem:
+        print(f"dist_train.launch: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     _graceful_defaults(args, launch)
     return _run_torchrun(args, _summary_path(job_args))
 

@@ -148,6 +148,11 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
         raise ConfigError("strategy.name", f"must be auto or a registered strategy: {', '.join(strategy_names())}; "
                           f"got {name!r}")
     cuda = torch.cuda.is_available()
+    if job.dist.backend == "nccl" and not cuda:
+        raise ConfigError("dist.backend", "nccl needs CUDA GPUs, and this machine has none; use auto or gloo")
+    if job.dist.backend == "gloo" and cuda and name in ("fsdp", "deepspeed"):
+        raise ConfigError("dist.backend", f"gloo on GPUs runs strategy.name=single or ddp; {name} needs collectives "
+                          "that gloo does not run on GPU tensors (reduce-scatter): use auto or nccl")
     if job.train.precision == "fp16" and not cuda:
         raise ConfigError("train.precision", "fp16 needs a CUDA GPU (no GPU here); use bf16 or fp32 on the CPU")
     if job.train.precision == "bf16" and cuda:

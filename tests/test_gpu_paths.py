@@ -217,6 +217,28 @@ def test_the_launcher_refuses_more_ranks_than_gpus_before_any_starts(monkeypatch
     assert launch.main(["--standalone", "--nproc_per_node=4", "train.max_steps=1"]) == 2
     assert "--nproc_per_node=4 starts 4 ranks on this node, which has 2 GPU(s)" in capsys.readouterr().err
     assert launch._more_ranks_than_gpus(2) == ""
+    assert launch._more_ranks_than_gpus(4, "gloo") == ""  # (dist.backend=gloo: ranks may share a GPU)
+
+
+def test_dist_backend_is_checked_against_the_machine_and_the_strategy(monkeypatch, capsys):
+    """dist.backend=nccl without a GPU, and gloo on GPUs under a strategy that needs reduce-scatter
+    (FSDP, DeepSpeed), stop before any process group with exit 2 naming the key; gloo on GPUs with
+    DDP passes. (torch.cuda stands in for a GPU in the second half.)"""
+    from dist_train import cli
+    from dist_train.env.cluster import backend_for
+
+    assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 0)) == "nccl"
+    assert backend_for(torch.device("cuda", 0), "gloo") == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["--check", "dist.backend=nccl"]) == 2
+    assert "dist.backend: nccl needs CUDA GPUs" in capsys.readouterr().err
+    assert cli.main(["--check", "dist.backend=mpi"]) == 2
+    assert "dist.backend: must be one of auto, nccl, gloo" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["--check", "dist.backend=gloo", "strategy.name=fsdp"]) == 2
+    assert "dist.backend: gloo on GPUs runs strategy.name=single or ddp; fsdp" in capsys.readouterr().err
+    assert cli.main(["--check", "dist.backend=gloo", "strategy.name=ddp"]) == 0
 
 
 def test_batches_of_any_mapping_type_reach_the_device():

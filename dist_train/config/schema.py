@@ -23,6 +23,7 @@ FAULTS = ("after_shards", "after_commit", "slow_write", "slow_staging", "step_sl
           "worker_fork_hang", "startup_stall")
 NONFINITE = ("skip", "abort", "rollback")
 LOSS_AVERAGES = ("micro_batch", "tokens")
+BACKENDS = ("auto", "nccl", "gloo")
 # Checkpoint directories are named step_XXXXXXXX (8 digits): a step count past this would make
 # checkpoints that resume cannot find.
 MAX_STEPS = 10**8 - 1
@@ -380,6 +381,9 @@ class TaskConfig:
 
 @dataclass
 class DistConfig:
+    backend: str = doc("auto", "process-group backend: auto (nccl on GPUs, gloo on the CPU), nccl, or gloo (on GPUs "
+                       "for single and ddp only; several ranks may then share one GPU, e.g. to run a multi-rank job "
+                       "on a one-GPU machine)")
     init_timeout_s: float = doc(600.0, "process-group start-up: how long a rank waits for rank 0's store and for every "
                                 "other rank to join before it fails naming the missing ranks (also the collective "
                                 "timeout until the first step is done)")
@@ -391,6 +395,7 @@ class DistConfig:
                                   "never later than 3/4 of the collective timeout (min of the two above)")
 
     def __post_init__(self) -> None:
+        _require(self.backend in BACKENDS, "dist.backend", f"must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         _require(0 < self.init_timeout_s < float("inf"), "dist.init_timeout_s",
                  f"must be a finite number of seconds > 0; got {self.init_timeout_s}")
         _require(0 < self.timeout_s < float("inf"), "dist.timeout_s",

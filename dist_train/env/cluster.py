@@ -178,7 +178,10 @@ def device_for(cluster: ClusterEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def backend_for(device: torch.device) -> str:
+def backend_for(device: torch.device, configured: str = "auto") -> str:
+    """The process group's backend (``dist.backend``): ``auto`` is NCCL on a GPU, gloo on the CPU."""
+    if configured != "auto":
+        return configured
     return "nccl" if device.type == "cuda" else "gloo"
 
 

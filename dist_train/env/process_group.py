@@ -39,10 +39,10 @@ def group_restarts() -> Optional[int]:
     return _restarts
 
 
-def init_group(cluster: ClusterEnv, device: torch.device, timeout_s: float) -> None:
+def init_group(cluster: ClusterEnv, device: torch.device, timeout_s: float, backend: str = "auto") -> None:
     """Start the default process group of this attempt, or raise within about ``timeout_s``."""
     global _restarts
-    backend = backend_for(device)
+    backend = backend_for(device, backend)
     if cluster.world_size == 1:  # a 1-rank group needs no peers: an in-process store, no port
         store, _restarts = dist.HashStore(), cluster.elastic_restarts
     else:
@@ -63,15 +63,15 @@ def init_group(cluster: ClusterEnv, device: torch.device, timeout_s: float) -> N
         rank=cluster.rank,
         world_size=cluster.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
+        device_id=device if backend == "nccl" else None,  # (NCCL's communicator, made at once)
     )
     collectives.set_collective_timeout(timeout_s)  # (the groups made from now on get it too)
     log.debug("process group up: backend=%s rank=%d/%d", backend, cluster.rank, cluster.world_size)
 
 
 @contextlib.contextmanager
-def process_group(cluster: ClusterEnv, always: bool = False,
-                  init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S) -> Iterator[torch.device]:
+def process_group(cluster: ClusterEnv, always: bool = False, init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
+                  backend: str = "auto") -> Iterator[torch.device]:
     """Initialise the default process group (when world size > 1, or ``always``) and yield this
     rank's device. ``always`` gives a one-process job a 1-rank group, which FSDP, DeepSpeed and DDP
     need; it rendezvouses through an in-process store, so it takes no port.
@@ -92,7 +92,7 @@ def process_group(cluster: ClusterEnv, always: bool = False,
     # Libraries that build their own groups (DeepSpeed) read the rendezvous from the environment.
     os.environ.setdefault("MASTER_ADDR", cluster.master_addr)
     os.environ.setdefault("MASTER_PORT", str(cluster.master_port))
-    init_group(cluster, device, init_timeout_s)
+    init_group(cluster, device, init_timeout_s, backend)
     ok = False
     try:
         yield device

@@ -65,8 +65,8 @@ class DeepSpeedStrategy(Strategy):
         else:
             os.environ.setdefault("LOCAL_RANK", str(self.cluster.local_rank))
         # Reuses the process group we made (gloo on CPU, NCCL on GPU); never starts its own.
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                   dist_init_required=False)
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized()
+                                   else ("nccl" if self.device.type == "cuda" else "gloo"), dist_init_required=False)
         model = model.to(self.device)
         # Under bf16/fp16 the engine keeps the module's parameters in that dtype, and fp32 master
         # copies only of those its optimizer holds: frozen ones would be known only rounded. Their

@@ -118,7 +118,7 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
     try:
         with deterministic_kernels(job.train.deterministic), \
                 process_group(cluster, always=strategy_class(name).needs_process_group,
-                              init_timeout_s=job.dist.init_timeout_s) as device:
+                              init_timeout_s=job.dist.init_timeout_s, backend=job.dist.backend) as device:
             # A preemption while the job is built: its watcher stops at the first step. (Not during
             # the rendezvous: a signal still ends a process that waits for peers that may never come.)
             early = EarlySignals()

@@ -6,7 +6,7 @@ build "correct by construction", exercised for real in a few minutes.
 On this machine's GPUs (``torchrun --nproc_per_node=<GPUs>``, NCCL; ``single`` runs one process;
 on a one-GPU machine the distributed cases run one rank, so no collective crosses ranks), for each
 case (strategy x precision: single, ddp and fsdp; bf16, and fp16 with the gradient scaler; FSDP
-with ``cpu_offload``; DeepSpeed ZeRO-3 bf16), ``resnet18`` (BatchNorm's buffers: staged, sharded
+with ``cpu_offload``; DeepSpeed ZeRO-3 bf16; DDP on 2 ranks over gloo, which may share one GPU), ``resnet18`` (BatchNorm's buffers: staged, sharded
 units of their own, kept on the device under offload) on ``synthetic_images`` (``--cpu``: the
 ``cnn``, no buffers, to check this script quickly):
 
@@ -37,10 +37,16 @@ from typing import Dict, List, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 CASES = [("single", "bf16"), ("single", "fp16"), ("ddp", "bf16"), ("fsdp", "bf16"), ("fsdp", "fp16"),
-         ("fsdp_offload", "bf16"), ("zero3", "bf16")]
+         ("fsdp_offload", "bf16"), ("zero3", "bf16"), ("ddp_gloo2", "bf16")]
 # A case's strategy overrides (the others: strategy.name=<case>).
 STRATEGIES = {"fsdp_offload": ["strategy.name=fsdp", "strategy.fsdp.cpu_offload=true"],
-              "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"]}
+              "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
+              # Two ranks whatever the GPU count (gloo lets them share one): what only runs at a world
+              # size above 1 (each rank staging its share of an async save in pinned memory, the ranks'
+              # agreement on the shares, rank 0's buffers broadcast, the task inside DDP's forward)
+              # runs on a one-GPU machine too.
+              "ddp_gloo2": ["strategy.name=ddp", "dist.backend=gloo"]}
+RANKS = {"ddp_gloo2": 2}  # ranks of a case that does not run one per GPU
 
 
 def run(args: List[str], nproc: int, run_dir: str, log: str) -> int:
@@ -68,7 +74,7 @@ def summary(run_dir: str) -> dict:
 
 
 def check(strategy: str, precision: str, steps: int, gpus: int, out: str, model: str) -> Tuple[bool, str]:
-    nproc = 0 if strategy == "single" else gpus
+    nproc = 0 if strategy == "single" else RANKS.get(strategy, gpus)
     every = max(1, steps // 3)
     stop = 2 * every
     common = [f"model.name={model}", "data.name=synthetic_images", "data.synthetic_samples=4096", "data.batch_size=32",

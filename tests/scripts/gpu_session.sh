@@ -48,6 +48,8 @@ part() {  # part NAME SECONDS COMMAND...
     "$PY" -c "import sys, torch, omegaconf, dist_train; print(sys.version.split()[0], 'torch', torch.__version__, \
 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', \
 'omegaconf', omegaconf.__version__)"
+    "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1 | tail -1
+    "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -58,10 +60,10 @@ if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then
     part step_overhead 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
         benchmarks/step_overhead.py --workload vision-ddp --smoke --blocks 2 --steps 2
 else
-    part gpu_check 300 "$PY" tests/scripts/gpu_check.py --jobs 7
-    part throughput 120 "$PY" benchmarks/throughput.py --explain --precision bf16 --model resnet18 \
+    part gpu_check 330 "$PY" tests/scripts/gpu_check.py --jobs 8
+    part throughput 100 "$PY" benchmarks/throughput.py --explain --precision bf16 --model resnet18 \
         --data synthetic_images --batch-size 32 --steps 300 --repeats 3
-    part step_overhead 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+    part step_overhead 100 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
         benchmarks/step_overhead.py --workload vision-ddp --precision bf16 --blocks 20 --steps 20
 fi
 exit $status
