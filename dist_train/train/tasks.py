@@ -336,14 +336,17 @@ class CriterionTask(CallableTask):
     def __init__(self, criterion: Callable):
         name = type(criterion).__name__ if isinstance(criterion, nn.Module) else getattr(criterion, "__name__", "")
         super().__init__(self._apply, name or "criterion")
-        self.criterion = criterion
+        self.users = criterion
+        self._device: Optional[torch.device] = None  # where a loss module's buffers are
 
     def _apply(self, model, batch):
-        inputs, target = split_batch(batch)
-        pred = prediction(call_model(model, inputs))
-        if isinstance(self.criterion, nn.Module):
-            self.criterion.to(pred.device)  # (a class weight, a pos_weight: buffers made on the host)
-        return self.criterion(pred, target)
+        return Task.loss(self, model, batch)[0]  # (the built-in tasks' way: criterion(prediction, target))
+
+    def criterion(self, pred, target):
+        if isinstance(self.users, nn.Module) and pred.device != self._device:
+            self.users.to(pred.device)  # (once: a class weight, a pos_weight are buffers made on the host)
+            self._device = pred.device
+        return self.users(pred, target)
 
 
 def is_criterion(spec: Any) -> bool:
