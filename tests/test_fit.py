@@ -725,16 +725,33 @@ def test_a_plain_pytorch_criterion_is_a_task(tmp_path):
     x = torch.randn(64, 4, generator=g)
     y = x[:, :3].argmax(dim=1)
     runs = {}
+    class OwnLoss(torch.nn.Module):  # a plain loop's own criterion module (not an nn.modules.loss._Loss)
+        def forward(self, logits, target):
+            return F.cross_entropy(logits, target)
+
+    def own_loss(logits, target):
+        return F.cross_entropy(logits, target)
+
     for name, task in (("builtin", "classification"), ("module", torch.nn.CrossEntropyLoss()),
-                       ("functional", F.cross_entropy)):
+                       ("functional", F.cross_entropy), ("own_module", OwnLoss()), ("own_function", own_loss)):
         torch.manual_seed(0)
         summary = dist_train.fit(torch.nn.Linear(4, 3), TensorDataset(x, y), TensorDataset(x[:16], y[:16]), task=task,
                                  overrides=[*FIT, "data.batch_size=8", "train.max_steps=4", f"run.dir={tmp_path / name}"])
         assert summary["status"] == "completed", summary
         runs[name] = (train_losses(tmp_path / name), summary["eval_loss"])
-    for name in ("module", "functional"):
+    for name in ("module", "functional", "own_module", "own_function"):
         assert all(abs(runs[name][0][s] - runs["builtin"][0][s]) < 1e-6 for s in range(1, 5)), (name, runs)
         assert abs(runs[name][1] - runs["builtin"][1]) < 1e-6, (name, runs)
+    # A function that can be neither (its first parameter names no prediction) is called as
+    # task(model, batch): its failure says so, in the log and in summary.json.
+    def ambiguous(a, b):
+        return F.cross_entropy(a, b)
+
+    with pytest.raises(dist_train.TrainingFailed, match=r"called as task\(model, batch\).*logits"):
+        dist_train.fit(torch.nn.Linear(4, 3), TensorDataset(x, y), task=ambiguous,
+                       overrides=[*FIT, "data.batch_size=8", "train.max_steps=2", f"run.dir={tmp_path / 'ambiguous'}"])
+    error = json.loads((tmp_path / "ambiguous" / "summary.json").read_text())["error"]
+    assert "called as task(model, batch)" in error and "TypeError" in error, error
     # A regression criterion with a target of the prediction's shape.
     t = x.sum(dim=1, keepdim=True)
     summary = dist_train.fit(torch.nn.Linear(4, 1), TensorDataset(x, t), TensorDataset(x[:16], t[:16]), task=F.mse_loss,

@@ -131,3 +131,31 @@ def test_token_class_probabilities_are_averaged_over_tokens():
     logits, soft = torch.randn(2, 3, 5), torch.softmax(torch.randn(2, 3, 5), dim=-1)
     torch.testing.assert_close(Classification().criterion(logits, soft),
                                F.cross_entropy(logits.flatten(0, 1), soft.flatten(0, 1)))
+
+
+def test_what_is_taken_as_a_criterion_and_what_as_a_task():
+    """``(prediction, target)`` losses are recognised by kind or by their first parameter; a task
+    module (``forward(self, model, batch)``) and a ``task(model, batch)`` function stay tasks."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from dist_train.train.tasks import CallableTask, CriterionTask, make_task
+
+    class Focal(nn.Module):
+        def forward(self, logits, target):
+            return F.cross_entropy(logits, target)
+
+    class TaskModule(nn.Module):
+        def forward(self, model, batch):
+            return model(batch[0]).sum()
+
+    def task(model, batch):
+        return model(batch[0]).sum()
+
+    def loss(pred, target):
+        return F.mse_loss(pred, target)
+
+    for spec in (nn.CrossEntropyLoss(), F.cross_entropy, Focal(), loss, lambda logits, y: F.cross_entropy(logits, y)):
+        assert type(make_task(spec)) is CriterionTask, spec
+    for spec in (TaskModule(), task, lambda m, b: m(b[0]).sum()):
+        assert type(make_task(spec)) is CallableTask, spec

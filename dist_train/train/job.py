@@ -168,7 +168,8 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
             code, summary["status"] = 1, "failed"
             log.error("rank %d failed: %s%s\n%s", cluster.rank, exc, _peer_hint(exc), traceback.format_exc())
             # Kept without its traceback: the frames would keep the data pipeline alive.
-            summary["error"] = f"rank {cluster.rank}: {type(exc).__name__}: {exc}{_peer_hint(exc)}"
+            notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))  # (what dist_train added to it)
+            summary["error"] = f"rank {cluster.rank}: {type(exc).__name__}: {exc}{notes}{_peer_hint(exc)}"
             error = exc.with_traceback(None)
     except KeyboardInterrupt:  # Ctrl-C: no checkpoint (that is what SIGTERM/SIGUSR1 are for); said so, and raised on
         code = 130  # (what the shell reports for a process ended by SIGINT)

@@ -7,8 +7,10 @@ element is the prediction) or a dict (``"logits"``, else ``"output"``, else its 
 
 Built in: ``classification`` (cross-entropy; accuracy and top-5 accuracy), ``language_model``
 (next-token cross-entropy; accuracy, perplexity, and bits per byte when a token is a byte) and
-``regression`` (mean squared error; mean absolute error). Anything else is a callable
-``task(model, batch) -> loss`` or ``-> (loss, {name: value})``: its metrics are averaged over
+``regression`` (mean squared error; mean absolute error). A plain loop's criterion is applied as
+``criterion(model(x), y)`` (``is_criterion``: a loss module, a ``torch.nn.functional`` loss, or a
+function whose first parameter names a prediction, ``def loss(logits, target)``). Anything else is
+a callable ``task(model, batch) -> loss`` or ``-> (loss, {name: value})``: its metrics are averaged over
 micro-batches and ranks during training, and over batches and ranks in evaluation. It gets the
 batch as the dataset's items collated (``x, y = batch`` for ``(x, y)`` items; see
 ``without_indices``), on this rank's device; it is also called once on meta tensors (shapes, no
@@ -16,6 +18,7 @@ values) to count the FLOPs of a step: a task that needs values there only loses 
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -296,9 +299,20 @@ class CallableTask(Task):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "custom")
         self.metric_names: Optional[List[str]] = None
+        self._checked = False  # (a first call that raised gets a note on how the task is called)
 
     def loss(self, model, batch):
-        out = self.fn(model, batch)
+        if self._checked:
+            out = self.fn(model, batch)
+        else:
+            try:
+                out = self.fn(model, batch)
+            except Exception as exc:
+                exc.add_note(f"dist_train: the task {self.name!r} is called as task(model, batch); a loss of "
+                             "(prediction, target) is taken as such when it is a loss module or its first "
+                             f"parameter is one of {', '.join(sorted(PREDICTION_NAMES))}")
+                raise
+            self._checked = True
         loss, metrics = (out if isinstance(out, tuple) else (out, {}))
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise TypeError(f"task {self.name!r} must return a scalar loss tensor (or (loss, metrics)); "
@@ -327,8 +341,8 @@ class CallableTask(Task):
 
 class CriterionTask(CallableTask):
     """A plain PyTorch criterion as the task: a loss module (``nn.CrossEntropyLoss()``,
-    ``nn.MSELoss()``, any ``nn.modules.loss._Loss``) or a ``torch.nn.functional`` loss
-    (``F.cross_entropy``), applied as a plain loop does: ``criterion(model(input), target)``, the
+    ``nn.MSELoss()``, a user's ``FocalLoss(nn.Module)``), a ``torch.nn.functional`` loss
+    (``F.cross_entropy``) or a user's ``loss(logits, target)`` (see ``is_criterion``), applied as a plain loop does: ``criterion(model(input), target)``, the
     model's prediction (the first of a tuple, a dict's ``logits``) against the batch's target.
     Evaluation reports its mean over the samples (``eval_loss``). Passed as ``task(model, batch)``,
     such a criterion got the model as its prediction and failed inside the first step."""
@@ -336,6 +350,7 @@ class CriterionTask(CallableTask):
     def __init__(self, criterion: Callable):
         name = type(criterion).__name__ if isinstance(criterion, nn.Module) else getattr(criterion, "__name__", "")
         super().__init__(self._apply, name or "criterion")
+        self._checked = True  # (called as a criterion: the note on task(model, batch) would mislead)
         self.users = criterion
         self._device: Optional[torch.device] = None  # where a loss module's buffers are
 
@@ -349,11 +364,36 @@ class CriterionTask(CallableTask):
         return self.users(pred, target)
 
 
+# The first parameter's name of a user's own loss function, ``loss(logits, target)``: a prediction,
+# where a task's first parameter is the model.
+PREDICTION_NAMES = frozenset({"input", "inputs", "pred", "preds", "prediction", "predictions", "logits",
+                              "output", "outputs", "out", "y_pred", "y_hat", "yhat", "scores"})
+
+
+def _first_parameter(fn: Callable) -> Optional[str]:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    return params[0].name if params else None
+
+
 def is_criterion(spec: Any) -> bool:
-    """A loss module or a ``torch.nn.functional`` function: ``(prediction, target) -> loss``."""
+    """``(prediction, target) -> loss`` rather than ``task(model, batch)``: a loss module (any
+    ``nn.Module`` given as the task whose ``forward``'s first parameter is not named ``model``: the
+    ``FocalLoss(nn.Module)`` of a plain loop as much as ``nn.CrossEntropyLoss()``), a
+    ``torch.nn.functional`` loss, or a function whose first parameter names a prediction
+    (``def loss(logits, target)``; see ``PREDICTION_NAMES``)."""
+    if isinstance(spec, Task) or not callable(spec):
+        return False
     if isinstance(spec, nn.modules.loss._Loss):
         return True
-    return callable(spec) and not isinstance(spec, nn.Module) and getattr(spec, "__module__", None) == F.__name__
+    if isinstance(spec, nn.Module):
+        return _first_parameter(spec.forward) != "model"
+    if getattr(spec, "__module__", None) == F.__name__:
+        return True
+    return _first_parameter(spec) in PREDICTION_NAMES
 
 
 _TASKS: Dict[str, Callable[..., Task]] = {"classification": Classification, "language_model": LanguageModel,
