@@ -142,6 +142,8 @@ def test_deepspeed_runs_on_the_ranks_own_gpu_when_each_task_sees_one(monkeypatch
                        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
     assert seen.value.args[0].device_rank == 0, vars(seen.value.args[0])
     assert os.environ["LOCAL_RANK"] == "0"  # (ZeRO-3's zero.Init takes its device from it)
+    strategy.teardown()  # (fit runs in the user's process: its environment is given back)
+    assert os.environ["LOCAL_RANK"] == "3"
 
 
 def test_bf16_on_a_gpu_before_ampere_is_checked_without_touching_a_device(monkeypatch, caplog):

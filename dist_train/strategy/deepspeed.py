@@ -60,6 +60,8 @@ class DeepSpeedStrategy(Strategy):
         # On a GPU it is the index of this rank's device: ZeRO-3's zero.Init and its utilities put
         # tensors on cuda:LOCAL_RANK, and under SLURM's --gpus-per-task=1 task 3 of a node sees only
         # cuda:0 ("invalid device ordinal").
+        # Put back at teardown: fit runs in the user's process, whose environment is theirs.
+        self._local_rank_before = os.environ.get("LOCAL_RANK")
         if self.device.type == "cuda":
             os.environ["LOCAL_RANK"] = str(self.device.index or 0)
         else:
@@ -259,6 +261,11 @@ class DeepSpeedStrategy(Strategy):
         release = getattr(groups, "_release_process_group_references", None)
         if callable(release):
             release(None)
+        if hasattr(self, "_local_rank_before"):  # (setup ran)
+            if self._local_rank_before is None:
+                os.environ.pop("LOCAL_RANK", None)
+            else:
+                os.environ["LOCAL_RANK"] = self._local_rank_before
 
 
 def _cast_floats(value: Any, dtype: torch.dtype, only: Tuple[torch.dtype, ...] = ()) -> Any:
