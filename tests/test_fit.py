@@ -96,6 +96,54 @@ def test_a_task_that_reaches_into_the_model_trains_alike_under_every_strategy(tm
             assert s["eval_penalty"] > 0, s
 
 
+# The config keys that build what fit_parity's OPTIM=own passes as objects: SGD with momentum at
+# 0.05, the hidden layer's group at 0.02, StepLR(step_size=3, gamma=0.5), no warmup.
+OWN_OPTIM_AS_KEYS = ["train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9", "train.weight_decay=0",
+                     "train.lr_scale={hidden.*: 0.4}", "train.schedule=step", "train.step_size=3", "train.gamma=0.5",
+                     "train.warmup_steps=0"]
+
+
+@pytest.mark.slow
+def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strategy(tmp_path, ok):
+    """``fit(..., optimizer=SGD([...groups...], lr, momentum), scheduler=lambda opt: StepLR(opt, 3))``,
+    the optimizer built over the module before fit as a plain loop builds it: rebuilt over the
+    strategy's parameters by name (FSDP's are new DTensors, DeepSpeed's engine holds it), it takes
+    the steps of the same optimizer and schedule built from config keys, under every strategy."""
+    runs = {"single": ["strategy.name=single", "data.batch_size=16"],
+            "ddp": ["strategy.name=ddp", "data.batch_size=8"],
+            "fsdp": ["strategy.name=fsdp", "data.batch_size=8"],
+            "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2", "data.batch_size=8"]}
+    keys = tmp_path / "keys"
+    common = [*FIT, "train.max_steps=7"]
+    ok(python_or_torchrun(SCRIPTS / "fit_parity.py", [*common, *OWN_OPTIM_AS_KEYS, *runs["single"], f"run.dir={keys}"]
+                          + ["---", "OPTIM=own", *common, *runs["single"], f"run.dir={tmp_path / 'single'}"], 0))
+    batch = []
+    for name in ("ddp", "fsdp", "zero2"):
+        batch += ["OPTIM=own", *common, *runs[name], f"run.dir={tmp_path / name}", "---"]
+    # Stopped after 4 steps and resumed by a second fit (FSDP's DCP checkpoint, DeepSpeed's own).
+    for name in ("fsdp", "zero2"):
+        for steps, resume in ((4, "never"), (7, "auto")):
+            batch += ["OPTIM=own", *common, *runs[name], f"train.max_steps={steps}", f"checkpoint.resume={resume}",
+                      f"run.dir={tmp_path / (name + '_resumed')}", "---"]
+    ok(python_or_torchrun(SCRIPTS / "fit_parity.py", batch[:-1], 2))
+    ref = train_losses(keys)
+    assert sorted(ref) == list(range(1, 8)) and ref[7] < ref[1], ref
+    lrs = {r["step"]: r["lr"] for r in read_metrics(keys) if "lr" in r}
+    for name in runs:
+        losses = train_losses(tmp_path / name)
+        worst = max(abs(losses[s] - ref[s]) / abs(ref[s]) for s in ref)
+        assert worst < 1e-5, f"{name}: worst relative difference {worst:.2e}"
+        own_lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r}  # (the first group's:
+        assert own_lrs == pytest.approx({k: 0.4 * v for k, v in lrs.items()}, rel=1e-9), name  # hidden, x 0.4)
+        s = json.loads((tmp_path / name / "fit.rank0.json").read_text())
+        assert s["status"] == "completed" and s["instance_is_trained"], (name, s)
+    for name in ("fsdp", "zero2"):  # (the moments and the schedule's position came back)
+        whole, resumed = train_losses(tmp_path / name), train_losses(tmp_path / (name + "_resumed"))
+        assert sorted(resumed) == list(range(1, 8)) and all(resumed[s] == whole[s] for s in range(5, 8)), (name, whole, resumed)
+    config = (tmp_path / "fsdp" / "config.yaml").read_text()
+    assert "optimizer: fit:SGD" in config and "schedule: fit:StepLR" in config, config
+
+
 @pytest.mark.slow
 def test_deepspeed_bf16_trains_a_copy_and_hands_back_the_fp32_weights(tmp_path, ok):
     """Under bf16 the engine casts the module it is given in place and hooks it (ZeRO-1/2 too):
@@ -757,3 +805,67 @@ def test_a_plain_pytorch_criterion_is_a_task(tmp_path):
     summary = dist_train.fit(torch.nn.Linear(4, 1), TensorDataset(x, t), TensorDataset(x[:16], t[:16]), task=F.mse_loss,
                              overrides=[*FIT, "data.batch_size=8", "train.max_steps=4", f"run.dir={tmp_path / 'mse'}"])
     assert summary["status"] == "completed" and summary["eval_loss"] is not None, summary
+
+
+def test_an_own_optimizer_and_scheduler_resume_exactly_and_bad_ones_stop_before_the_run(tmp_path):
+    """An optimizer class (``partial(Adam, lr=...)``) and ``OneCycleLR``: a run stopped at step 4
+    and resumed (a new model instance, a new fit) takes the uninterrupted run's steps 5-8 exactly
+    (the moments and the schedule's position come back). A factory ``model -> optimizer`` without
+    a scheduler trains as the config's optimizer does (``train.schedule`` scales its rate), frozen
+    parameters left out. What cannot work is refused by name before any process group."""
+    import functools
+
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 8, generator=g)
+    y = x[:, :4].argmax(dim=1)
+    data = TensorDataset(x, y)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    own = dict(optimizer=functools.partial(torch.optim.Adam, lr=0.01),
+               scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=8))
+    common = [*FIT, "data.batch_size=16", "checkpoint.every_steps=4"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    dist_train.fit(model(), data, **own, overrides=[*common, "train.max_steps=8", f"run.dir={whole}"])
+    dist_train.fit(model(), data, **own, overrides=[*common, "train.max_steps=4", f"run.dir={parts}"])
+    summary = dist_train.fit(model(), data, **own, overrides=[*common, "train.max_steps=8", "checkpoint.resume=auto",
+                                                              f"run.dir={parts}"])
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 8, summary
+    ref, resumed = train_losses(whole), train_losses(parts)
+    assert all(resumed[s] == ref[s] for s in range(5, 9)), (ref, resumed)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(whole) if "lr" in r}
+    assert max(lrs.values()) == pytest.approx(0.05, rel=0.05) and lrs[8] < lrs[4], lrs
+
+    # A factory over the model, the config's schedule over its rate; the frozen layer stays as it was.
+    keys = ["train.optimizer=sgd", "train.lr=0.05", "train.momentum=0", "train.weight_decay=0",
+            "train.schedule=constant", "model.freeze=[0.*]"]
+    frozen = model()[0].weight.detach().clone()
+    runs = {}
+    for name, extra, kwargs in (("keys", keys, {}),
+                                ("factory", keys[4:], {"optimizer": lambda m: torch.optim.SGD(m.parameters(), lr=0.05)})):
+        instance = model()
+        dist_train.fit(instance, data, **kwargs, overrides=[*FIT, "data.batch_size=16", "train.max_steps=4", *extra,
+                                                            f"run.dir={tmp_path / name}"])
+        assert torch.equal(instance[0].weight, frozen), name
+        runs[name] = train_losses(tmp_path / name)
+    assert runs["factory"] == runs["keys"], runs
+
+    bad = [({"optimizer": torch.optim.SGD(model().parameters(), lr=0.1)}, model, "optimizer", "pass that model instance"),
+           ({"optimizer": torch.optim.SGD(model().parameters(), lr=0.1)}, model(), "optimizer", "not the model's"),
+           ({"optimizer": "sgd"}, model(), "optimizer", "must be a torch.optim.Optimizer"),
+           ({"scheduler": torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model().parameters()), 3)}, model(),
+            "scheduler", "lambda optimizer: StepLR"),
+           ({"scheduler": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, model(), "scheduler",
+            "ReduceLROnPlateau steps on a metric"),
+           ({"scheduler": lambda opt: opt}, model(), "scheduler", "must return a torch.optim.lr_scheduler"),
+           ({"optimizer": functools.partial(torch.optim.SGD, lr=0.1)}, model(), "train.lr_scale", "param groups")]
+    for kwargs, net, key, words in bad:
+        overrides = [*FIT, f"run.dir={tmp_path / 'bad'}"] + (["train.lr_scale={2.*: 2}"] if key == "train.lr_scale" else [])
+        with pytest.raises(dist_train.ConfigError, match=rf"{key}.*{words}"):
+            dist_train.fit(net, data, **kwargs, overrides=overrides)
+    assert not torch.distributed.is_initialized()

@@ -207,7 +207,8 @@ class TrainConfig:
                             "tokens (one mean over every counted target of the global batch: padding (-100) "
                             "and uneven micro-batches weigh nothing; built-in tasks only; one all-reduce a step)")
     precision: str = doc("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; needs a GPU)")
-    optimizer: str = doc("adamw", "adamw, adam or sgd (torch.optim.AdamW, Adam, SGD)")
+    optimizer: str = doc("adamw", "adamw, adam or sgd (torch.optim.AdamW, Adam, SGD); fit(optimizer=...) takes one "
+                                  "of your own (recorded as fit:CLASS)")
     lr: float = doc(1e-3, "peak learning rate")
     lr_scale: Dict[str, float] = doc(None, "per-parameter learning rates: {glob of parameter names: multiplier of "
                                      "train.lr}, first match wins, e.g. {'fc.*': 10, 'layer4.*': 0.5} (a new head "
@@ -220,7 +221,8 @@ class TrainConfig:
     momentum: float = doc(0.9, "sgd momentum")
     nesterov: bool = doc(False, "sgd: Nesterov momentum (needs train.momentum > 0)")
     schedule: str = doc("cosine", "learning-rate schedule after warmup: cosine, linear, constant, step (StepLR), "
-                        "multistep (MultiStepLR) or exponential (ExponentialLR)")
+                        "multistep (MultiStepLR) or exponential (ExponentialLR); fit(scheduler=...) takes one of "
+                        "your own (recorded as fit:CLASS; without one the schedule scales fit's own optimizer's rates)")
     warmup_steps: int = doc(50, "linear warmup steps from 0 to train.lr; the schedule counts its steps after them")
     min_lr_ratio: float = doc(0.1, "final learning rate as a fraction of train.lr (cosine, linear)")
     step_size: int = doc(500, "step schedule: multiply the learning rate by train.gamma every this many steps")
@@ -246,8 +248,11 @@ class TrainConfig:
                  f"must be in [1, {MAX_STEPS}] (checkpoint names hold 8 digits); got {self.max_steps}")
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1; got {self.grad_accum_steps}")
         _one_of(self.precision, PRECISIONS, "train.precision")
-        _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
-        _one_of(self.schedule, SCHEDULES, "train.schedule")
+        # (fit:NAME: dist_train.fit's own optimizer or scheduler, as the run's config records it)
+        if not str(self.optimizer).startswith("fit:"):
+            _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
+        if not str(self.schedule).startswith("fit:"):
+            _one_of(self.schedule, SCHEDULES, "train.schedule")
         _one_of(self.loss_average, LOSS_AVERAGES, "train.loss_average")
         for pattern, scale in self.lr_scale.items():
             _require(isinstance(scale, (int, float)) and not isinstance(scale, bool), f"train.lr_scale.{pattern}",

@@ -171,6 +171,11 @@ class Strategy(ABC):
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
         self.scheduler: torch.optim.lr_scheduler.LRScheduler
+        # A user's own optimizer or scheduler (fit): its hyperparameters and schedule come back
+        # from a checkpoint as they were, as torch's load_state_dict brings them back (a
+        # OneCycleLR cycles Adam's betas: this run's starting values would undo that), instead of
+        # this run's config's (keep_optimizer_settings).
+        self.settings_from_checkpoint = False
 
     # --- before anything starts ----------------------------------------------------------------
 
@@ -441,7 +446,9 @@ class Strategy(ABC):
         schedule's peak learning rates of the run that wrote it: this run's config wins (a resume
         with a new ``train.lr`` or ``train.weight_decay`` trains with it; the schedule's position
         and the optimizer's moments stay the checkpoint's). Returns ``{key: (checkpoint's, config's)}``
-        of what changed."""
+        of what changed. Nothing, for a user's own optimizer or scheduler (``settings_from_checkpoint``)."""
+        if self.settings_from_checkpoint:
+            return {}
         groups, base_lrs = settings
         changed: Dict[str, Tuple[Any, Any]] = {}
         for group, fresh in zip(self.optimizer.param_groups, groups):

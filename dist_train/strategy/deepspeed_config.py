@@ -42,8 +42,8 @@ OWNED = {
     "gradient_clipping": "train.grad_clip",
 }
 REFUSED = {
-    "optimizer": "the optimizer is dist_train's own (train.optimizer, train.lr, train.betas, ...)",
-    "scheduler": "the LR schedule is dist_train's own (train.schedule, train.warmup_steps, ...)",
+    "optimizer": "the optimizer is built by dist_train (train.optimizer, train.lr, train.betas, ...; or fit(optimizer=...))",
+    "scheduler": "the LR schedule is built by dist_train (train.schedule, train.warmup_steps, ...; or fit(scheduler=...))",
     "managed_gradient_accumulation": "dist_train drives accumulation through the engine's boundary flag",
     "amp": "precision is train.precision",
     "torch_autocast": "precision is train.precision (dist_train applies autocast itself)",

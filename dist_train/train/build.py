@@ -45,6 +45,8 @@ class UserObjects:
     eval_data: Any = None
     task: Any = None         # a task name, or a callable task(model, batch)
     collate_fn: Any = None   # a list of items -> a batch, for train_data and eval_data (default_collate)
+    optimizer: Any = None    # own_optim.OwnOptimizer (else train.optimizer)
+    scheduler: Any = None    # own_optim.OwnScheduler (else train.schedule)
 
 
 @dataclass
@@ -79,10 +81,12 @@ def step_plan(job) -> StepPlan:
 
 
 def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: Any = None,
-                   before_setup: Optional[Callable[[nn.Module], None]] = None) -> Strategy:
+                   before_setup: Optional[Callable[[nn.Module], None]] = None,
+                   user: Optional[UserObjects] = None) -> Strategy:
     """The strategy with the model, optimizer and scheduler of ``job`` set up on this rank.
     ``model``: a user's module or zero-argument builder (default: ``model.name``);
-    ``before_setup(module)`` sees the built module before it is wrapped (FLOP counting)."""
+    ``before_setup(module)`` sees the built module before it is wrapped (FLOP counting);
+    ``user``: fit's own optimizer and scheduler, when given (else ``train``'s)."""
     strategy = build_strategy(job.strategy, cluster, device, job.train.precision, step_plan(job))
     if model is None and sources.is_builtin_model(job.model.name) and not job.model.init_from:
         with strategy.init_context():  # FSDP meta_init: the meta device, shards materialised in setup
@@ -112,7 +116,10 @@ def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: 
     if before_setup is not None:
         before_setup(module)
     strategy.compile = job.train.compile
-    strategy.setup(module, make_optimizer_factory(job.train), make_scheduler_factory(job.train))
+    user = user or UserObjects()
+    strategy.settings_from_checkpoint = user.optimizer is not None or user.scheduler is not None
+    strategy.setup(module, user.optimizer or make_optimizer_factory(job.train),
+                   user.scheduler or make_scheduler_factory(job.train))
     return strategy
 
 
@@ -179,7 +186,7 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
                 if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
                     tokens[0] = int(inputs.shape[1])
 
-    strategy = build_training(job, cluster, device, info, user.model, before_setup=count_flops)
+    strategy = build_training(job, cluster, device, info, user.model, before_setup=count_flops, user=user)
     # run.seed_per_rank: every rank built the same model from the same seed; from here each draws its
     # own stream (dropout masks, random transforms in this process), as the samples of one larger
     # batch would. Rank 0 draws on as before (a one-process run is unchanged). Off by default: a

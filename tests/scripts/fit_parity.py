@@ -8,7 +8,9 @@ Several jobs in one launch (the test's distributed strategies, to save each laun
     torchrun --nproc_per_node=2 fit_parity.py key=value ... --- key=value ...
 one ``fit`` after another in the same processes, each with a fresh process group (as a script
 that pretrains and then fine-tunes would do). ``TASK=reaching`` (an argument of this script's, not
-an override) trains with ``reaching`` below instead of the built-in classification task.
+an override) trains with ``reaching`` below instead of the built-in classification task;
+``OPTIM=own`` with a plain loop's own optimizer (SGD with momentum, a learning rate per param
+group, built over the module before fit) and scheduler (StepLR), passed to fit.
 """
 import json
 import os
@@ -50,14 +52,20 @@ def fit_one(overrides):
     task = "classification"
     if "TASK=reaching" in overrides:
         overrides, task = [a for a in overrides if a != "TASK=reaching"], reaching
+    own = {}
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(100 + rank)  # different weights on every rank
     model = Plain()
+    if "OPTIM=own" in overrides:
+        overrides = [a for a in overrides if a != "OPTIM=own"]
+        own["optimizer"] = torch.optim.SGD([{"params": model.hidden.parameters(), "lr": 0.02},
+                                            {"params": model.out.parameters()}], lr=0.05, momentum=0.9)
+        own["scheduler"] = lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=g)
     y = (x[:, :4] + 0.5 * x[:, 4:]).argmax(dim=1)
     summary = dist_train.fit(model, TensorDataset(x, y), TensorDataset(x[:128], y[:128]), task=task,
-                             overrides=overrides)
+                             overrides=overrides, **own)
     run_dir = next(a.split("=", 1)[1] for a in overrides if a.startswith("run.dir="))
     # The instance passed in comes back whole, holding the trained weights, under every strategy
     # (FSDP and ZeRO-3 train a copy of it and hand the weights back).

@@ -1,0 +1,186 @@
+"""A user's own optimizer and learning-rate scheduler: ``dist_train.fit(optimizer=..., scheduler=...)``.
+
+A plain loop builds ``torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)`` and
+``StepLR(optimizer, step_size=30)`` over the model it made. Under FSDP (and DeepSpeed) the
+parameters the optimizer must hold exist only once the strategy has sharded the module, so
+dist_train builds the optimizer there, from what the user gave (``OwnOptimizer``):
+
+- an optimizer instance built over the model given to ``fit``: rebuilt over the strategy's
+  parameters of the same names, with its class, its param groups' settings (a learning rate per
+  group, weight decay, momentum, ...) and its defaults. Its state (empty before training) is not
+  carried over;
+- an optimizer class or a ``functools.partial`` of one (``partial(torch.optim.SGD, lr=0.1)``):
+  called with the trainable parameters;
+- any other callable: called with the module (wrapped or sharded, the parameter names unchanged):
+  ``lambda model: torch.optim.SGD(model.parameters(), lr=0.1)``.
+
+Frozen parameters (``requires_grad=False``, ``model.freeze``) are left out of its groups, as
+dist_train's own optimizer leaves them out (DeepSpeed's ZeRO optimizers cannot hold them, nor an
+empty group). The scheduler (``OwnScheduler``) is a callable ``optimizer -> LRScheduler``, stepped
+once per optimizer step, its state checkpointed in ``meta.json`` (so it must be JSON numbers,
+lists and strings, as torch's schedulers' are). Without one, ``train.schedule`` (with its warmup)
+scales the own optimizer's learning rates, one factor for every group.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from dist_train.config.schema import ConfigError
+from dist_train.train.optim import GROUP_NAMES
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+def _optimizer_class(spec: Any) -> Optional[type]:
+    """The optimizer class of ``spec`` when it is one or a ``functools.partial`` of one."""
+    target = spec.func if isinstance(spec, functools.partial) else spec
+    return target if isinstance(target, type) and issubclass(target, torch.optim.Optimizer) else None
+
+
+class OwnOptimizer:
+    """``make(module) -> optimizer`` from a user's optimizer, optimizer class or factory (see the
+    module's docstring). ``model``: what was given to ``fit`` as the model (an instance is needed
+    to rebuild an optimizer instance: its parameters are found there by name)."""
+
+    def __init__(self, spec: Any, model: Any = None):
+        self.spec, self.groups, self.defaults = spec, None, None
+        if isinstance(spec, torch.optim.Optimizer):
+            self.cls = type(spec)
+            self.groups, self.defaults = self._groups_by_name(spec, model), dict(spec.defaults)
+        elif _optimizer_class(spec) is not None:
+            self.cls = _optimizer_class(spec)
+        elif callable(spec):
+            self.cls = None
+        else:
+            raise ConfigError("optimizer", "must be a torch.optim.Optimizer built over the model's parameters, an "
+                                           "optimizer class, or a callable model -> optimizer; got "
+                                           f"{type(spec).__name__}")
+        self.name = self.cls.__name__ if self.cls else getattr(spec, "__name__", "optimizer")
+
+    @staticmethod
+    def _groups_by_name(optimizer: torch.optim.Optimizer, model: Any) -> List[Dict[str, Any]]:
+        if not isinstance(model, nn.Module):
+            raise ConfigError("optimizer", f"an optimizer instance ({type(optimizer).__name__}) is rebuilt over the "
+                                           "trained parameters by their names in the model it was built on: pass "
+                                           "that model instance to fit, or optimizer=lambda model: "
+                                           f"{type(optimizer).__name__}(model.parameters(), ...)")
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = []
+        for i, group in enumerate(optimizer.param_groups):
+            missing = sum(id(p) not in names for p in group["params"])
+            if missing:
+                raise ConfigError("optimizer", f"param group {i} of the {type(optimizer).__name__} holds {missing} "
+                                               "parameter(s) that are not the model's: build it over "
+                                               "model.parameters() of the model passed to fit")
+            settings = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+            groups.append({**settings, "params": [names[id(p)] for p in group["params"]]})
+        return groups
+
+    def describe(self, model: Any) -> str:
+        """The optimizer's class name; a factory's is found by calling it over ``model`` (an
+        instance: building an optimizer over its parameters changes nothing in them)."""
+        if self.cls is None and isinstance(model, nn.Module):
+            try:
+                return type(self.spec(model)).__name__
+            except Exception:  # noqa: BLE001  (the run will say what is wrong with it)
+                pass
+        return self.name
+
+    def __call__(self, module: Any) -> torch.optim.Optimizer:
+        named = list(module.named_parameters()) if isinstance(module, nn.Module) else None
+        if self.groups is not None:
+            params = dict(named or ())
+            groups = [{**g, "params": [params[n] for n in g["params"]]} for g in self.groups]
+            try:
+                optimizer = self.cls(groups, **self.defaults)
+            except TypeError as exc:
+                raise ConfigError("optimizer", f"{self.name} cannot be rebuilt from its defaults ({exc}): pass "
+                                               f"optimizer=lambda model: {self.name}(model.parameters(), ...)") from None
+        elif self.cls is not None:
+            trainable = [p for _, p in named] if named is not None else list(module)
+            optimizer = self.spec([p for p in trainable if p.requires_grad])
+        else:
+            optimizer = self.spec(module)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError("optimizer", f"{self.name}(model) must return a torch.optim.Optimizer; got "
+                                           f"{type(optimizer).__name__}")
+        _drop_frozen(optimizer)
+        if named is not None:  # (checkpoints record the groups by name: a resume needs the same)
+            by_id = {id(p): n for n, p in named}
+            if all(id(p) in by_id for g in optimizer.param_groups for p in g["params"]):
+                setattr(optimizer, GROUP_NAMES, [[by_id[id(p)] for p in g["params"]] for g in optimizer.param_groups])
+        return optimizer
+
+
+def _drop_frozen(optimizer: torch.optim.Optimizer) -> None:
+    """Frozen parameters out of ``optimizer``'s groups, and groups left empty out of it."""
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    if not optimizer.param_groups:
+        raise ConfigError("optimizer", "holds no trainable parameter (every one is frozen)")
+
+
+class OwnScheduler:
+    """``make(optimizer) -> scheduler`` from a user's callable ``optimizer -> LRScheduler``."""
+
+    def __init__(self, spec: Any):
+        if isinstance(spec, (Scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+            raise ConfigError("scheduler", f"a {type(spec).__name__} instance is bound to the optimizer it was built "
+                                           "over, which is rebuilt over the trained parameters: pass "
+                                           f"scheduler=lambda optimizer: {type(spec).__name__}(optimizer, ...)")
+        if not callable(spec):
+            raise ConfigError("scheduler", f"must be a callable optimizer -> LRScheduler; got {type(spec).__name__}")
+        self.spec = spec
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> Scheduler:
+        return check_scheduler(self.spec(optimizer), optimizer)
+
+
+def check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Scheduler:
+    """``scheduler`` as the loop steps it (once per optimizer step, no argument) and checkpoints it
+    (its state in ``meta.json``); a ConfigError naming the problem otherwise."""
+    name = type(scheduler).__name__
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigError("scheduler", "ReduceLROnPlateau steps on a metric, not once per optimizer step: use a "
+                                       "schedule of steps (train.schedule=..., or a scheduler of your own such as "
+                                       "StepLR, OneCycleLR, CosineAnnealingLR)")
+    if not isinstance(scheduler, Scheduler):
+        raise ConfigError("scheduler", f"must return a torch.optim.lr_scheduler.LRScheduler; got {name}")
+    if scheduler.optimizer is not optimizer:
+        raise ConfigError("scheduler", f"the {name} returned is not over the optimizer it was given")
+    try:
+        json.dumps(scheduler.state_dict())
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("scheduler", f"the state of {name} cannot be checkpointed as JSON ({exc}): a scheduler's "
+                                       "state_dict() must hold numbers, strings and lists") from None
+    return scheduler
+
+
+def probe_scheduler(spec: OwnScheduler, optimizer: Optional[OwnOptimizer], model: Any) -> str:
+    """Before any process group: ``spec`` built over a throwaway optimizer (of the user's groups and
+    learning rates when the optimizer is an instance over ``model``, else one group), so that a
+    scheduler the loop cannot step or checkpoint is refused then. A factory that fails on the
+    throwaway optimizer (it expects other groups) is left to the run. Returns the scheduler's
+    class name (``scheduler`` when the probe could not build it)."""
+    if optimizer is not None and optimizer.groups is not None:
+        params = dict(model.named_parameters())
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [params[n] for n in g["params"]]}
+                  for g in optimizer.groups]
+        try:
+            probe = torch.optim.SGD(groups, lr=0.1)
+        except Exception:  # noqa: BLE001  (settings SGD does not take: the run will tell)
+            return "scheduler"
+    else:
+        probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    try:
+        built = spec.spec(probe)
+    except Exception:  # noqa: BLE001
+        return "scheduler"
+    return type(check_scheduler(built, probe)).__name__
+
