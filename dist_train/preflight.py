@@ -90,6 +90,11 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
 
     own_data = user is not None and user.train_data is not None
     own_model = user is not None and user.model is not None
+    if job.train.scheduler_interval == "epoch" and job.train.schedule in ("cosine", "linear"):
+        raise ConfigError("train.scheduler_interval", f"epoch: train.schedule={job.train.schedule} spans "
+                          "train.max_steps, optimizer steps, not epochs; with an epoch interval use step, multistep, "
+                          "exponential or constant (train.step_size, train.milestones in epochs), or "
+                          "fit(scheduler=...) of your own")
     if not own_data:
         plugins.check_name("data.name", job.data.name, dataset_names())
     if not own_model:

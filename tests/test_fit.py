@@ -115,11 +115,18 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
             "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2", "data.batch_size=8"]}
     keys = tmp_path / "keys"
     common = [*FIT, "train.max_steps=7"]
+    # Also train.scheduler_interval=epoch (4 steps to an epoch of 64 samples), which DeepSpeed's
+    # engine must not step per step: the config's StepLR halving the rate after each epoch.
+    per_epoch = ["SAMPLES=64", *common, "train.scheduler_interval=epoch", "train.schedule=step", "train.step_size=1",
+                 "train.gamma=0.5"]
     ok(python_or_torchrun(SCRIPTS / "fit_parity.py", [*common, *OWN_OPTIM_AS_KEYS, *runs["single"], f"run.dir={keys}"]
-                          + ["---", "OPTIM=own", *common, *runs["single"], f"run.dir={tmp_path / 'single'}"], 0))
+                          + ["---", "OPTIM=own", *common, *runs["single"], f"run.dir={tmp_path / 'single'}"]
+                          + ["---", *per_epoch, *runs["single"], f"run.dir={tmp_path / 'epoch_single'}"], 0))
     batch = []
     for name in ("ddp", "fsdp", "zero2"):
         batch += ["OPTIM=own", *common, *runs[name], f"run.dir={tmp_path / name}", "---"]
+    for name in ("ddp", "zero2"):
+        batch += [*per_epoch, *runs[name], f"run.dir={tmp_path / ('epoch_' + name)}", "---"]
     # Stopped after 4 steps and resumed by a second fit (FSDP's DCP checkpoint, DeepSpeed's own).
     for name in ("fsdp", "zero2"):
         for steps, resume in ((4, "never"), (7, "auto")):
@@ -137,6 +144,12 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
         assert own_lrs == pytest.approx({k: 0.4 * v for k, v in lrs.items()}, rel=1e-9), name  # hidden, x 0.4)
         s = json.loads((tmp_path / name / "fit.rank0.json").read_text())
         assert s["status"] == "completed" and s["instance_is_trained"], (name, s)
+    epoch_ref = train_losses(tmp_path / "epoch_single")
+    for name in ("epoch_single", "epoch_ddp", "epoch_zero2"):
+        lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r}
+        assert lrs == {s: pytest.approx(0.05 * 0.5 ** ((s - 1) // 4)) for s in range(1, 8)}, (name, lrs)
+        losses = train_losses(tmp_path / name)
+        assert max(abs(losses[s] - epoch_ref[s]) / abs(epoch_ref[s]) for s in epoch_ref) < 1e-5, (name, losses, epoch_ref)
     for name in ("fsdp", "zero2"):  # (the moments and the schedule's position came back)
         whole, resumed = train_losses(tmp_path / name), train_losses(tmp_path / (name + "_resumed"))
         assert sorted(resumed) == list(range(1, 8)) and all(resumed[s] == whole[s] for s in range(5, 8)), (name, whole, resumed)
@@ -869,3 +882,38 @@ def test_an_own_optimizer_and_scheduler_resume_exactly_and_bad_ones_stop_before_
         with pytest.raises(dist_train.ConfigError, match=rf"{key}.*{words}"):
             dist_train.fit(net, data, **kwargs, overrides=overrides)
     assert not torch.distributed.is_initialized()
+
+
+def test_a_schedule_per_epoch_steps_after_each_epoch_and_resumes_mid_epoch(tmp_path):
+    """``train.scheduler_interval=epoch``: a plain loop's ``scheduler.step()`` after each epoch (4
+    optimizer steps here), for the config's StepLR and for one's own alike; a run stopped in the
+    middle of an epoch resumes with the schedule where it was. Cosine (it spans max_steps) is
+    refused by name before the run."""
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = x[:, :4].argmax(dim=1)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(8, 4)
+
+    epoch = [*FIT, "data.batch_size=16", "train.max_steps=12", "train.optimizer=sgd", "train.lr=0.1",
+             "train.weight_decay=0", "train.scheduler_interval=epoch", "train.warmup_steps=0"]
+    keys = ["train.schedule=step", "train.step_size=1", "train.gamma=0.5"]
+    own = {"scheduler": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+    for name, extra, kwargs in (("keys", keys, {}), ("own", [], own)):
+        dist_train.fit(model(), TensorDataset(x, y), **kwargs, overrides=[*epoch, *extra, f"run.dir={tmp_path / name}"])
+        lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r}
+        assert lrs == {s: pytest.approx(0.1 * 0.5 ** ((s - 1) // 4)) for s in range(1, 13)}, (name, lrs)
+    assert train_losses(tmp_path / "own") == train_losses(tmp_path / "keys")
+    # Stopped at step 6 (the middle of the second epoch), resumed to 12.
+    run = tmp_path / "resumed"
+    for steps, resume in ((6, "never"), (12, "auto")):
+        dist_train.fit(model(), TensorDataset(x, y), **own, overrides=[*epoch, f"train.max_steps={steps}",
+                                                                        f"checkpoint.resume={resume}", f"run.dir={run}"])
+    assert train_losses(run) == train_losses(tmp_path / "own")
+    with pytest.raises(dist_train.ConfigError, match="train.scheduler_interval.*cosine spans train.max_steps"):
+        dist_train.fit(model(), TensorDataset(x, y), overrides=[*epoch, "train.schedule=cosine", f"run.dir={tmp_path / 'bad'}"])

@@ -15,6 +15,7 @@ from typing import Any, Dict, List
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "step", "multistep", "exponential")
+SCHEDULER_INTERVALS = ("step", "epoch")
 INIT_SCHEMES = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal")
 # Image augmentations by name (dist_train/data/transforms.py builds each with fixed parameters).
 AUGMENTATIONS = ("random_crop", "random_resized_crop", "hflip", "vflip", "rotation", "color_jitter",
@@ -229,6 +230,10 @@ class TrainConfig:
     milestones: List[int] = doc(None, "multistep schedule: steps (after warmup) at which the learning rate is "
                                 "multiplied by train.gamma", factory=list)
     gamma: float = doc(0.1, "decay factor of the step, multistep (per milestone) and exponential (per step) schedules")
+    scheduler_interval: str = doc("step", "when the schedule advances: after every optimizer step, or at the end of "
+                                  "every epoch of the training data (epoch: a plain loop's scheduler.step() after "
+                                  "each epoch; train.warmup_steps, step_size and milestones then count epochs; "
+                                  "not with cosine or linear, which span train.max_steps)")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this (0: no clipping)")
     nonfinite: str = doc("abort", "a non-finite loss or gradient (agreed by every rank): skip (drop that update, "
                          "counted and logged), abort (checkpoint the last good state, stop naming the step), or "
@@ -254,6 +259,7 @@ class TrainConfig:
         if not str(self.schedule).startswith("fit:"):
             _one_of(self.schedule, SCHEDULES, "train.schedule")
         _one_of(self.loss_average, LOSS_AVERAGES, "train.loss_average")
+        _one_of(self.scheduler_interval, SCHEDULER_INTERVALS, "train.scheduler_interval")
         for pattern, scale in self.lr_scale.items():
             _require(isinstance(scale, (int, float)) and not isinstance(scale, bool), f"train.lr_scale.{pattern}",
                      f"must be a number (a multiplier of train.lr); got {scale!r}")

@@ -176,6 +176,9 @@ class Strategy(ABC):
         # OneCycleLR cycles Adam's betas: this run's starting values would undo that), instead of
         # this run's config's (keep_optimizer_settings).
         self.settings_from_checkpoint = False
+        # train.scheduler_interval=epoch: the loop steps the schedule at the end of each epoch
+        # (train.loop.step_schedule_per_epoch), not step().
+        self.scheduler_per_step = True
 
     # --- before anything starts ----------------------------------------------------------------
 
@@ -235,7 +238,8 @@ class Strategy(ABC):
             skipped, scale = self.precision.optimizer_step(self.optimizer)
         elif self.precision.scaler is not None:
             self.precision.scaler.update()  # unscale_ was called: the scaler expects an update
-        self.scheduler.step()
+        if self.scheduler_per_step:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(grad_norm=norm.detach(), skipped=skipped, loss_scale=scale, grad_norms=per_module,
                           nonfinite=nonfinite)

@@ -89,9 +89,10 @@ class DeepSpeedStrategy(Strategy):
         # The engine's device is cuda:LOCAL_RANK unless told: under SLURM with one visible GPU per
         # task (--gpus-per-task=1) the local rank is 0-7 and the only device is cuda:0.
         args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
+        # (Per epoch, the loop steps the schedule: the engine, which would step it per step, never sees it.)
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-            args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-            dist_init_required=False)
+            args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler if self.scheduler_per_step else None,
+            config=config, dist_init_required=False)
         if self.precision.precision != "fp32" and "buffer_dtype" not in (config.get("data_types") or {}):
             _keep_fp32(statistics)  # (older DeepSpeed releases cast every buffer with the parameters)
         if compiling.wanted(self):
@@ -108,7 +109,7 @@ class DeepSpeedStrategy(Strategy):
         self.precision.scaler = None  # under fp16 the engine scales the loss (dynamic loss scale)
         # The engine steps this scheduler (our LambdaLR) at each real optimizer step; the loop
         # reads the learning rate from it as from any other strategy.
-        self.scheduler = ds_scheduler
+        self.scheduler = ds_scheduler if self.scheduler_per_step else scheduler
 
     def autocast(self) -> ContextManager:
         """No torch.autocast: the engine's bf16/fp16 section owns mixed precision. It keeps the
@@ -141,7 +142,8 @@ class DeepSpeedStrategy(Strategy):
         if not apply:
             self.model.zero_grad()
             self.optimizer.zero_grad()
-            self.scheduler.step()
+            if self.scheduler_per_step:
+                self.scheduler.step()
             return StepResult(grad_norm=torch.tensor(float("nan")), skipped=True, grad_norms=per_module, nonfinite=True)
         self.model.step()
         norm = self.model.get_global_grad_norm()
@@ -151,7 +153,7 @@ class DeepSpeedStrategy(Strategy):
             loss_scale = float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 0.0)))
         elif not applied:  # the engine found the global norm not finite (the same on every rank)
             nonfinite = True
-        if not applied:
+        if not applied and self.scheduler_per_step:
             # The engine steps the schedule only for applied updates; every strategy's LR is a
             # function of the step, a loss scaler's overflow skip included (as GradScaler's).
             self.scheduler.step()

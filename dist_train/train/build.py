@@ -118,6 +118,7 @@ def build_training(job, cluster: ClusterEnv, device: torch.device, info, model: 
     strategy.compile = job.train.compile
     user = user or UserObjects()
     strategy.settings_from_checkpoint = user.optimizer is not None or user.scheduler is not None
+    strategy.scheduler_per_step = job.train.scheduler_interval == "step"
     strategy.setup(module, user.optimizer or make_optimizer_factory(job.train),
                    user.scheduler or make_scheduler_factory(job.train))
     return strategy

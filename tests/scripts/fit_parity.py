@@ -9,7 +9,7 @@ Several jobs in one launch (the test's distributed strategies, to save each laun
 one ``fit`` after another in the same processes, each with a fresh process group (as a script
 that pretrains and then fine-tunes would do). ``TASK=reaching`` (an argument of this script's, not
 an override) trains with ``reaching`` below instead of the built-in classification task;
-``OPTIM=own`` with a plain loop's own optimizer (SGD with momentum, a learning rate per param
+``SAMPLES=N`` trains on the first N samples; ``OPTIM=own`` with a plain loop's own optimizer (SGD with momentum, a learning rate per param
 group, built over the module before fit) and scheduler (StepLR), passed to fit.
 """
 import json
@@ -52,7 +52,9 @@ def fit_one(overrides):
     task = "classification"
     if "TASK=reaching" in overrides:
         overrides, task = [a for a in overrides if a != "TASK=reaching"], reaching
-    own = {}
+    own, samples = {}, 512
+    for arg in [a for a in overrides if a.startswith("SAMPLES=")]:
+        overrides, samples = [a for a in overrides if a != arg], int(arg.split("=", 1)[1])
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(100 + rank)  # different weights on every rank
     model = Plain()
@@ -64,7 +66,7 @@ def fit_one(overrides):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=g)
     y = (x[:, :4] + 0.5 * x[:, 4:]).argmax(dim=1)
-    summary = dist_train.fit(model, TensorDataset(x, y), TensorDataset(x[:128], y[:128]), task=task,
+    summary = dist_train.fit(model, TensorDataset(x[:samples], y[:samples]), TensorDataset(x[:128], y[:128]), task=task,
                              overrides=overrides, **own)
     run_dir = next(a.split("=", 1)[1] for a in overrides if a.startswith("run.dir="))
     # The instance passed in comes back whole, holding the trained weights, under every strategy
