@@ -292,6 +292,14 @@ class Regression(Task):
         return {"eval_loss": sq / count, "eval_mae": ab / count}
 
 
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` (Python 3.11; on 3.10 the note is kept where 3.11 keeps it)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+
+
 class CallableTask(Task):
     """A user's ``fn(model, batch) -> loss | (loss, {name: value})``."""
 
@@ -308,9 +316,9 @@ class CallableTask(Task):
             try:
                 out = self.fn(model, batch)
             except Exception as exc:
-                exc.add_note(f"dist_train: the task {self.name!r} is called as task(model, batch); a loss of "
-                             "(prediction, target) is taken as such when it is a loss module or its first "
-                             f"parameter is one of {', '.join(sorted(PREDICTION_NAMES))}")
+                _add_note(exc, f"dist_train: the task {self.name!r} is called as task(model, batch); a loss of "
+                               "(prediction, target) is taken as such when it is a loss module or its first "
+                               f"parameter is one of {', '.join(sorted(PREDICTION_NAMES))}")
                 raise
             self._checked = True
         loss, metrics = (out if isinstance(out, tuple) else (out, {}))
