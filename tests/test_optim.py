@@ -502,3 +502,33 @@ def _lr_scale_on(rank: int, world: int) -> None:
 @pytest.mark.slow
 def test_lr_scale_trains_each_group_at_its_rate_under_every_strategy():
     spawn(_lr_scale_on, 2)
+
+
+def test_an_own_optimizer_instance_is_rebuilt_with_every_group_setting_whatever_its_class():
+    """fit(optimizer=instance): each torch.optim class is rebuilt over the module's parameters of the
+    same names, with each group's settings (AdamW keeps decoupled_weight_decay in its defaults but
+    its constructor does not take it: the first rebuild of AdamW failed on it); frozen parameters
+    are left out, and LBFGS (a closure per step) is refused."""
+    from dist_train.train.optim import GROUP_NAMES
+    from dist_train.train.own_optim import OwnOptimizer
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+
+    user, trained = net(), net()  # (the strategy's module: other parameter objects, the same names)
+    classes = [c for c in vars(torch.optim).values() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+               and c not in (torch.optim.Optimizer, torch.optim.LBFGS, getattr(torch.optim, "Muon", None))]
+    assert {torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop} <= set(classes)
+    for cls in classes:
+        given = cls([{"params": user[0].parameters(), "lr": 0.003}, {"params": user[1].parameters()}], lr=0.01)
+        rebuilt = OwnOptimizer(given, user)(trained)
+        assert type(rebuilt) is cls
+        for old, new in zip(given.param_groups, rebuilt.param_groups, strict=True):
+            assert {k: v for k, v in old.items() if k != "params"} == {k: v for k, v in new.items() if k != "params"}, cls
+        assert [p for g in rebuilt.param_groups for p in g["params"]] == list(trained.parameters())
+        assert getattr(rebuilt, GROUP_NAMES) == [["0.weight", "0.bias"], ["1.weight", "1.bias"]]
+    trained[0].requires_grad_(False)
+    rebuilt = OwnOptimizer(torch.optim.SGD(user.parameters(), lr=0.1), user)(trained)
+    assert [p for g in rebuilt.param_groups for p in g["params"]] == list(trained[1].parameters())
+    with pytest.raises(ConfigError, match="LBFGS steps with a closure"):
+        OwnOptimizer(lambda model: torch.optim.LBFGS(model.parameters()))(trained)

@@ -24,6 +24,7 @@ scales the own optimizer's learning rates, one factor for every group.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from typing import Any, Dict, List, Optional
 
@@ -97,7 +98,7 @@ class OwnOptimizer:
             params = dict(named or ())
             groups = [{**g, "params": [params[n] for n in g["params"]]} for g in self.groups]
             try:
-                optimizer = self.cls(groups, **self.defaults)
+                optimizer = self.cls(groups, **_constructor_arguments(self.cls, self.defaults))
             except TypeError as exc:
                 raise ConfigError("optimizer", f"{self.name} cannot be rebuilt from its defaults ({exc}): pass "
                                                f"optimizer=lambda model: {self.name}(model.parameters(), ...)") from None
@@ -109,12 +110,29 @@ class OwnOptimizer:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError("optimizer", f"{self.name}(model) must return a torch.optim.Optimizer; got "
                                            f"{type(optimizer).__name__}")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ConfigError("optimizer", "LBFGS steps with a closure that evaluates the model again; the strategy's "
+                                           "optimizer step (one forward and backward per step, gradients reduced "
+                                           "across ranks) gives none")
         _drop_frozen(optimizer)
         if named is not None:  # (checkpoints record the groups by name: a resume needs the same)
             by_id = {id(p): n for n, p in named}
             if all(id(p) in by_id for g in optimizer.param_groups for p in g["params"]):
                 setattr(optimizer, GROUP_NAMES, [[by_id[id(p)] for p in g["params"]] for g in optimizer.param_groups])
         return optimizer
+
+
+def _constructor_arguments(cls: type, defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """The entries of an optimizer's ``defaults`` that its constructor takes: AdamW keeps
+    ``decoupled_weight_decay`` there but sets it itself (each param group carries every setting
+    anyway)."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return dict(defaults)
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return dict(defaults)
+    return {k: v for k, v in defaults.items() if k in params}
 
 
 def _drop_frozen(optimizer: torch.optim.Optimizer) -> None:
