@@ -186,6 +186,11 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
         problem = batch_too_large(job.data.batch_size, cluster.world_size, train_samples)
         if problem:
             raise ConfigError("data.batch_size", problem)
+        if job.train.epochs:  # (the loader drops each epoch's last incomplete global batch)
+            from dist_train.train.optim import steps_for_epochs
+
+            steps_for_epochs(job.train.epochs, train_samples // (job.data.batch_size * cluster.world_size),
+                             job.train.grad_accum_steps)
     if job.checkpoint.resume not in ("auto", "never") and not os.path.exists(job.checkpoint.resume):
         raise ConfigError("checkpoint.resume", f"no checkpoint at {job.checkpoint.resume!r} (auto, never or a path)")
     if machine:

@@ -117,8 +117,9 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
     common = [*FIT, "train.max_steps=7"]
     # Also train.scheduler_interval=epoch (4 steps to an epoch of 64 samples), which DeepSpeed's
     # engine must not step per step: the config's StepLR halving the rate after each epoch.
-    per_epoch = ["SAMPLES=64", *common, "train.scheduler_interval=epoch", "train.schedule=step", "train.step_size=1",
-                 "train.gamma=0.5"]
+    # train.epochs=2 sets 8 steps on every rank alike.
+    per_epoch = ["SAMPLES=64", *common, "train.epochs=2", "train.scheduler_interval=epoch", "train.schedule=step",
+                 "train.step_size=1", "train.gamma=0.5"]
     ok(python_or_torchrun(SCRIPTS / "fit_parity.py", [*common, *OWN_OPTIM_AS_KEYS, *runs["single"], f"run.dir={keys}"]
                           + ["---", "OPTIM=own", *common, *runs["single"], f"run.dir={tmp_path / 'single'}"]
                           + ["---", *per_epoch, *runs["single"], f"run.dir={tmp_path / 'epoch_single'}"], 0))
@@ -147,7 +148,7 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
     epoch_ref = train_losses(tmp_path / "epoch_single")
     for name in ("epoch_single", "epoch_ddp", "epoch_zero2"):
         lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r}
-        assert lrs == {s: pytest.approx(0.05 * 0.5 ** ((s - 1) // 4)) for s in range(1, 8)}, (name, lrs)
+        assert lrs == {s: pytest.approx(0.05 * 0.5 ** ((s - 1) // 4)) for s in range(1, 9)}, (name, lrs)
         losses = train_losses(tmp_path / name)
         assert max(abs(losses[s] - epoch_ref[s]) / abs(epoch_ref[s]) for s in epoch_ref) < 1e-5, (name, losses, epoch_ref)
     for name in ("fsdp", "zero2"):  # (the moments and the schedule's position came back)
@@ -917,3 +918,27 @@ def test_a_schedule_per_epoch_steps_after_each_epoch_and_resumes_mid_epoch(tmp_p
     assert train_losses(run) == train_losses(tmp_path / "own")
     with pytest.raises(dist_train.ConfigError, match="train.scheduler_interval.*cosine spans train.max_steps"):
         dist_train.fit(model(), TensorDataset(x, y), overrides=[*epoch, "train.schedule=cosine", f"run.dir={tmp_path / 'bad'}"])
+
+
+def test_epochs_set_the_steps_once_the_data_is_known(tmp_path):
+    """``train.epochs=3`` over 64 samples in global batches of 16, 2 micro-batches to a step: 6
+    optimizer steps, the whole data seen three times, config.yaml and the schedule (cosine spans
+    the steps) told; epochs that make no step are refused by name before the run."""
+    import yaml
+
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x, x[:, :4].argmax(dim=1))
+    run = tmp_path / "epochs"
+    summary = dist_train.fit(torch.nn.Linear(8, 4), data, overrides=[
+        *FIT, "train.epochs=3", "data.batch_size=16", "train.grad_accum_steps=2", "train.schedule=cosine",
+        "train.min_lr_ratio=0", f"run.dir={run}"])
+    assert summary["steps"] == 6 and summary["samples_seen"] == 3 * 64, summary
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 6
+    lrs = [r["lr"] for r in read_metrics(run) if "lr" in r]
+    assert len(lrs) == 6 and lrs[0] == pytest.approx(0.05) and lrs[-1] < 0.01, lrs  # (cosine over 6 steps)
+    with pytest.raises(dist_train.ConfigError, match="train.epochs: 1 epoch.*make 0 steps"):
+        dist_train.fit(torch.nn.Linear(8, 4), data, overrides=[*FIT, "train.epochs=1", "data.batch_size=32",
+                                                                "train.grad_accum_steps=4", f"run.dir={tmp_path / 'bad'}"])

@@ -202,6 +202,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = doc(1500, "optimizer steps to run in total (a resumed run counts the steps already done)")
+    epochs: int = doc(0, "train this many passes over the training data instead (0: train.max_steps decides): "
+                      "train.max_steps becomes epochs x micro-batches per epoch / grad_accum_steps, set once the "
+                      "data is built (config.yaml, the progress line and summary.json show it)")
     grad_accum_steps: int = doc(1, "micro-batches per optimizer step")
     loss_average: str = doc("micro_batch", "what a step's loss is the mean of: micro_batch (each micro-batch's "
                             "own mean, averaged over micro-batches and ranks, as a plain loop computes it) or "
@@ -252,6 +255,7 @@ class TrainConfig:
         _require(1 <= self.max_steps <= MAX_STEPS, "train.max_steps",
                  f"must be in [1, {MAX_STEPS}] (checkpoint names hold 8 digits); got {self.max_steps}")
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1; got {self.grad_accum_steps}")
+        _require(self.epochs >= 0, "train.epochs", f"must be >= 0 (0: train.max_steps decides); got {self.epochs}")
         _one_of(self.precision, PRECISIONS, "train.precision")
         # (fit:NAME: dist_train.fit's own optimizer or scheduler, as the run's config records it)
         if not str(self.optimizer).startswith("fit:"):

@@ -136,6 +136,9 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                             "as long on an AVX2 machine); train.precision=fp32 is the fast choice on this machine",
                             torch.backends.cpu.get_cpu_capability())
             parts = build_parts(job, cluster, device, user)
+            if job.train.epochs and cluster.is_rank0:  # (train.max_steps is known now: the config says so)
+                with open(os.path.join(job.run.dir, "config.yaml"), "w", encoding="utf-8") as f:
+                    f.write(to_yaml(job))
             clock.progress()  # (each stage of the start-up has its own bound: the data may take long to build)
             try:
                 preemption = PreemptionWatcher(parts.strategy.device, early)  # collective: a gloo group of its own

@@ -160,6 +160,20 @@ def make_optimizer_factory(cfg) -> Callable[[Any], torch.optim.Optimizer]:
 
 
 
+def steps_for_epochs(epochs: int, batches_per_epoch: int, grad_accum_steps: int) -> int:
+    """``train.epochs``' optimizer steps: every micro-batch of ``epochs`` passes, ``grad_accum_steps``
+    to a step (a last step that would be short is left out); ConfigError when that is no step or
+    more than a run may take."""
+    from dist_train.config.schema import MAX_STEPS
+
+    steps = epochs * batches_per_epoch // grad_accum_steps
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError("train.epochs", f"{epochs} epoch(s) of {batches_per_epoch} micro-batch(es) per rank, "
+                                          f"{grad_accum_steps} to an optimizer step, make {steps} steps; a run takes "
+                                          f"1 to {MAX_STEPS}")
+    return steps
+
+
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear warmup: ``(step + 1) / warmup_steps`` over the first ``warmup_steps`` steps."""
     return (step + 1) / warmup_steps
