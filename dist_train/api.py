@@ -43,7 +43,7 @@ def fit(model: Any, train_data: Any, eval_data: Any = None, task: Any = None,
     name, under every strategy), an optimizer class or ``functools.partial`` of one (called with
     the trainable parameters), or a callable ``model -> optimizer``. ``scheduler``: a callable
     ``optimizer -> LRScheduler`` (``lambda opt: StepLR(opt, 30)``), stepped once per optimizer
-    step, in place of ``train.schedule`` (which otherwise scales your optimizer's learning rates).
+    step (per epoch with ``train.scheduler_interval=epoch``), in place of ``train.schedule`` (which otherwise scales your optimizer's learning rates).
     Both are checkpointed and resumed like dist_train's own (``dist_train/train/own_optim.py``).
 
     Raises ConfigError (naming the key) for a bad config, before any process group starts, and
@@ -91,10 +91,10 @@ def _own_optimizer(job, model: Any, optimizer: Any, scheduler: Any):
         if job.train.lr_scale:
             raise ConfigError("train.lr_scale", "scales dist_train's own optimizer's learning rates; your optimizer "
                                                 "sets its own: give it param groups with their own lr instead")
-        own_optimizer = OwnOptimizer(optimizer, model)
+        own_optimizer = OwnOptimizer(optimizer, model, job.train.precision)
         job.train.optimizer = f"fit:{own_optimizer.describe(model)}"
     if scheduler is not None:
-        own_scheduler = OwnScheduler(scheduler)
+        own_scheduler = OwnScheduler(scheduler, job.train.scheduler_interval)
         job.train.schedule = f"fit:{probe_scheduler(own_scheduler, own_optimizer, model)}"
     return own_optimizer, own_scheduler
 

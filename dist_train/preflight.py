@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from dist_train.config.schema import ConfigError
+from dist_train.config.schema import OPTIMIZERS, SCHEDULES, ConfigError
 from dist_train.env.cluster import ClusterEnv, device_for
 
 log = logging.getLogger("dist_train")
@@ -90,6 +90,13 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
 
     own_data = user is not None and user.train_data is not None
     own_model = user is not None and user.model is not None
+    for key, given in (("optimizer", user is not None and user.optimizer is not None),
+                       ("schedule", user is not None and user.scheduler is not None)):
+        value = str(getattr(job.train, key))
+        if value.startswith("fit:") and not given:  # (a fit run's config.yaml run again by the CLI)
+            raise ConfigError(f"train.{key}", f"{value} names the {key.replace('schedule', 'scheduler')} a "
+                              f"dist_train.fit call passed as an object; without it, give one of "
+                              f"{', '.join(OPTIMIZERS if key == 'optimizer' else SCHEDULES)}")
     if job.train.scheduler_interval == "epoch" and job.train.schedule in ("cosine", "linear"):
         raise ConfigError("train.scheduler_interval", f"epoch: train.schedule={job.train.schedule} spans "
                           "train.max_steps, optimizer steps, not epochs; with an epoch interval use step, multistep, "

@@ -355,3 +355,12 @@ def test_the_fix_hint_names_an_option_or_override_not_a_key(capsys, tmp_path):
     assert cli.main(["--check", "=5"]) == 2
     err = capsys.readouterr().err
     assert "Fix the override;" in err and "=5=VALUE" not in err, err
+
+
+def test_a_fit_runs_own_optimizer_name_is_refused_without_the_object(capsys):
+    """A fit run's config.yaml records train.optimizer=fit:SGD; run again by the CLI (which has no
+    such object) it passed --check and failed once the run had started."""
+    assert cli.main(["--check", "train.optimizer=fit:SGD"]) == 2
+    assert "bad config: train.optimizer: fit:SGD names the optimizer a dist_train.fit call passed" in capsys.readouterr().err
+    assert cli.main(["--check", "train.schedule=fit:StepLR"]) == 2
+    assert "train.schedule: fit:StepLR names the scheduler" in capsys.readouterr().err

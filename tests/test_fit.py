@@ -128,6 +128,10 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
         batch += ["OPTIM=own", *common, *runs[name], f"run.dir={tmp_path / name}", "---"]
     for name in ("ddp", "zero2"):
         batch += [*per_epoch, *runs[name], f"run.dir={tmp_path / ('epoch_' + name)}", "---"]
+    # ZeRO-2 stopped at step 6, in the middle of the second epoch, and resumed: its engine was not
+    # given the scheduler, whose state comes back from meta.json.
+    for extra in (["train.epochs=0", "train.max_steps=6", "checkpoint.resume=never"], ["checkpoint.resume=auto"]):
+        batch += [*per_epoch, *runs["zero2"], *extra, f"run.dir={tmp_path / 'epoch_zero2_resumed'}", "---"]
     # Stopped after 4 steps and resumed by a second fit (FSDP's DCP checkpoint, DeepSpeed's own).
     for name in ("fsdp", "zero2"):
         for steps, resume in ((4, "never"), (7, "auto")):
@@ -146,7 +150,7 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
         s = json.loads((tmp_path / name / "fit.rank0.json").read_text())
         assert s["status"] == "completed" and s["instance_is_trained"], (name, s)
     epoch_ref = train_losses(tmp_path / "epoch_single")
-    for name in ("epoch_single", "epoch_ddp", "epoch_zero2"):
+    for name in ("epoch_single", "epoch_ddp", "epoch_zero2", "epoch_zero2_resumed"):
         lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r}
         assert lrs == {s: pytest.approx(0.05 * 0.5 ** ((s - 1) // 4)) for s in range(1, 9)}, (name, lrs)
         losses = train_losses(tmp_path / name)
@@ -841,19 +845,27 @@ def test_an_own_optimizer_and_scheduler_resume_exactly_and_bad_ones_stop_before_
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
 
-    own = dict(optimizer=functools.partial(torch.optim.Adam, lr=0.01),
-               scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=8))
-    common = [*FIT, "data.batch_size=16", "checkpoint.every_steps=4"]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    dist_train.fit(model(), data, **own, overrides=[*common, "train.max_steps=8", f"run.dir={whole}"])
-    dist_train.fit(model(), data, **own, overrides=[*common, "train.max_steps=4", f"run.dir={parts}"])
-    summary = dist_train.fit(model(), data, **own, overrides=[*common, "train.max_steps=8", "checkpoint.resume=auto",
-                                                              f"run.dir={parts}"])
-    assert summary["resumed_from_step"] == 4 and summary["steps"] == 8, summary
-    ref, resumed = train_losses(whole), train_losses(parts)
-    assert all(resumed[s] == ref[s] for s in range(5, 9)), (ref, resumed)
-    lrs = {r["step"]: r["lr"] for r in read_metrics(whole) if "lr" in r}
-    assert max(lrs.values()) == pytest.approx(0.05, rel=0.05) and lrs[8] < lrs[4], lrs
+    # OneCycleLR cycles Adam's betas too; MultiStepLR's milestones are a Counter of int keys (JSON
+    # turned them into strings: the resumed run never decayed again).
+    schedulers = {"onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=8),
+                  "multistep": lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[6, 7], gamma=0.5)}
+    for name, scheduler in schedulers.items():
+        own = dict(optimizer=functools.partial(torch.optim.Adam, lr=0.01), scheduler=scheduler)
+        common = [*FIT, "data.batch_size=16", "checkpoint.every_steps=4"]
+        whole, parts = tmp_path / f"{name}_whole", tmp_path / f"{name}_parts"
+        dist_train.fit(model(), data, **own, overrides=[*common, "train.max_steps=8", f"run.dir={whole}"])
+        dist_train.fit(model(), data, **own, overrides=[*common, "train.max_steps=4", f"run.dir={parts}"])
+        summary = dist_train.fit(model(), data, **own, overrides=[*common, "train.max_steps=8", "checkpoint.resume=auto",
+                                                                  f"run.dir={parts}"])
+        assert summary["resumed_from_step"] == 4 and summary["steps"] == 8, summary
+        ref, resumed = train_losses(whole), train_losses(parts)
+        assert all(resumed[s] == ref[s] for s in range(5, 9)), (name, ref, resumed)
+        lrs = {r["step"]: r["lr"] for r in read_metrics(whole) if "lr" in r}
+        assert {r["step"]: r["lr"] for r in read_metrics(parts) if "lr" in r} == lrs, name
+        if name == "onecycle":
+            assert max(lrs.values()) == pytest.approx(0.05, rel=0.05) and lrs[8] < lrs[4], lrs
+        else:
+            assert [lrs[s] for s in (5, 6, 7, 8)] == pytest.approx([0.01, 0.01, 0.005, 0.0025]), lrs
 
     # A factory over the model, the config's schedule over its rate; the frozen layer stays as it was.
     keys = ["train.optimizer=sgd", "train.lr=0.05", "train.momentum=0", "train.weight_decay=0",
@@ -877,9 +889,13 @@ def test_an_own_optimizer_and_scheduler_resume_exactly_and_bad_ones_stop_before_
            ({"scheduler": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, model(), "scheduler",
             "ReduceLROnPlateau steps on a metric"),
            ({"scheduler": lambda opt: opt}, model(), "scheduler", "must return a torch.optim.lr_scheduler"),
+           ({"scheduler": lambda opt: torch.optim.lr_scheduler.ChainedScheduler(
+               [torch.optim.lr_scheduler.ConstantLR(opt)])}, model(), "train.scheduler_interval", "last_epoch"),
            ({"optimizer": functools.partial(torch.optim.SGD, lr=0.1)}, model(), "train.lr_scale", "param groups")]
     for kwargs, net, key, words in bad:
         overrides = [*FIT, f"run.dir={tmp_path / 'bad'}"] + (["train.lr_scale={2.*: 2}"] if key == "train.lr_scale" else [])
+        if key == "train.scheduler_interval":
+            overrides.append("train.scheduler_interval=epoch")
         with pytest.raises(dist_train.ConfigError, match=rf"{key}.*{words}"):
             dist_train.fit(net, data, **kwargs, overrides=overrides)
     assert not torch.distributed.is_initialized()

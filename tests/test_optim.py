@@ -532,3 +532,54 @@ def test_an_own_optimizer_instance_is_rebuilt_with_every_group_setting_whatever_
     assert [p for g in rebuilt.param_groups for p in g["params"]] == list(trained[1].parameters())
     with pytest.raises(ConfigError, match="LBFGS steps with a closure"):
         OwnOptimizer(lambda model: torch.optim.LBFGS(model.parameters()))(trained)
+
+
+def test_an_own_optimizer_takes_its_peak_rate_and_leaves_frozen_state_out():
+    """A scheduler built over the user's optimizer before fit (LinearLR's warmup) had set each
+    group's lr to its first value: the rebuild starts from the peak (initial_lr), for the run's
+    schedule to take it from there. Adagrad makes its state in its constructor: a frozen
+    parameter's entry was left behind and its state_dict() (every checkpoint) failed."""
+    from dist_train.train.own_optim import OwnOptimizer
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+
+    user, trained = net(), net()
+    given = torch.optim.SGD(user.parameters(), lr=0.1)
+    sched.LinearLR(given, start_factor=0.1)
+    assert given.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert OwnOptimizer(given, user)(trained).param_groups[0]["lr"] == 0.1
+    trained[0].requires_grad_(False)
+    adagrad = OwnOptimizer(torch.optim.Adagrad(user.parameters(), lr=0.1), user)(trained)
+    assert set(adagrad.state) == set(trained[1].parameters())
+    assert len(adagrad.state_dict()["state"]) == 2
+
+
+def test_a_schedulers_state_comes_back_whole_from_meta_json():
+    """MultiStepLR keeps its milestones in a Counter of int keys: through JSON they came back as
+    strings and a resumed MultiStepLR never decayed again. encode_state/decode_state keep them."""
+    import json
+
+    from dist_train.strategy.base import decode_state, encode_state
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    s = sched.MultiStepLR(opt, milestones=[3, 6, 6], gamma=0.5)
+    for _ in range(4):
+        opt.step()
+        s.step()
+    state = s.state_dict()
+    back = decode_state(json.loads(json.dumps(encode_state(state))))
+    assert back == state and type(back["milestones"]) is type(state["milestones"])
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    s2 = sched.MultiStepLR(opt2, milestones=[1], gamma=0.5)
+    s2.load_state_dict(back)
+    lrs = []
+    for _ in range(4):
+        opt2.step()
+        s2.step()
+        lrs.append(opt2.param_groups[0]["lr"])
+    # Epochs 5..8: MultiStepLR multiplies the optimizer's current rate (0.1 here) at each milestone
+    # reached: twice at 6. (With the keys as strings no milestone was ever reached.)
+    assert lrs == pytest.approx([0.1, 0.025, 0.025, 0.025])
+    plain = {"last_epoch": 3, "base_lrs": [0.1], "_last_lr": [0.1]}  # (an older checkpoint's: unchanged)
+    assert decode_state(json.loads(json.dumps(encode_state(plain)))) == plain == decode_state(plain)

@@ -33,6 +33,7 @@ from dist_train.env.cluster import ClusterEnv
 from dist_train.env.collectives import all_reduce, broadcast_tensors
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -404,7 +405,7 @@ class Strategy(ABC):
         return dcp_state.model_shapes(self.model)
 
     def _small_state(self) -> Dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
+        return {"scheduler": scheduler_state(self.scheduler), "scaler": self.precision.state_dict(),
                 "param_groups": self.param_group_names()}
 
     def param_group_names(self) -> Optional[List[List[str]]]:
@@ -420,7 +421,7 @@ class Strategy(ABC):
         return None
 
     def _load_small_state(self, meta: Dict[str, Any], fresh_optimizer: bool) -> None:
-        self.scheduler.load_state_dict(meta["scheduler"])
+        load_scheduler_state(self.scheduler, meta["scheduler"])
         if meta.get("kind", "dcp") == self.checkpoint_kind:
             self.precision.load_state_dict(meta.get("scaler"))
         if fresh_optimizer:  # give the new optimizer the schedule's current learning rate
@@ -451,9 +452,15 @@ class Strategy(ABC):
         with a new ``train.lr`` or ``train.weight_decay`` trains with it; the schedule's position
         and the optimizer's moments stay the checkpoint's). Returns ``{key: (checkpoint's, config's)}``
         of what changed. Nothing, for a user's own optimizer or scheduler (``settings_from_checkpoint``)."""
-        if self.settings_from_checkpoint:
-            return {}
         groups, base_lrs = settings
+        if self.settings_from_checkpoint:
+            differ = sorted({k for group, fresh in zip(self.optimizer.param_groups, groups) for k, v in fresh.items()
+                             if k in group and _differs(group[k], v)})
+            if differ and self.cluster.is_rank0:
+                log.warning("resumed with the checkpoint's optimizer settings (%s), not this run's: an optimizer or "
+                            "scheduler of your own is restored as torch's load_state_dict restores it",
+                            ", ".join(differ))
+            return {}
         changed: Dict[str, Tuple[Any, Any]] = {}
         for group, fresh in zip(self.optimizer.param_groups, groups):
             for key, value in fresh.items():
@@ -488,6 +495,55 @@ class Strategy(ABC):
 
     def teardown(self) -> None:
         """Release strategy resources; called on every rank before the process group ends."""
+
+
+# Checkpoints keep the scheduler's state in meta.json. JSON keeps neither a dict's int keys nor a
+# Counter (MultiStepLR's milestones: a resumed MultiStepLR looked its milestones up as strings and
+# never decayed again): such dicts are written as tagged item lists and rebuilt on load.
+_ITEMS, _COUNTER = "__dist_train_items__", "__dist_train_counter__"
+
+
+def encode_state(value: Any) -> Any:
+    """``value`` (a scheduler's state) with every dict that JSON would change made into a tagged
+    item list; the rest as it is."""
+    from collections import Counter
+
+    if isinstance(value, dict):
+        if isinstance(value, Counter) or not all(isinstance(k, str) for k in value):
+            tag = _COUNTER if isinstance(value, Counter) else _ITEMS
+            return {tag: [[encode_state(k), encode_state(v)] for k, v in value.items()]}
+        return {k: encode_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_state(v) for v in value]
+    return value
+
+
+def decode_state(value: Any) -> Any:
+    """The inverse of :func:`encode_state` (a state from an older checkpoint passes unchanged)."""
+    from collections import Counter
+
+    if isinstance(value, dict):
+        if len(value) == 1 and (_ITEMS in value or _COUNTER in value):
+            tag, items = next(iter(value.items()))
+            pairs = ((_hashable(decode_state(k)), decode_state(v)) for k, v in items)
+            return Counter(dict(pairs)) if tag == _COUNTER else dict(pairs)
+        return {k: decode_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_state(v) for v in value]
+    return value
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
+def scheduler_state(scheduler: Any) -> Dict[str, Any]:
+    """A scheduler's state as a checkpoint's meta.json keeps it (see ``encode_state``)."""
+    return encode_state(scheduler.state_dict())
+
+
+def load_scheduler_state(scheduler: Any, state: Dict[str, Any]) -> None:
+    scheduler.load_state_dict(decode_state(state))
 
 
 # A param group's entries that are the run's state, not its config: its parameters, and the

@@ -29,7 +29,8 @@ from torch.nn import functional as F
 from dist_train.strategy import compiling
 from dist_train.strategy import deepspeed_config as ds_config
 from dist_train.strategy import deepspeed_state
-from dist_train.strategy.base import OptimizerFactory, SchedulerFactory, StepPlan, StepResult, Strategy, Writer
+from dist_train.strategy.base import (OptimizerFactory, SchedulerFactory, StepPlan, StepResult, Strategy, Writer,
+                                      load_scheduler_state, scheduler_state)
 
 log = logging.getLogger("dist_train")
 
@@ -200,7 +201,7 @@ class DeepSpeedStrategy(Strategy):
             self.model.save_checkpoint(files.native_dir, tag=NATIVE_TAG, save_latest=False)
             files.write_state({"model": deepspeed_state.full_weights(self.unwrapped_model, self._frozen_fp32)})
 
-        return {"scheduler": self.scheduler.state_dict(), "scaler": None, "param_groups": self.param_group_names()}, write
+        return {"scheduler": scheduler_state(self.scheduler), "scaler": None, "param_groups": self.param_group_names()}, write
 
     def _own_format(self, meta: Dict[str, Any]) -> bool:
         return meta.get("kind") == self.checkpoint_kind and meta.get("strategy") == self.name
@@ -235,6 +236,8 @@ class DeepSpeedStrategy(Strategy):
                                                        load_lr_scheduler_states=True)
             if loaded is None:
                 raise RuntimeError(f"deepspeed: no engine checkpoint under {files.native_dir}/{NATIVE_TAG}")
+            if not self.scheduler_per_step:  # (the engine was not given it: train.scheduler_interval=epoch)
+                load_scheduler_state(self.scheduler, meta["scheduler"])
             if self._frozen_fp32:  # (the engine's files hold them rounded; the checkpoint's fp32 weights exactly)
                 self._keep_frozen(files.read_model())
             return

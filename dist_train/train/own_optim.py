@@ -17,8 +17,9 @@ dist_train builds the optimizer there, from what the user gave (``OwnOptimizer``
 Frozen parameters (``requires_grad=False``, ``model.freeze``) are left out of its groups, as
 dist_train's own optimizer leaves them out (DeepSpeed's ZeRO optimizers cannot hold them, nor an
 empty group). The scheduler (``OwnScheduler``) is a callable ``optimizer -> LRScheduler``, stepped
-once per optimizer step, its state checkpointed in ``meta.json`` (so it must be JSON numbers,
-lists and strings, as torch's schedulers' are). Without one, ``train.schedule`` (with its warmup)
+once per optimizer step (or per epoch: ``train.scheduler_interval``), its state checkpointed in
+``meta.json`` (numbers, strings, lists and dicts, as torch's schedulers' are: checked before the
+run). Without one, ``train.schedule`` (with its warmup)
 scales the own optimizer's learning rates, one factor for every group.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from dist_train.config.schema import ConfigError
+from dist_train.strategy.base import decode_state, encode_state
 from dist_train.train.optim import GROUP_NAMES
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -48,8 +50,8 @@ class OwnOptimizer:
     module's docstring). ``model``: what was given to ``fit`` as the model (an instance is needed
     to rebuild an optimizer instance: its parameters are found there by name)."""
 
-    def __init__(self, spec: Any, model: Any = None):
-        self.spec, self.groups, self.defaults = spec, None, None
+    def __init__(self, spec: Any, model: Any = None, precision: str = "fp32"):
+        self.spec, self.groups, self.defaults, self.precision = spec, None, None, precision
         if isinstance(spec, torch.optim.Optimizer):
             self.cls = type(spec)
             self.groups, self.defaults = self._groups_by_name(spec, model), dict(spec.defaults)
@@ -79,6 +81,8 @@ class OwnOptimizer:
                                                "parameter(s) that are not the model's: build it over "
                                                "model.parameters() of the model passed to fit")
             settings = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+            if "initial_lr" in group:  # (a scheduler built over it before fit set lr to its first value)
+                settings["lr"] = group["initial_lr"]
             groups.append({**settings, "params": [names[id(p)] for p in group["params"]]})
         return groups
 
@@ -115,11 +119,26 @@ class OwnOptimizer:
                                            "optimizer step (one forward and backward per step, gradients reduced "
                                            "across ranks) gives none")
         _drop_frozen(optimizer)
+        self._check_fused(optimizer)
         if named is not None:  # (checkpoints record the groups by name: a resume needs the same)
             by_id = {id(p): n for n, p in named}
             if all(id(p) in by_id for g in optimizer.param_groups for p in g["params"]):
                 setattr(optimizer, GROUP_NAMES, [[by_id[id(p)] for p in g["params"]] for g in optimizer.param_groups])
         return optimizer
+
+
+    def _check_fused(self, optimizer: torch.optim.Optimizer) -> None:
+        """torch's fused kernels over FSDP's DTensor shards: refused where they fail (the CPU, where
+        the fused kernel aborted a worker; fp16, where ShardedGradScaler's scale meets a shape
+        mismatch); dist_train's own optimizer takes foreach there."""
+        from torch.distributed.tensor import DTensor
+
+        for group in optimizer.param_groups:
+            sharded = [p for p in group["params"] if isinstance(p, DTensor)]
+            if group.get("fused") and sharded and (sharded[0].device.type == "cpu" or self.precision == "fp16"):
+                raise ConfigError("optimizer", f"{type(optimizer).__name__}(fused=True) over FSDP's sharded "
+                                               f"parameters fails {'on the CPU' if sharded[0].device.type == 'cpu' else 'under fp16'}: "
+                                               "leave fused unset, or pass foreach=True")
 
 
 def _constructor_arguments(cls: type, defaults: Dict[str, Any]) -> Dict[str, Any]:
@@ -138,6 +157,9 @@ def _constructor_arguments(cls: type, defaults: Dict[str, Any]) -> Dict[str, Any
 def _drop_frozen(optimizer: torch.optim.Optimizer) -> None:
     """Frozen parameters out of ``optimizer``'s groups, and groups left empty out of it."""
     for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                optimizer.state.pop(p, None)  # (Adagrad makes its state in its constructor)
         group["params"] = [p for p in group["params"] if p.requires_grad]
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
     if not optimizer.param_groups:
@@ -147,7 +169,8 @@ def _drop_frozen(optimizer: torch.optim.Optimizer) -> None:
 class OwnScheduler:
     """``make(optimizer) -> scheduler`` from a user's callable ``optimizer -> LRScheduler``."""
 
-    def __init__(self, spec: Any):
+    def __init__(self, spec: Any, interval: str = "step"):
+        self.interval = interval  # train.scheduler_interval
         if isinstance(spec, (Scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
             raise ConfigError("scheduler", f"a {type(spec).__name__} instance is bound to the optimizer it was built "
                                            "over, which is rebuilt over the trained parameters: pass "
@@ -157,12 +180,13 @@ class OwnScheduler:
         self.spec = spec
 
     def __call__(self, optimizer: torch.optim.Optimizer) -> Scheduler:
-        return check_scheduler(self.spec(optimizer), optimizer)
+        return check_scheduler(self.spec(optimizer), optimizer, self.interval)
 
 
-def check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Scheduler:
-    """``scheduler`` as the loop steps it (once per optimizer step, no argument) and checkpoints it
-    (its state in ``meta.json``); a ConfigError naming the problem otherwise."""
+def check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, interval: str = "step") -> Scheduler:
+    """``scheduler`` as the loop steps it (no argument; per optimizer step, or per epoch by its
+    ``last_epoch``) and checkpoints it (its state in ``meta.json``, losslessly: see
+    ``strategy.base.encode_state``); a ConfigError naming the problem otherwise."""
     name = type(scheduler).__name__
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise ConfigError("scheduler", "ReduceLROnPlateau steps on a metric, not once per optimizer step: use a "
@@ -172,12 +196,31 @@ def check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Schedul
         raise ConfigError("scheduler", f"must return a torch.optim.lr_scheduler.LRScheduler; got {name}")
     if scheduler.optimizer is not optimizer:
         raise ConfigError("scheduler", f"the {name} returned is not over the optimizer it was given")
+    state = scheduler.state_dict()
     try:
-        json.dumps(scheduler.state_dict())
+        kept = decode_state(json.loads(json.dumps(encode_state(state))))
     except (TypeError, ValueError) as exc:
         raise ConfigError("scheduler", f"the state of {name} cannot be checkpointed as JSON ({exc}): a scheduler's "
-                                       "state_dict() must hold numbers, strings and lists") from None
+                                       "state_dict() must hold numbers, strings, lists and dicts") from None
+    if not _same(kept, state):
+        raise ConfigError("scheduler", f"the state of {name} does not come back whole from JSON (meta.json keeps it): "
+                                       f"{sorted(k for k in state if not _same(kept.get(k), state[k]))}")
+    if interval == "epoch" and not hasattr(scheduler, "last_epoch"):
+        raise ConfigError("train.scheduler_interval", f"epoch: the loop counts the epochs a scheduler has stepped by "
+                                                      f"its last_epoch, which {name} does not have")
     return scheduler
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as a scheduler's state is compared after a round trip (a tuple comes back a list)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b) or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+    except Exception:  # noqa: BLE001  (tensors and the like: not JSON to begin with)
+        return False
 
 
 def probe_scheduler(spec: OwnScheduler, optimizer: Optional[OwnOptimizer], model: Any) -> str:
@@ -200,5 +243,5 @@ def probe_scheduler(spec: OwnScheduler, optimizer: Optional[OwnOptimizer], model
         built = spec.spec(probe)
     except Exception:  # noqa: BLE001
         return "scheduler"
-    return type(check_scheduler(built, probe)).__name__
+    return type(check_scheduler(built, probe, spec.interval)).__name__
 
