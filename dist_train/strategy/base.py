@@ -177,8 +177,8 @@ class Strategy(ABC):
         # OneCycleLR cycles Adam's betas: this run's starting values would undo that), instead of
         # this run's config's (keep_optimizer_settings).
         self.settings_from_checkpoint = False
-        # train.scheduler_interval=epoch: the loop steps the schedule at the end of each epoch
-        # (train.loop.step_schedule_per_epoch), not step().
+        # train.scheduler_interval=epoch: the loop has the schedule stepped at the end of each epoch
+        # (schedule_epochs), not step().
         self.scheduler_per_step = True
 
     # --- before anything starts ----------------------------------------------------------------
@@ -244,6 +244,13 @@ class Strategy(ABC):
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(grad_norm=norm.detach(), skipped=skipped, loss_scale=scale, grad_norms=per_module,
                           nonfinite=nonfinite)
+
+    def schedule_epochs(self, done: int) -> None:
+        """``train.scheduler_interval=epoch`` (``scheduler_per_step`` False): step the schedule until
+        it has stepped ``done`` epochs, counted by its ``last_epoch`` (a resume restores that count;
+        a rollback's data goes on: both catch up here)."""
+        while self.scheduler.last_epoch < done:
+            self.scheduler.step()
 
     def _named_grads(self) -> Iterable[Tuple[str, torch.Tensor]]:
         """(parameter name without wrapper prefixes, its gradient) on this rank; a DTensor

@@ -38,15 +38,11 @@ def micro_batches(loader, sampler, state: TrainState) -> Iterator[tuple]:
         state.position = 0
 
 
-def step_schedule_per_epoch(scheduler, state: TrainState, epoch_end: int) -> None:
-    """``train.scheduler_interval=epoch``: one scheduler step per epoch of the training data
-    completed, right after the optimizer step that completed it (before its checkpoint), as a plain
-    loop's ``scheduler.step()`` after each epoch. ``epoch_end``: the global samples of an epoch's
-    micro-batches. The scheduler's own count (``last_epoch``) is the epochs it has stepped, so a
-    resume (its state restored) and a rollback (the data going on) catch up alike."""
-    done = state.epoch + int(state.position >= epoch_end)
-    while scheduler.last_epoch < done:
-        scheduler.step()
+def epochs_done(state: TrainState, epoch_end: int) -> int:
+    """Epochs of the training data completed at this optimizer-step boundary. ``epoch_end``: the
+    global samples of an epoch's micro-batches (the epoch counter moves on only when the next
+    batch is drawn)."""
+    return state.epoch + int(state.position >= epoch_end)
 
 
 def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, evaluator, checkpointer,
@@ -57,7 +53,8 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
     steps alike on every rank, and may ask for a rollback to the last checkpoint. ``clock`` marks
     the phases (the step-time breakdown, goodput and the hang watchdog read it). After the first
     step, collectives get ``timeout_s`` (``dist.timeout_s``) instead of the long start-up one.
-    ``epoch_end``: the schedule advances per epoch (see ``step_schedule_per_epoch``)."""
+    ``epoch_end``: the schedule advances per epoch (``Strategy.schedule_epochs``), as a plain loop's
+    ``scheduler.step()`` after each epoch."""
     stopping, first = False, state.step
     # A NaN on one rank reaches every rank's gradients through their all-reduce, so where the
     # strategy sees the global norm before the update that is the agreed check; else the loss is.
@@ -73,8 +70,8 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         state.step += 1
         state.samples_trained = state.samples_seen
         state.skipped_steps += int(output.result.skipped)  # (before this step's save: checkpointed with it)
-        if epoch_end is not None:
-            step_schedule_per_epoch(strategy.scheduler, state, epoch_end)
+        if epoch_end is not None:  # train.scheduler_interval=epoch: right after the step that ends an epoch,
+            strategy.schedule_epochs(epochs_done(state, epoch_end))  # before its checkpoint
         if guard.after_step(state, output, checkpointer):
             with clock("checkpoint"):
                 checkpointer.rollback(state)  # weights, optimizer, schedule, step; the data goes on
