@@ -119,7 +119,7 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
     # engine must not step per step: the config's StepLR halving the rate after each epoch.
     # train.epochs=2 sets 8 steps on every rank alike.
     per_epoch = ["SAMPLES=64", *common, "train.epochs=2", "train.scheduler_interval=epoch", "train.schedule=step",
-                 "train.step_size=1", "train.gamma=0.5"]
+                 "train.step_size=1", "train.gamma=0.5", "eval.every_epochs=1"]
     ok(python_or_torchrun(SCRIPTS / "fit_parity.py", [*common, *OWN_OPTIM_AS_KEYS, *runs["single"], f"run.dir={keys}"]
                           + ["---", "OPTIM=own", *common, *runs["single"], f"run.dir={tmp_path / 'single'}"]
                           + ["---", *per_epoch, *runs["single"], f"run.dir={tmp_path / 'epoch_single'}"], 0))
@@ -153,6 +153,7 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
     for name in ("epoch_single", "epoch_ddp", "epoch_zero2", "epoch_zero2_resumed"):
         lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r}
         assert lrs == {s: pytest.approx(0.05 * 0.5 ** ((s - 1) // 4)) for s in range(1, 9)}, (name, lrs)
+        assert {4, 8} <= {r["step"] for r in read_metrics(tmp_path / name) if "eval_loss" in r}, name  # (+ 6: an end)
         losses = train_losses(tmp_path / name)
         assert max(abs(losses[s] - epoch_ref[s]) / abs(epoch_ref[s]) for s in epoch_ref) < 1e-5, (name, losses, epoch_ref)
     for name in ("fsdp", "zero2"):  # (the moments and the schedule's position came back)
@@ -958,3 +959,21 @@ def test_epochs_set_the_steps_once_the_data_is_known(tmp_path):
     with pytest.raises(dist_train.ConfigError, match="train.epochs: 1 epoch.*make 0 steps"):
         dist_train.fit(torch.nn.Linear(8, 4), data, overrides=[*FIT, "train.epochs=1", "data.batch_size=32",
                                                                 "train.grad_accum_steps=4", f"run.dir={tmp_path / 'bad'}"])
+
+
+def test_evaluation_and_checkpoints_after_each_epoch(tmp_path):
+    """``eval.every_epochs`` / ``checkpoint.every_epochs``: a plain loop's validation (and save)
+    after each epoch, at the optimizer step that ends it, also when an optimizer step of 3
+    micro-batches straddles two epochs of 4."""
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x, x[:, :4].argmax(dim=1))
+    for accum, evaluated, saved in ((1, [4, 8, 12], [8, 12]), (3, [2, 3, 4], [3, 4])):
+        run = tmp_path / f"accum{accum}"
+        dist_train.fit(torch.nn.Linear(8, 4), data, TensorDataset(x[:16], x[:16, :4].argmax(dim=1)), overrides=[
+            *FIT, "train.epochs=3", "data.batch_size=16", f"train.grad_accum_steps={accum}", "eval.every_epochs=1",
+            "checkpoint.every_epochs=2", "checkpoint.keep_last=0", "logging.every_steps=100", f"run.dir={run}"])
+        assert [r["step"] for r in read_metrics(run) if "eval_loss" in r] == evaluated, accum
+        assert sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*")) == saved, accum

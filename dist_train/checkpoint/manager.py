@@ -148,18 +148,21 @@ class CheckpointManager:
 
     # --- saving ----------------------------------------------------------------------------
 
-    def due(self, step: int) -> bool:
-        """Whether ``maybe_save`` saves at ``step`` (``checkpoint.every_steps``)."""
+    def due(self, step: int, epoch: Optional[int] = None) -> bool:
+        """Whether ``maybe_save`` saves at ``step`` (``checkpoint.every_steps``; ``epoch``: the
+        epochs completed when this step ended one, for ``checkpoint.every_epochs``)."""
+        if epoch is not None and self.cfg.every_epochs and epoch % self.cfg.every_epochs == 0:
+            return True
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
 
-    def maybe_save(self, state) -> None:
+    def maybe_save(self, state, epoch: Optional[int] = None) -> None:
         """After each optimizer step, on every rank: save when ``checkpoint.every_steps`` is due.
         A save that fails (a full disk, a read-only directory) has left the previous checkpoint as
         it was and removed its own staging files; ``checkpoint.on_save_error`` decides whether the
         run stops (raise) or warns and tries again at the next cadence (continue)."""
         if self._pending is not None and not self._pending.done.is_set():
             self.stats["steps_during_writes"] += 1
-        if self.due(state.step):
+        if self.due(state.step, epoch):
             try:
                 self.wait()  # a background save that failed is reported here, before this one starts
             except CheckpointError as exc:
@@ -167,7 +170,7 @@ class CheckpointManager:
             try:
                 self.save(state)
             except CheckpointError as exc:
-                self._save_failed(exc, f"the next save is at step {state.step + self.cfg.every_steps}")
+                self._save_failed(exc, "the next save is at the next step due")
 
     def _save_failed(self, exc: CheckpointError, then: str) -> None:
         """``checkpoint.on_save_error``: raise ``exc``, or count it, warn and go on (continue)."""

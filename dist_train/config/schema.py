@@ -295,16 +295,21 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = doc(0, "evaluation cadence in optimizer steps (0: only at the end)")
+    every_epochs: int = doc(0, "also evaluate after the optimizer step that ends every this many epochs of the "
+                            "training data (0: no; a plain loop's validation after each epoch is 1)")
     max_batches: int = doc(0, "evaluate on at most this many batches per rank (0: the whole held-out split)")
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
+        _require(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
         _require(self.max_batches >= 0, "eval.max_batches", "must be >= 0")
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = doc(0, "save cadence in optimizer steps (0: only at the end; a run always saves when it ends or is preempted)")
+    every_epochs: int = doc(0, "also save after the optimizer step that ends every this many epochs of the training "
+                            "data (0: no)")
     resume: str = doc("auto", "auto (newest verified checkpoint of the run dir), never, or a checkpoint path (must verify)")
     keep_last: int = doc(3, "keep this many newest checkpoints (0: keep all); the newest is never deleted")
     async_save: bool = doc(False, "write checkpoints in the background while training goes on (also accepted as checkpoint.async)")
@@ -318,6 +323,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        _require(self.every_epochs >= 0, "checkpoint.every_epochs", "must be >= 0")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
         _one_of(self.on_save_error, ("raise", "continue"), "checkpoint.on_save_error")
         _require(bool(self.resume), "checkpoint.resume", "must be auto, never or a path")

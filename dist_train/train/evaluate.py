@@ -17,7 +17,8 @@ from dist_train.train.tasks import Task, batch_size, to_device, without_indices
 
 
 class Evaluator:
-    """Owns the evaluation cadence: ``eval.every_steps`` during training, and once at the end.
+    """Owns the evaluation cadence: ``eval.every_steps`` and ``eval.every_epochs`` during training,
+    and once at the end.
     ``progress`` is called after each evaluation batch (the hang watchdog's sign of life)."""
 
     def __init__(self, strategy, loader, task: Task, cfg, report, progress: Optional[Callable[[], None]] = None):
@@ -33,13 +34,17 @@ class Evaluator:
         if results:
             self.last, self.last_step = dict(results), step
 
-    def scheduled(self, step: int) -> bool:
-        """Whether ``maybe_run(step)`` evaluates (alike on every rank)."""
-        return self.loader is not None and bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+    def scheduled(self, step: int, epoch: Optional[int] = None) -> bool:
+        """Whether ``maybe_run(step, epoch)`` evaluates (alike on every rank). ``epoch``: the epochs
+        completed when this step ended one (``eval.every_epochs``), else None."""
+        if self.loader is None:
+            return False
+        by_epoch = epoch is not None and bool(self.cfg.every_epochs) and epoch % self.cfg.every_epochs == 0
+        return by_epoch or (bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0)
 
-    def maybe_run(self, step: int) -> None:
+    def maybe_run(self, step: int, epoch: Optional[int] = None) -> None:
         """After every optimizer step, on every rank."""
-        if self.scheduled(step):
+        if self.scheduled(step, epoch):
             self._run(step, final=False)
 
     def final(self, step: int) -> None:

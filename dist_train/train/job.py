@@ -381,8 +381,7 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
         preempted = train(strategy, data, state, job.train, task=parts.task, reporter=reporter, evaluator=evaluator,
                           checkpointer=manager, preemption=preemption, guard=guard, clock=clock, ledger=ledger,
                           faults=faults, timeout_s=job.dist.timeout_s,
-                          epoch_end=(parts.sampler.batches_per_epoch * parts.sampler.global_batch_size
-                                     if job.train.scheduler_interval == "epoch" else None))
+                          epoch_end=parts.sampler.batches_per_epoch * parts.sampler.global_batch_size)
         with clock("checkpoint"):
             metrics.flush()  # every record on disk (TensorBoard's queued events too) before the commit
             manager.finalize(state)  # the end-of-run (or preemption) checkpoint; every async save committed

@@ -2,9 +2,9 @@
 
     while step < max_steps and not stopping:
         output = train_step(...)               # micro-steps, accumulation, clipping, optimizer step
-        evaluator.maybe_run(step)              # every eval.every_steps
+        evaluator.maybe_run(step)              # every eval.every_steps (and eval.every_epochs)
         reporter.maybe_log(...)                # every logging.every_steps and evaluation, before the save
-        checkpointer.maybe_save(state)         # every checkpoint.every_steps
+        checkpointer.maybe_save(state)         # every checkpoint.every_steps (and every_epochs)
         stopping = preemption.requested()      # agreed by all ranks
     evaluator.final(step)                      # unless preempted; joins the last step's record
 """
@@ -53,9 +53,11 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
     steps alike on every rank, and may ask for a rollback to the last checkpoint. ``clock`` marks
     the phases (the step-time breakdown, goodput and the hang watchdog read it). After the first
     step, collectives get ``timeout_s`` (``dist.timeout_s``) instead of the long start-up one.
-    ``epoch_end``: the schedule advances per epoch (``Strategy.schedule_epochs``), as a plain loop's
-    ``scheduler.step()`` after each epoch."""
+    ``epoch_end`` (the global samples of an epoch's micro-batches): the epoch cadences
+    (``eval.every_epochs``, ``checkpoint.every_epochs``) and, under ``train.scheduler_interval=epoch``,
+    the schedule (``Strategy.schedule_epochs``, a plain loop's ``scheduler.step()`` after each epoch)."""
     stopping, first = False, state.step
+    done = None if epoch_end is None else epochs_done(state, epoch_end)  # epochs completed so far
     # A NaN on one rank reaches every rank's gradients through their all-reduce, so where the
     # strategy sees the global norm before the update that is the agreed check; else the loss is.
     veto = None if strategy.global_grad_norm else guard.veto
@@ -70,8 +72,12 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         state.step += 1
         state.samples_trained = state.samples_seen
         state.skipped_steps += int(output.result.skipped)  # (before this step's save: checkpointed with it)
-        if epoch_end is not None:  # train.scheduler_interval=epoch: right after the step that ends an epoch,
-            strategy.schedule_epochs(epochs_done(state, epoch_end))  # before its checkpoint
+        ended = None  # the epochs completed, when this step ended one
+        if epoch_end is not None:
+            before, done = done, epochs_done(state, epoch_end)
+            ended = done if done > before else None
+            if cfg.scheduler_interval == "epoch":  # right after the step that ends an epoch, before its checkpoint
+                strategy.schedule_epochs(done)
         if guard.after_step(state, output, checkpointer):
             with clock("checkpoint"):
                 checkpointer.rollback(state)  # weights, optimizer, schedule, step; the data goes on
@@ -86,7 +92,7 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
             raise guard.abort
         busy_s = time.perf_counter() - mark
         with clock("evaluation"):
-            evaluator.maybe_run(state.step)
+            evaluator.maybe_run(state.step, ended)
         # The step's record before its save: the record needs every rank (the loss average), and a
         # rank lost after the save's commit would leave a checkpoint whose step has no record, a
         # hole in the resumed timeline. The save's time is counted in the next record's window.
@@ -94,9 +100,9 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         reporter.maybe_log(state, output, step_s, busy_s)
         log_s = time.perf_counter() - t_log
         with clock("checkpoint"):
-            if checkpointer.due(state.step):
+            if checkpointer.due(state.step, ended):
                 reporter.metrics.flush()  # on disk (TensorBoard's queued events too) before the commit
-            checkpointer.maybe_save(state)
+            checkpointer.maybe_save(state, ended)
         mark = time.perf_counter() - log_s  # (the logging counts in the next step's busy time)
         faults.delay("step_sleep")
         faults.crash_point("crash", state.step, rank())
