@@ -97,6 +97,8 @@ def preflight(job, cluster: ClusterEnv, user=None, machine: bool = True) -> None
             raise ConfigError(f"train.{key}", f"{value} names the {key.replace('schedule', 'scheduler')} a "
                               f"dist_train.fit call passed as an object; without it, give one of "
                               f"{', '.join(OPTIMIZERS if key == 'optimizer' else SCHEDULES)}")
+    if job.checkpoint.best_metric and own_data and user.eval_data is None:
+        raise ConfigError("checkpoint.best_metric", "needs held-out data to evaluate: pass eval_data to fit")
     if job.train.scheduler_interval == "epoch" and job.train.schedule in ("cosine", "linear"):
         raise ConfigError("train.scheduler_interval", f"epoch: train.schedule={job.train.schedule} spans "
                           "train.max_steps, optimizer steps, not epochs; with an epoch interval use step, multistep, "

@@ -126,8 +126,10 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
     batch = []
     for name in ("ddp", "fsdp", "zero2"):
         batch += ["OPTIM=own", *common, *runs[name], f"run.dir={tmp_path / name}", "---"]
-    for name in ("ddp", "zero2"):
-        batch += [*per_epoch, *runs[name], f"run.dir={tmp_path / ('epoch_' + name)}", "---"]
+    for name in ("ddp", "zero2"):  # (and the best evaluation's checkpoint kept: DDP's saved in the background)
+        best = ["checkpoint.best_metric=eval_loss", "checkpoint.keep_last=1"] + (
+            ["checkpoint.async_save=true"] if name == "ddp" else [])
+        batch += [*per_epoch, *runs[name], *best, f"run.dir={tmp_path / ('epoch_' + name)}", "---"]
     # ZeRO-2 stopped at step 6, in the middle of the second epoch, and resumed: its engine was not
     # given the scheduler, whose state comes back from meta.json.
     for extra in (["train.epochs=0", "train.max_steps=6", "checkpoint.resume=never"], ["checkpoint.resume=auto"]):
@@ -153,7 +155,14 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
     for name in ("epoch_single", "epoch_ddp", "epoch_zero2", "epoch_zero2_resumed"):
         lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r}
         assert lrs == {s: pytest.approx(0.05 * 0.5 ** ((s - 1) // 4)) for s in range(1, 9)}, (name, lrs)
-        assert {4, 8} <= {r["step"] for r in read_metrics(tmp_path / name) if "eval_loss" in r}, name  # (+ 6: an end)
+        evals = {r["step"]: r["eval_loss"] for r in read_metrics(tmp_path / name) if "eval_loss" in r}
+        assert {4, 8} <= set(evals), name  # (+ 6: an end)
+        if name in ("epoch_ddp", "epoch_zero2"):
+            best = json.loads((tmp_path / name / "checkpoints" / "best.json").read_text())
+            assert best["step"] == min(evals, key=evals.get) and best["value"] == pytest.approx(min(evals.values()))
+            assert (tmp_path / name / "checkpoints" / best["checkpoint"]).is_dir(), best
+            for rank in (0, 1):  # (fit's summary on every rank)
+                assert json.loads((tmp_path / name / f"fit.rank{rank}.json").read_text())["status"] == "completed"
         losses = train_losses(tmp_path / name)
         assert max(abs(losses[s] - epoch_ref[s]) / abs(epoch_ref[s]) for s in epoch_ref) < 1e-5, (name, losses, epoch_ref)
     for name in ("fsdp", "zero2"):  # (the moments and the schedule's position came back)
@@ -977,3 +986,43 @@ def test_evaluation_and_checkpoints_after_each_epoch(tmp_path):
             "checkpoint.every_epochs=2", "checkpoint.keep_last=0", "logging.every_steps=100", f"run.dir={run}"])
         assert [r["step"] for r in read_metrics(run) if "eval_loss" in r] == evaluated, accum
         assert sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*")) == saved, accum
+
+
+def test_the_best_evaluations_checkpoint_is_kept_named_and_resumed_as_the_bar(tmp_path):
+    """``checkpoint.best_metric=eval_loss``: the checkpoint of each step whose evaluation is the best
+    so far is saved (no cadence asks for it here) and named by checkpoints/best.json; keep_last=1
+    never prunes it; summary.json's best points at it; a resumed run compares with the best recorded
+    before it. A metric the evaluation does not report is refused by name."""
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 8, generator=g)
+    y = x[:, :4].argmax(dim=1)
+    # A held-out set whose labels the model cannot learn from the training data: its loss goes up
+    # as training goes on, so the best evaluation is an early one.
+    held_out = TensorDataset(x[:32], (y[:32] + 1) % 4)
+    common = [*FIT, "data.batch_size=16", "train.lr=0.1", "train.schedule=constant", "eval.every_steps=2",
+              "checkpoint.keep_last=1", "checkpoint.best_metric=eval_loss"]
+    run = tmp_path / "best"
+    summary = dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), held_out,
+                             overrides=[*common, "train.max_steps=8", f"run.dir={run}"])
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r}
+    first = min(evals, key=evals.get)
+    assert first < 8 and summary["best"]["step"] == first and summary["best"]["mode"] == "min", (evals, summary["best"])
+    assert summary["best"]["value"] == pytest.approx(evals[first]), summary["best"]
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["checkpoint"] == f"step_{first:08d}" and Path(summary["best"]["path"]).is_dir()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == sorted({f"step_{first:08d}", "step_00000008"})
+    # Resumed to 12 steps: the bar is the recorded best, which no later evaluation beats.
+    summary = dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), held_out,
+                             overrides=[*common, "train.max_steps=12", "checkpoint.resume=auto", f"run.dir={run}"])
+    assert summary["best"]["step"] == first and (run / "checkpoints" / f"step_{first:08d}").is_dir(), summary["best"]
+    from dist_train.checkpoint.weights import load_weights
+
+    assert set(load_weights(summary["best"]["path"])) == {"weight", "bias"}
+    with pytest.raises(dist_train.ConfigError, match="checkpoint.best_metric: .eval_acc. is not among"):
+        dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), held_out, overrides=[
+            *common, "checkpoint.best_metric=eval_acc", "train.max_steps=2", f"run.dir={tmp_path / 'typo'}"])
+    with pytest.raises(dist_train.ConfigError, match="checkpoint.best_metric: needs held-out data"):
+        dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), overrides=[*common, f"run.dir={tmp_path / 'none'}"])

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from dist_train.checkpoint import layout
+from dist_train.checkpoint.best import BestCheckpoint
 from dist_train.checkpoint.commit import CheckpointGroup, Committer, SaveDropped
 from dist_train.checkpoint.files import CheckpointFiles, Stager
 from dist_train.checkpoint.restore import CheckpointError, CheckpointRefused, Restorer
@@ -118,6 +119,8 @@ class CheckpointManager:
         self.rank0 = self.rank == 0
         self.restorer = Restorer(self, seed)
         self._committer = Committer(self.dir, self.group, faults, cfg.keep_last, cfg.sha256)
+        self.best = (BestCheckpoint(cfg.best_metric, cfg.best_mode, self.dir, self.rank0)
+                     if getattr(cfg, "best_metric", "") else None)  # checkpoint.best_metric
         self.last_step: Optional[int] = None  # step of the newest checkpoint saved or loaded
         self.resumed_run_id: Optional[str] = None
         self._pending: Optional[_Pending] = None
@@ -144,7 +147,22 @@ class CheckpointManager:
         strategy, and tidy the checkpoints dir. Returns its path (None: a fresh start)."""
         path = self.restorer.resume(state)
         self.last_step = state.step if path else None
+        if self.best is not None:
+            self.best.restore(state.step if path else None, self.group.broadcast)
+            self._committer.protect = self.best.marked and self.best.marked["step"]
         return path
+
+    def consider_best(self, step: int, results: Optional[Dict[str, Any]]) -> bool:
+        """``checkpoint.best_metric``: whether the evaluation ``results`` of ``step`` (None: not
+        evaluated there) is the best so far: then this step is saved (``maybe_save(best=True)``, or
+        ``finalize``) and, once committed, ``best.json`` names it."""
+        return self.best is not None and self.best.improved(step, results)
+
+    def _committed(self, step: Optional[int]) -> None:
+        """The save of ``step`` is committed (on every rank)."""
+        if self.best is not None:
+            self.best.committed(step)
+            self._committer.protect = self.best.marked and self.best.marked["step"]
 
     # --- saving ----------------------------------------------------------------------------
 
@@ -155,14 +173,14 @@ class CheckpointManager:
             return True
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
 
-    def maybe_save(self, state, epoch: Optional[int] = None) -> None:
+    def maybe_save(self, state, epoch: Optional[int] = None, best: bool = False) -> None:
         """After each optimizer step, on every rank: save when ``checkpoint.every_steps`` is due.
         A save that fails (a full disk, a read-only directory) has left the previous checkpoint as
         it was and removed its own staging files; ``checkpoint.on_save_error`` decides whether the
         run stops (raise) or warns and tries again at the next cadence (continue)."""
         if self._pending is not None and not self._pending.done.is_set():
             self.stats["steps_during_writes"] += 1
-        if self.due(state.step, epoch):
+        if self.due(state.step, epoch) or best:  # (best: this step's evaluation is the best so far)
             try:
                 self.wait()  # a background save that failed is reported here, before this one starts
             except CheckpointError as exc:
@@ -200,6 +218,8 @@ class CheckpointManager:
             if self.last_step != state.step:
                 self.save(state, blocking=True)
             self.wait()
+            if self.last_step == state.step:  # (saved before the final evaluation found it the best)
+                self._committed(state.step)
         finally:
             # Training is over: this time is the end of the run's, not time training was held up.
             self.stats["final_s"] = self.stats.get("final_s", 0.0) + self.stats["blocking_s"] - blocked
@@ -224,6 +244,7 @@ class CheckpointManager:
             return
         if pending.error is not None:
             raise CheckpointError(f"checkpoint of step {pending.step} failed: {pending.error}") from pending.error
+        self._committed(pending.step)
 
     def _wait_staged(self) -> None:
         """The strategy's ``before_update`` under async saves, and the first part of ``wait``: the
@@ -305,6 +326,7 @@ class CheckpointManager:
             finally:
                 self.stats["write_s"] += time.perf_counter() - t1
                 self.stats["blocking_s"] += time.perf_counter() - t0
+            self._committed(step)
         self.last_step = step
         self.stats["saves"] += 1
         if background:

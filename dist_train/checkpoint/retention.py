@@ -13,22 +13,24 @@ import os
 import shutil
 import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from dist_train.checkpoint import layout
 
 
-def to_prune(steps: List[int], keep_last: int, keep: int) -> List[int]:
+def to_prune(steps: List[int], keep_last: int, keep: int, protect: Optional[int] = None) -> List[int]:
     """Steps to delete so that the ``keep_last`` newest remain; ``keep`` (the checkpoint just
-    committed: the newest verified one) is never among them. ``keep_last=0`` keeps everything."""
+    committed: the newest verified one) is never among them, nor ``protect`` (the best
+    evaluation's, ``checkpoint.best_metric``: kept besides the newest). ``keep_last=0`` keeps
+    everything."""
     if keep_last <= 0:
         return []
     newest_first = sorted(set(steps), reverse=True)
-    kept = [keep] + [s for s in newest_first if s != keep][: max(keep_last - 1, 0)]
+    kept = [keep] + [s for s in newest_first if s != keep][: max(keep_last - 1, 0)] + [protect]
     return sorted(s for s in newest_first if s not in kept)
 
 
-def prune(ckpt_dir: str, keep_last: int, keep: int) -> List[str]:
+def prune(ckpt_dir: str, keep_last: int, keep: int, protect: Optional[int] = None) -> List[str]:
     """Delete old checkpoints: each is renamed to a hidden name here (so a crash mid-delete never
     leaves a half-deleted directory that looks like a checkpoint) and its files are removed by a
     background thread (unlinking gigabytes takes a while). Returns the deleted names.
@@ -38,7 +40,7 @@ def prune(ckpt_dir: str, keep_last: int, keep: int) -> List[str]:
     """
     by_step = {s: p for s, p in layout.committed(ckpt_dir)}
     deleted, doomed = [], []
-    for step in to_prune(list(by_step), keep_last, keep):
+    for step in to_prune(list(by_step), keep_last, keep, protect):
         doomed.append(os.path.join(ckpt_dir, layout.DELETING_PREFIX + layout.step_name(step)))
         with layout.NAMES:  # (not while its manifest is being replaced: digest.py)
             os.rename(by_step[step], doomed[-1])

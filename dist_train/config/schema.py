@@ -310,6 +310,10 @@ class CheckpointConfig:
     every_steps: int = doc(0, "save cadence in optimizer steps (0: only at the end; a run always saves when it ends or is preempted)")
     every_epochs: int = doc(0, "also save after the optimizer step that ends every this many epochs of the training "
                             "data (0: no)")
+    best_metric: str = doc("", "keep the checkpoint of the best evaluation by this metric (eval_loss, "
+                           "eval_accuracy, ...): saved when an evaluation improves on the best so far, named by "
+                           "checkpoints/best.json, never pruned, shown in summary.json's best (empty: none)")
+    best_mode: str = doc("auto", "min, max, or auto (min for a loss, perplexity, error or bits per byte; else max)")
     resume: str = doc("auto", "auto (newest verified checkpoint of the run dir), never, or a checkpoint path (must verify)")
     keep_last: int = doc(3, "keep this many newest checkpoints (0: keep all); the newest is never deleted")
     async_save: bool = doc(False, "write checkpoints in the background while training goes on (also accepted as checkpoint.async)")
@@ -324,6 +328,9 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
         _require(self.every_epochs >= 0, "checkpoint.every_epochs", "must be >= 0")
+        _one_of(self.best_mode, ("auto", "min", "max"), "checkpoint.best_mode")
+        _require(not self.best_metric or self.best_metric.startswith("eval_"), "checkpoint.best_metric",
+                 f"names an evaluation metric (eval_loss, eval_accuracy, ...); got {self.best_metric!r}")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
         _one_of(self.on_save_error, ("raise", "continue"), "checkpoint.on_save_error")
         _require(bool(self.resume), "checkpoint.resume", "must be auto, never or a path")

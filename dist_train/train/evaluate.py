@@ -47,6 +47,10 @@ class Evaluator:
         if self.scheduled(step, epoch):
             self._run(step, final=False)
 
+    def results_at(self, step: int) -> Optional[Dict[str, Any]]:
+        """The results of the evaluation of ``step``, or None when it was not evaluated."""
+        return dict(self.last) if self.last_step == step and self.loader is not None else None
+
     def final(self, step: int) -> None:
         """At the end of training (unless this step was just evaluated)."""
         if self.final_pending(step):

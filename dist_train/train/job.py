@@ -337,6 +337,8 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                                 grad_accum_steps=job.train.grad_accum_steps, seed=job.run.seed,
                                 run_id=lambda: metrics.run_id, faults=faults)
     progress = data = reporter = evaluator = None
+    if manager.best is not None and parts.eval_loader is None:  # (alike on every rank)
+        raise ConfigError("checkpoint.best_metric", "needs held-out data to evaluate: this run has none")
     try:
         # Collective: the newest verified checkpoint (or the one asked for), restored before
         # anything is logged, so metrics.jsonl and MLflow continue the resumed timeline.
@@ -394,6 +396,8 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
             log.info(describe_goodput(summary["goodput"]))
         summary.update(reporter.summary(), **evaluator.last)
         summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
+        if manager.best is not None:
+            summary["best"] = manager.best.summary()
         return stopped, preemption.signal_name is not None
     finally:
         if "checkpoint" not in summary:  # a failed attempt: what it measured is reported all the same
@@ -404,6 +408,8 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                 if evaluator is not None:
                     summary.update(evaluator.last)
                 summary["checkpoint"] = dict(manager.stats, last_step=manager.last_step)
+                if manager.best is not None:
+                    summary["best"] = manager.best.summary()
             except Exception as exc:  # (never in the way of the failure being reported)
                 log.warning("summary: the failed attempt's measurements not recorded: %s", exc)
         if "goodput" not in summary and ledger.begun:  # a failed attempt: its time stays in the ledger

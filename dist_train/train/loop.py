@@ -93,6 +93,7 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         busy_s = time.perf_counter() - mark
         with clock("evaluation"):
             evaluator.maybe_run(state.step, ended)
+        best = checkpointer.consider_best(state.step, evaluator.results_at(state.step))  # checkpoint.best_metric
         # The step's record before its save: the record needs every rank (the loss average), and a
         # rank lost after the save's commit would leave a checkpoint whose step has no record, a
         # hole in the resumed timeline. The save's time is counted in the next record's window.
@@ -100,9 +101,9 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
         reporter.maybe_log(state, output, step_s, busy_s)
         log_s = time.perf_counter() - t_log
         with clock("checkpoint"):
-            if checkpointer.due(state.step, ended):
+            if best or checkpointer.due(state.step, ended):
                 reporter.metrics.flush()  # on disk (TensorBoard's queued events too) before the commit
-            checkpointer.maybe_save(state, ended)
+            checkpointer.maybe_save(state, ended, best)
         mark = time.perf_counter() - log_s  # (the logging counts in the next step's busy time)
         faults.delay("step_sleep")
         faults.crash_point("crash", state.step, rank())
@@ -121,4 +122,5 @@ def train(strategy, data: Iterator, state: TrainState, cfg, *, task, reporter, e
             checkpointer.settle()  # an async save of the last step commits during the evaluation
         with clock("evaluation"):
             evaluator.final(state.step)  # unless done at this step; joins the last step's record
+        checkpointer.consider_best(state.step, evaluator.results_at(state.step))  # (finalize saves and marks it)
     return stopping
