@@ -220,6 +220,7 @@ def _check_task(job, user) -> None:
         return
     task = sources.make_task(job.task.name, user.task if given else None, plugins.DatasetInfo())
     sources.check_loss_average(job.train.loss_average, task.sums_targets, task.name)
+    sources.check_best_metric(job.checkpoint.best_metric, task)
 
 
 def _check_user_model(user) -> None:

@@ -1021,8 +1021,56 @@ def test_the_best_evaluations_checkpoint_is_kept_named_and_resumed_as_the_bar(tm
     from dist_train.checkpoint.weights import load_weights
 
     assert set(load_weights(summary["best"]["path"])) == {"weight", "bias"}
-    with pytest.raises(dist_train.ConfigError, match="checkpoint.best_metric: .eval_acc. is not among"):
+    # A fresh start in the same run dir forgets that timeline's best (its checkpoints stay).
+    summary = dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), held_out, overrides=[
+        *common, "train.max_steps=1", "checkpoint.resume=never", "checkpoint.best_metric=eval_accuracy",
+        f"run.dir={run}"])
+    assert summary["best"]["step"] == 1 and summary["best"]["metric"] == "eval_accuracy", summary["best"]
+    # A metric a built-in task does not report: refused before the run. One a task of one's own
+    # does not report: said at its first evaluation, and the run goes on, saving as before.
+    with pytest.raises(dist_train.ConfigError, match="checkpoint.best_metric: 'eval_acc' is not among the metrics "
+                                                     "task 'classification' evaluates: eval_loss, eval_accuracy"):
         dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), held_out, overrides=[
             *common, "checkpoint.best_metric=eval_acc", "train.max_steps=2", f"run.dir={tmp_path / 'typo'}"])
+    summary = dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), held_out,
+                             task=lambda model, batch: torch.nn.functional.cross_entropy(model(batch[0]), batch[1]),
+                             overrides=[*common, "checkpoint.best_metric=eval_acc", "train.max_steps=4",
+                                        f"run.dir={tmp_path / 'own_typo'}"])
+    assert summary["status"] == "completed" and "'eval_acc' is not among" in summary["best"]["error"], summary
+    assert (tmp_path / "own_typo" / "checkpoints" / "step_00000004").is_dir()
     with pytest.raises(dist_train.ConfigError, match="checkpoint.best_metric: needs held-out data"):
         dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), overrides=[*common, f"run.dir={tmp_path / 'none'}"])
+
+
+def test_the_bar_of_the_best_is_what_was_saved():
+    """A best evaluation whose save failed or was dropped does not raise the bar (nothing better
+    than the marked one was kept); marks come in step order; auto mode by the metric's words."""
+    from dist_train.checkpoint.best import BestCheckpoint, resolve_mode
+
+    best = BestCheckpoint("eval_loss", "auto", "/nonexistent", rank0=False)
+    assert best.improved(2, {"eval_loss": 1.0}) and best.improved(4, {"eval_loss": 0.8})
+    best.committed(4)  # (2's pending entry, worse, is dropped with it)
+    assert best.protected == 4 and not best.pending
+    assert best.improved(6, {"eval_loss": 0.5})
+    best.failed(6)
+    assert best.improved(8, {"eval_loss": 0.7}) and not best.improved(10, {"eval_loss": 0.75})
+    assert not best.improved(12, {"eval_loss": float("nan")})
+    assert [resolve_mode(m, "auto") for m in ("eval_loss", "eval_perplexity", "eval_bpb", "eval_mae", "eval_wer",
+                                              "eval_nll", "eval_accuracy", "eval_top5_accuracy", "eval_f1")] == \
+        ["min"] * 6 + ["max"] * 3
+
+
+def test_epochs_count_what_is_left_when_a_run_resumes_with_another_batch(tmp_path):
+    """train.epochs=2 over 96 samples: 10 steps of 8, then resumed with batches of 16 (another
+    world size's global batch would do the same): 7 steps more, the two epochs exactly."""
+    import dist_train
+    from torch.utils.data import TensorDataset
+
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x, x[:, :4].argmax(dim=1))
+    run = tmp_path / "run"
+    dist_train.fit(torch.nn.Linear(8, 4), data, overrides=[*FIT, "data.batch_size=8", "train.max_steps=10",
+                                                            f"run.dir={run}"])
+    summary = dist_train.fit(torch.nn.Linear(8, 4), data, overrides=[
+        *FIT, "data.batch_size=16", "train.epochs=2", "checkpoint.resume=auto", f"run.dir={run}"])
+    assert summary["steps"] == 17 and summary["samples_seen"] == 2 * 96, summary

@@ -2,12 +2,15 @@
 ``if acc > best: torch.save(model.state_dict(), "best.pth")``.
 
 When an evaluation improves on the best value so far, the manager saves a checkpoint at that step
-(if the cadence did not already) and, once it is committed, rank 0 points ``checkpoints/best.json``
-at it (``{"checkpoint", "step", "metric", "value", "mode"}``, written atomically). Retention never
-deletes the checkpoint ``best.json`` names, whatever ``checkpoint.keep_last``; summary.json's
-``best`` tells where it is (``model.init_from=<its path>`` or ``python -m dist_train.checkpoint
-export <its path> best.safetensors`` take it from there). A resumed run takes the best value
-recorded up to the step it resumes from; a fresh start in the same run dir starts from none.
+(if the cadence did not already) and, once it is committed (on the thread that committed it: the
+writer thread of an async save), rank 0 points ``checkpoints/best.json`` at it (``{"checkpoint",
+"step", "metric", "value", "mode"}``, written atomically). Retention never deletes the checkpoint
+``best.json`` names, whatever ``checkpoint.keep_last``; summary.json's ``best`` tells where it is
+(``model.init_from=<its path>`` or ``python -m dist_train.checkpoint export <its path>
+best.safetensors`` take it from there). A run resumed from a checkpoint of its own run dir takes
+the best recorded up to that step as its bar; a fresh start removes the pointer of an earlier
+timeline (its checkpoints stay as they were). A best save that fails or is dropped leaves the bar
+at the last marked one.
 """
 from __future__ import annotations
 
@@ -15,24 +18,26 @@ import json
 import logging
 import math
 import os
+import threading
 from typing import Any, Callable, Dict, Optional
 
 from dist_train.checkpoint import layout
-from dist_train.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
 BEST = "best.json"
-# Metrics a lower value of which is better, by a part of their name (checkpoint.best_mode=auto).
-LOWER_IS_BETTER = ("loss", "perplexity", "error", "mae", "mse", "bpb", "bits_per")
+# Metrics a lower value of which is better, by a word of their name (checkpoint.best_mode=auto).
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "error", "err", "mae", "mse", "rmse", "mape", "nll", "bpb",
+                             "bits", "wer", "cer", "fid", "kl", "ce", "distance"})
 
 
 def resolve_mode(metric: str, mode: str) -> str:
-    """``checkpoint.best_mode``: min or max as given; auto: min for a loss, perplexity, error or
-    bits per byte, else max (accuracies)."""
+    """``checkpoint.best_mode``: min or max as given; auto: min when a word of the name (split at
+    ``_``) is a loss, perplexity, error, distance or bits per byte (``LOWER_IS_BETTER``), else max
+    (accuracies, scores)."""
     if mode != "auto":
         return mode
-    return "min" if any(part in metric for part in LOWER_IS_BETTER) else "max"
+    return "min" if LOWER_IS_BETTER & set(metric.lower().split("_")) else "max"
 
 
 def read_best(ckpt_dir: str) -> Optional[Dict[str, Any]]:
@@ -47,61 +52,98 @@ def read_best(ckpt_dir: str) -> Optional[Dict[str, Any]]:
     return info if layout.parse_step(name) is not None and os.path.isdir(os.path.join(ckpt_dir, name)) else None
 
 
-def best_step(ckpt_dir: str) -> Optional[int]:
-    """The step of the checkpoint ``best.json`` names (retention keeps it), or None."""
-    info = read_best(ckpt_dir)
-    return int(info["step"]) if info else None
-
-
 class BestCheckpoint:
     """Which evaluation is the best so far, and the marking of its checkpoint (rank 0 writes).
-    Every method is called on every rank alike (evaluation results are the same on every rank)."""
+    ``improved`` and ``restore`` are called on every rank alike (evaluation results are the same
+    on every rank); ``committed`` and ``failed`` by whichever thread committed or gave up a save."""
 
     def __init__(self, metric: str, mode: str, ckpt_dir: str, rank0: bool):
         self.metric, self.mode = metric, resolve_mode(metric, mode)
         self.dir, self.rank0 = ckpt_dir, rank0
-        self.value: Optional[float] = None   # the best value so far
         self.marked: Optional[Dict[str, Any]] = None   # what best.json says
-        self.unmarked: Optional[Dict[str, Any]] = None  # a better evaluation whose checkpoint is not committed yet
+        self.pending: Dict[int, Dict[str, Any]] = {}   # better evaluations whose checkpoints are not committed yet
+        self.error: Optional[str] = None                # the metric is not among the evaluation's: not kept
+        self._lock = threading.Lock()
 
     def restore(self, resumed_step: Optional[int], broadcast: Callable[[Any], Any]) -> None:
-        """Collective, at the start: the best recorded up to ``resumed_step`` (None: a fresh start,
-        which forgets an earlier timeline's best)."""
-        info = read_best(self.dir) if self.rank0 and resumed_step is not None else None
-        if info is not None and (int(info["step"]) > resumed_step or info.get("metric") != self.metric):
-            info = None  # (a later step of an abandoned timeline, or another metric: not this run's bar)
-        info = broadcast(info)
-        self.marked, self.value = info, (float(info["value"]) if info else None)
+        """Collective, at the start: the best recorded up to ``resumed_step``, the step of a
+        checkpoint of this run dir (None: a fresh start, or a checkpoint from elsewhere)."""
+        info = None
+        if self.rank0:
+            if resumed_step is None:
+                try:
+                    os.remove(os.path.join(self.dir, BEST))  # (an earlier timeline's: not this run's bar)
+                except FileNotFoundError:
+                    pass
+            else:
+                info = read_best(self.dir)
+                if info is not None and (int(info["step"]) > resumed_step or info.get("metric") != self.metric
+                                         or info.get("mode") != self.mode):
+                    info = None  # (a later step of an abandoned timeline, or another metric or mode)
+            log.info("checkpoint.best_metric=%s: %s is better (checkpoint.best_mode=%s)%s", self.metric,
+                     "lower" if self.mode == "min" else "higher", self.mode,
+                     f"; the best so far: {info['value']:.6g} at step {info['step']}" if info else "")
+        self.marked = broadcast(info)
+
+    @property
+    def protected(self) -> Optional[int]:
+        """The step retention keeps (the marked best)."""
+        marked = self.marked
+        return int(marked["step"]) if marked else None
+
+    def _bar(self) -> Optional[float]:
+        values = [float(i["value"]) for i in [self.marked, *self.pending.values()] if i is not None]
+        if not values:
+            return None
+        return min(values) if self.mode == "min" else max(values)
 
     def improved(self, step: int, results: Optional[Dict[str, Any]]) -> bool:
         """Whether the evaluation ``results`` of ``step`` (None: none at this step) is the best so
-        far; then its checkpoint is to be saved and marked."""
-        if results is None:
+        far; then its checkpoint is to be saved, and marked once committed. A metric the
+        evaluation does not report is said once (log, summary.json) and no best is kept: the run
+        goes on (a typo in a task of one's own, whose names are not known before it evaluates)."""
+        if results is None or self.error is not None:
             return False
         if self.metric not in results:
-            raise ConfigError("checkpoint.best_metric", f"{self.metric!r} is not among the evaluation's metrics: "
-                                                        f"{', '.join(sorted(results))}")
-        value = float(results[self.metric])
-        if math.isnan(value) or (self.value is not None and
-                                 not (value < self.value if self.mode == "min" else value > self.value)):
+            self.error = (f"checkpoint.best_metric: {self.metric!r} is not among the evaluation's metrics "
+                          f"({', '.join(sorted(results))}): no best checkpoint is kept")
+            if self.rank0:
+                log.error("%s", self.error)
             return False
-        self.value = value
-        self.unmarked = {"checkpoint": layout.step_name(step), "step": step, "metric": self.metric,
-                         "value": value, "mode": self.mode}
+        value = float(results[self.metric])
+        with self._lock:
+            bar = self._bar()
+            if math.isnan(value) or (bar is not None and not (value < bar if self.mode == "min" else value > bar)):
+                return False
+            self.pending[step] = {"checkpoint": layout.step_name(step), "step": step, "metric": self.metric,
+                                  "value": value, "mode": self.mode}
         return True
 
     def committed(self, step: Optional[int]) -> None:
-        """The checkpoint of ``step`` is committed: mark it when it holds the best evaluation."""
-        if self.unmarked is None or self.unmarked["step"] != step:
-            return
-        info, self.unmarked = self.unmarked, None
-        if self.rank0:
-            layout.write_atomic(os.path.join(self.dir, BEST), json.dumps(info, indent=2, sort_keys=True) + "\n")
-            log.info("best %s so far: %.6g at step %d (%s)", self.metric, info["value"], step, info["checkpoint"])
-        self.marked = info
+        """The checkpoint of ``step`` is committed in this run dir: mark it when it holds the best
+        evaluation."""
+        with self._lock:
+            info = self.pending.pop(step, None) if step is not None else None
+            if info is None:
+                return
+            for earlier in [s for s in self.pending if s < step]:
+                del self.pending[earlier]  # (worse than this one: their saves need not mark anything)
+            if self.rank0:
+                layout.write_atomic(os.path.join(self.dir, BEST), json.dumps(info, indent=2, sort_keys=True) + "\n")
+                log.info("best %s so far: %.6g at step %d (%s)", self.metric, info["value"], step, info["checkpoint"])
+            self.marked = info
+
+    def failed(self, step: Optional[int]) -> None:
+        """The save of ``step`` failed or was dropped: the bar goes back to the best marked."""
+        with self._lock:
+            self.pending.pop(step, None)
 
     def summary(self) -> Optional[Dict[str, Any]]:
-        """summary.json's ``best``: the marked checkpoint, its step, metric and value (None: none yet)."""
-        if self.marked is None:
+        """summary.json's ``best``: the marked checkpoint, its step, metric and value (None: none
+        yet; ``{"error": ...}`` when the metric was not reported)."""
+        if self.error is not None:
+            return {"error": self.error}
+        marked = self.marked
+        if marked is None:
             return None
-        return {**self.marked, "path": os.path.join(self.dir, self.marked["checkpoint"])}
+        return {**marked, "path": os.path.join(self.dir, marked["checkpoint"])}

@@ -62,7 +62,7 @@ class Committer:
     def __init__(self, ckpt_dir: str, group: CheckpointGroup, faults: Faults, keep_last: int, sha256: bool = True):
         self.dir, self.group, self.faults, self.keep_last = ckpt_dir, group, faults, keep_last
         self.sha256 = sha256  # rank 0 adds SHA-256 checksums to each committed manifest (digest.py)
-        self.protect: Optional[int] = None  # a step retention keeps whatever keep_last (the best: best.py)
+        self.protect: Callable[[], Optional[int]] = lambda: None  # a step retention keeps whatever keep_last (best.py)
         self.rank, self.world = group.rank, group.world
         self.rank0 = self.rank == 0
 
@@ -141,7 +141,7 @@ class Committer:
         if self.rank0:
             try:
                 layout.commit(staging, os.path.join(self.dir, layout.step_name(step)))
-                pruned = retention.prune(self.dir, self.keep_last, keep=step, protect=self.protect)
+                pruned = retention.prune(self.dir, self.keep_last, keep=step, protect=self.protect())
                 size = sum(e["size"] for e in entries.values())
                 outcome = ("ok", f"{len(entries)} files, {size / 2**20:.1f} MiB" +
                            (f"; pruned {', '.join(pruned)}" if pruned else ""))

@@ -147,9 +147,10 @@ class CheckpointManager:
         strategy, and tidy the checkpoints dir. Returns its path (None: a fresh start)."""
         path = self.restorer.resume(state)
         self.last_step = state.step if path else None
-        if self.best is not None:
-            self.best.restore(state.step if path else None, self.group.broadcast)
-            self._committer.protect = self.best.marked and self.best.marked["step"]
+        if self.best is not None:  # (the bar of a checkpoint of this run dir; a fresh start forgets an older one)
+            own = path is not None and os.path.dirname(os.path.normpath(path)) == os.path.normpath(self.dir)
+            self.best.restore(state.step if own else None, self.group.broadcast)
+            self._committer.protect = lambda: self.best.protected
         return path
 
     def consider_best(self, step: int, results: Optional[Dict[str, Any]]) -> bool:
@@ -158,11 +159,14 @@ class CheckpointManager:
         ``finalize``) and, once committed, ``best.json`` names it."""
         return self.best is not None and self.best.improved(step, results)
 
-    def _committed(self, step: Optional[int]) -> None:
-        """The save of ``step`` is committed (on every rank)."""
+    def _committed(self, step: Optional[int], ok: bool = True) -> None:
+        """The save of ``step`` is committed in this run dir (``ok``), or failed or was dropped: on
+        the thread that committed it (the writer thread of an async save), on every rank."""
         if self.best is not None:
-            self.best.committed(step)
-            self._committer.protect = self.best.marked and self.best.marked["step"]
+            if ok:
+                self.best.committed(step)
+            else:
+                self.best.failed(step)
 
     # --- saving ----------------------------------------------------------------------------
 
@@ -218,8 +222,8 @@ class CheckpointManager:
             if self.last_step != state.step:
                 self.save(state, blocking=True)
             self.wait()
-            if self.last_step == state.step:  # (saved before the final evaluation found it the best)
-                self._committed(state.step)
+            if self.last_step == state.step and os.path.isdir(os.path.join(self.dir, layout.step_name(state.step))):
+                self._committed(state.step)  # (saved, in this run dir, before the final evaluation found it the best)
         finally:
             # Training is over: this time is the end of the run's, not time training was held up.
             self.stats["final_s"] = self.stats.get("final_s", 0.0) + self.stats["blocking_s"] - blocked
@@ -244,7 +248,6 @@ class CheckpointManager:
             return
         if pending.error is not None:
             raise CheckpointError(f"checkpoint of step {pending.step} failed: {pending.error}") from pending.error
-        self._committed(pending.step)
 
     def _wait_staged(self) -> None:
         """The strategy's ``before_update`` under async saves, and the first part of ``wait``: the
@@ -323,6 +326,9 @@ class CheckpointManager:
             t1 = time.perf_counter()
             try:
                 commit()
+            except BaseException:
+                self._committed(step, ok=False)
+                raise
             finally:
                 self.stats["write_s"] += time.perf_counter() - t1
                 self.stats["blocking_s"] += time.perf_counter() - t0
@@ -385,7 +391,12 @@ class CheckpointManager:
             else:
                 self._stager.discard()
             pending.staged.set()
-            self._committer.run(step, staging, checked_write if write is not None else None, rng, meta, failed)
+            try:
+                self._committer.run(step, staging, checked_write if write is not None else None, rng, meta, failed)
+            except BaseException:
+                self._committed(step, ok=False)
+                raise
+            self._committed(step)  # (here: best.json names it before any later save's prune, or a crash)
 
         pending.fn = job
         return pending

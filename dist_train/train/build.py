@@ -166,6 +166,7 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
         lambda: sources.make_datasets(job.data, user.train_data, user.eval_data, user.collate_fn), cluster.world_size)
     task = sources.make_task(job.task.name, user.task, info)
     sources.check_loss_average(job.train.loss_average, task.sums_targets, task.name)
+    sources.check_best_metric(job.checkpoint.best_metric, task)
     # The loader first (its sampler has its own generator: the model's init draws are unchanged), so
     # that the model's FLOPs can be counted on a real micro-batch before the strategy wraps it.
     loader, sampler = build_train_loader(train_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,

@@ -136,9 +136,6 @@ def run(job, cluster: ClusterEnv, user: Optional[UserObjects] = None) -> Outcome
                             "as long on an AVX2 machine); train.precision=fp32 is the fast choice on this machine",
                             torch.backends.cpu.get_cpu_capability())
             parts = build_parts(job, cluster, device, user)
-            if job.train.epochs and cluster.is_rank0:  # (train.max_steps is known now: the config says so)
-                with open(os.path.join(job.run.dir, "config.yaml"), "w", encoding="utf-8") as f:
-                    f.write(to_yaml(job))
             clock.progress()  # (each stage of the start-up has its own bound: the data may take long to build)
             try:
                 preemption = PreemptionWatcher(parts.strategy.device, early)  # collective: a gloo group of its own
@@ -255,6 +252,28 @@ def _remove_summaries(run_dir: str) -> None:
             os.remove(stale)
 
 
+def _steps_for_epochs_left(job, cluster: ClusterEnv, parts, state: TrainState, manager) -> None:
+    """``train.epochs``: ``train.max_steps`` from where the run stands (a resume may come with
+    another global batch: a world size or ``data.batch_size`` of its own, whose steps count other
+    samples), and config.yaml told. The epochs left, in this run's micro-batches, minus those of the
+    current epoch already consumed, ``grad_accum_steps`` to a step."""
+    sampler = parts.sampler
+    left = (job.train.epochs - state.epoch) * sampler.batches_per_epoch - state.position // sampler.global_batch_size
+    before, job.train.max_steps = job.train.max_steps, state.step + max(left, 0) // job.train.grad_accum_steps
+    manager.config.setdefault("train", {})["max_steps"] = job.train.max_steps
+    if before != job.train.max_steps and state.step and not parts.strategy.settings_from_checkpoint:
+        # The resume set this step's rate from a schedule (cosine, linear) over the steps counted before.
+        parts.strategy.keep_optimizer_settings(parts.strategy.optimizer_settings())
+    if cluster.is_rank0:
+        path = os.path.join(job.run.dir, "config.yaml")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(to_yaml(job))
+        os.replace(path + ".tmp", path)
+        if state.step:
+            log.info("train.epochs=%d: %d optimizer steps in all (resumed at step %d, epoch %d)", job.train.epochs,
+                     job.train.max_steps, state.step, state.epoch)
+
+
 def record_refused(job, cluster: ClusterEnv, exc: ConfigError, partial: bool = False) -> None:
     """A config refused before the run started (exit 2), in a run dir that exists already: its
     summary.json says so, instead of an earlier attempt's outcome that a script deciding about a
@@ -337,13 +356,15 @@ def _train(job, cluster: ClusterEnv, parts: JobParts, state: TrainState, metrics
                                 grad_accum_steps=job.train.grad_accum_steps, seed=job.run.seed,
                                 run_id=lambda: metrics.run_id, faults=faults)
     progress = data = reporter = evaluator = None
-    if manager.best is not None and parts.eval_loader is None:  # (alike on every rank)
-        raise ConfigError("checkpoint.best_metric", "needs held-out data to evaluate: this run has none")
     try:
+        if manager.best is not None and parts.eval_loader is None:  # (alike on every rank)
+            raise ConfigError("checkpoint.best_metric", "needs held-out data to evaluate: this run has none")
         # Collective: the newest verified checkpoint (or the one asked for), restored before
         # anything is logged, so metrics.jsonl and MLflow continue the resumed timeline.
         faults.delay("startup_stall", cluster.rank)
         manager.resume(state)
+        if job.train.epochs:
+            _steps_for_epochs_left(job, cluster, parts, state, manager)
         clock.step = state.step  # (a hang report names the step it waits to take)
         clock.progress()
         logged_before = last_step(os.path.join(job.run.dir, "metrics.jsonl")) if cluster.is_rank0 else 0

@@ -148,6 +148,16 @@ def check_loss_average(loss_average: str, sums_targets: bool, name: str) -> None
                           "weight: use train.loss_average=micro_batch, or weigh the loss in the task")
 
 
+def check_best_metric(metric: str, task: tasks.Task) -> None:
+    """``checkpoint.best_metric`` against the metrics the task's evaluation reports, where they are
+    known before it evaluates (the built-in tasks, a plain criterion); a task of one's own is
+    checked at its first evaluation (``checkpoint/best.py``)."""
+    known = task.EVAL_METRICS
+    if metric and known and metric not in known:
+        raise ConfigError("checkpoint.best_metric", f"{metric!r} is not among the metrics task {task.name!r} "
+                                                    f"evaluates: {', '.join(known)}")
+
+
 def make_task(name: str, user_task: Any, info) -> tasks.Task:
     """fit's ``task`` argument, else ``task.name``, else the dataset's own task."""
     spec = user_task if user_task is not None else (name or info.task)

@@ -141,6 +141,8 @@ def _first_length(batch: Any) -> int:
 class Task:
     """Training loss and evaluation sums of one kind of problem."""
 
+    EVAL_METRICS: Optional[Tuple[str, ...]] = None  # the evaluation's metric names, when known up front
+
     name = "task"
     sums_targets = False  # loss_sum and target_count exist (train.loss_average=tokens)
 
@@ -181,6 +183,8 @@ def _class_indices(target: torch.Tensor) -> torch.Tensor:
 
 
 class Classification(Task):
+    EVAL_METRICS = ("eval_loss", "eval_accuracy", "eval_top5_accuracy")  # (known before any evaluation)
+
     name = "classification"
     sums_targets = True
 
@@ -231,6 +235,8 @@ class Classification(Task):
 
 
 class LanguageModel(Classification):
+    EVAL_METRICS = ("eval_loss", "eval_accuracy", "eval_perplexity", "eval_bpb")  # (eval_bpb: a token a byte)
+
     """Next-token prediction: ``target`` is the input shifted by one token (the dataset does it)."""
 
     name = "language_model"
@@ -249,6 +255,8 @@ class LanguageModel(Classification):
 
 
 class Regression(Task):
+    EVAL_METRICS = ("eval_loss", "eval_mae")
+
     name = "regression"
     sums_targets = True
 
@@ -358,6 +366,7 @@ class CriterionTask(CallableTask):
     def __init__(self, criterion: Callable):
         name = type(criterion).__name__ if isinstance(criterion, nn.Module) else getattr(criterion, "__name__", "")
         super().__init__(self._apply, name or "criterion")
+        self.EVAL_METRICS = ("eval_loss",)
         self._checked = True  # (called as a criterion: the note on task(model, batch) would mislead)
         self.users = criterion
         self._device: Optional[torch.device] = None  # where a loss module's buffers are
