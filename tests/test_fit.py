@@ -1014,9 +1014,10 @@ def test_the_best_evaluations_checkpoint_is_kept_named_and_resumed_as_the_bar(tm
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     assert best["checkpoint"] == f"step_{first:08d}" and Path(summary["best"]["path"]).is_dir()
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == sorted({f"step_{first:08d}", "step_00000008"})
-    # Resumed to 12 steps: the bar is the recorded best, which no later evaluation beats.
-    summary = dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), held_out,
-                             overrides=[*common, "train.max_steps=12", "checkpoint.resume=auto", f"run.dir={run}"])
+    # Resumed to 12 steps, the run dir given by another spelling of its path: the bar is the
+    # recorded best, which no later evaluation beats.
+    summary = dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), held_out, overrides=[
+        *common, "train.max_steps=12", f"checkpoint.resume={run}/../{run.name}", f"run.dir={run}"])
     assert summary["best"]["step"] == first and (run / "checkpoints" / f"step_{first:08d}").is_dir(), summary["best"]
     from dist_train.checkpoint.weights import load_weights
 
@@ -1042,6 +1043,25 @@ def test_the_best_evaluations_checkpoint_is_kept_named_and_resumed_as_the_bar(tm
         dist_train.fit(torch.nn.Linear(8, 4), TensorDataset(x, y), overrides=[*common, f"run.dir={tmp_path / 'none'}"])
 
 
+def test_metric_names_known_up_front_are_only_the_built_in_tasks_own():
+    """A subclass of a built-in task may report other metrics (it is checked when it evaluates);
+    eval_bpb is reported only when a token is a byte."""
+    from dist_train.config.schema import ConfigError
+    from dist_train.train.sources import check_best_metric
+    from dist_train.train.tasks import Classification, LanguageModel
+
+    class WithF1(Classification):
+        def eval_metrics(self, sums):
+            return {**super().eval_metrics(sums), "eval_f1": 0.0}
+
+    check_best_metric("eval_f1", WithF1())
+    check_best_metric("eval_bpb", LanguageModel(bytes_per_token=1.0))
+    with pytest.raises(ConfigError, match="'eval_bpb' is not among the metrics task 'language_model' evaluates"):
+        check_best_metric("eval_bpb", LanguageModel())
+    with pytest.raises(ConfigError, match="'eval_f1' is not among"):
+        check_best_metric("eval_f1", Classification())
+
+
 def test_the_bar_of_the_best_is_what_was_saved():
     """A best evaluation whose save failed or was dropped does not raise the bar (nothing better
     than the marked one was kept); marks come in step order; auto mode by the metric's words."""
@@ -1052,12 +1072,21 @@ def test_the_bar_of_the_best_is_what_was_saved():
     best.committed(4)  # (2's pending entry, worse, is dropped with it)
     assert best.protected == 4 and not best.pending
     assert best.improved(6, {"eval_loss": 0.5})
-    best.failed(6)
+    best.failed(6, best.token(6))
     assert best.improved(8, {"eval_loss": 0.7}) and not best.improved(10, {"eval_loss": 0.75})
     assert not best.improved(12, {"eval_loss": float("nan")})
+    # The save of step 14 fails while the final evaluation of that step (found best meanwhile) is
+    # pending: that entry stays for the save that follows.
+    token = best.token(14)
+    assert best.improved(14, {"eval_loss": 0.1})
+    best.failed(14, token)
+    assert 14 in best.pending
+    best.committed(14)
+    assert best.protected == 14
     assert [resolve_mode(m, "auto") for m in ("eval_loss", "eval_perplexity", "eval_bpb", "eval_mae", "eval_wer",
-                                              "eval_nll", "eval_accuracy", "eval_top5_accuracy", "eval_f1")] == \
-        ["min"] * 6 + ["max"] * 3
+                                              "eval_nll", "eval_logloss", "eval_crossentropy", "eval_ce",
+                                              "eval_accuracy", "eval_top5_accuracy", "eval_f1", "eval_balance")] == \
+        ["min"] * 9 + ["max"] * 4
 
 
 def test_epochs_count_what_is_left_when_a_run_resumes_with_another_batch(tmp_path):

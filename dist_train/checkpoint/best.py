@@ -26,18 +26,22 @@ from dist_train.checkpoint import layout
 log = logging.getLogger(__name__)
 
 BEST = "best.json"
-# Metrics a lower value of which is better, by a word of their name (checkpoint.best_mode=auto).
-LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "error", "err", "mae", "mse", "rmse", "mape", "nll", "bpb",
-                             "bits", "wer", "cer", "fid", "kl", "ce", "distance"})
+# Metrics a lower value of which is better (checkpoint.best_mode=auto): by a part of their name
+# (eval_logloss, eval_crossentropy), or, for short abbreviations, by a whole word of it (eval_ce,
+# not eval_balance).
+LOWER_IS_BETTER_PARTS = ("loss", "perplexity", "error", "entropy", "distance")
+LOWER_IS_BETTER_WORDS = frozenset({"ppl", "err", "mae", "mse", "rmse", "mape", "nll", "bpb", "bits", "wer", "cer",
+                                   "fid", "kl", "ce"})
 
 
 def resolve_mode(metric: str, mode: str) -> str:
-    """``checkpoint.best_mode``: min or max as given; auto: min when a word of the name (split at
-    ``_``) is a loss, perplexity, error, distance or bits per byte (``LOWER_IS_BETTER``), else max
-    (accuracies, scores)."""
+    """``checkpoint.best_mode``: min or max as given; auto: min for a loss, perplexity, error,
+    entropy, distance or bits per byte (``LOWER_IS_BETTER_*``), else max (accuracies, scores)."""
     if mode != "auto":
         return mode
-    return "min" if LOWER_IS_BETTER & set(metric.lower().split("_")) else "max"
+    name = metric.lower()
+    lower = any(part in name for part in LOWER_IS_BETTER_PARTS) or bool(LOWER_IS_BETTER_WORDS & set(name.split("_")))
+    return "min" if lower else "max"
 
 
 def read_best(ckpt_dir: str) -> Optional[Dict[str, Any]]:
@@ -133,10 +137,17 @@ class BestCheckpoint:
                 log.info("best %s so far: %.6g at step %d (%s)", self.metric, info["value"], step, info["checkpoint"])
             self.marked = info
 
-    def failed(self, step: Optional[int]) -> None:
-        """The save of ``step`` failed or was dropped: the bar goes back to the best marked."""
+    def token(self, step: int) -> Optional[Dict[str, Any]]:
+        """What is pending for ``step`` when its save starts (``failed``'s argument)."""
+        return self.pending.get(step)
+
+    def failed(self, step: Optional[int], token: Optional[Dict[str, Any]]) -> None:
+        """The save of ``step`` that started with ``token`` pending failed or was dropped: the bar
+        goes back (an evaluation of the same step found best meanwhile, the final one while an
+        async save of that step was in flight, stays pending for the save that follows)."""
         with self._lock:
-            self.pending.pop(step, None)
+            if token is not None and self.pending.get(step) is token:
+                del self.pending[step]
 
     def summary(self) -> Optional[Dict[str, Any]]:
         """summary.json's ``best``: the marked checkpoint, its step, metric and value (None: none

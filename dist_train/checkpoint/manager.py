@@ -121,6 +121,7 @@ class CheckpointManager:
         self._committer = Committer(self.dir, self.group, faults, cfg.keep_last, cfg.sha256)
         self.best = (BestCheckpoint(cfg.best_metric, cfg.best_mode, self.dir, self.rank0)
                      if getattr(cfg, "best_metric", "") else None)  # checkpoint.best_metric
+        self._own_steps: set = set()  # steps whose checkpoints in this run dir are this run's (committed, resumed)
         self.last_step: Optional[int] = None  # step of the newest checkpoint saved or loaded
         self.resumed_run_id: Optional[str] = None
         self._pending: Optional[_Pending] = None
@@ -147,8 +148,10 @@ class CheckpointManager:
         strategy, and tidy the checkpoints dir. Returns its path (None: a fresh start)."""
         path = self.restorer.resume(state)
         self.last_step = state.step if path else None
+        own = path is not None and os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(self.dir)
+        if own:
+            self._own_steps.add(state.step)  # (a checkpoint of this run dir: finalize may mark it the best)
         if self.best is not None:  # (the bar of a checkpoint of this run dir; a fresh start forgets an older one)
-            own = path is not None and os.path.dirname(os.path.normpath(path)) == os.path.normpath(self.dir)
             self.best.restore(state.step if own else None, self.group.broadcast)
             self._committer.protect = lambda: self.best.protected
         return path
@@ -159,14 +162,17 @@ class CheckpointManager:
         ``finalize``) and, once committed, ``best.json`` names it."""
         return self.best is not None and self.best.improved(step, results)
 
-    def _committed(self, step: Optional[int], ok: bool = True) -> None:
-        """The save of ``step`` is committed in this run dir (``ok``), or failed or was dropped: on
-        the thread that committed it (the writer thread of an async save), on every rank."""
+    def _committed(self, step: Optional[int], ok: bool = True, token: Any = None) -> None:
+        """The save of ``step`` is committed in this run dir (``ok``), or failed or was dropped (it
+        started with ``token`` pending: ``BestCheckpoint.failed``): on the thread that committed
+        it (the writer thread of an async save), on every rank."""
+        if ok:
+            self._own_steps.add(step)
         if self.best is not None:
             if ok:
                 self.best.committed(step)
             else:
-                self.best.failed(step)
+                self.best.failed(step, token)
 
     # --- saving ----------------------------------------------------------------------------
 
@@ -222,7 +228,7 @@ class CheckpointManager:
             if self.last_step != state.step:
                 self.save(state, blocking=True)
             self.wait()
-            if self.last_step == state.step and os.path.isdir(os.path.join(self.dir, layout.step_name(state.step))):
+            if self.last_step == state.step and state.step in self._own_steps:
                 self._committed(state.step)  # (saved, in this run dir, before the final evaluation found it the best)
         finally:
             # Training is over: this time is the end of the run's, not time training was held up.
@@ -298,6 +304,7 @@ class CheckpointManager:
         self.wait()  # (its time is counted in blocking_s by wait itself)
         t0 = time.perf_counter()
         step = state.step
+        token = self.best.token(step) if self.best is not None else None  # (the best pending as this save starts)
         staging = os.path.join(self.dir, layout.staging_name(step))
         background = self.stats["async"] and not blocking
         files = CheckpointFiles(staging, self.group.pg, self._stager)
@@ -321,13 +328,13 @@ class CheckpointManager:
             if self._writer is None:
                 self._writer = _Writer()
             self._pending = self._writer.submit(self._background(step, staging, write, rng, meta, error,
-                                                                 files.share_digest))
+                                                                 files.share_digest, token))
         else:
             t1 = time.perf_counter()
             try:
                 commit()
             except BaseException:
-                self._committed(step, ok=False)
+                self._committed(step, ok=False, token=token)
                 raise
             finally:
                 self.stats["write_s"] += time.perf_counter() - t1
@@ -356,7 +363,8 @@ class CheckpointManager:
         return False
 
     def _background(self, step: int, staging: str, write: Optional[Callable[[], None]], rng: Any,
-                    meta: Optional[str], error: Optional[BaseException], share_digest: int) -> _Pending:
+                    meta: Optional[str], error: Optional[BaseException], share_digest: int,
+                    token: Any = None) -> _Pending:
         """The writer thread's job for an async save: first the ranks' check that their staged
         shares make up the whole state (``_shares_add_up``: if not, the save is dropped), then the
         copies ``stage`` deferred (then the next optimizer step may go ahead), then the commit
@@ -394,7 +402,7 @@ class CheckpointManager:
             try:
                 self._committer.run(step, staging, checked_write if write is not None else None, rng, meta, failed)
             except BaseException:
-                self._committed(step, ok=False)
+                self._committed(step, ok=False, token=token)
                 raise
             self._committed(step)  # (here: best.json names it before any later save's prune, or a crash)
 

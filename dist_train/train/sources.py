@@ -152,7 +152,7 @@ def check_best_metric(metric: str, task: tasks.Task) -> None:
     """``checkpoint.best_metric`` against the metrics the task's evaluation reports, where they are
     known before it evaluates (the built-in tasks, a plain criterion); a task of one's own is
     checked at its first evaluation (``checkpoint/best.py``)."""
-    known = task.EVAL_METRICS
+    known = task.eval_metric_names()
     if metric and known and metric not in known:
         raise ConfigError("checkpoint.best_metric", f"{metric!r} is not among the metrics task {task.name!r} "
                                                     f"evaluates: {', '.join(known)}")

@@ -141,7 +141,10 @@ def _first_length(batch: Any) -> int:
 class Task:
     """Training loss and evaluation sums of one kind of problem."""
 
-    EVAL_METRICS: Optional[Tuple[str, ...]] = None  # the evaluation's metric names, when known up front
+    def eval_metric_names(self) -> Optional[Tuple[str, ...]]:
+        """The metrics ``eval_metrics`` reports, when known before any evaluation (None: not
+        known; a subclass may report others)."""
+        return None
 
     name = "task"
     sums_targets = False  # loss_sum and target_count exist (train.loss_average=tokens)
@@ -183,8 +186,6 @@ def _class_indices(target: torch.Tensor) -> torch.Tensor:
 
 
 class Classification(Task):
-    EVAL_METRICS = ("eval_loss", "eval_accuracy", "eval_top5_accuracy")  # (known before any evaluation)
-
     name = "classification"
     sums_targets = True
 
@@ -233,10 +234,11 @@ class Classification(Task):
         count = max(count, 1.0)
         return {"eval_loss": loss / count, "eval_accuracy": correct / count, "eval_top5_accuracy": top5 / count}
 
+    def eval_metric_names(self):
+        return ("eval_loss", "eval_accuracy", "eval_top5_accuracy") if type(self) is Classification else None
+
 
 class LanguageModel(Classification):
-    EVAL_METRICS = ("eval_loss", "eval_accuracy", "eval_perplexity", "eval_bpb")  # (eval_bpb: a token a byte)
-
     """Next-token prediction: ``target`` is the input shifted by one token (the dataset does it)."""
 
     name = "language_model"
@@ -253,10 +255,13 @@ class LanguageModel(Classification):
             out["eval_bpb"] = out["eval_loss"] / math.log(2) / self.bytes_per_token
         return out
 
+    def eval_metric_names(self):
+        if type(self) is not LanguageModel:
+            return None
+        return ("eval_loss", "eval_accuracy", "eval_perplexity") + (("eval_bpb",) if self.bytes_per_token else ())
+
 
 class Regression(Task):
-    EVAL_METRICS = ("eval_loss", "eval_mae")
-
     name = "regression"
     sums_targets = True
 
@@ -298,6 +303,9 @@ class Regression(Task):
         sq, ab, count = (float(v) for v in sums)
         count = max(count, 1.0)
         return {"eval_loss": sq / count, "eval_mae": ab / count}
+
+    def eval_metric_names(self):
+        return ("eval_loss", "eval_mae") if type(self) is Regression else None
 
 
 def _add_note(exc: BaseException, note: str) -> None:
@@ -366,10 +374,12 @@ class CriterionTask(CallableTask):
     def __init__(self, criterion: Callable):
         name = type(criterion).__name__ if isinstance(criterion, nn.Module) else getattr(criterion, "__name__", "")
         super().__init__(self._apply, name or "criterion")
-        self.EVAL_METRICS = ("eval_loss",)
         self._checked = True  # (called as a criterion: the note on task(model, batch) would mislead)
         self.users = criterion
         self._device: Optional[torch.device] = None  # where a loss module's buffers are
+
+    def eval_metric_names(self):
+        return ("eval_loss",) if type(self) is CriterionTask else None
 
     def _apply(self, model, batch):
         return Task.loss(self, model, batch)[0]  # (the built-in tasks' way: criterion(prediction, target))
