@@ -112,7 +112,8 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
     runs = {"single": ["strategy.name=single", "data.batch_size=16"],
             "ddp": ["strategy.name=ddp", "data.batch_size=8"],
             "fsdp": ["strategy.name=fsdp", "data.batch_size=8"],
-            "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2", "data.batch_size=8"]}
+            "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2", "data.batch_size=8"],
+            "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3", "data.batch_size=8"]}
     keys = tmp_path / "keys"
     common = [*FIT, "train.max_steps=7"]
     # Also train.scheduler_interval=epoch (4 steps to an epoch of 64 samples), which DeepSpeed's
@@ -124,9 +125,9 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
                           + ["---", "OPTIM=own", *common, *runs["single"], f"run.dir={tmp_path / 'single'}"]
                           + ["---", *per_epoch, *runs["single"], f"run.dir={tmp_path / 'epoch_single'}"], 0))
     batch = []
-    for name in ("ddp", "fsdp", "zero2"):
+    for name in ("ddp", "fsdp", "zero2", "zero3"):
         batch += ["OPTIM=own", *common, *runs[name], f"run.dir={tmp_path / name}", "---"]
-    for name in ("ddp", "zero2"):  # (and the best evaluation's checkpoint kept: DDP's saved in the background)
+    for name in ("ddp", "fsdp", "zero2"):  # (and the best evaluation's checkpoint kept: DDP's saved in the background)
         best = ["checkpoint.best_metric=eval_loss", "checkpoint.keep_last=1"] + (
             ["checkpoint.async_save=true"] if name == "ddp" else [])
         batch += [*per_epoch, *runs[name], *best, f"run.dir={tmp_path / ('epoch_' + name)}", "---"]
@@ -152,12 +153,12 @@ def test_a_plain_loops_own_optimizer_and_scheduler_train_alike_under_every_strat
         s = json.loads((tmp_path / name / "fit.rank0.json").read_text())
         assert s["status"] == "completed" and s["instance_is_trained"], (name, s)
     epoch_ref = train_losses(tmp_path / "epoch_single")
-    for name in ("epoch_single", "epoch_ddp", "epoch_zero2", "epoch_zero2_resumed"):
+    for name in ("epoch_single", "epoch_ddp", "epoch_fsdp", "epoch_zero2", "epoch_zero2_resumed"):
         lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r}
         assert lrs == {s: pytest.approx(0.05 * 0.5 ** ((s - 1) // 4)) for s in range(1, 9)}, (name, lrs)
         evals = {r["step"]: r["eval_loss"] for r in read_metrics(tmp_path / name) if "eval_loss" in r}
         assert {4, 8} <= set(evals), name  # (+ 6: an end)
-        if name in ("epoch_ddp", "epoch_zero2"):
+        if name in ("epoch_ddp", "epoch_fsdp", "epoch_zero2"):
             best = json.loads((tmp_path / name / "checkpoints" / "best.json").read_text())
             assert best["step"] == min(evals, key=evals.get) and best["value"] == pytest.approx(min(evals.values()))
             assert (tmp_path / name / "checkpoints" / best["checkpoint"]).is_dir(), best
