@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Set, Tuple, TypeVar
 
@@ -513,8 +514,6 @@ _ITEMS, _COUNTER = "__dist_train_items__", "__dist_train_counter__"
 def encode_state(value: Any) -> Any:
     """``value`` (a scheduler's state) with every dict that JSON would change made into a tagged
     item list; the rest as it is."""
-    from collections import Counter
-
     if isinstance(value, dict):
         if isinstance(value, Counter) or not all(isinstance(k, str) for k in value):
             tag = _COUNTER if isinstance(value, Counter) else _ITEMS
@@ -527,8 +526,6 @@ def encode_state(value: Any) -> Any:
 
 def decode_state(value: Any) -> Any:
     """The inverse of :func:`encode_state` (a state from an older checkpoint passes unchanged)."""
-    from collections import Counter
-
     if isinstance(value, dict):
         if len(value) == 1 and (_ITEMS in value or _COUNTER in value):
             tag, items = next(iter(value.items()))

@@ -30,7 +30,7 @@ from dist_train.env.seed import rank_seed, seed_everything
 from dist_train.strategy import StepPlan, Strategy, build_strategy
 from dist_train.train import sources
 from dist_train.train.flops import StepFlops
-from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory, steps_for_epochs
+from dist_train.train.optim import make_optimizer_factory, make_scheduler_factory
 from dist_train.train.tasks import LanguageModel, Task, split_batch, without_indices
 
 log = logging.getLogger("dist_train")
@@ -171,11 +171,6 @@ def build_parts(job, cluster: ClusterEnv, device: torch.device, user: Optional[U
     # that the model's FLOPs can be counted on a real micro-batch before the strategy wraps it.
     loader, sampler = build_train_loader(train_ds, job.data, rank=cluster.rank, world_size=cluster.world_size,
                                          seed=job.run.seed, device=device)
-    if job.train.epochs:  # (before the schedule is built: cosine and linear span train.max_steps)
-        job.train.max_steps = steps_for_epochs(job.train.epochs, sampler.batches_per_epoch, job.train.grad_accum_steps)
-        if cluster.is_rank0:
-            log.info("train.epochs=%d: %d optimizer steps (%d micro-batches of %d samples per epoch)", job.train.epochs,
-                     job.train.max_steps, sampler.batches_per_epoch, sampler.global_batch_size)
     counted: list = []
     tokens = [info.seq_len or 0]
 

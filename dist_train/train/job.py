@@ -43,6 +43,7 @@ from dist_train.train.goodput import describe as describe_goodput
 from dist_train.train.nonfinite import NonFiniteGuard
 from dist_train.train.phases import STARTUP, TEARDOWN, PhaseClock, Watchdog
 from dist_train.train.reporting import Reporter
+from dist_train.train.optim import steps_for_epochs
 from dist_train.train.state import TrainState
 from dist_train.train.tasks import batches_without_indices
 
@@ -253,25 +254,25 @@ def _remove_summaries(run_dir: str) -> None:
 
 
 def _steps_for_epochs_left(job, cluster: ClusterEnv, parts, state: TrainState, manager) -> None:
-    """``train.epochs``: ``train.max_steps`` from where the run stands (a resume may come with
-    another global batch: a world size or ``data.batch_size`` of its own, whose steps count other
-    samples), and config.yaml told. The epochs left, in this run's micro-batches, minus those of the
-    current epoch already consumed, ``grad_accum_steps`` to a step."""
+    """``train.epochs``: ``train.max_steps`` from where the run stands, once the data is built and
+    the checkpoint resumed (``optim.steps_for_epochs``; the schedule reads it at each step), and
+    config.yaml told."""
     sampler = parts.sampler
-    left = (job.train.epochs - state.epoch) * sampler.batches_per_epoch - state.position // sampler.global_batch_size
-    before, job.train.max_steps = job.train.max_steps, state.step + max(left, 0) // job.train.grad_accum_steps
+    job.train.max_steps = steps_for_epochs(job.train.epochs, sampler.batches_per_epoch, job.train.grad_accum_steps,
+                                           step=state.step, epoch=state.epoch,
+                                           batches_done=state.position // sampler.global_batch_size)
     manager.config.setdefault("train", {})["max_steps"] = job.train.max_steps
-    if before != job.train.max_steps and state.step and not parts.strategy.settings_from_checkpoint:
-        # The resume set this step's rate from a schedule (cosine, linear) over the steps counted before.
+    if state.step and not parts.strategy.settings_from_checkpoint:
+        # The resume set this step's rate from a schedule (cosine, linear) over train.max_steps' value then.
         parts.strategy.keep_optimizer_settings(parts.strategy.optimizer_settings())
     if cluster.is_rank0:
         path = os.path.join(job.run.dir, "config.yaml")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(to_yaml(job))
         os.replace(path + ".tmp", path)
-        if state.step:
-            log.info("train.epochs=%d: %d optimizer steps in all (resumed at step %d, epoch %d)", job.train.epochs,
-                     job.train.max_steps, state.step, state.epoch)
+        log.info("train.epochs=%d: %d optimizer steps in all (%d micro-batches of %d samples per epoch%s)",
+                 job.train.epochs, job.train.max_steps, sampler.batches_per_epoch, sampler.global_batch_size,
+                 f"; resumed at step {state.step}, epoch {state.epoch}" if state.step else "")
 
 
 def record_refused(job, cluster: ClusterEnv, exc: ConfigError, partial: bool = False) -> None:

@@ -160,13 +160,16 @@ def make_optimizer_factory(cfg) -> Callable[[Any], torch.optim.Optimizer]:
 
 
 
-def steps_for_epochs(epochs: int, batches_per_epoch: int, grad_accum_steps: int) -> int:
-    """``train.epochs``' optimizer steps: every micro-batch of ``epochs`` passes, ``grad_accum_steps``
-    to a step (a last step that would be short is left out); ConfigError when that is no step or
-    more than a run may take."""
+def steps_for_epochs(epochs: int, batches_per_epoch: int, grad_accum_steps: int, *, step: int = 0, epoch: int = 0,
+                     batches_done: int = 0) -> int:
+    """``train.epochs``' optimizer steps in all: ``step`` (those taken: a resume's), then every
+    micro-batch left of ``epochs`` passes from ``batches_done`` micro-batches into ``epoch`` (a
+    resume may come with another global batch, whose steps count other samples),
+    ``grad_accum_steps`` to a step (a last step that would be short is left out); ConfigError when
+    that is no step or more than a run may take."""
     from dist_train.config.schema import MAX_STEPS
 
-    steps = epochs * batches_per_epoch // grad_accum_steps
+    steps = step + max((epochs - epoch) * batches_per_epoch - batches_done, 0) // grad_accum_steps
     if not 1 <= steps <= MAX_STEPS:
         raise ConfigError("train.epochs", f"{epochs} epoch(s) of {batches_per_epoch} micro-batch(es) per rank, "
                                           f"{grad_accum_steps} to an optimizer step, make {steps} steps; a run takes "
